@@ -1,0 +1,161 @@
+"""Task configuration: what a task is, validated once at construction."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+Regime = Literal["head", "head+cls", "masked-memory", "memory", "full", "input-memory", "hybrid"]
+Mode = Literal["concatenation", "extension"]
+
+REGIMES: tuple[str, ...] = get_args(Regime)
+MODES: tuple[str, ...] = get_args(Mode)
+
+# Regimes whose task rides along in the shared single pass and leaves every other output bit-exact.
+PRESERVING_REGIMES: frozenset[str] = frozenset({"head", "head+cls", "masked-memory"})
+# Preserving regimes that own task tokens (the ones the attention mask is about).
+TOKEN_REGIMES: frozenset[str] = frozenset({"head+cls", "masked-memory"})
+# Regimes with per-layer memory tokens (keys/values only, outputs dropped).
+LAYER_MEMORY_REGIMES: frozenset[str] = frozenset({"masked-memory", "memory", "hybrid"})
+# Regimes with memory injected once at the input and propagated like ordinary tokens (Burtsev et al.).
+INPUT_MEMORY_REGIMES: frozenset[str] = frozenset({"input-memory", "hybrid"})
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+RESERVED_NAMES: frozenset[str] = frozenset({"original"})
+
+
+def parse_layers(spec: str | int | list[int] | tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """Resolve a layer choice to sorted block indices.
+
+    Args:
+        spec: ``"all"``, ``"last:k"``, ``"first:k"``, ``"none"``, a comma list ``"0,3,11"`` or a sequence of ints.
+        depth: Number of transformer blocks of the backbone.
+    """
+    if isinstance(spec, (list, tuple)):
+        layers = tuple(int(i) for i in spec)
+    elif isinstance(spec, int):
+        layers = (spec,)
+    else:
+        text = spec.strip().lower()
+        if text == "all":
+            layers = tuple(range(depth))
+        elif text == "none":
+            layers = ()
+        elif m := re.fullmatch(r"(first|last):(\d+)", text):
+            k = int(m.group(2))
+            if not 1 <= k <= depth:
+                raise ValueError(f"layers {spec!r}: k must be in 1..{depth} for a {depth}-block backbone")
+            layers = tuple(range(k)) if m.group(1) == "first" else tuple(range(depth - k, depth))
+        elif re.fullmatch(r"\d+(,\d+)*", text):
+            layers = tuple(int(t) for t in text.split(","))
+        else:
+            raise ValueError(f"layers {spec!r} not understood: use all, none, first:K, last:K or a list like 0,5,11")
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a {depth}-block backbone (valid 0..{depth - 1})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers {list(layers)} has duplicates")
+    return tuple(sorted(layers))
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Everything that defines a task's computation (not its weights).
+
+    Args:
+        name: Unique task name (letters, digits, ``_.-``; ``original`` is reserved for the backbone head).
+        num_classes: Size of the task's linear head.
+        regime: What is trained; see README. Preserving regimes: ``head``, ``head+cls``, ``masked-memory``.
+        mode: ``concatenation`` (sees backbone + itself) or ``extension`` (also sees earlier tasks' tokens and
+            memory). Only meaningful for token regimes (``head+cls``, ``masked-memory``).
+        memory: Memory tokens per layer (``m``); 0 for regimes without per-layer memory.
+        layers: Block indices that get memory.
+        input_memory: Memory tokens injected at the input (``input-memory`` / ``hybrid`` regimes).
+        task_tokens: Number of class tokens the task owns; their final states are averaged for the head.
+        sees: Names of earlier tasks whose tokens and memory this task attends to (extension mode only). Fixed
+            when the task is added so its computation never depends on tasks added later.
+        class_names: Optional human-readable class names (length ``num_classes``).
+        dataset: Optional dataset name the task was trained on.
+    """
+
+    name: str
+    num_classes: int
+    regime: Regime = "masked-memory"
+    mode: Mode = "concatenation"
+    memory: int = 5
+    layers: tuple[int, ...] = ()
+    input_memory: int = 0
+    task_tokens: int = 1
+    sees: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()
+    dataset: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name) or self.name in RESERVED_NAMES:
+            raise ValueError(
+                f"task name {self.name!r} is invalid: use 1-64 letters, digits, '_', '.', '-' (not 'original')"
+            )
+        if self.num_classes < 1:
+            raise ValueError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
+        if self.regime not in REGIMES:
+            raise ValueError(f"task {self.name!r}: unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"task {self.name!r}: unknown mode {self.mode!r}; choose concatenation or extension")
+        if self.mode == "extension" and self.regime not in TOKEN_REGIMES:
+            raise ValueError(
+                f"task {self.name!r}: extension mode needs a token regime (head+cls or masked-memory), "
+                f"not {self.regime!r}"
+            )
+        if self.sees and self.mode != "extension":
+            raise ValueError(f"task {self.name!r}: only extension-mode tasks see earlier tasks")
+        if self.memory < 0 or self.input_memory < 0:
+            raise ValueError(f"task {self.name!r}: memory sizes must be >= 0")
+        if self.regime in LAYER_MEMORY_REGIMES:
+            if self.memory < 1 or not self.layers:
+                raise ValueError(
+                    f"task {self.name!r}: regime {self.regime!r} needs memory >= 1 and at least one memory layer"
+                )
+        elif self.memory or self.layers:
+            raise ValueError(f"task {self.name!r}: regime {self.regime!r} has no per-layer memory; set memory=0")
+        if self.regime in INPUT_MEMORY_REGIMES:
+            if self.input_memory < 1:
+                raise ValueError(f"task {self.name!r}: regime {self.regime!r} needs input_memory >= 1")
+        elif self.input_memory:
+            raise ValueError(f"task {self.name!r}: regime {self.regime!r} has no input memory; set input_memory=0")
+        if self.task_tokens < 1:
+            raise ValueError(f"task {self.name!r}: task_tokens must be >= 1")
+        if self.task_tokens > 1 and self.regime not in TOKEN_REGIMES:
+            raise ValueError(f"task {self.name!r}: several task tokens need a token regime (head+cls, masked-memory)")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"task {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes"
+            )
+
+    @property
+    def preserving(self) -> bool:
+        """True if adding this task leaves every other output bit-exact and it runs in the shared pass."""
+        return self.regime in PRESERVING_REGIMES
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.regime in TOKEN_REGIMES
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        d["sees"] = list(self.sees)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"task config has unknown fields {sorted(unknown)}; written by a newer continual-mem?")
+        d = dict(d)
+        for key in ("layers", "sees", "class_names"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)

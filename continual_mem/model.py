@@ -1,0 +1,318 @@
+"""MemoryViT: a frozen timm ViT that grows one task at a time and runs every task in one pass."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .backbone import capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
+from .config import TaskConfig, parse_layers
+from .layers import memory_kv, task_block
+from .masking import visible_tasks
+from .task import TaskModule
+
+log = logging.getLogger(__name__)
+
+ORIGINAL = "original"  # key of the backbone's own head in every output dict
+
+
+class TaskError(ValueError):
+    """A task operation cannot be done (duplicate name, unknown task, dependants, incompatible state)."""
+
+
+class MemoryViT(nn.Module):
+    """A frozen timm ``VisionTransformer`` plus any number of tasks (paper: Sandler et al., CVPR 2022).
+
+    ``forward(images)`` returns ``{"original": backbone logits, task_name: task logits, ...}``. The backbone
+    runs once through timm's own code; each preserving task then advances only its own tokens, attending to the
+    backbone's cached K/V, so the original outputs and every earlier task stay bit-exact when tasks are added.
+    Non-preserving regimes (``memory``, ``full``, ``input-memory``, ``hybrid``) need a pass of their own;
+    ``forward`` runs them separately (see ``separate_pass_tasks``).
+
+    Args:
+        backbone: A timm ViT; it is frozen (``requires_grad=False``) and kept in eval mode.
+    """
+
+    def __init__(self, backbone: VisionTransformer) -> None:
+        super().__init__()
+        self.backbone = freeze(validate_backbone(backbone))
+        self.tasks = nn.ModuleDict()
+        self._kv_cache: dict[tuple, tuple] = {}
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def depth(self) -> int:
+        return len(self.backbone.blocks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks.keys())
+
+    @property
+    def token_task_names(self) -> list[str]:
+        return [n for n, t in self.tasks.items() if t.config.has_tokens]
+
+    @property
+    def separate_pass_tasks(self) -> list[str]:
+        """Tasks that cannot share the single pass (their patches attend to task parameters)."""
+        return [n for n, t in self.tasks.items() if not t.config.preserving]
+
+    def backbone_fingerprint(self) -> str:
+        """sha256 of the frozen backbone's state (cached; the backbone never changes)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.backbone)
+        return self._fingerprint
+
+    def train(self, mode: bool = True) -> "MemoryViT":
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout / drop-path, ever
+        return self
+
+    def add_task(
+        self,
+        name: str,
+        num_classes: int,
+        *,
+        regime: str = "masked-memory",
+        mode: str = "concatenation",
+        memory: int | None = None,
+        layers: str | Sequence[int] = "all",
+        input_memory: int | None = None,
+        task_tokens: int = 1,
+        class_names: Sequence[str] = (),
+        dataset: str = "",
+    ) -> TaskModule:
+        """Grow the model by one task; nothing that exists changes.
+
+        Args:
+            name: Unique task name.
+            num_classes: Number of classes of the task's head.
+            regime: ``head``, ``head+cls``, ``masked-memory`` (preserving, single pass), ``memory`` (full
+                attention to memory, paper's best accuracy, own pass), ``full`` (fine-tuned copy),
+                ``input-memory`` / ``hybrid`` (memory propagated from the input, Burtsev et al.).
+            mode: ``concatenation`` or ``extension`` (token regimes only).
+            memory: Memory tokens per layer (default 5 for memory regimes, 0 otherwise).
+            layers: Which blocks get memory: ``all``, ``last:k``, ``first:k`` or indices.
+            input_memory: Input memory tokens (default 5 for ``input-memory``/``hybrid``).
+            task_tokens: Class tokens owned by the task.
+            class_names: Optional class names.
+            dataset: Optional dataset name.
+        """
+        from .config import INPUT_MEMORY_REGIMES, LAYER_MEMORY_REGIMES
+
+        has_mem = regime in LAYER_MEMORY_REGIMES
+        memory = (5 if has_mem else 0) if memory is None else memory
+        layer_idx = parse_layers(layers, self.depth) if has_mem else ()
+        input_memory = (5 if regime in INPUT_MEMORY_REGIMES else 0) if input_memory is None else input_memory
+        sees: tuple[str, ...] = ()
+        if mode == "extension":
+            tokens = self.token_task_names
+            modes = [self.tasks[n].config.mode for n in tokens] + ["extension"]
+            sees = tuple(tokens[i] for i in visible_tasks(len(tokens), modes)[:-1])
+        config = TaskConfig(
+            name=name,
+            num_classes=num_classes,
+            regime=regime,  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            memory=memory,
+            layers=layer_idx,
+            input_memory=input_memory,
+            task_tokens=task_tokens,
+            sees=sees,
+            class_names=tuple(class_names),
+            dataset=dataset,
+        )
+        return self.attach(TaskModule(config, self.backbone))
+
+    def attach(self, task: TaskModule) -> TaskModule:
+        """Append an already-built task (from :func:`add_task` or an imported state)."""
+        c = task.config
+        if c.name in self.tasks:
+            raise TaskError(f"a task named {c.name!r} already exists; choose another name or remove it first")
+        if max(c.layers, default=-1) >= self.depth:
+            raise TaskError(f"task {c.name!r} uses layer {max(c.layers)} but the backbone has {self.depth} blocks")
+        if c.mode == "extension" and list(c.sees) != self.token_task_names:
+            raise TaskError(
+                f"extension task {c.name!r} was trained on top of tasks {list(c.sees)}, but this model's token "
+                f"tasks are {self.token_task_names}; attach it to a model with exactly those earlier tasks"
+            )
+        self.tasks[c.name] = task
+        log.info("added task %s (%s, %s)", c.name, c.regime, c.mode)
+        return task
+
+    def dependants(self, name: str) -> list[str]:
+        """Later tasks whose computation reads ``name`` (extension mode)."""
+        return [n for n, t in self.tasks.items() if name in t.config.sees]
+
+    def remove_task(self, name: str) -> TaskModule:
+        if name not in self.tasks:
+            raise TaskError(f"no task named {name!r}; known tasks: {self.task_names}")
+        deps = self.dependants(name)
+        if deps:
+            raise TaskError(f"cannot remove {name!r}: extension tasks {deps} attend to it; remove them first")
+        task = self.tasks[name]
+        del self.tasks[name]
+        self._kv_cache = {k: v for k, v in self._kv_cache.items() if k[0] != name}
+        return task
+
+    # ------------------------------------------------------------------ training support
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        """Make ``name``'s parameters (and only those) require grad; return them for the optimizer."""
+        if name not in self.tasks:
+            raise TaskError(f"no task named {name!r}; known tasks: {self.task_names}")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        params = list(self.tasks[name].parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    # ------------------------------------------------------------------ forward
+    def _closure(self, names: Sequence[str]) -> list[str]:
+        """``names`` plus the earlier tasks they read, in insertion order."""
+        want = set(names)
+        for n in list(names):
+            want.update(self.tasks[n].config.sees)
+        return [n for n in self.tasks if n in want]
+
+    def _memory_kv(self, task: TaskModule, layer: int, local: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Memory K/V of ``task`` at ``layer``: once per forward, and across forwards while nothing trains."""
+        mem = task.memory_at(layer)
+        if mem is None:
+            return None
+        key = (task.name, layer)
+        if key in local:
+            return local[key]
+        if torch.is_grad_enabled() and task.memory.requires_grad:
+            kv = memory_kv(self.backbone.blocks[layer], mem)
+        else:
+            dev = mem.device.type
+            stamp = (task.memory._version, id(task.memory), task.memory.device,
+                     torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+            hit = self._kv_cache.get(key)
+            if hit is None or hit[0] != stamp:
+                with torch.no_grad():
+                    hit = (stamp, memory_kv(self.backbone.blocks[layer], mem))
+                self._kv_cache[key] = hit
+            kv = hit[1]
+        local[key] = kv
+        return kv
+
+    def _token_task(
+        self,
+        task: TaskModule,
+        backbone_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        token_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+        mem_local: dict,
+        keep_kv: bool,
+    ) -> torch.Tensor:
+        bb = self.backbone
+        B = backbone_kv[0][0].shape[0]
+        tokens = task.tokens.expand(B, -1, -1)  # (B, n, D)
+        own: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, blk in enumerate(bb.blocks):
+            ks, vs = [backbone_kv[i][0]], [backbone_kv[i][1]]
+            for owner in (task.name, *task.config.sees):
+                if owner != task.name:
+                    tk, tv = token_kv[owner][i]
+                    ks.append(tk)
+                    vs.append(tv)
+                mkv = self._memory_kv(self.tasks[owner], i, mem_local)
+                if mkv is not None:
+                    ks.append(mkv[0])
+                    vs.append(mkv[1])
+            tokens, k, v = task_block(blk, tokens, ks, vs)
+            if keep_kv:
+                own.append((k, v))
+        if keep_kv:
+            token_kv[task.name] = own
+        return self.pool_tokens(tokens, task)
+
+    def pool_tokens(self, tokens: torch.Tensor, task: TaskModule) -> torch.Tensor:
+        """Final norm, average over the task's tokens, fc_norm, head: ``(B, n, D) -> (B, classes)``."""
+        bb = self.backbone
+        return task.head(bb.fc_norm(bb.norm(tokens).mean(dim=1)))
+
+    def embed(self, x: torch.Tensor, backbone: VisionTransformer | None = None) -> torch.Tensor:
+        """Block-0 input tokens ``(B, N, D)`` through timm's own embedding steps."""
+        bb = backbone or self.backbone
+        return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
+
+    def separate_pass(self, task: TaskModule, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a non-preserving task, from a pass of its own through timm's blocks."""
+        c = task.config
+        if c.regime == "full":
+            bb = task.backbone
+            return task.head(bb.forward_head(bb.forward_features(x), pre_logits=True))
+        bb = self.backbone
+        h = self.embed(x)
+        B = h.shape[0]
+        # The task's class token takes the original class token's place (patches attend to it).
+        h = torch.cat([task.tokens.expand(B, -1, -1), h[:, 1:]], dim=1)
+        if task.input_memory is not None:  # propagated memory: ordinary tokens from here on
+            h = torch.cat([h, task.input_memory.expand(B, -1, -1)], dim=1)
+        keep = h.shape[1]
+        for i, blk in enumerate(bb.blocks):
+            mem = task.memory_at(i) if task.memory is not None else None
+            if mem is None:
+                h = blk(h)
+            else:  # per-layer memory: everyone attends to it, its outputs are dropped
+                h = blk(torch.cat([h, mem.expand(B, -1, -1)], dim=1))[:, :keep]
+        h = bb.norm(h)
+        return task.head(bb.fc_norm(h[:, : c.task_tokens].mean(dim=1)))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        tasks: Sequence[str] | None = None,
+        *,
+        original: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """All tasks' logits from one backbone pass.
+
+        Args:
+            x: Images ``(B, 3, H, W)``, normalised as the backbone expects.
+            tasks: Which tasks to return (default all). Earlier tasks an extension task reads are computed too.
+            original: Also return the backbone's own head output under ``"original"``.
+        """
+        names = self.task_names if tasks is None else list(tasks)
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown:
+            raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
+        needed = self._closure(names)
+        shared = [n for n in needed if self.tasks[n].config.preserving]
+        out: dict[str, torch.Tensor] = {}
+        bb = self.backbone
+        backbone_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pre_logits = None
+        if original or shared:
+            # Patches never attend to task tokens, so the shared backbone needs no autograd graph at all.
+            with torch.no_grad(), capture_qkv(bb) as qkv:
+                feats = bb.forward_features(x)
+                if original:
+                    out[ORIGINAL] = bb.forward_head(feats)
+                if any(self.tasks[n].config.regime == "head" for n in shared):
+                    pre_logits = bb.forward_head(feats, pre_logits=True)
+                if any(self.tasks[n].config.has_tokens for n in shared):
+                    for blk, t in zip(bb.blocks, qkv):
+                        _, k, v = split_qkv(blk.attn, t)
+                        backbone_kv.append((k, v))
+        readers = {s for n in needed for s in self.tasks[n].config.sees}
+        token_kv: dict[str, list] = {}
+        mem_local: dict = {}
+        for n in needed:
+            task = self.tasks[n]
+            c = task.config
+            if c.regime == "head":
+                logits = task.head(pre_logits)
+            elif c.has_tokens:
+                logits = self._token_task(task, backbone_kv, token_kv, mem_local, keep_kv=n in readers)
+            else:
+                logits = self.separate_pass(task, x)
+            if n in names:
+                out[n] = logits
+        return out

@@ -1,0 +1,69 @@
+"""A task's own parameters: class token(s), per-layer memory, input memory, head (and a backbone copy for
+``full``). Everything a task owns lives in its ``TaskModule``, so a task's state is selected structurally
+(``task.state_dict()``), never by name prefix."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .backbone import block0_class_token
+from .config import INPUT_MEMORY_REGIMES, LAYER_MEMORY_REGIMES, TaskConfig
+
+MEMORY_INIT_STD = 0.02  # paper: memory initialised N(0, 0.02)
+HEAD_INIT_STD = 0.01
+
+
+class TaskModule(nn.Module):
+    """Parameters of one task.
+
+    Attributes:
+        tokens: ``(1, n, D)`` task class tokens, in block-0 input space (after position embedding), or None.
+        memory: ``(len(layers), m, D)`` per-layer memory tokens (keys/values only), or None.
+        input_memory: ``(1, m_in, D)`` memory injected once at the input and propagated, or None.
+        backbone: Trainable copy of the backbone (``full`` regime only), or None.
+        head: Linear classifier on the pooled final token state.
+    """
+
+    def __init__(self, config: TaskConfig, backbone: VisionTransformer) -> None:
+        super().__init__()
+        self.config = config
+        dim = backbone.embed_dim
+        ref = backbone.cls_token
+        factory = {"device": ref.device, "dtype": ref.dtype}
+        self.layer_to_slot: dict[int, int] = {layer: s for s, layer in enumerate(config.layers)}
+
+        self.tokens: nn.Parameter | None = None
+        if config.regime not in ("head", "full"):
+            cls0 = block0_class_token(backbone)  # (1, D)
+            tokens = cls0.repeat(config.task_tokens, 1)
+            if config.task_tokens > 1:  # break the symmetry between otherwise identical tokens
+                tokens[1:] += torch.randn_like(tokens[1:]) * MEMORY_INIT_STD
+            self.tokens = nn.Parameter(tokens.unsqueeze(0))
+        self.memory: nn.Parameter | None = None
+        if config.regime in LAYER_MEMORY_REGIMES:
+            self.memory = nn.Parameter(torch.randn(len(config.layers), config.memory, dim, **factory) * MEMORY_INIT_STD)
+        self.input_memory: nn.Parameter | None = None
+        if config.regime in INPUT_MEMORY_REGIMES:
+            self.input_memory = nn.Parameter(torch.randn(1, config.input_memory, dim, **factory) * MEMORY_INIT_STD)
+        self.backbone: VisionTransformer | None = None
+        if config.regime == "full":
+            self.backbone = copy.deepcopy(backbone)
+        self.head = nn.Linear(backbone.num_features, config.num_classes, **factory)
+        nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def memory_at(self, layer: int) -> torch.Tensor | None:
+        """Memory tokens ``(1, m, D)`` used at block ``layer``, or None."""
+        slot = self.layer_to_slot.get(layer)
+        return None if slot is None else self.memory[slot].unsqueeze(0)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"name={c.name!r}, regime={c.regime}, mode={c.mode}, m={c.memory}, layers={list(c.layers)}"

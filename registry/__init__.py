@@ -1,0 +1,1 @@
+"""SQLite/SQLAlchemy task registry: the system of record for a growing model (see README, Registry)."""

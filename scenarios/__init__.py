@@ -1,0 +1,1 @@
+"""Datasets and Avalanche task streams (see README, Scenarios)."""

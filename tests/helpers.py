@@ -1,0 +1,40 @@
+"""Shared test helpers: small random timm ViTs and inputs."""
+import timm
+import torch
+
+
+def make_backbone(kind: str = "tiny", seed: int = 0):
+    """Small random timm ViTs of the shapes we support. Layer-scale gammas are made O(1) so every block
+    matters (DINOv2's 1e-5 init would hide attention bugs)."""
+    torch.manual_seed(seed)
+    if kind == "tiny":
+        bb = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=4,
+                               num_heads=3, num_classes=10)
+    elif kind == "dinov2":  # vit_small_patch14_dinov2-shaped: layer-scale, registers, no head
+        bb = timm.create_model("vit_small_patch14_dinov2", img_size=42, embed_dim=48, depth=3, num_heads=3,
+                               reg_tokens=2, num_classes=0)
+    elif kind == "b32":
+        bb = timm.create_model("vit_base_patch32_224", img_size=64, num_classes=11)
+    elif kind == "qknorm":  # qk-norm + avg pool with fc_norm
+        bb = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=3,
+                               num_heads=3, num_classes=5, qk_norm=True, global_pool="avg", fc_norm=True)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for name, p in bb.named_parameters():
+            if ".ls" in name:
+                p.uniform_(0.3, 1.0)
+    return bb.eval()
+
+
+def images(bb, n: int = 3, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, *bb.patch_embed.img_size, generator=g)
+
+
+def perturb(task, scale: float = 0.2, seed: int = 0) -> None:
+    """Give a task non-trivial parameters (as if trained)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
