@@ -34,7 +34,7 @@ def _dims(model: MemoryViT) -> tuple[int, int, int, int]:
     bb = model.backbone
     attn = bb.blocks[0].attn
     hidden = bb.blocks[0].mlp.fc1.out_features
-    return bb.embed_dim, attn.attn_dim, hidden, bb.num_prefix_tokens + bb.patch_embed.num_patches
+    return bb.embed_dim, attn.num_heads * attn.head_dim, hidden, bb.num_prefix_tokens + bb.patch_embed.num_patches
 
 
 def _block_flops(d: int, a: int, hidden: int, queries: int, keys: int) -> int:

@@ -45,9 +45,10 @@ def task_block(
     ks = [keys[0], k] + [t.expand(B, -1, -1, -1) for t in keys[1:]]
     vs = [values[0], v] + [t.expand(B, -1, -1, -1) for t in values[1:]]
     out = F.scaled_dot_product_attention(q, torch.cat(ks, dim=2), torch.cat(vs, dim=2), scale=attn.scale)
-    out = attn.norm(out.transpose(1, 2).reshape(B, n, attn.attn_dim))
-    if attn.gate is not None:
-        out = out * attn.gate(h).sigmoid()
+    out = attn.norm(out.transpose(1, 2).reshape(B, n, attn.num_heads * attn.head_dim))
+    gate = getattr(attn, "gate", None)  # timm >= 1.0.30
+    if gate is not None:
+        out = out * gate(h).sigmoid()
     tokens = tokens + blk.ls1(attn.proj(out))
     tokens = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
     return tokens, k, v

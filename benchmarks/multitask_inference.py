@@ -1,0 +1,82 @@
+"""Multi-task inference throughput, side by side in one run.
+
+Measures, on whatever device it runs: the backbone alone (stock timm forward); the single-pass multi-task
+forward with K tasks (masked memory, m tokens); K separate single-task passes (what you would do without
+computation reuse); and the reference full-sequence masked forward (the test oracle).
+
+    python benchmarks/multitask_inference.py                      # CPU: small batch, few iterations
+    python benchmarks/multitask_inference.py --device cuda --batch-size 256 --dtype bf16
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from continual_mem import MemoryViT, cost_table  # noqa: E402
+from continual_mem.reference import reference_forward  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="1,5,10,20", help="comma list of task counts K")
+    p.add_argument("--no-separate", action="store_true", help="skip the K separate passes")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference masked forward")
+    args = common.resolve(p.parse_args(argv))
+    ks = [int(k) for k in args.tasks.split(",")]
+
+    bb = common.create(args)
+    model = MemoryViT(bb)
+    x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device)
+
+    def timed(fn) -> float:
+        with torch.inference_mode(), common.autocast(args):
+            return common.median_seconds(fn, args)
+
+    base_s = timed(lambda: bb(x))
+    rows, results = [], []
+
+    def add(name: str, k: int, seconds: float, flops_ratio: float | None = None) -> None:
+        ips = args.batch_size / seconds
+        r = {"variant": name, "tasks": k, "seconds": seconds, "images_per_s": ips,
+             "ratio_to_backbone": ips / (args.batch_size / base_s), "flops_ratio_bound": flops_ratio}
+        results.append(r)
+        rows.append([name, str(k), f"{ips:,.1f}", f"{r['ratio_to_backbone']:.3f}",
+                     "-" if flops_ratio is None else f"{flops_ratio:.3f}"])
+
+    add("backbone only", 0, base_s, 1.0)
+    for k in ks:
+        while len(model.task_names) < k:
+            model.add_task(f"t{len(model.task_names)}", 100, memory=args.memory)
+        model.to(args.device)
+        bound = 1.0 / cost_table(model)[-1]["ratio_to_backbone"]
+        add("single pass, K tasks", k, timed(lambda: model(x)), bound)
+        if not args.no_separate:
+            names = model.task_names
+            add("K separate passes", k, timed(lambda: [model(x, tasks=[n], original=False) for n in names]))
+        if not args.no_reference:
+            add("reference masked sequence", k, timed(lambda: reference_forward(model, x)))
+
+    by = {(r["variant"], r["tasks"]): r for r in results}
+    summary = {}
+    if ("single pass, K tasks", 10) in by:
+        single = by[("single pass, K tasks", 10)]
+        summary["k10_ratio_to_backbone"] = single["ratio_to_backbone"]
+        summary["k10_target_0.8_met"] = single["ratio_to_backbone"] >= 0.8
+        if ("K separate passes", 10) in by:
+            speedup = single["images_per_s"] / by[("K separate passes", 10)]["images_per_s"]
+            summary["k10_speedup_vs_separate"] = speedup
+            summary["k10_target_5x_met"] = speedup >= 5.0
+    result = {"benchmark": "multitask_inference", **common.environment(args), "results": results,
+              "summary": summary}
+    common.report(result, f"{args.model} on {result['device']}, batch {args.batch_size}, {args.dtype}",
+                  ["variant", "K", "img/s", "x backbone", "FLOP bound"], rows, args.json_out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Training-step throughput per regime, with backbone-only inference as the reference, in one run.
+
+A step is forward + cross-entropy + backward + SGD update of the task's own parameters. ``masked-memory`` runs
+the backbone without autograd (patches never see task tokens), so it should train near inference speed;
+``memory`` and ``full`` must backpropagate through every block.
+
+    python benchmarks/train_throughput.py                          # CPU: small batch, few iterations
+    python benchmarks/train_throughput.py --device cuda --batch-size 256 --dtype bf16
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from continual_mem import MemoryViT, build_optimizer, train_step  # noqa: E402
+
+REGIMES = {
+    "head": {},
+    "head+cls": {},
+    "masked-memory": {"memory": None},
+    "memory": {"memory": None},
+    "full": {},
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--regimes", default=",".join(REGIMES), help="comma list of regimes")
+    p.add_argument("--classes", type=int, default=100)
+    args = common.resolve(p.parse_args(argv))
+    gpu = args.device.startswith("cuda")
+
+    bb = common.create(args)
+    x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device)
+    y = torch.randint(0, args.classes, (args.batch_size,), device=args.device)
+
+    def peak_reset() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak() -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+
+    peak_reset()
+    with torch.inference_mode(), common.autocast(args):
+        base_s = common.median_seconds(lambda: bb(x), args)
+    results = [{"variant": "backbone inference", "seconds": base_s, "images_per_s": args.batch_size / base_s,
+                "ratio_to_backbone_inference": 1.0, "peak_gib": peak()}]
+    for regime in args.regimes.split(","):
+        if regime not in REGIMES:
+            raise SystemExit(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")
+        model = MemoryViT(bb)
+        kwargs = {k: (args.memory if v is None else v) for k, v in REGIMES[regime].items()}
+        model.add_task("t", args.classes, regime=regime, **kwargs)
+        model.to(args.device).train()
+        opt = build_optimizer(model, "t", lr=0.01)
+
+        def step() -> None:
+            with common.autocast(args):
+                train_step(model, "t", x, y, opt)
+
+        peak_reset()
+        s = common.median_seconds(step, args)
+        results.append({"variant": f"train {regime}", "seconds": s, "images_per_s": args.batch_size / s,
+                        "ratio_to_backbone_inference": base_s / s, "peak_gib": peak()})
+        del model, opt
+    by = {r["variant"]: r for r in results}
+    summary = {}
+    if "train masked-memory" in by:
+        mm = by["train masked-memory"]
+        summary["masked_memory_ratio_to_inference"] = mm["ratio_to_backbone_inference"]
+        summary["masked_memory_target_0.7_met"] = mm["ratio_to_backbone_inference"] >= 0.7
+        if "train full" in by:
+            summary["masked_memory_speedup_vs_full"] = mm["images_per_s"] / by["train full"]["images_per_s"]
+            summary["masked_memory_target_2.5x_full_met"] = summary["masked_memory_speedup_vs_full"] >= 2.5
+    if "train memory" in by and "train head+cls" in by:
+        summary["memory_ratio_to_head_cls"] = by["train memory"]["images_per_s"] / by["train head+cls"]["images_per_s"]
+    result = {"benchmark": "train_throughput", **common.environment(args), "results": results, "summary": summary}
+    rows = [[r["variant"], f"{r['images_per_s']:,.1f}", f"{r['ratio_to_backbone_inference']:.3f}",
+             "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"] for r in results]
+    common.report(result, f"{args.model} on {result['device']}, batch {args.batch_size}, {args.dtype}",
+                  ["variant", "img/s", "x backbone inference", "peak GiB"], rows, args.json_out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
