@@ -23,7 +23,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input resolution override")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 8 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "bf16-cast"],
+                   help="bf16: autocast (fp32 weights); bf16-cast: model and inputs cast to bf16; auto: bf16 on GPU")
     p.add_argument("--memory", type=int, default=5, help="memory tokens per layer")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 10 GPU / 2 CPU)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 30 GPU / 5 CPU)")
@@ -52,10 +53,15 @@ def autocast(args: argparse.Namespace):
     return contextlib.nullcontext()
 
 
+def tensor_dtype(args: argparse.Namespace) -> torch.dtype:
+    """dtype of the weights and inputs (bf16 only in bf16-cast mode; autocast keeps fp32 weights)."""
+    return torch.bfloat16 if args.dtype == "bf16-cast" else torch.float32
+
+
 def create(args: argparse.Namespace, **kwargs) -> torch.nn.Module:
     if args.img_size:
         kwargs["img_size"] = args.img_size
-    return timm.create_model(args.model, **kwargs).to(args.device).eval()
+    return timm.create_model(args.model, **kwargs).to(args.device, tensor_dtype(args)).eval()
 
 
 def median_seconds(fn, args: argparse.Namespace) -> float:

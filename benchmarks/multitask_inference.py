@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     bb = common.create(args)
     model = MemoryViT(bb)
-    x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device)
+    x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device, dtype=common.tensor_dtype(args))
 
     def timed(fn) -> float:
         with torch.inference_mode(), common.autocast(args):

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     gpu = args.device.startswith("cuda")
 
     bb = common.create(args)
-    x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device)
+    x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device, dtype=common.tensor_dtype(args))
     y = torch.randint(0, args.classes, (args.batch_size,), device=args.device)
 
     def peak_reset() -> None:

@@ -8,7 +8,6 @@ depend only on the task itself, never on how many tasks the model holds.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from .backbone import split_qkv
@@ -20,9 +19,35 @@ def memory_kv(blk: Block, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return k, v
 
 
+def attend(
+    q: torch.Tensor,
+    shared_k: torch.Tensor,
+    shared_v: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention of ``q`` over [shared keys, private keys] without copying the shared ones.
+
+    The backbone's K/V (``shared_k``, ``shared_v``: ``(B, H, N, hd)``) are read in place by every task; only the
+    task's few private keys (its tokens, memory, earlier tasks') are concatenated. Concatenating the backbone K/V
+    per task instead was measured at 43% of GPU time with 10 tasks (benchmarks/profile_single_pass.py).
+    """
+    B = q.shape[0]
+    k = torch.cat([t.expand(B, -1, -1, -1) for t in keys], dim=2)  # (B, H, S, hd), S small
+    v = torch.cat([t.expand(B, -1, -1, -1) for t in values], dim=2)
+    q = q * scale
+    n_shared = shared_k.shape[2]
+    scores = torch.cat([q @ shared_k.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1)  # (B, H, n, N + S)
+    p = scores.softmax(dim=-1).to(v.dtype)
+    return p[..., :n_shared] @ shared_v + p[..., n_shared:] @ v
+
+
 def task_block(
     blk: Block,
     tokens: torch.Tensor,
+    shared_k: torch.Tensor,
+    shared_v: torch.Tensor,
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -31,8 +56,10 @@ def task_block(
     Args:
         blk: The frozen timm block.
         tokens: ``(B, n, D)`` the task's token states entering the block.
-        keys: Context keys, first the backbone's ``(B, H, N, hd)``, then any ``(B|1, H, *, hd)`` (memory,
-            earlier tasks). The task's own token keys are inserted right after the backbone's.
+        shared_k: The backbone's keys at this block, ``(B, H, N, hd)`` (contiguous, shared by all tasks).
+        shared_v: The backbone's values.
+        keys: Further context keys ``(B|1, H, *, hd)`` (memory, earlier tasks); the task's own token keys
+            are put first.
         values: Matching values.
 
     Returns:
@@ -42,9 +69,7 @@ def task_block(
     B, n, _ = tokens.shape
     h = blk.norm1(tokens)
     q, k, v = split_qkv(attn, attn.qkv(h))  # (B, H, n, hd)
-    ks = [keys[0], k] + [t.expand(B, -1, -1, -1) for t in keys[1:]]
-    vs = [values[0], v] + [t.expand(B, -1, -1, -1) for t in values[1:]]
-    out = F.scaled_dot_product_attention(q, torch.cat(ks, dim=2), torch.cat(vs, dim=2), scale=attn.scale)
+    out = attend(q, shared_k, shared_v, [k, *keys], [v, *values], attn.scale)
     out = attn.norm(out.transpose(1, 2).reshape(B, n, attn.num_heads * attn.head_dim))
     gate = getattr(attn, "gate", None)  # timm >= 1.0.30
     if gate is not None:

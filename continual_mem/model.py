@@ -215,7 +215,8 @@ class MemoryViT(nn.Module):
         tokens = task.tokens.expand(B, -1, -1)  # (B, n, D)
         own: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, blk in enumerate(bb.blocks):
-            ks, vs = [backbone_kv[i][0]], [backbone_kv[i][1]]
+            ks: list[torch.Tensor] = []
+            vs: list[torch.Tensor] = []
             for owner in (task.name, *task.config.sees):
                 if owner != task.name:
                     tk, tv = token_kv[owner][i]
@@ -225,7 +226,7 @@ class MemoryViT(nn.Module):
                 if mkv is not None:
                     ks.append(mkv[0])
                     vs.append(mkv[1])
-            tokens, k, v = task_block(blk, tokens, ks, vs)
+            tokens, k, v = task_block(blk, tokens, *backbone_kv[i], ks, vs)
             if keep_kv:
                 own.append((k, v))
         if keep_kv:
@@ -300,7 +301,8 @@ class MemoryViT(nn.Module):
                 if any(self.tasks[n].config.has_tokens for n in shared):
                     for blk, t in zip(bb.blocks, qkv):
                         _, k, v = split_qkv(blk.attn, t)
-                        backbone_kv.append((k, v))
+                        # one contiguous copy per layer, shared by every task (not one per task)
+                        backbone_kv.append((k.contiguous(), v.contiguous()))
         readers = {s for n in needed for s in self.tasks[n].config.sees}
         token_kv: dict[str, list] = {}
         mem_local: dict = {}

@@ -1,0 +1,42 @@
+"""Profile one single-pass forward with K tasks on the GPU: top kernels by device time (torch.profiler).
+
+    python benchmarks/profile_single_pass.py --tasks 10
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from continual_mem import MemoryViT  # noqa: E402
+
+
+def main() -> None:
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--tasks", type=int, default=10)
+    args = common.resolve(p.parse_args())
+    bb = common.create(args)
+    model = MemoryViT(bb)
+    for i in range(args.tasks):
+        model.add_task(f"t{i}", 100, memory=args.memory)
+    model.to(args.device)
+    x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with torch.inference_mode(), common.autocast(args):
+        for _ in range(3):
+            model(x)
+        with profile(activities=acts) as prof:
+            model(x)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+    key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
