@@ -13,6 +13,11 @@ app = typer.Typer(help="Grow a frozen timm ViT task by task with learnable memor
 err = Console(stderr=True)
 
 
+@app.callback()
+def main() -> None:
+    """continual-mem: learnable-memory continual learning on a frozen timm ViT."""
+
+
 @app.command()
 def cost(
     backbone: Annotated[str, typer.Option(help="timm ViT name (random weights: only shapes matter)")] = "vit_base_patch32_224",

@@ -25,7 +25,7 @@ def main() -> None:
     for i in range(args.tasks):
         model.add_task(f"t{i}", 100, memory=args.memory)
     model.to(args.device)
-    x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device)
+    x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device, dtype=common.tensor_dtype(args))
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with torch.inference_mode(), common.autocast(args):
         for _ in range(3):
