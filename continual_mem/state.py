@@ -2,6 +2,7 @@
 and the paper's model concatenation (merge independently trained tasks). Loading never unpickles."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,9 +29,20 @@ def task_tensors(model: MemoryViT, name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.tasks[name].state_dict().items()}
 
 
-def task_metadata(model: MemoryViT, name: str) -> dict[str, str]:
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in sorted order: detects any flipped byte in a bundle."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def task_metadata(model: MemoryViT, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return {
         "format": FORMAT,
+        "tensors_sha256": tensors_sha256(tensors),
         "config": json.dumps(model.tasks[name].config.to_dict(), sort_keys=True),
         "backbone_fingerprint": model.backbone_fingerprint(),
         "torch": torch.__version__,
@@ -40,7 +52,8 @@ def task_metadata(model: MemoryViT, name: str) -> dict[str, str]:
 
 def export_task_bytes(model: MemoryViT, name: str) -> bytes:
     """One task as safetensors bytes; config and backbone fingerprint live in the header metadata."""
-    return save(task_tensors(model, name), metadata=task_metadata(model, name))
+    tensors = task_tensors(model, name)
+    return save(tensors, metadata=task_metadata(model, name, tensors))
 
 
 def export_task(model: MemoryViT, name: str, path: str | Path) -> Path:
@@ -61,6 +74,8 @@ def read_task_bytes(data: bytes, *, source: str = "task bundle") -> tuple[TaskCo
         raise TaskStateError(f"{source} is not a readable safetensors file ({exc}); re-export it") from exc
     if meta.get("format") != FORMAT:
         raise TaskStateError(f"{source} is not a continual-mem task (format {meta.get('format')!r}, want {FORMAT})")
+    if meta.get("tensors_sha256") != tensors_sha256(tensors):
+        raise TaskStateError(f"{source} is corrupted: its tensors do not match their sha256; re-export it")
     try:
         config = TaskConfig.from_dict(json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as exc:

@@ -56,6 +56,10 @@ def test_corrupt_truncated_and_duplicate_bundles_are_refused(tmp_path):
     data = export_task_bytes(a, "t")
     with pytest.raises(TaskStateError, match="not a readable safetensors"):
         import_task_bytes(MemoryViT(make_backbone("tiny")), data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x01  # a bit of the last tensor's data
+    with pytest.raises(TaskStateError, match="corrupted"):
+        import_task_bytes(MemoryViT(make_backbone("tiny")), bytes(flipped))
     with pytest.raises(TaskStateError, match="already exists"):
         import_task_bytes(a, data)
     with pytest.raises(TaskStateError, match="does not exist"):

@@ -1,0 +1,417 @@
+"""Registry data functions. Each takes a session and never commits: the caller owns the transaction
+(``with registry.db.session(engine) as s:``), so a change and its verification commit or roll back together."""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import logging
+import platform
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from timm.models.vision_transformer import VisionTransformer
+
+from continual_mem import MemoryViT, TaskConfig, fingerprint
+from continual_mem.backbone import freeze, validate_backbone
+from continual_mem.state import build_task, export_task_bytes, read_task_bytes
+
+from .errors import RegistryError, VerificationFailed
+from .schema import (
+    Backbone,
+    Event,
+    Meta,
+    Metric,
+    Model,
+    Probe,
+    Reference,
+    Task,
+    TaskParams,
+    VerificationResult,
+    VerificationRun,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+FAILING = frozenset({"mismatch", "corrupt", "blocked"})
+
+
+@dataclass
+class TaskCheck:
+    name: str
+    status: str  # equal | mismatch | corrupt | blocked | not-comparable | new
+    max_abs_diff: float | None = None
+    detail: str = ""
+    logits: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class Report:
+    """Outcome of one verification: ``ok`` is False if any task is mismatched, corrupt or blocked."""
+
+    model: str
+    trigger: str
+    build: dict
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    tasks: list[TaskCheck]
+
+    @property
+    def ok(self) -> bool:
+        return not any(t.status in FAILING for t in self.tasks)
+
+    def failing(self) -> list[TaskCheck]:
+        return [t for t in self.tasks if t.status in FAILING]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- build / device facts
+def verify_threads(s: Session) -> int:
+    return int(s.scalar(select(Meta.value).where(Meta.key == "verify_threads")) or 1)
+
+
+def current_build(threads: int) -> dict:
+    """What decides the bits of a CPU float32 forward. References are only compared on an equal build."""
+    return {
+        "device": "cpu",
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "threads": threads,
+        "dtype": "float32",
+    }
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- rows
+def get_model(s: Session, name: str, *, for_update: bool = False) -> Model:
+    q = select(Model).where(Model.name == name)
+    if for_update:  # serialises writers on PostgreSQL; SQLite already holds the write lock (BEGIN IMMEDIATE)
+        q = q.with_for_update()
+    row = s.scalars(q).one_or_none()
+    if row is None:
+        known = s.scalars(select(Model.name)).all()
+        hint = f"known models: {list(known)}" if known else "run `continual-mem init` first"
+        raise RegistryError(f"no model named {name!r} in this registry; {hint}")
+    return row
+
+
+def log_event(s: Session, kind: str, model_name: str, task_name: str | None = None, **detail) -> None:
+    s.add(Event(kind=kind, model_name=model_name, task_name=task_name, detail=detail))
+
+
+def register_backbone(
+    s: Session,
+    backbone: VisionTransformer,
+    *,
+    timm_name: str,
+    model_kwargs: dict | None = None,
+    weights_source: str = "embedded",
+) -> Backbone:
+    """Record a backbone (deduplicated by fingerprint). ``weights_source="embedded"`` stores the weights in the
+    database (self-contained registry); ``"pretrained"`` or ``"file:PATH"`` store only where they come from."""
+    if not (weights_source in ("embedded", "pretrained") or weights_source.startswith("file:")):
+        raise RegistryError(f"weights source {weights_source!r} not understood: use embedded, pretrained or file:PATH")
+    cpu = backbone if next(backbone.parameters()).device.type == "cpu" else copy.deepcopy(backbone).cpu()
+    fp = fingerprint(cpu)
+    row = s.scalars(select(Backbone).where(Backbone.fingerprint == fp)).one_or_none()
+    if row is not None:
+        return row
+    row = Backbone(
+        timm_name=timm_name,
+        model_kwargs=dict(model_kwargs or {}),
+        weights_source=weights_source,
+        weights=st_save({k: v.contiguous() for k, v in cpu.state_dict().items()}) if weights_source == "embedded" else None,
+        fingerprint=fp,
+        image_size=int(cpu.patch_embed.img_size[0]),
+        timm_version=timm.__version__,
+        torch_version=torch.__version__,
+    )
+    s.add(row)
+    s.flush()
+    return row
+
+
+def instantiate_backbone(row: Backbone) -> VisionTransformer:
+    """Rebuild a registered backbone and check its fingerprint."""
+    from continual_mem.backbone import load_weights
+
+    model = timm.create_model(row.timm_name, pretrained=row.weights_source == "pretrained", **row.model_kwargs)
+    validate_backbone(model)
+    if row.weights is not None:
+        model.load_state_dict(st_load(row.weights), strict=True)
+    elif row.weights_source.startswith("file:"):
+        load_weights(model, row.weights_source.removeprefix("file:"))
+    freeze(model)
+    if fingerprint(model) != row.fingerprint:
+        raise RegistryError(
+            f"backbone {row.timm_name} rebuilt from {row.weights_source} has fingerprint {fingerprint(model)[:12]}…, "
+            f"registered {row.fingerprint[:12]}…; restore the original weights"
+        )
+    return model
+
+
+def create_model(
+    s: Session,
+    name: str,
+    backbone_row: Backbone,
+    *,
+    probe: torch.Tensor | None = None,
+    probe_size: int = 4,
+    seed: int = 0,
+) -> Model:
+    """A new, empty model with its fixed probe batch (given, or ``randn`` from ``seed``)."""
+    if s.scalars(select(Model).where(Model.name == name)).one_or_none() is not None:
+        raise RegistryError(f"a model named {name!r} already exists in this registry; pick another --name")
+    recipe: dict = {"kind": "given"}
+    if probe is None:
+        g = torch.Generator().manual_seed(seed)
+        size = backbone_row.image_size
+        probe = torch.randn(probe_size, 3, size, size, generator=g)
+        recipe = {"kind": "randn", "seed": seed, "shape": list(probe.shape)}
+    data = st_save({"images": probe.detach().to("cpu", torch.float32).contiguous()})
+    row = Model(name=name, backbone=backbone_row)
+    s.add(row)
+    s.flush()
+    s.add(Probe(model_id=row.id, recipe=recipe, data=data, sha256=sha256(data)))
+    log_event(s, "init", name, backbone=backbone_row.timm_name, fingerprint=backbone_row.fingerprint)
+    return row
+
+
+def probe_images(s: Session, model: Model) -> torch.Tensor:
+    probe = s.scalars(select(Probe).where(Probe.model_id == model.id)).one()
+    if sha256(probe.data) != probe.sha256:
+        raise RegistryError(f"the probe batch of model {model.name!r} is corrupted (sha256 mismatch)")
+    return st_load(probe.data)["images"]
+
+
+# ---------------------------------------------------------------- model assembly
+def _cpu_backbone(backbone: VisionTransformer | None, row: Backbone) -> VisionTransformer:
+    if backbone is None:
+        return instantiate_backbone(row)
+    p = next(backbone.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        backbone = copy.deepcopy(backbone).to("cpu", torch.float32)
+    return backbone
+
+
+def assemble(
+    s: Session, model: Model, *, backbone: VisionTransformer | None = None
+) -> tuple[MemoryViT, dict[str, TaskCheck]]:
+    """Build the model from stored bytes, task by task; unreadable tasks are reported, not attached."""
+    bb = _cpu_backbone(backbone, model.backbone)
+    net = MemoryViT(bb)
+    if backbone is not None and net.backbone_fingerprint() != model.backbone.fingerprint:
+        raise RegistryError("the given backbone is not the registered one (fingerprints differ)")
+    problems: dict[str, TaskCheck] = {}
+    broken_tokens: list[str] = []
+    for row in model.tasks:
+        data = row.params.data
+        actual = sha256(data)
+        cfg = TaskConfig.from_dict(row.config)
+        if actual != row.params.sha256:
+            problems[row.name] = TaskCheck(row.name, "corrupt", detail=(
+                f"parameter blob sha256 mismatch: stored {row.params.sha256[:16]}…, computed {actual[:16]}…"))
+        elif cfg.mode == "extension" and broken_tokens:
+            problems[row.name] = TaskCheck(row.name, "blocked", detail=f"attends to unreadable task(s) {broken_tokens}")
+        else:
+            try:
+                config, tensors, meta = read_task_bytes(data, source=f"task {row.name!r}")
+                net.attach(build_task(net, config, tensors, meta.get("backbone_fingerprint", "")))
+            except ValueError as exc:
+                problems[row.name] = TaskCheck(row.name, "corrupt", detail=str(exc))
+        if row.name in problems and cfg.has_tokens:
+            broken_tokens.append(row.name)
+    return net, problems
+
+
+def load_model(s: Session, name: str, *, backbone: VisionTransformer | None = None) -> MemoryViT:
+    """The full model (backbone + every task, in order), refusing any unreadable task."""
+    net, problems = assemble(s, get_model(s, name), backbone=backbone)
+    if problems:
+        raise RegistryError("; ".join(f"task {p.name!r} is {p.status}: {p.detail}" for p in problems.values()))
+    return net
+
+
+# ---------------------------------------------------------------- verification
+def _tensor_from_ref(ref: Reference) -> torch.Tensor:
+    return torch.frombuffer(bytearray(ref.logits), dtype=getattr(torch, ref.dtype)).reshape(ref.shape)
+
+
+def check(
+    s: Session,
+    model: Model,
+    *,
+    trigger: str,
+    backbone: VisionTransformer | None = None,
+    new: Sequence[str] = (),
+) -> Report:
+    """Recompute every task's logits on the probe (one pass, CPU float32) and compare bytes with the stored
+    references. Tasks in ``new`` get their logits returned (to become their reference). Writes nothing."""
+    started = utcnow()
+    threads = verify_threads(s)
+    build = current_build(threads)
+    images = probe_images(s, model)
+    with cpu_threads(threads):
+        net, problems = assemble(s, model, backbone=backbone)
+        with torch.inference_mode():
+            logits = net(images, original=False) if net.task_names else {}
+    checks: list[TaskCheck] = []
+    for row in model.tasks:
+        if row.name in problems:
+            checks.append(problems[row.name])
+            continue
+        out = logits[row.name].contiguous()
+        if row.name in new:
+            checks.append(TaskCheck(row.name, "new", logits=out))
+            continue
+        ref = row.reference
+        if ref is None:
+            checks.append(TaskCheck(row.name, "corrupt", detail="no stored reference outputs"))
+        elif ref.build != build:
+            diff = {k: (ref.build.get(k), build.get(k)) for k in build if ref.build.get(k) != build.get(k)}
+            checks.append(TaskCheck(row.name, "not-comparable", detail=f"reference computed on another build: {diff}"))
+        elif sha256(out.numpy().tobytes()) == ref.sha256 and torch.equal(out, _tensor_from_ref(ref)):
+            checks.append(TaskCheck(row.name, "equal", max_abs_diff=0.0))
+        else:
+            stored = _tensor_from_ref(ref)
+            mad = (out.double() - stored.double()).abs().max().item() if out.shape == stored.shape else float("inf")
+            checks.append(TaskCheck(row.name, "mismatch", max_abs_diff=mad,
+                                    detail=f"logits differ from the stored reference (sha256 {ref.sha256[:16]}…)"))
+    return Report(model.name, trigger, build, started, utcnow(), checks)
+
+
+def record_report(s: Session, model: Model, report: Report) -> VerificationRun:
+    ids = dict(s.execute(select(Task.name, Task.id).where(Task.model_id == model.id)).all())
+    run = VerificationRun(model_id=model.id, trigger=report.trigger, started_at=report.started_at,
+                          finished_at=report.finished_at, ok=report.ok, build=report.build)
+    run.results = [VerificationResult(task_id=ids.get(c.name), task_name=c.name, status=c.status,
+                                      max_abs_diff=c.max_abs_diff, detail=c.detail) for c in report.tasks]
+    s.add(run)
+    log_event(s, "verify", model.name, None, trigger=report.trigger, ok=report.ok,
+              statuses={c.name: c.status for c in report.tasks})
+    return run
+
+
+def _failure_message(report: Report, change: str) -> str:
+    parts = [f"{c.name} ({c.status}{'' if c.max_abs_diff is None else f', max abs diff {c.max_abs_diff:.3g}'}"
+             f"{': ' + c.detail if c.detail else ''})" for c in report.failing()]
+    return f"{change} rolled back: verification failed for {', '.join(parts)}"
+
+
+# ---------------------------------------------------------------- changes
+def _insert_and_verify(
+    s: Session,
+    model: Model,
+    data: bytes,
+    *,
+    kind: str,
+    source: str,
+    backbone: VisionTransformer | None,
+    metrics: Sequence[dict] = (),
+) -> Report:
+    config, tensors, meta = read_task_bytes(data, source=source)
+    if meta.get("backbone_fingerprint") != model.backbone.fingerprint:
+        raise RegistryError(
+            f"{source}: task {config.name!r} was trained on backbone {meta.get('backbone_fingerprint', '?')[:12]}…, "
+            f"model {model.name!r} uses {model.backbone.fingerprint[:12]}…; import it into a model with that backbone"
+        )
+    if any(t.name == config.name for t in model.tasks):
+        raise RegistryError(f"model {model.name!r} already has a task named {config.name!r}; remove it or rename")
+    if config.mode == "extension":
+        tokens = [t.name for t in model.tasks if TaskConfig.from_dict(t.config).has_tokens]
+        if list(config.sees) != tokens:
+            raise RegistryError(
+                f"extension task {config.name!r} was trained on top of tasks {list(config.sees)}, but model "
+                f"{model.name!r} now has token tasks {tokens}; retrain it on the current model"
+            )
+    position = (s.scalar(select(func.max(Task.position)).where(Task.model_id == model.id)) or 0) + 1
+    row = Task(model=model, name=config.name, position=position, dataset=config.dataset, mode=config.mode,
+               regime=config.regime, memory=config.memory, layers=list(config.layers),
+               num_classes=config.num_classes, class_names=list(config.class_names), config=config.to_dict(),
+               param_count=sum(t.numel() for t in tensors.values()))
+    row.params = TaskParams(data=data, sha256=sha256(data), size=len(data))
+    s.add(row)
+    s.flush()
+    report = check(s, model, trigger=f"{kind}:{config.name}", backbone=backbone, new=[config.name])
+    if not report.ok:
+        raise VerificationFailed(_failure_message(report, f"{kind} of task {config.name!r}"), report)
+    out = next(c for c in report.tasks if c.name == config.name).logits
+    raw = out.numpy().tobytes()
+    row.reference = Reference(logits=raw, sha256=sha256(raw), shape=list(out.shape),
+                              dtype=str(out.dtype).removeprefix("torch."), build=report.build)
+    for m in metrics:
+        row.metrics.append(Metric(**m))
+    record_report(s, model, report)
+    log_event(s, kind, model.name, config.name, regime=config.regime, mode=config.mode, source=source,
+              sha256=row.params.sha256)
+    return report
+
+
+def add_task(
+    s: Session, model_name: str, net: MemoryViT, task_name: str, *, metrics: Sequence[dict] = ()
+) -> Report:
+    """Store ``net``'s task ``task_name`` (parameters, reference outputs, metrics) and verify older tasks."""
+    model = get_model(s, model_name, for_update=True)
+    if task_name not in net.tasks:
+        raise RegistryError(f"the model being stored has no task {task_name!r}; its tasks are {net.task_names}")
+    return _insert_and_verify(s, model, export_task_bytes(net, task_name), kind="add", source=f"task {task_name!r}",
+                              backbone=net.backbone, metrics=metrics)
+
+
+def import_bundle(
+    s: Session, model_name: str, data: bytes, *, source: str = "bundle", backbone: VisionTransformer | None = None
+) -> Report:
+    model = get_model(s, model_name, for_update=True)
+    return _insert_and_verify(s, model, data, kind="import", source=source, backbone=backbone)
+
+
+def export_bundle(s: Session, model_name: str, task_name: str) -> bytes:
+    """The stored bundle (safetensors + JSON config + backbone fingerprint), checked against its sha256."""
+    model = get_model(s, model_name)
+    row = next((t for t in model.tasks if t.name == task_name), None)
+    if row is None:
+        raise RegistryError(f"model {model_name!r} has no task {task_name!r}; see `continual-mem tasks`")
+    if sha256(row.params.data) != row.params.sha256:
+        raise RegistryError(f"task {task_name!r}'s stored parameters are corrupted (sha256 mismatch)")
+    return row.params.data
+
+
+def remove_task(s: Session, model_name: str, task_name: str, *, backbone: VisionTransformer | None = None) -> Report:
+    model = get_model(s, model_name, for_update=True)
+    row = next((t for t in model.tasks if t.name == task_name), None)
+    if row is None:
+        raise RegistryError(f"model {model_name!r} has no task {task_name!r}; see `continual-mem tasks`")
+    dependants = [t.name for t in model.tasks if task_name in t.config.get("sees", [])]
+    if dependants:
+        raise RegistryError(
+            f"cannot remove {task_name!r}: extension tasks {dependants} attend to it; remove them first")
+    model.tasks.remove(row)
+    s.delete(row)
+    s.flush()
+    report = check(s, model, trigger=f"remove:{task_name}", backbone=backbone)
+    if not report.ok:
+        raise VerificationFailed(_failure_message(report, f"removal of task {task_name!r}"), report)
+    record_report(s, model, report)
+    log_event(s, "remove", model_name, task_name)
+    return report

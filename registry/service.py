@@ -1,0 +1,164 @@
+"""``Registry``: the transaction owner. Each change runs in one transaction with its verification; a refused or
+failed change is rolled back whole and then logged (with its verification report) in a transaction of its own."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from timm.models.vision_transformer import VisionTransformer
+
+from continual_mem import MemoryViT
+
+from . import api
+from .db import open_engine, session, to_url
+from .errors import RegistryError, VerificationFailed
+from .schema import Event, Model, Task, VerificationRun
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_MODEL = "default"
+
+
+class Registry:
+    """A task registry at a SQLAlchemy URL or SQLite file path.
+
+    Args:
+        location: ``sqlite:///path.db``, ``postgresql+psycopg://...``, or a plain file path (SQLite).
+    """
+
+    def __init__(self, location: str | Path) -> None:
+        self.url = to_url(location)
+        self.engine = open_engine(location)
+        self._backbones: dict[str, VisionTransformer] = {}
+
+    def __repr__(self) -> str:
+        return f"Registry({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    # ------------------------------------------------------------ helpers
+    def _backbone(self, s: Session, model_name: str) -> VisionTransformer:
+        row = api.get_model(s, model_name).backbone
+        if row.fingerprint not in self._backbones:
+            self._backbones[row.fingerprint] = api.instantiate_backbone(row)
+        return self._backbones[row.fingerprint]
+
+    def _change(self, op: str, model_name: str, task_name: str | None, fn: Callable[[Session], T]) -> T:
+        try:
+            with session(self.engine) as s:
+                return fn(s)
+        except VerificationFailed as exc:
+            with session(self.engine) as s:
+                api.record_report(s, api.get_model(s, model_name), exc.report)
+                api.log_event(s, "failure", model_name, task_name, op=op, error=str(exc))
+            raise
+        except ValueError as exc:  # RegistryError, TaskError, TaskStateError, config errors
+            with session(self.engine) as s:
+                api.log_event(s, "failure", model_name, task_name, op=op, error=str(exc))
+            raise
+
+    # ------------------------------------------------------------ models
+    def create_model(
+        self,
+        backbone: VisionTransformer,
+        *,
+        timm_name: str,
+        name: str = DEFAULT_MODEL,
+        model_kwargs: dict | None = None,
+        weights_source: str = "embedded",
+        probe: torch.Tensor | None = None,
+        probe_size: int = 4,
+    ) -> None:
+        """Register ``backbone`` (see :func:`registry.api.register_backbone`) and an empty model on it."""
+
+        def run(s: Session) -> None:
+            row = api.register_backbone(s, backbone, timm_name=timm_name, model_kwargs=model_kwargs,
+                                        weights_source=weights_source)
+            api.create_model(s, name, row, probe=probe, probe_size=probe_size)
+
+        self._change("init", name, None, run)
+
+    def models(self) -> list[str]:
+        with session(self.engine) as s:
+            return list(s.scalars(select(Model.name).order_by(Model.id)))
+
+    def load(self, name: str = DEFAULT_MODEL) -> MemoryViT:
+        """The whole model (backbone + all tasks in order), from stored bytes only."""
+        with session(self.engine) as s:
+            return api.load_model(s, name, backbone=self._backbone(s, name))
+
+    # ------------------------------------------------------------ changes
+    def add_task(
+        self, net: MemoryViT, task_name: str, *, name: str = DEFAULT_MODEL, metrics: Sequence[dict] = ()
+    ) -> api.Report:
+        return self._change("add", name, task_name,
+                            lambda s: api.add_task(s, name, net, task_name, metrics=metrics))
+
+    def import_bundle(self, bundle: bytes | str | Path, *, name: str = DEFAULT_MODEL) -> api.Report:
+        if isinstance(bundle, (str, Path)):
+            path = Path(bundle)
+            if not path.is_file():
+                raise RegistryError(f"bundle file {path} does not exist")
+            data, source = path.read_bytes(), str(path)
+        else:
+            data, source = bundle, "bundle"
+        return self._change("import", name, None, lambda s: api.import_bundle(
+            s, name, data, source=source, backbone=self._backbone(s, name)))
+
+    def export_bundle(self, task_name: str, path: str | Path | None = None, *, name: str = DEFAULT_MODEL) -> bytes:
+        with session(self.engine) as s:
+            data = api.export_bundle(s, name, task_name)
+        if path is not None:
+            path = Path(path)
+            tmp = path.with_name(path.name + ".partial")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return data
+
+    def remove_task(self, task_name: str, *, name: str = DEFAULT_MODEL) -> api.Report:
+        return self._change("remove", name, task_name, lambda s: api.remove_task(
+            s, name, task_name, backbone=self._backbone(s, name)))
+
+    def verify(self, *, name: str = DEFAULT_MODEL) -> api.Report:
+        """Bit-exact check of every task against its stored reference; always recorded."""
+        with session(self.engine) as s:
+            model = api.get_model(s, name)
+            report = api.check(s, model, trigger="manual", backbone=self._backbone(s, name))
+            api.record_report(s, model, report)
+        return report
+
+    # ------------------------------------------------------------ reading
+    def tasks(self, *, name: str = DEFAULT_MODEL) -> list[dict]:
+        with session(self.engine) as s:
+            model = api.get_model(s, name)
+            return [{"name": t.name, "position": t.position, "regime": t.regime, "mode": t.mode, "memory": t.memory,
+                     "layers": t.layers, "num_classes": t.num_classes, "dataset": t.dataset,
+                     "param_count": t.param_count, "params_sha256": t.params.sha256, "status": t.status,
+                     "created_at": t.created_at.isoformat(),
+                     "metrics": [{"split": m.split, "accuracy": m.accuracy, "loss": m.loss, "steps": m.steps,
+                                  "wall_time_s": m.wall_time_s, "device": m.device} for m in t.metrics]}
+                    for t in model.tasks]
+
+    def events(self, *, name: str | None = None) -> list[dict]:
+        with session(self.engine) as s:
+            q = select(Event).order_by(Event.id)
+            if name is not None:
+                q = q.where(Event.model_name == name)
+            return [{"at": e.at.isoformat(), "kind": e.kind, "model": e.model_name, "task": e.task_name,
+                     "detail": e.detail} for e in s.scalars(q)]
+
+    def verification_history(self, *, name: str = DEFAULT_MODEL) -> list[dict]:
+        with session(self.engine) as s:
+            model = api.get_model(s, name)
+            runs = s.scalars(select(VerificationRun).where(VerificationRun.model_id == model.id)
+                             .order_by(VerificationRun.id))
+            return [{"id": r.id, "trigger": r.trigger, "ok": r.ok, "finished_at": r.finished_at.isoformat(),
+                     "results": {x.task_name: x.status for x in r.results}} for r in runs]
+
+    def task_names(self, *, name: str = DEFAULT_MODEL) -> list[str]:
+        with session(self.engine) as s:
+            model = api.get_model(s, name)
+            return list(s.scalars(select(Task.name).where(Task.model_id == model.id).order_by(Task.position)))
