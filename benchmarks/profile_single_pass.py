@@ -19,9 +19,10 @@ from continual_mem import MemoryViT  # noqa: E402
 def main() -> None:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=10)
+    p.add_argument("--group-size", type=int, default=4)
     args = common.resolve(p.parse_args())
     bb = common.create(args)
-    model = MemoryViT(bb)
+    model = MemoryViT(bb, group_size=args.group_size)
     for i in range(args.tasks):
         model.add_task(f"t{i}", 100, memory=args.memory)
     model.to(args.device)

@@ -65,15 +65,65 @@ def task_block(
     Returns:
         The new token states ``(B, n, D)`` and the tokens' own keys and values ``(B, H, n, hd)``.
     """
-    attn = blk.attn
-    B, n, _ = tokens.shape
     h = blk.norm1(tokens)
-    q, k, v = split_qkv(attn, attn.qkv(h))  # (B, H, n, hd)
-    out = attend(q, shared_k, shared_v, [k, *keys], [v, *values], attn.scale)
-    out = attn.norm(out.transpose(1, 2).reshape(B, n, attn.num_heads * attn.head_dim))
+    q, k, v = split_qkv(blk.attn, blk.attn.qkv(h))  # (B, H, n, hd)
+    out = attend(q, shared_k, shared_v, [k, *keys], [v, *values], blk.attn.scale)
+    return _finish(blk, tokens, h, out), k, v
+
+
+def group_block(
+    blk: Block,
+    tokens: torch.Tensor,
+    shared_k: torch.Tensor,
+    shared_v: torch.Tensor,
+    memory_k: torch.Tensor | None,
+    memory_v: torch.Tensor | None,
+    slots: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Advance a fixed-capacity group of tasks through one block in one set of kernels.
+
+    Slot ``s`` owns tokens ``[s*n, (s+1)*n)`` and memory ``[s*m, (s+1)*m)``; it attends to the backbone's K/V
+    (read once for the whole group) and to its own tokens and memory only. Every kernel's shape depends on the
+    capacity ``slots``, never on how many slots are filled, and each slot is an independent block of rows, so
+    filling another slot cannot change a slot's bits.
+
+    Args:
+        blk: The frozen timm block.
+        tokens: ``(B, slots * n, D)`` token states of every slot (zeros in empty slots).
+        shared_k: The backbone's keys at this block, ``(B, H, N, hd)``.
+        shared_v: The backbone's values.
+        memory_k: ``(1, H, slots * m, hd)`` every slot's memory keys at this block, or None.
+        memory_v: Matching values.
+        slots: The group's capacity.
+
+    Returns:
+        New token states ``(B, slots * n, D)`` and the tokens' keys and values ``(B, H, slots * n, hd)``.
+    """
+    attn = blk.attn
+    B, L, _ = tokens.shape
+    n, H, hd, N = L // slots, attn.num_heads, attn.head_dim, shared_k.shape[2]
+    h = blk.norm1(tokens)
+    q, k, v = split_qkv(attn, attn.qkv(h))  # (B, H, slots * n, hd)
+    q = q * attn.scale
+    shared = (q @ shared_k.transpose(-2, -1)).view(B, H, slots, n, N)
+    own_k, own_v = k.view(B, H, slots, n, hd), v.view(B, H, slots, n, hd)
+    if memory_k is not None:
+        m = memory_k.shape[2] // slots
+        own_k = torch.cat([own_k, memory_k.view(1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
+        own_v = torch.cat([own_v, memory_v.view(1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
+    private = q.view(B, H, slots, n, hd) @ own_k.transpose(-2, -1)  # (B, H, slots, n, n + m)
+    p = torch.cat([shared, private], dim=-1).softmax(dim=-1).to(v.dtype)
+    out = p[..., :N].reshape(B, H, L, N) @ shared_v + (p[..., N:] @ own_v).reshape(B, H, L, hd)
+    return _finish(blk, tokens, h, out), k, v
+
+
+def _finish(blk: Block, tokens: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Rest of the block after attention (``out``: ``(B, H, L, hd)``): head merge, proj, residuals, MLP."""
+    attn = blk.attn
+    B, L, _ = tokens.shape
+    out = attn.norm(out.transpose(1, 2).reshape(B, L, attn.num_heads * attn.head_dim))
     gate = getattr(attn, "gate", None)  # timm >= 1.0.30
     if gate is not None:
         out = out * gate(h).sigmoid()
     tokens = tokens + blk.ls1(attn.proj(out))
-    tokens = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
-    return tokens, k, v
+    return tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))

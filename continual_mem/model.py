@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -10,13 +11,20 @@ from torch import nn
 
 from .backbone import capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from .config import TaskConfig, parse_layers
-from .layers import memory_kv, task_block
+from .layers import group_block, memory_kv, task_block
 from .masking import visible_tasks
 from .task import TaskModule
 
 log = logging.getLogger(__name__)
 
 ORIGINAL = "original"  # key of the backbone's own head in every output dict
+
+
+class Unit(NamedTuple):
+    """One step of the multi-task forward: a task ``group`` (fixed capacity) or a single ``task``."""
+
+    kind: str
+    names: tuple[str | None, ...]
 
 
 class TaskError(ValueError):
@@ -34,10 +42,16 @@ class MemoryViT(nn.Module):
 
     Args:
         backbone: A timm ViT; it is frozen (``requires_grad=False``) and kept in eval mode.
+        group_size: Capacity of a task group: concatenation-mode tasks of the same shape run ``group_size`` at a
+            time in one set of kernels whose shapes never depend on how many slots are filled. Part of the
+            model's identity (a task's bits depend on it); 1 runs every task on its own.
     """
 
-    def __init__(self, backbone: VisionTransformer) -> None:
+    def __init__(self, backbone: VisionTransformer, *, group_size: int = 4) -> None:
         super().__init__()
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.group_size = group_size
         self.backbone = freeze(validate_backbone(backbone))
         self.tasks = nn.ModuleDict()
         self._kv_cache: dict[tuple, tuple] = {}
@@ -179,59 +193,127 @@ class MemoryViT(nn.Module):
             want.update(self.tasks[n].config.sees)
         return [n for n in self.tasks if n in want]
 
-    def _memory_kv(self, task: TaskModule, layer: int, local: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Memory K/V of ``task`` at ``layer``: once per forward, and across forwards while nothing trains."""
-        mem = task.memory_at(layer)
-        if mem is None:
-            return None
-        key = (task.name, layer)
+    def plan(self) -> list[Unit]:
+        """Execution units in order: a fixed-capacity ``group`` (``group_size`` names, ``None`` for empty
+        slots) for concatenation-mode token tasks of the same shape, or a single ``task`` for any other.
+
+        Slots are filled in insertion order, so an existing task never moves when tasks are added; only a
+        removal re-packs later tasks (each slot's result does not depend on its position)."""
+        units: list[tuple[str, list[str | None]]] = []
+        open_groups: dict[tuple, list[str | None]] = {}
+        for name, task in self.tasks.items():
+            c = task.config
+            if c.has_tokens and c.mode == "concatenation":
+                sig = (c.memory, c.layers, c.task_tokens)
+                group = open_groups.get(sig)
+                if group is None or None not in group:
+                    group = [None] * self.group_size
+                    open_groups[sig] = group
+                    units.append(("group", group))
+                group[group.index(None)] = name
+            else:
+                units.append(("task", [name]))
+        return [Unit(kind, tuple(names)) for kind, names in units]
+
+    def _cached(self, key: tuple, params: list[nn.Parameter], compute, local: dict):
+        """``compute()`` once per forward, and across forwards while none of ``params`` trains or changes."""
         if key in local:
             return local[key]
-        if torch.is_grad_enabled() and task.memory.requires_grad:
-            kv = memory_kv(self.backbone.blocks[layer], mem)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            value = compute()
         else:
-            dev = mem.device.type
-            stamp = (task.memory._version, id(task.memory), task.memory.device,
+            dev = params[0].device.type
+            stamp = (tuple((p._version, id(p)) for p in params), params[0].device,
                      torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
             hit = self._kv_cache.get(key)
             if hit is None or hit[0] != stamp:
                 with torch.no_grad():
-                    hit = (stamp, memory_kv(self.backbone.blocks[layer], mem))
+                    hit = (stamp, compute())
                 self._kv_cache[key] = hit
-            kv = hit[1]
-        local[key] = kv
-        return kv
+            value = hit[1]
+        local[key] = value
+        return value
+
+    def _memory_kv(self, task: TaskModule, layer: int, local: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Memory K/V of a single-path task at ``layer`` (image-independent)."""
+        mem = task.memory_at(layer)
+        if mem is None:
+            return None
+        return self._cached((task.name, layer), [task.memory],
+                            lambda: memory_kv(self.backbone.blocks[layer], task.memory_at(layer)), local)
 
     def _token_task(
         self,
         task: TaskModule,
         backbone_kv: list[tuple[torch.Tensor, torch.Tensor]],
         token_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
-        mem_local: dict,
+        mem_kv: dict,
         keep_kv: bool,
     ) -> torch.Tensor:
-        bb = self.backbone
+        """One task on the per-task path (extension mode): its tokens attend to the backbone, itself, its
+        memory and the tokens and memory of the earlier tasks it sees."""
         B = backbone_kv[0][0].shape[0]
         tokens = task.tokens.expand(B, -1, -1)  # (B, n, D)
         own: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i, blk in enumerate(bb.blocks):
+        for i, blk in enumerate(self.backbone.blocks):
             ks: list[torch.Tensor] = []
             vs: list[torch.Tensor] = []
+            self._memory_kv(task, i, mem_kv)  # stored in mem_kv under (name, i)
             for owner in (task.name, *task.config.sees):
                 if owner != task.name:
                     tk, tv = token_kv[owner][i]
                     ks.append(tk)
                     vs.append(tv)
-                mkv = self._memory_kv(self.tasks[owner], i, mem_local)
-                if mkv is not None:
-                    ks.append(mkv[0])
-                    vs.append(mkv[1])
+                if (owner, i) in mem_kv:
+                    ks.append(mem_kv[(owner, i)][0])
+                    vs.append(mem_kv[(owner, i)][1])
             tokens, k, v = task_block(blk, tokens, *backbone_kv[i], ks, vs)
             if keep_kv:
                 own.append((k, v))
         if keep_kv:
             token_kv[task.name] = own
         return self.pool_tokens(tokens, task)
+
+    def _group(
+        self,
+        names: tuple[str | None, ...],
+        backbone_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        token_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+        mem_kv: dict,
+        keep_kv: set[str],
+    ) -> dict[str, torch.Tensor]:
+        """A fixed-capacity group of concatenation-mode tasks, in one set of kernels per block."""
+        tasks = [self.tasks[n] if n is not None else None for n in names]
+        first = next(t for t in tasks if t is not None)
+        c, G, D = first.config, len(names), self.backbone.embed_dim
+        n, m = c.task_tokens, c.memory
+        B = backbone_kv[0][0].shape[0]
+        ref = first.tokens
+        empty_tok = ref.new_zeros(1, n, D)
+        tokens = torch.cat([t.tokens if t is not None else empty_tok for t in tasks], dim=1).expand(B, -1, -1)
+        mem_params = [t.memory for t in tasks if t is not None and t.memory is not None]
+        keep = [(s, t.name) for s, t in enumerate(tasks) if t is not None and t.name in keep_kv]
+        kept: dict[str, list] = {name: [] for _, name in keep}
+        for i, blk in enumerate(self.backbone.blocks):
+            mk = mv = None
+            if i in first.layer_to_slot:
+                empty_mem = ref.new_zeros(m, D)
+
+                def stacked(i=i, blk=blk, empty_mem=empty_mem):
+                    mem = torch.cat([t.memory[t.layer_to_slot[i]] if t is not None else empty_mem for t in tasks])
+                    return memory_kv(blk, mem.unsqueeze(0))  # (1, H, G * m, hd)
+
+                mk, mv = self._cached(("group", names, i), mem_params, stacked, mem_kv)
+                for s, t in enumerate(tasks):
+                    if t is not None:
+                        mem_kv[(t.name, i)] = (mk[:, :, s * m:(s + 1) * m], mv[:, :, s * m:(s + 1) * m])
+            tokens, k, v = group_block(blk, tokens, *backbone_kv[i], mk, mv, G)
+            for s, name in keep:
+                kept[name].append((k[:, :, s * n:(s + 1) * n], v[:, :, s * n:(s + 1) * n]))
+        token_kv.update(kept)
+        bb = self.backbone
+        pooled = bb.fc_norm(bb.norm(tokens).view(B, G, n, D).mean(dim=2))  # (B, G, D)
+        return {t.name: t.head(pooled[:, s]) for s, t in enumerate(tasks) if t is not None}
 
     def pool_tokens(self, tokens: torch.Tensor, task: TaskModule) -> torch.Tensor:
         """Final norm, average over the task's tokens, fc_norm, head: ``(B, n, D) -> (B, classes)``."""
@@ -305,16 +387,22 @@ class MemoryViT(nn.Module):
                         backbone_kv.append((k.contiguous(), v.contiguous()))
         readers = {s for n in needed for s in self.tasks[n].config.sees}
         token_kv: dict[str, list] = {}
-        mem_local: dict = {}
-        for n in needed:
-            task = self.tasks[n]
-            c = task.config
-            if c.regime == "head":
-                logits = task.head(pre_logits)
-            elif c.has_tokens:
-                logits = self._token_task(task, backbone_kv, token_kv, mem_local, keep_kv=n in readers)
+        mem_kv: dict = {}
+        wanted = set(needed)
+        for unit in self.plan():
+            if not wanted.intersection(unit.names):
+                continue
+            if unit.kind == "group":
+                results = self._group(unit.names, backbone_kv, token_kv, mem_kv, readers)
             else:
-                logits = self.separate_pass(task, x)
-            if n in names:
-                out[n] = logits
+                task = self.tasks[unit.names[0]]
+                c = task.config
+                if c.regime == "head":
+                    logits = task.head(pre_logits)
+                elif c.has_tokens:
+                    logits = self._token_task(task, backbone_kv, token_kv, mem_kv, keep_kv=task.name in readers)
+                else:
+                    logits = self.separate_pass(task, x)
+                results = {task.name: logits}
+            out.update({k: v for k, v in results.items() if k in names})
         return out

@@ -179,8 +179,11 @@ def create_model(
     probe: torch.Tensor | None = None,
     probe_size: int = 4,
     seed: int = 0,
+    group_size: int = 4,
 ) -> Model:
     """A new, empty model with its fixed probe batch (given, or ``randn`` from ``seed``)."""
+    if group_size < 1:
+        raise RegistryError(f"group size must be >= 1, got {group_size}")
     if s.scalars(select(Model).where(Model.name == name)).one_or_none() is not None:
         raise RegistryError(f"a model named {name!r} already exists in this registry; pick another --name")
     recipe: dict = {"kind": "given"}
@@ -190,7 +193,7 @@ def create_model(
         probe = torch.randn(probe_size, 3, size, size, generator=g)
         recipe = {"kind": "randn", "seed": seed, "shape": list(probe.shape)}
     data = st_save({"images": probe.detach().to("cpu", torch.float32).contiguous()})
-    row = Model(name=name, backbone=backbone_row)
+    row = Model(name=name, backbone=backbone_row, group_size=group_size)
     s.add(row)
     s.flush()
     s.add(Probe(model_id=row.id, recipe=recipe, data=data, sha256=sha256(data)))
@@ -220,7 +223,7 @@ def assemble(
 ) -> tuple[MemoryViT, dict[str, TaskCheck]]:
     """Build the model from stored bytes, task by task; unreadable tasks are reported, not attached."""
     bb = _cpu_backbone(backbone, model.backbone)
-    net = MemoryViT(bb)
+    net = MemoryViT(bb, group_size=model.group_size)
     if backbone is not None and net.backbone_fingerprint() != model.backbone.fingerprint:
         raise RegistryError("the given backbone is not the registered one (fingerprints differ)")
     problems: dict[str, TaskCheck] = {}

@@ -60,6 +60,7 @@ class Model(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     backbone_id: Mapped[int] = mapped_column(ForeignKey("backbones.id", ondelete="RESTRICT"))
+    group_size: Mapped[int] = mapped_column(Integer, default=4)  # MemoryViT(group_size=...): part of the bits
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     backbone: Mapped[Backbone] = relationship()
     tasks: Mapped[list["Task"]] = relationship(back_populates="model", order_by="Task.position",

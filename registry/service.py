@@ -71,13 +71,14 @@ class Registry:
         weights_source: str = "embedded",
         probe: torch.Tensor | None = None,
         probe_size: int = 4,
+        group_size: int = 4,
     ) -> None:
         """Register ``backbone`` (see :func:`registry.api.register_backbone`) and an empty model on it."""
 
         def run(s: Session) -> None:
             row = api.register_backbone(s, backbone, timm_name=timm_name, model_kwargs=model_kwargs,
                                         weights_source=weights_source)
-            api.create_model(s, name, row, probe=probe, probe_size=probe_size)
+            api.create_model(s, name, row, probe=probe, probe_size=probe_size, group_size=group_size)
 
         self._change("init", name, None, run)
 
