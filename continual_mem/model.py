@@ -198,7 +198,9 @@ class MemoryViT(nn.Module):
         slots) for concatenation-mode token tasks of the same shape, or a single ``task`` for any other.
 
         Slots are filled in insertion order, so an existing task never moves when tasks are added; only a
-        removal re-packs later tasks (each slot's result does not depend on its position)."""
+        removal re-packs later tasks (each slot's result does not depend on its position). Groups are for
+        inference: while one of a group's tasks trains, the requested tasks run on the per-task path (same
+        function, other kernels, so equal to float tolerance, not bit for bit)."""
         units: list[tuple[str, list[str | None]]] = []
         open_groups: dict[tuple, list[str | None]] = {}
         for name, task in self.tasks.items():
@@ -392,8 +394,13 @@ class MemoryViT(nn.Module):
         for unit in self.plan():
             if not wanted.intersection(unit.names):
                 continue
-            if unit.kind == "group":
+            members = [self.tasks[n] for n in unit.names if n is not None]
+            training = torch.is_grad_enabled() and any(p.requires_grad for t in members for p in t.parameters())
+            if unit.kind == "group" and not training:
                 results = self._group(unit.names, backbone_kv, token_kv, mem_kv, readers)
+            elif unit.kind == "group":  # a task is training: run just the requested ones, no idle slots
+                results = {t.name: self._token_task(t, backbone_kv, token_kv, mem_kv, keep_kv=t.name in readers)
+                           for t in members if t.name in wanted}
             else:
                 task = self.tasks[unit.names[0]]
                 c = task.config

@@ -95,6 +95,9 @@ def test_training_a_task_in_a_group_touches_only_that_task():
     with torch.no_grad():
         before = model(x)
     opt = build_optimizer(model, "t1", lr=0.5)
+    training_view = model(x, tasks=["t1"], original=False)["t1"]  # grad on: per-task path, same function
+    torch.testing.assert_close(training_view.detach(), before["t1"], rtol=1e-4, atol=1e-5)
+    assert training_view.requires_grad
     for _ in range(2):
         train_step(model, "t1", x, y, opt)
     model.eval()
