@@ -29,11 +29,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-reference", action="store_true", help="skip the reference masked forward")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variant (GPU only)")
     p.add_argument("--group-size", type=int, default=4, help="MemoryViT group_size (task group capacity)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the task path (MemoryViT.compile_task_path)")
     args = common.resolve(p.parse_args(argv))
     ks = [int(k) for k in args.tasks.split(",")]
 
     bb = common.create(args)
     model = MemoryViT(bb, group_size=args.group_size)
+    if args.compile:
+        model.compile_task_path()
     x = torch.randn(args.batch_size, 3, *bb.patch_embed.img_size, device=args.device, dtype=common.tensor_dtype(args))
 
     def timed(fn) -> float:
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     if exact:
         summary["old_outputs_bit_exact_after_adding_tasks"] = exact
     result = {"benchmark": "multitask_inference", **common.environment(args), "group_size": args.group_size,
+              "compiled_task_path": args.compile,
               "results": results,
               "summary": summary}
     common.report(result, f"{args.model} on {result['device']}, batch {args.batch_size}, {args.dtype}",

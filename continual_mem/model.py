@@ -53,6 +53,8 @@ class MemoryViT(nn.Module):
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.group_size = group_size
         self.backbone = freeze(validate_backbone(backbone))
+        self._group_block = group_block  # swapped for compiled versions by compile_task_path()
+        self._task_block = task_block
         self.tasks = nn.ModuleDict()
         self._kv_cache: dict[tuple, tuple] = {}
         self._fingerprint: str | None = None
@@ -173,6 +175,20 @@ class MemoryViT(nn.Module):
         self._kv_cache = {k: v for k, v in self._kv_cache.items() if k[0] != name}
         return task
 
+    def compile_task_path(self, **compile_kwargs) -> "MemoryViT":
+        """``torch.compile`` the per-block task computations (fused elementwise work, fewer kernels).
+
+        Shapes are fixed per block and group, so each compiled kernel always sees the same shapes and a task's
+        bits still never depend on other tasks; they do differ from the eager path's (compare like with like).
+        """
+        import torch._dynamo
+
+        limit = torch._dynamo.config.cache_size_limit
+        torch._dynamo.config.cache_size_limit = max(limit, 4 * self.depth)  # one specialisation per block
+        self._group_block = torch.compile(group_block, dynamic=False, **compile_kwargs)
+        self._task_block = torch.compile(task_block, dynamic=False, **compile_kwargs)
+        return self
+
     # ------------------------------------------------------------------ training support
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """Make ``name``'s parameters (and only those) require grad; return them for the optimizer."""
@@ -269,7 +285,7 @@ class MemoryViT(nn.Module):
                 if (owner, i) in mem_kv:
                     ks.append(mem_kv[(owner, i)][0])
                     vs.append(mem_kv[(owner, i)][1])
-            tokens, k, v = task_block(blk, tokens, *backbone_kv[i], ks, vs)
+            tokens, k, v = self._task_block(blk, tokens, *backbone_kv[i], ks, vs)
             if keep_kv:
                 own.append((k, v))
         if keep_kv:
@@ -309,7 +325,7 @@ class MemoryViT(nn.Module):
                 for s, t in enumerate(tasks):
                     if t is not None:
                         mem_kv[(t.name, i)] = (mk[:, :, s * m:(s + 1) * m], mv[:, :, s * m:(s + 1) * m])
-            tokens, k, v = group_block(blk, tokens, *backbone_kv[i], mk, mv, G)
+            tokens, k, v = self._group_block(blk, tokens, *backbone_kv[i], mk, mv, G)
             for s, name in keep:
                 kept[name].append((k[:, :, s * n:(s + 1) * n], v[:, :, s * n:(s + 1) * n]))
         token_kv.update(kept)
