@@ -1,0 +1,286 @@
+"""The training loop (the paper's recipe): SGD with momentum, linear warm-up then cosine decay, gradient
+clipping, bf16 autocast on GPU, early stopping / best state on a held-out split, deterministic seeding,
+resumable checkpoints (safetensors + JSON), a learning-rate sweep, and single-pass evaluation."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .model import MemoryViT
+from .training import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class BatchSource(Protocol):
+    """What ``fit`` reads: deterministic training batches by step, and evaluation batches."""
+
+    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass
+class TrainConfig:
+    """Args:
+        steps: Optimizer steps.
+        batch_size: Images per step.
+        lr: Peak learning rate (after warm-up).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        warmup_steps: Linear warm-up steps (default 5% of ``steps``).
+        max_grad_norm: Gradient clipping norm (None: off).
+        label_smoothing: Cross-entropy label smoothing (off by default, as the paper).
+        eval_every: Evaluate on the held-out split every this many steps (and at the end).
+        patience: Stop after this many evaluations without improvement (None: never).
+        seed: Seeds data order, augmentation and the task's initialisation-independent randomness.
+        amp: ``auto`` (bf16 autocast on CUDA), ``bf16`` or ``off``.
+        checkpoint_every: Save a resumable checkpoint every this many steps (0: never).
+        checkpoint_dir: Where checkpoints go (required when ``checkpoint_every > 0``).
+    """
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_steps: int | None = None
+    max_grad_norm: float | None = 1.0
+    label_smoothing: float = 0.0
+    eval_every: int = 100
+    patience: int | None = None
+    seed: int = 0
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, self.steps // 20)
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be in 0..steps, got {self.warmup_steps}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every needs checkpoint_dir")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class TrainResult:
+    task: str
+    steps: int
+    best_step: int
+    best_val_accuracy: float
+    wall_time_s: float
+    images_per_s: float
+    history: list[dict] = field(default_factory=list)
+    lr: float = 0.0
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to 0 (``step`` counts from 0)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    use = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MemoryViT, source: BatchSource, tasks: Sequence[str], *, batch_size: int = 256, amp: str = "auto"
+) -> dict[str, float]:
+    """Top-1 accuracy of each task on ``source``'s labels, all tasks from one pass per batch."""
+    was_training = model.training
+    model.eval()
+    correct = dict.fromkeys(tasks, 0)
+    total = 0
+    device = next(model.parameters()).device
+    with _autocast(TrainConfig(amp=amp), device):
+        for x, y in source.eval_batches(batch_size):
+            out = model(x, tasks=list(tasks), original=False)
+            for t in tasks:
+                correct[t] += int((out[t].argmax(-1) == y).sum())
+            total += len(y)
+    model.train(was_training)
+    return {t: correct[t] / max(1, total) for t in tasks}
+
+
+def _checkpoint_paths(config: TrainConfig) -> tuple[Path, Path]:
+    root = Path(config.checkpoint_dir)
+    return root / "checkpoint.safetensors", root / "checkpoint.json"
+
+
+def _save_checkpoint(model, task, opt, step, best, history, config) -> None:
+    tensors_path, meta_path = _checkpoint_paths(config)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"task.{k}": v.detach().cpu().contiguous() for k, v in model.tasks[task].state_dict().items()}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
+    if best["state"] is not None:
+        tensors.update({f"best.{k}": v for k, v in best["state"].items()})
+    tmp = tensors_path.with_name(tensors_path.name + ".partial")
+    save_file(tensors, str(tmp))
+    meta = {"task": task, "step": step, "best_step": best["step"], "best_acc": best["acc"], "history": history,
+            "config": asdict(config)}
+    tmp_meta = meta_path.with_name(meta_path.name + ".partial")
+    tmp_meta.write_text(json.dumps(meta))
+    tmp.replace(tensors_path)  # tensors first: a crash between the two leaves the older, consistent pair
+    tmp_meta.replace(meta_path)
+
+
+def _load_checkpoint(model, task, opt, config) -> tuple[int, dict, list[dict]] | None:
+    tensors_path, meta_path = _checkpoint_paths(config)
+    if not (tensors_path.is_file() and meta_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta["task"] != task:
+        raise ValueError(f"checkpoint in {config.checkpoint_dir} is for task {meta['task']!r}, not {task!r}")
+    tensors = load_file(str(tensors_path))
+    module = model.tasks[task]
+    device = next(module.parameters()).device
+    module.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        if f"momentum.{i}" in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(device)
+    best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    best = {"step": meta["best_step"], "acc": meta["best_acc"], "state": best_state}
+    log.info("resumed task %s at step %d", task, meta["step"])
+    return meta["step"], best, meta["history"]
+
+
+def fit(
+    model: MemoryViT,
+    task: str,
+    train: BatchSource,
+    val: BatchSource | None,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``task`` (only its parameters) and leave it at its best held-out state.
+
+    Resumes from ``config.checkpoint_dir`` when a checkpoint for this task is there.
+    """
+    device = next(model.parameters()).device
+    opt = build_optimizer(model, task, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    params = opt.param_groups[0]["params"]
+    best = {"step": -1, "acc": -1.0, "state": None}
+    history: list[dict] = []
+    start = 0
+    if config.checkpoint_every:
+        resumed = _load_checkpoint(model, task, opt, config)
+        if resumed is not None:
+            start, best, history = resumed
+    model.train()
+    stale = 0
+    t0, seen = time.perf_counter(), 0
+    bar = _progress(progress, task, config.steps, start)
+    loss_value = float("nan")
+    done = start
+    for step in range(start, config.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config)
+        x, y = train.train_batch(step, config.batch_size, config.seed)
+        with _autocast(config, device):
+            logits = model(x, tasks=[task], original=False)[task]
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        opt.step()
+        seen += len(y)
+        done = step + 1
+        if done % config.eval_every == 0 or done == config.steps:
+            loss_value = float(loss.detach())
+            acc = evaluate(model, val, [task], batch_size=config.batch_size, amp=config.amp)[task] if val else float("nan")
+            history.append({"step": done, "loss": loss_value, "val_accuracy": acc, "lr": lr_at(step, config)})
+            if val is None or acc > best["acc"]:
+                best = {"step": done, "acc": acc,
+                        "state": {k: v.detach().cpu().clone() for k, v in model.tasks[task].state_dict().items()}}
+                stale = 0
+            else:
+                stale += 1
+            model.train()
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            _save_checkpoint(model, task, opt, done, best, history, config)
+        if bar is not None:
+            bar[0].update(bar[1], completed=done, loss=loss_value, acc=best["acc"],
+                          ips=seen / max(1e-9, time.perf_counter() - t0))
+        if config.patience is not None and stale >= config.patience:
+            log.info("early stop at step %d (best %.4f at %d)", done, best["acc"], best["step"])
+            break
+    if bar is not None:
+        bar[0].stop()
+    wall = time.perf_counter() - t0
+    if best["state"] is not None:
+        model.tasks[task].load_state_dict(best["state"])
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return TrainResult(task, done, best["step"], best["acc"], wall, seen / max(1e-9, wall), history, config.lr)
+
+
+def _progress(enabled: bool, task: str, total: int, start: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(f"[bold]{task}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.3f}  best val {task.fields[acc]:.3f}  {task.fields[ips]:.0f} img/s"),
+                   TimeRemainingColumn(), transient=False)
+    tid = bar.add_task(task, total=total, completed=start, loss=float("nan"), acc=float("nan"), ips=0.0)
+    bar.start()
+    return bar, tid
+
+
+def lr_sweep(
+    model: MemoryViT,
+    task: str,
+    train: BatchSource,
+    val: BatchSource,
+    config: TrainConfig,
+    lrs: Sequence[float],
+    *,
+    progress: bool = False,
+) -> tuple[TrainResult, list[TrainResult]]:
+    """Train ``task`` from the same initial state with each learning rate; keep the best on the held-out split
+    (the paper picks the best lr per regime). The task ends in the winning run's best state."""
+    if not lrs:
+        raise ValueError("lr_sweep needs at least one learning rate")
+    initial = {k: v.detach().clone() for k, v in model.tasks[task].state_dict().items()}
+    results, best_state, best = [], None, None
+    for lr in lrs:
+        model.tasks[task].load_state_dict(initial)
+        run = TrainConfig(**{**asdict(config), "lr": lr, "checkpoint_every": 0, "checkpoint_dir": None})
+        result = fit(model, task, train, val, run, progress=progress)
+        results.append(result)
+        if best is None or result.best_val_accuracy > best.best_val_accuracy:
+            best = result
+            best_state = {k: v.detach().clone() for k, v in model.tasks[task].state_dict().items()}
+    model.tasks[task].load_state_dict(best_state)
+    return best, results

@@ -1,0 +1,177 @@
+"""From a dataset to normalised batches on the device.
+
+Small decoded datasets (:class:`ImageSet`) live on the device as uint8 and are augmented there, batch by batch
+(random resized crops with ``torchvision.ops.roi_align``, flips, resize, normalise), so the data pipeline never
+starves the GPU. PIL datasets go through timm's own transforms and a DataLoader. Batch ``s`` of a run depends only
+on ``(seed, s)``, so a resumed run sees exactly the batches the interrupted one would have.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import timm.data
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import Augment, ImageSet
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Input geometry and normalisation (from the backbone's timm data config) plus the augmentation policy."""
+
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+    augment: Augment
+
+    @classmethod
+    def for_backbone(cls, backbone, augment: Augment) -> "Preprocess":
+        cfg = timm.data.resolve_data_config({}, model=backbone)
+        return cls(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]), float(cfg["crop_pct"]),
+                   augment)
+
+
+def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+class DeviceImages:
+    """An :class:`ImageSet` resident on ``device``; batches are augmented and normalised there."""
+
+    def __init__(self, data: ImageSet, pre: Preprocess, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.pre = pre
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(pre.mean, device=self.device).view(shape)
+        self.std = torch.tensor(pre.std, device=self.device).view(shape)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _to_float(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.images[idx].float().div_(255.0)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grayscale -> 3 channels
+
+    def _random_resized_crop(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Inception-style crops (scale 0.08-1, ratio 3/4-4/3), one per image, resampled with roi_align."""
+        from torchvision.ops import roi_align
+
+        B, _, H, W = x.shape
+        area = H * W * torch.empty(B, device=x.device).uniform_(0.08, 1.0, generator=g)
+        log_r = torch.empty(B, device=x.device).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
+        ratio = torch.exp(log_r)
+        w = torch.sqrt(area * ratio).clamp(1, W)
+        h = torch.sqrt(area / ratio).clamp(1, H)
+        x0 = torch.rand(B, device=x.device, generator=g) * (W - w)
+        y0 = torch.rand(B, device=x.device, generator=g) * (H - h)
+        boxes = torch.stack([torch.arange(B, device=x.device, dtype=x.dtype), x0, y0, x0 + w, y0 + h], dim=1)
+        s = self.pre.img_size
+        return roi_align(x, boxes, output_size=(s, s), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+    def _resize(self, x: torch.Tensor, *, center_crop: bool) -> torch.Tensor:
+        s = self.pre.img_size
+        if not center_crop:
+            return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        scale = int(math.floor(s / self.pre.crop_pct))  # timm eval: resize to s / crop_pct, centre crop s
+        x = F.interpolate(x, size=(scale, scale), mode="bilinear", align_corners=False, antialias=True)
+        off = (scale - s) // 2
+        return x[:, :, off:off + s, off:off + s]
+
+    def batch(self, idx: torch.Tensor, *, train: bool, g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._to_float(idx)
+        if train and self.pre.augment == "inception":
+            x = self._random_resized_crop(x, g)
+        else:
+            x = self._resize(x, center_crop=not train and self.pre.augment == "inception")
+        if train and self.pre.augment in ("inception", "flip"):
+            flip = torch.rand(len(x), device=x.device, generator=g) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return (x - self.mean) / self.std, self.labels[idx]
+
+    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step`` of an endless shuffled stream (a new permutation every epoch)."""
+        n = len(self)
+        per_epoch = max(1, n // batch_size)
+        epoch, pos = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=_generator(seed, -1 - epoch, torch.device("cpu")))
+        idx = perm[pos * batch_size:(pos + 1) * batch_size].to(self.device)
+        return self.batch(idx, train=True, g=_generator(seed, step, self.device))
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(self)), device=self.device)
+            yield self.batch(idx, train=False)
+
+
+class _Transformed(Dataset):
+    def __init__(self, inner: Dataset, transform) -> None:
+        self.inner, self.transform = inner, transform
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        img, label = self.inner[i]
+        return self.transform(img.convert("RGB")), int(label)
+
+
+class LoaderImages:
+    """A PIL dataset through timm's transforms (inception-style for training, resize + centre crop for eval)."""
+
+    def __init__(self, data: Dataset, pre: Preprocess, device: str | torch.device = "cpu", *, workers: int = 4) -> None:
+        from torchvision import transforms as T
+
+        self.data, self.pre, self.device, self.workers = data, pre, torch.device(device), workers
+        common = dict(input_size=(3, pre.img_size, pre.img_size), mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct)
+        if pre.augment == "inception":
+            self.train_tf = timm.data.create_transform(**common, is_training=True, hflip=0.5, color_jitter=None,
+                                                       auto_augment=None, re_prob=0.0)
+        else:
+            flip = [T.RandomHorizontalFlip()] if pre.augment == "flip" else []
+            self.train_tf = T.Compose([T.Resize((pre.img_size, pre.img_size)), *flip, T.ToTensor(),
+                                       T.Normalize(pre.mean, pre.std)])
+        self.eval_tf = timm.data.create_transform(**common, is_training=False)
+        self._epoch: int | None = None
+        self._it: Iterator | None = None
+        self._batch_size = 0
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _loader(self, train: bool, batch_size: int, seed: int = 0, epoch: int = 0) -> DataLoader:
+        g = torch.Generator().manual_seed(seed * 1_000_003 - epoch)
+        return DataLoader(_Transformed(self.data, self.train_tf if train else self.eval_tf), batch_size=batch_size,
+                          shuffle=train, drop_last=train, generator=g, num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step``: the epoch's order and its workers' augmentation seeds come from ``(seed, epoch)``."""
+        per_epoch = max(1, len(self) // batch_size)
+        epoch, pos = divmod(step, per_epoch)
+        if (self._epoch, self._batch_size, self._pos) != (epoch, batch_size, pos):
+            self._it = iter(self._loader(True, batch_size, seed, epoch))
+            self._epoch, self._batch_size = epoch, batch_size
+            for _ in range(pos):  # resuming mid-epoch: skip what was already seen
+                next(self._it)
+        x, y = next(self._it)
+        self._pos = pos + 1
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self._loader(False, batch_size):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def batches(data: ImageSet | Dataset, pre: Preprocess, device: str | torch.device = "cpu", **kwargs):
+    """The right batch source for ``data``: on-device for decoded sets, a DataLoader for PIL datasets."""
+    if isinstance(data, ImageSet):
+        return DeviceImages(data, pre, device)
+    return LoaderImages(data, pre, device, **kwargs)

@@ -1,0 +1,133 @@
+"""Training loop: learns, schedules, resumes exactly, sweeps learning rates; device-side data pipeline."""
+import math
+
+import pytest
+import torch
+
+from continual_mem import MemoryViT
+from continual_mem.train import TrainConfig, evaluate, fit, lr_at, lr_sweep
+from helpers import make_backbone
+from scenarios.datasets import ImageSet
+from scenarios.pipeline import DeviceImages, Preprocess
+
+PRE = Preprocess(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.875, augment="none")
+
+
+def quadrant_data(n: int, seed: int) -> ImageSet:
+    """Class c = brightness level c of a noisy 16x16 grayscale image: learnable in a few dozen steps even
+    through a random tiny ViT (whose features vary little from image to image)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    imgs = torch.randint(0, 40, (n, 1, 16, 16), generator=g) + (labels * 60).view(-1, 1, 1, 1)
+    return ImageSet(imgs.clamp(0, 255).to(torch.uint8), labels)
+
+
+@pytest.fixture
+def setup():
+    model = MemoryViT(make_backbone("tiny"))
+    model.add_task("quad", 4, memory=2)
+    return model, DeviceImages(quadrant_data(256, 0), PRE), DeviceImages(quadrant_data(64, 1), PRE)
+
+
+def test_fit_learns_and_keeps_the_best_state(setup):
+    model, train, val = setup
+    before = evaluate(model, val, ["quad"])["quad"]
+    result = fit(model, "quad", train, val, TrainConfig(steps=40, batch_size=32, lr=0.05, eval_every=10, amp="off"),
+                 progress=False)
+    after = evaluate(model, val, ["quad"])["quad"]
+    assert result.best_val_accuracy == after == max(h["val_accuracy"] for h in result.history)
+    assert after >= 0.9 and after > before + 0.3
+    assert [h["step"] for h in result.history] == [10, 20, 30, 40]
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(55, cfg) == pytest.approx(0.5)
+    assert lr_at(99, cfg) < 0.001
+    assert TrainConfig(steps=100).warmup_steps == 5
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+class Flaky:
+    """A batch source that dies at a given step (a killed job)."""
+
+    def __init__(self, inner, die_at):
+        self.inner, self.die_at = inner, die_at
+
+    def train_batch(self, step, batch_size, seed):
+        if step == self.die_at:
+            raise Interrupt()
+        return self.inner.train_batch(step, batch_size, seed)
+
+    def eval_batches(self, batch_size):
+        return self.inner.eval_batches(batch_size)
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        m = MemoryViT(make_backbone("tiny"))
+        m.add_task("quad", 4, memory=2)
+        return m
+
+    train, val = DeviceImages(quadrant_data(128, 0), PRE), DeviceImages(quadrant_data(32, 1), PRE)
+    base = dict(steps=20, batch_size=16, lr=0.05, eval_every=5, amp="off")
+    straight = fresh()
+    fit(straight, "quad", train, val, TrainConfig(**base), progress=False)
+    broken = fresh()
+    cfg = TrainConfig(**base, checkpoint_every=10, checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(Interrupt):
+        fit(broken, "quad", Flaky(train, die_at=13), val, cfg, progress=False)
+    assert (tmp_path / "ckpt" / "checkpoint.safetensors").is_file()
+    resumed_model = fresh()  # a new process would start from scratch; the checkpoint brings it to step 10
+    result = fit(resumed_model, "quad", train, val, cfg, progress=False)
+    assert result.steps == 20
+    for k, v in straight.tasks["quad"].state_dict().items():
+        assert torch.equal(v, resumed_model.tasks["quad"].state_dict()[k]), k
+
+
+def test_lr_sweep_keeps_the_best_run(setup):
+    model, train, val = setup
+    best, runs = lr_sweep(model, "quad", train, val, TrainConfig(steps=40, batch_size=32, eval_every=10, amp="off"),
+                          [1e-4, 0.05])
+    assert [r.lr for r in runs] == [1e-4, 0.05]
+    assert best.lr == 0.05 and best.best_val_accuracy > runs[0].best_val_accuracy
+    assert evaluate(model, val, ["quad"])["quad"] == best.best_val_accuracy
+
+
+@pytest.mark.parametrize("augment", ["none", "flip", "inception"])
+def test_device_batches_are_deterministic_and_normalised(augment):
+    pre = Preprocess(img_size=24, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875, augment=augment)
+    src = DeviceImages(quadrant_data(40, 3), pre)
+    x1, y1 = src.train_batch(7, 8, seed=1)
+    x2, y2 = src.train_batch(7, 8, seed=1)
+    x3, _ = src.train_batch(8, 8, seed=1)
+    assert x1.shape == (8, 3, 24, 24) and torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+    assert -1.01 <= float(x1.min()) and float(x1.max()) <= 1.01
+    ev = list(src.eval_batches(16))
+    assert [len(y) for _, y in ev] == [16, 16, 8]
+
+
+def test_epochs_cover_every_example_once():
+    src = DeviceImages(quadrant_data(40, 3), PRE)
+    src.batch = lambda idx, train, g=None: (idx, idx)  # look at indices only
+    seen = torch.cat([src.train_batch(s, 10, seed=0)[1] for s in range(4)])
+    assert sorted(seen.tolist()) == list(range(40))
+
+
+@pytest.mark.parametrize("kwargs,msg", [(dict(steps=0), "steps"), (dict(lr=0), "lr"), (dict(amp="fp8"), "amp"),
+                                        (dict(checkpoint_every=5), "checkpoint_dir"),
+                                        (dict(steps=10, warmup_steps=11), "warmup")])
+def test_config_validation(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**kwargs)
+
+
+def test_math_sanity():
+    assert math.isclose(lr_at(0, TrainConfig(steps=1, lr=0.3, warmup_steps=0)), 0.3)
