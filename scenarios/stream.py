@@ -1,0 +1,187 @@
+"""Avalanche integration: task-incremental streams from catalog datasets, the MemoryViT as an Avalanche
+``MultiTaskModule`` (a new task per new task label, all tasks in one pass), and the baselines' model.
+
+Avalanche is imported here and nowhere else in the core (extra ``avalanche``).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from avalanche.benchmarks.scenarios import CLScenario
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+from avalanche.benchmarks.scenarios.task_aware import task_incremental_benchmark
+from avalanche.benchmarks.utils import as_classification_dataset
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
+from torch.utils.data import Dataset
+
+from continual_mem import MemoryViT
+
+from .datasets import ImageSet, TaskData, load
+from .pipeline import Preprocess
+from .splits import stratified_split
+
+
+class PreprocessedImages(Dataset):
+    """An :class:`ImageSet` as model-ready tensors, one sample at a time (resize, 3 channels, normalise)."""
+
+    def __init__(self, data: ImageSet, pre: Preprocess) -> None:
+        self.data, self.pre = data, pre
+        self.targets = data.labels.tolist()
+        self.mean = torch.tensor(pre.mean).view(3, 1, 1)
+        self.std = torch.tensor(pre.std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.data.images[i].float().div(255.0)
+        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+        s = self.pre.img_size
+        x = F.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
+        return (x - self.mean) / self.std, self.targets[i]
+
+
+def _cap(data: ImageSet, limit: int | None, seed: int) -> ImageSet:
+    if limit is None or len(data) <= limit:
+        return data
+    _, keep = stratified_split(data.labels, holdout=limit / len(data), seed=seed)
+    return data.subset(keep)
+
+
+@dataclass
+class Stream:
+    """A task-incremental Avalanche benchmark plus what each experience is."""
+
+    benchmark: CLScenario
+    tasks: list[TaskData]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def task_stream(
+    names: Sequence[str | TaskData],
+    *,
+    backbone,
+    root: str = "data",
+    download: bool = False,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+) -> Stream:
+    """One experience per dataset (catalog name or loaded :class:`TaskData`), task label = its position.
+    ``max_train``/``max_test`` cap each split (class-stratified, seeded) for quick runs."""
+    if not names:
+        raise ValueError("a stream needs at least one dataset")
+    tasks, train, test = [], [], []
+    for name in names:
+        data = name if isinstance(name, TaskData) else load(name, root=root, download=download)
+        name = data.name
+        if not isinstance(data.train, ImageSet):
+            raise ValueError(f"{name}: streams take decoded datasets (ImageSet); {name} is a file-backed dataset")
+        pre = Preprocess.for_backbone(backbone, data.augment)
+        tasks.append(data)
+        train.append(as_classification_dataset(PreprocessedImages(_cap(data.train, max_train, seed), pre)))
+        test.append(as_classification_dataset(PreprocessedImages(_cap(data.test, max_test, seed), pre)))
+    bm = with_classes_timeline(task_incremental_benchmark(benchmark_from_datasets(train=train, test=test)))
+    for stream in bm.streams.values():  # avalanche 0.6 gives sets here; MultiHeadClassifier indexes with them
+        for exp in stream:
+            exp.classes_in_this_experience = sorted(exp.classes_in_this_experience)
+    return Stream(bm, tasks)
+
+
+def _route(module: MultiTaskModule, x: torch.Tensor, task_labels, outputs) -> torch.Tensor:
+    """Per-sample task routing without Avalanche's zero padding (a padded 0 can out-score real logits):
+    absent classes get -inf."""
+    if task_labels is None:
+        return module.forward_all_tasks(x)
+    if isinstance(task_labels, int):
+        return module.forward_single_task(x, task_labels)
+    unique = torch.unique(task_labels)
+    if len(unique) == 1:
+        return module.forward_single_task(x, int(unique))
+    outs = outputs(x, [int(t) for t in unique])
+    width = max(o.shape[1] for o in outs.values())
+    out = x.new_full((x.shape[0], width), float("-inf"))
+    for t, o in outs.items():
+        mask = task_labels == t
+        out[mask, : o.shape[1]] = o[mask]
+    return out
+
+
+class AvalancheMemoryViT(MultiTaskModule):
+    """``MemoryViT`` for Avalanche: a new task label adds a task (``regime``/``mode``/``memory``/``layers`` as
+    given), only the current task's parameters train, and ``forward_all_tasks`` is the single pass.
+
+    Use it with Avalanche's ``Naive`` strategy (plain SGD on the current experience): since earlier tasks are
+    frozen and bit-exact, that is the paper's continual learner.
+    """
+
+    def __init__(
+        self,
+        model: MemoryViT,
+        *,
+        regime: str = "masked-memory",
+        mode: str = "concatenation",
+        memory: int | None = None,
+        layers: str = "all",
+        task_names: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task_kwargs = {"regime": regime, "mode": mode, "memory": memory, "layers": layers}
+        self.task_names = list(task_names)
+        self.names: dict[int, str] = {}
+
+    def adaptation(self, experience) -> None:
+        """Add a task for each new task label (in eval too, as Avalanche's multi-head classifier does, so an
+        unseen experience can be evaluated: its fresh task changes nothing that exists)."""
+        super().adaptation(experience)
+        device = next(self.model.parameters()).device
+        for t in experience.task_labels:
+            if t not in self.names:
+                name = self.task_names[t] if t < len(self.task_names) else f"task{t}"
+                classes = max(experience.classes_in_this_experience) + 1
+                kwargs = {k: v for k, v in self.task_kwargs.items() if v is not None}
+                if kwargs["regime"] not in ("masked-memory", "memory", "hybrid"):
+                    kwargs.pop("layers")
+                self.model.add_task(name, classes, **kwargs).to(device)
+                self.names[t] = name
+        if self.training:
+            self.model.trainable_parameters(self.names[experience.task_labels[0]])
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        name = self.names[task_label]
+        return self.model(x, tasks=[name], original=False)[name]
+
+    def forward_all_tasks(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        out = self.model(x, tasks=[self.names[t] for t in sorted(self.names)], original=False)
+        return {t: out[n] for t, n in self.names.items()}
+
+    def forward(self, x: torch.Tensor, task_labels=None) -> torch.Tensor:
+        return _route(self, x, task_labels, lambda xs, ts: {
+            t: v for t, v in self.forward_all_tasks(xs).items() if t in ts})
+
+
+class ViTMultiHead(MultiTaskModule):
+    """The baselines' model: a trainable copy of the backbone with Avalanche's multi-head classifier."""
+
+    def __init__(self, backbone) -> None:
+        super().__init__()
+        self.features = copy.deepcopy(backbone)
+        for p in self.features.parameters():
+            p.requires_grad_(True)
+        self.classifier = MultiHeadClassifier(self.features.num_features, initial_out_features=2)
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        f = self.features.forward_head(self.features.forward_features(x), pre_logits=True)
+        return self.classifier(f, task_label)
+
+    def forward(self, x: torch.Tensor, task_labels=None) -> torch.Tensor:
+        return _route(self, x, task_labels, lambda xs, ts: {t: self.forward_single_task(xs, t) for t in ts})
