@@ -163,7 +163,7 @@ def heatmap(results: list[StrategyResult], names: list[str], path: Path) -> None
 
 
 BUDGETS = {  # per experience: (max train images, max test images, epochs, image size)
-    "tiny": (600, 300, 1, 112),
+    "tiny": (300, 200, 1, 56),
     "gpu": (None, None, 3, 224),
 }
 
