@@ -7,34 +7,23 @@ mass on the task's memory is >= 0.5, the mean mass, and the attention mass betwe
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
-from .backbone import split_qkv
+from .backbone import capture_qkv, split_qkv
 from .masking import TokenSpec, build_attention_mask
 from .model import MemoryViT
 
 
-@contextmanager
-def _attention_probs(model: MemoryViT, masks: dict[int, torch.Tensor] | None = None):
-    """Record each block's attention probabilities (B, H, L, L) from its qkv output."""
+def _attention_probs(model: MemoryViT, qkv: list[torch.Tensor], masks: dict[int, torch.Tensor] | None = None):
+    """Each block's attention probabilities ``(B, H, L, L)`` from its recorded qkv output."""
     probs: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, blk in enumerate(model.backbone.blocks):
-        def hook(_m, _inp, out, i=i, blk=blk):
-            q, k, _ = split_qkv(blk.attn, out)
-            s = (q * blk.attn.scale) @ k.transpose(-2, -1)
-            if masks is not None and i in masks:
-                s = s.masked_fill(~masks[i].to(s.device), float("-inf"))
-            probs[i] = s.softmax(-1)
-
-        handles.append(blk.attn.qkv.register_forward_hook(hook))
-    try:
-        yield probs
-    finally:
-        for h in handles:
-            h.remove()
+    for i, (blk, out) in enumerate(zip(model.backbone.blocks, qkv)):
+        q, k, _ = split_qkv(blk.attn, out)
+        s = (q * blk.attn.scale) @ k.transpose(-2, -1)
+        if masks is not None and i in masks:
+            s = s.masked_fill(~masks[i].to(s.device), float("-inf"))
+        probs[i] = s.softmax(-1)
+    return probs
 
 
 @torch.no_grad()
@@ -68,15 +57,17 @@ def memory_attention(model: MemoryViT, task: str, images: torch.Tensor) -> dict:
                     if idx == j:
                         cols[i] = list(range(start, len(lay)))
             masks[i] = build_attention_mask(lay, modes)
-        with _attention_probs(model, masks) as probs:
+        with capture_qkv(model.backbone) as qkv:
             reference_forward(model, images)
+        probs = _attention_probs(model, qkv, masks)
         for i in range(depth):
             per_layer.append((probs[i], rows, cols.get(i, []), []))
     else:
         N = model.embed(images[:1]).shape[1]
         m_in = c.input_memory
-        with _attention_probs(model) as probs:
+        with capture_qkv(model.backbone) as qkv:
             model.separate_pass(t, images)
+        probs = _attention_probs(model, qkv)
         for i in range(depth):
             keep = N + m_in
             L = probs[i].shape[-1]
