@@ -7,13 +7,13 @@ from .masking import TokenSpec, build_attention_mask, visible_tasks
 from .model import ORIGINAL, MemoryViT, TaskError
 from .state import TaskStateError, export_task, export_task_bytes, import_task, import_task_bytes, merge
 from .task import TaskModule
-from .training import build_optimizer, train_step
+from .train import TrainConfig, build_optimizer, evaluate, fit, lr_sweep, train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ORIGINAL", "MODES", "REGIMES", "BackboneError", "MemoryViT", "TaskConfig", "TaskError", "TaskModule",
-    "TaskStateError", "TokenSpec", "backbone_flops", "build_attention_mask", "build_optimizer", "cost_table",
+    "TaskStateError", "TokenSpec", "TrainConfig", "evaluate", "fit", "lr_sweep", "backbone_flops", "build_attention_mask", "build_optimizer", "cost_table",
     "create_backbone", "export_task", "export_task_bytes", "fingerprint", "import_task", "import_task_bytes",
     "merge", "parse_layers", "task_cost", "train_step", "visible_tasks",
 ]

@@ -268,8 +268,8 @@ class MemoryViT(nn.Module):
         mem_kv: dict,
         keep_kv: bool,
     ) -> torch.Tensor:
-        """One task on the per-task path (extension mode): its tokens attend to the backbone, itself, its
-        memory and the tokens and memory of the earlier tasks it sees."""
+        """One task on the per-task path (extension-mode tasks, and any task while it trains): its tokens attend
+        to the backbone, itself, its memory and the tokens and memory of the earlier tasks it sees."""
         B = backbone_kv[0][0].shape[0]
         tokens = task.tokens.expand(B, -1, -1)  # (B, n, D)
         own: list[tuple[torch.Tensor, torch.Tensor]] = []
