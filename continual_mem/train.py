@@ -1,6 +1,7 @@
-"""Training: the one place where a task's parameters become an optimizer, and the loop (the paper's recipe): SGD with momentum, linear warm-up then cosine decay, gradient
-clipping, bf16 autocast on GPU, early stopping / best state on a held-out split, deterministic seeding,
-resumable checkpoints (safetensors + JSON), a learning-rate sweep, and single-pass evaluation."""
+"""Training: the one place where a task's parameters become an optimizer, and the loop (the paper's recipe):
+SGD with momentum, linear warm-up then cosine decay, gradient clipping, bf16 autocast on GPU, early stopping /
+best state on a held-out split, deterministic seeding, resumable checkpoints (safetensors + JSON), a
+learning-rate sweep, and single-pass evaluation."""
 from __future__ import annotations
 
 import json

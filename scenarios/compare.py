@@ -98,7 +98,7 @@ def run_strategy(name: str, stream: Stream, backbone, cfg: CompareConfig) -> Str
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     common = dict(train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=max(64, cfg.batch_size),
                   device=cfg.device, evaluator=_evaluator())
-    common.update(model=model, optimizer=opt)
+    common.update(model=model, optimizer=opt, criterion=torch.nn.CrossEntropyLoss())
     if name == "lwf":
         strategy = LwF(alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature, **common)
     elif name == "ewc":

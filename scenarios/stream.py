@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from avalanche.benchmarks.scenarios import CLScenario
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
 from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
-from avalanche.benchmarks.scenarios.task_aware import task_incremental_benchmark
-from avalanche.benchmarks.utils import as_classification_dataset
+from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch.utils.data import Dataset
 
@@ -87,9 +87,13 @@ def task_stream(
             raise ValueError(f"{name}: streams take decoded datasets (ImageSet); {name} is a file-backed dataset")
         pre = Preprocess.for_backbone(backbone, data.augment)
         tasks.append(data)
-        train.append(as_classification_dataset(PreprocessedImages(_cap(data.train, max_train, seed), pre)))
-        test.append(as_classification_dataset(PreprocessedImages(_cap(data.test, max_test, seed), pre)))
-    bm = with_classes_timeline(task_incremental_benchmark(benchmark_from_datasets(train=train, test=test)))
+        label = len(tasks) - 1
+        # task-aware datasets (task_set etc.): what LwF/EWC and multi-head models read
+        train.append(_make_taskaware_classification_dataset(
+            PreprocessedImages(_cap(data.train, max_train, seed), pre), task_labels=label))
+        test.append(_make_taskaware_classification_dataset(
+            PreprocessedImages(_cap(data.test, max_test, seed), pre), task_labels=label))
+    bm = with_classes_timeline(with_task_labels(benchmark_from_datasets(train=train, test=test)))
     for stream in bm.streams.values():  # avalanche 0.6 gives sets here; MultiHeadClassifier indexes with them
         for exp in stream:
             exp.classes_in_this_experience = sorted(exp.classes_in_this_experience)
