@@ -164,66 +164,6 @@ def _task_name(dataset: str) -> str:
     return name[-64:]
 
 
-def _sources(data, split: str, pre, device: str, *, seed: int, max_train: int | None, max_test: int | None,
-             max_heldout: int | None = None):
-    """Training, held-out (5%, stratified; capped at ``max_heldout``) and evaluation batch sources."""
-    from scenarios.datasets import ImageSet, _Subset
-    from scenarios.pipeline import batches
-    from scenarios.splits import stratified_split
-
-    train = data.train
-    labels = train.labels if isinstance(train, ImageSet) else torch_targets(train)
-    keep, held = stratified_split(labels, holdout=0.05, seed=seed)
-    if max_train and len(keep) > max_train:
-        keep = keep[stratified_split(labels[keep], holdout=max_train / len(keep), seed=seed)[1]]
-    if max_heldout and len(held) > max_heldout:
-        held = held[stratified_split(labels[held], holdout=max_heldout / len(held), seed=seed)[1]]
-    sub = (lambda d, i: d.subset(i)) if isinstance(train, ImageSet) else (lambda d, i: _Subset(d, i))
-    evaluation = data.test if split == "test" else sub(train, held)
-    if max_test and len(evaluation) > max_test:
-        ev_labels = evaluation.labels if isinstance(evaluation, ImageSet) else torch_targets(evaluation)
-        evaluation = sub(evaluation, stratified_split(ev_labels, holdout=max_test / len(evaluation), seed=seed)[1])
-    return (batches(sub(train, keep), pre, device), batches(sub(train, held), pre, device),
-            batches(evaluation, pre, device))
-
-
-def torch_targets(ds):
-    from scenarios.datasets import _targets
-
-    return _targets(ds)
-
-
-def train_one(net, dataset: str, name: str, *, regime: str, mode: str, memory: int | None, layers: str,
-              task_tokens: int, steps: int, batch_size: int, lr: float, lr_sweep: str, data_root: str,
-              download: bool, device: str, seed: int, max_train: int | None, max_test: int | None,
-              max_heldout: int | None = None) -> dict:
-    """Load the data, add the task to ``net``, train it, return its metrics."""
-    from continual_mem.train import TrainConfig, evaluate, fit
-    from continual_mem.train import lr_sweep as sweep
-    from scenarios import datasets
-    from scenarios.pipeline import Preprocess
-
-    data = datasets.load(dataset, root=data_root, download=download)
-    net.add_task(name, data.num_classes, regime=regime, mode=mode, memory=memory, layers=layers,
-                 task_tokens=task_tokens, class_names=data.class_names, dataset=dataset)
-    net.to(device)
-    pre = Preprocess.for_backbone(net.backbone, data.augment)
-    train, held, test = _sources(data, "test", pre, device, seed=seed, max_train=max_train, max_test=max_test,
-                                 max_heldout=max_heldout)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=max(1, steps // 4))
-    if lr_sweep:
-        lrs = [float(v) for v in lr_sweep.split(",")]
-        result, runs = sweep(net, name, train, held, cfg, lrs, progress=sys.stderr.isatty())
-    else:
-        result = fit(net, name, train, held, cfg, progress=sys.stderr.isatty())
-    test_acc = evaluate(net, test, [name], batch_size=max(batch_size, 128))[name]
-    net.to("cpu")
-    dev = pick_device(device)
-    return {"task": name, "dataset": dataset, "classes": data.num_classes, "heldout_accuracy": result.best_val_accuracy,
-            "test_accuracy": test_acc, "steps": result.steps, "lr": result.lr, "wall_time_s": result.wall_time_s,
-            "train_images_per_s": result.images_per_s, "device": dev}
-
-
 @app.command("add-task")
 @command
 def add_task(
@@ -255,10 +195,13 @@ def add_task(
     task = name or _task_name(dataset)
     if task in net.tasks:
         raise ValueError(f"a task named {task!r} already exists; pass --name or remove it first")
-    metrics = train_one(net, dataset, task, regime=regime, mode=mode, memory=memory, layers=layers,
+    from scenarios.recipes import train_on_dataset
+
+    metrics = train_on_dataset(net, dataset, task, regime=regime, mode=mode, memory=memory, layers=layers,
                         task_tokens=task_tokens, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                         data_root=data_root, download=download, device=pick_device(device), seed=seed,
-                        max_train=max_train, max_test=max_test, max_heldout=max_heldout)
+                        max_train=max_train, max_test=max_test, max_heldout=max_heldout,
+                        progress=sys.stderr.isatty())
     report = reg.add_task(net, task, name=state.model, metrics=[
         {"split": "heldout", "accuracy": metrics["heldout_accuracy"], "steps": metrics["steps"],
          "wall_time_s": metrics["wall_time_s"], "device": metrics["device"]},
@@ -290,6 +233,7 @@ def eval_(
 
     from scenarios import datasets
     from scenarios.pipeline import Preprocess
+    from scenarios.recipes import sources
 
     if split not in ("test", "heldout"):
         raise ValueError(f"--split must be test or heldout, got {split!r}")
@@ -308,7 +252,7 @@ def eval_(
             raise ValueError(f"task {n!r} records no dataset; evaluate it from Python")
         data = datasets.load(cfg.dataset, root=data_root)
         pre = Preprocess.for_backbone(net.backbone, data.augment)
-        _, _, source = _sources(data, split, pre, dev, seed=0, max_train=None, max_test=max_test)
+        _, _, source = sources(data, split, pre, dev, seed=0, max_train=None, max_test=max_test)
         correct = total = 0
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -518,6 +462,7 @@ def analyze(
     from continual_mem.analysis import memory_attention, plot
     from scenarios import datasets
     from scenarios.pipeline import Preprocess
+    from scenarios.recipes import sources
 
     net = registry().load(state.model)
     if task not in net.tasks:
@@ -525,7 +470,7 @@ def analyze(
     cfg = net.tasks[task].config
     data = datasets.load(cfg.dataset, root=data_root)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
-    _, held, _ = _sources(data, "test", pre, "cpu", seed=0, max_train=None, max_test=None)
+    _, held, _ = sources(data, "test", pre, "cpu", seed=0, max_train=None, max_test=None)
     x = next(iter(held.eval_batches(samples)))[0]
     result = memory_attention(net, task, x)
     out_dir.mkdir(parents=True, exist_ok=True)
