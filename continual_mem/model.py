@@ -172,7 +172,9 @@ class MemoryViT(nn.Module):
             raise TaskError(f"cannot remove {name!r}: extension tasks {deps} attend to it; remove them first")
         task = self.tasks[name]
         del self.tasks[name]
-        self._kv_cache = {k: v for k, v in self._kv_cache.items() if k[0] != name}
+        # per-task keys are (name, layer); group keys ("group", names, layer) go too: the group re-packs
+        self._kv_cache = {k: v for k, v in self._kv_cache.items()
+                          if k[0] != name and not (k[0] == "group" and name in k[1])}
         return task
 
     def compile_task_path(self, **compile_kwargs) -> "MemoryViT":

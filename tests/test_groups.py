@@ -63,7 +63,9 @@ def test_removal_repacks_without_changing_bits():
         perturb(model.add_task(f"t{i}", 3, memory=2), seed=i)
     with torch.no_grad():
         before = model(x)
+    assert any(k[0] == "group" and "t0" in k[1] for k in model._kv_cache)  # inference cached the group's K/V
     model.remove_task("t0")  # t2 moves from group 2 slot 0 to group 1 slot 1
+    assert not any("t0" in (k[1] if k[0] == "group" else k[:1]) for k in model._kv_cache)
     assert [u.names for u in model.plan()] == [("t1", "t2")]
     with torch.no_grad():
         after = model(x)
