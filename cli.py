@@ -229,8 +229,7 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Accuracy per task on its dataset, every shared-pass task computed in ONE multi-task pass per batch."""
-    import torch
-
+    from continual_mem.train import evaluate
     from scenarios import datasets
     from scenarios.pipeline import Preprocess
     from scenarios.recipes import sources
@@ -253,15 +252,11 @@ def eval_(
         data = datasets.load(cfg.dataset, root=data_root)
         pre = Preprocess.for_backbone(net.backbone, data.augment)
         _, _, source = sources(data, split, pre, dev, seed=0, max_train=None, max_test=max_test)
-        correct = total = 0
         t0 = time.perf_counter()
-        with torch.no_grad():
-            for x, y in source.eval_batches(batch_size):
-                logits = net(x, tasks=shared if n in shared else [n], original=False)[n]
-                correct += int((logits.argmax(-1) == y).sum())
-                total += len(y)
-        rows.append({"task": n, "dataset": cfg.dataset, "split": split, "accuracy": correct / max(1, total),
-                     "images": total, "pass": "shared" if n in shared else "own pass",
+        # all shared-pass tasks in one pass per batch; only this task's head is scored on its own labels
+        accuracy = evaluate(net, source, shared if n in shared else [n], batch_size=batch_size)[n]
+        rows.append({"task": n, "dataset": cfg.dataset, "split": split, "accuracy": accuracy,
+                     "images": len(source), "pass": "shared" if n in shared else "own pass",
                      "seconds": time.perf_counter() - t0})
     emit(rows, as_json, lambda rs: out.print(table(
         f"accuracy ({split}); shared-pass tasks computed together: {', '.join(shared) or 'none'}",

@@ -101,9 +101,9 @@ def cost_table(model: MemoryViT) -> list[dict]:
     if empty:
         flops = 0
         for unit, count in empty:
-            head = model.tasks[next(n for n in unit.names if n)].head
-            flops += count * (task_cost(model, next(n for n in unit.names if n)).flops
-                              - 2 * head.in_features * head.out_features)
+            member = next(n for n in unit.names if n)  # every slot of a group has this shape; empty ones no head
+            head = model.tasks[member].head
+            flops += count * (task_cost(model, member).flops - 2 * head.in_features * head.out_features)
         total += flops
         rows.append({"name": f"empty group slots ({sum(c for _, c in empty)})", "regime": "-", "params": 0,
                      "gflops": flops / 1e9, "ratio_to_backbone": flops / base, "shared_pass": True})

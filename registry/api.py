@@ -163,9 +163,10 @@ def instantiate_backbone(row: Backbone) -> VisionTransformer:
     elif row.weights_source.startswith("file:"):
         load_weights(model, row.weights_source.removeprefix("file:"))
     freeze(model)
-    if fingerprint(model) != row.fingerprint:
+    actual = fingerprint(model)
+    if actual != row.fingerprint:
         raise RegistryError(
-            f"backbone {row.timm_name} rebuilt from {row.weights_source} has fingerprint {fingerprint(model)[:12]}…, "
+            f"backbone {row.timm_name} rebuilt from {row.weights_source} has fingerprint {actual[:12]}…, "
             f"registered {row.fingerprint[:12]}…; restore the original weights"
         )
     return model

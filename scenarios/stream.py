@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from avalanche.benchmarks.scenarios import CLScenario
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
 from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
@@ -22,28 +21,24 @@ from torch.utils.data import Dataset
 from continual_mem import MemoryViT
 
 from .datasets import ImageSet, TaskData, load
-from .pipeline import Preprocess
+from .pipeline import DeviceImages, Preprocess
 from .splits import stratified_split
 
 
 class PreprocessedImages(Dataset):
-    """An :class:`ImageSet` as model-ready tensors, one sample at a time (resize, 3 channels, normalise)."""
+    """An :class:`ImageSet` as model-ready tensors, one sample at a time, through the same evaluation
+    preprocessing as training batches (:class:`DeviceImages` on the CPU)."""
 
     def __init__(self, data: ImageSet, pre: Preprocess) -> None:
-        self.data, self.pre = data, pre
+        self.source = DeviceImages(data, pre, "cpu")
         self.targets = data.labels.tolist()
-        self.mean = torch.tensor(pre.mean).view(3, 1, 1)
-        self.std = torch.tensor(pre.std).view(3, 1, 1)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.data.images[i].float().div(255.0)
-        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
-        s = self.pre.img_size
-        x = F.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
-        return (x - self.mean) / self.std, self.targets[i]
+        x, _ = self.source.batch(torch.tensor([i]), train=False)
+        return x[0], self.targets[i]
 
 
 def _cap(data: ImageSet, limit: int | None, seed: int) -> ImageSet:
