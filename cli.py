@@ -160,6 +160,8 @@ def init(
 
 # ----------------------------------------------------------------------------------------------- add-task
 def _task_name(dataset: str) -> str:
+    if dataset.startswith("packed:"):
+        dataset = Path(dataset.removeprefix("packed:")).stem
     name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", dataset.removeprefix("imagefolder:")).strip("-.") or "task"
     return name[-64:]
 
@@ -167,14 +169,17 @@ def _task_name(dataset: str) -> str:
 @app.command("add-task")
 @command
 def add_task(
-    dataset: Annotated[str, typer.Argument(help="catalog name (continual-mem datasets) or imagefolder:PATH")],
+    dataset: Annotated[str, typer.Argument(help="catalog name (continual-mem datasets), imagefolder:PATH or "
+                                                  "packed:FILE.npz")],
     name: Annotated[str, typer.Option(help="task name [default: from the dataset]")] = "",
     mode: Annotated[str, typer.Option(help="concatenation | extension")] = "concatenation",
     regime: Annotated[str, typer.Option(help="masked-memory | head+cls | head (single pass); memory | full | "
                                              "input-memory | hybrid (own pass)")] = "masked-memory",
     memory: Annotated[int | None, typer.Option(help="memory tokens per layer [default 5 for memory regimes]")] = None,
     layers: Annotated[str, typer.Option(help="all | last:K | first:K | 0,3,11")] = "all",
-    task_tokens: Annotated[int, typer.Option(min=1)] = 1,
+    task_tokens: Annotated[int, typer.Option(min=1, help="class tokens of the task (states averaged)")] = 1,
+    fork_layers: Annotated[int, typer.Option(min=0, help="late fork: last K blocks on a private full-attention "
+                                                         "branch (preserving; ~K/depth of a backbone pass)")] = 0,
     steps: Annotated[int, typer.Option(min=1)] = 1000,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(min=0.0)] = 0.05,
@@ -198,7 +203,7 @@ def add_task(
     from scenarios.recipes import train_on_dataset
 
     metrics = train_on_dataset(net, dataset, task, regime=regime, mode=mode, memory=memory, layers=layers,
-                        task_tokens=task_tokens, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
+                        task_tokens=task_tokens, fork_layers=fork_layers, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                         data_root=data_root, download=download, device=pick_device(device), seed=seed,
                         max_train=max_train, max_test=max_test, max_heldout=max_heldout,
                         progress=sys.stderr.isatty())
@@ -521,7 +526,8 @@ def datasets_(as_json: JsonOpt = False) -> None:
 
     names = catalog()
     emit(names, as_json, lambda ns: out.print(table("datasets", ["name", "source"], [
-        [n, "offline" if n in OFFLINE else ("any folder" if n.startswith("imagefolder") else "torchvision")]
+        [n, "offline" if n in OFFLINE else ("any folder" if n.startswith("imagefolder") else
+                                          "packed copy" if n.startswith("packed") else "torchvision")]
         for n in ns])))
 
 
@@ -553,7 +559,7 @@ def demo(
          group_size=4)
     for ds in stream:
         add_task(ds, name="", mode="concatenation", regime="masked-memory", memory=5, layers="all", task_tokens=1,
-                 steps=steps, batch_size=batch_size, lr=0.05, lr_sweep="", data_root="data", download=False,
+                 fork_layers=0, steps=steps, batch_size=batch_size, lr=0.05, lr_sweep="", data_root="data", download=False,
                  device=device, seed=0, max_train=max_train, max_test=max_test, max_heldout=300, as_json=False)
     eval_(all_tasks=True, task="", split="test", data_root="data", device=device, batch_size=256,
           max_test=max_test, as_json=False)

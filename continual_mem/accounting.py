@@ -63,7 +63,12 @@ def task_cost(model: MemoryViT, name: str) -> Cost:
     elif c.has_tokens:
         flops = head
         owners = [task, *(model.tasks[s] for s in c.sees)]
+        fork = model.depth - c.fork_layers
         for i in range(model.depth):
+            if i >= fork:  # private branch: the whole stream [tokens, registers, patches] + memory, own pass
+                seq = c.task_tokens + n - 1 + (c.memory if i in task.layer_to_slot else 0)
+                flops += _block_flops(d, a, hidden, seq, seq)
+                continue
             keys = n + sum(t.config.task_tokens for t in owners)
             for t in owners:
                 if (mem := t.memory_at(i) if t.memory is not None else None) is not None:

@@ -33,6 +33,9 @@ def memory_attention(model: MemoryViT, task: str, images: torch.Tensor) -> dict:
     c = t.config
     if t.memory is None and t.input_memory is None:
         raise ValueError(f"task {task!r} ({c.regime}) has no memory to analyse; use a memory regime")
+    forked = [n for n, task_ in model.tasks.items() if task_.config.fork_layers]
+    if forked:
+        raise ValueError(f"memory analysis does not cover late-fork tasks ({forked}); analyse a model without them")
     depth, B = model.depth, images.shape[0]
     per_layer = []  # (query rows, memory cols, write rows) per layer
     if c.has_tokens:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,6 +140,24 @@ def capture_qkv(model: VisionTransformer) -> Iterator[list[torch.Tensor | None]]
             store[i] = out
 
         handles.append(blk.attn.qkv.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_block_inputs(model: VisionTransformer, indices: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the token states ``(B, N, D)`` entering ``blocks[i]`` for each ``i`` in ``indices``."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in sorted(set(indices)):
+
+        def hook(_mod, args, i=i):
+            store[i] = args[0]
+
+        handles.append(model.blocks[i].register_forward_pre_hook(hook))
     try:
         yield store
     finally:

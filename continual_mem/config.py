@@ -72,6 +72,11 @@ class TaskConfig:
         layers: Block indices that get memory.
         input_memory: Memory tokens injected at the input (``input-memory`` / ``hybrid`` regimes).
         task_tokens: Number of class tokens the task owns; their final states are averaged for the head.
+        fork_layers: Late fork ``k`` (token regimes, concatenation mode): for the last ``k`` blocks the task runs
+            a private copy of the token stream (its tokens + the backbone's patches and registers at block
+            ``depth - k``) with full attention, its memory as extra keys/values. Preserving by construction (the
+            branch is the task's own); costs about ``k / depth`` of a backbone pass. 0 is the paper's masked
+            memory; ``depth`` is the paper's full-attention ``memory`` (or unmasked ``head+cls``) regime.
         sees: Names of earlier tasks whose tokens and memory this task attends to (extension mode only). Fixed
             when the task is added so its computation never depends on tasks added later.
         class_names: Optional human-readable class names (length ``num_classes``).
@@ -86,6 +91,7 @@ class TaskConfig:
     layers: tuple[int, ...] = ()
     input_memory: int = 0
     task_tokens: int = 1
+    fork_layers: int = 0
     sees: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     dataset: str = ""
@@ -127,6 +133,14 @@ class TaskConfig:
             raise ValueError(f"task {self.name!r}: task_tokens must be >= 1")
         if self.task_tokens > 1 and self.regime not in TOKEN_REGIMES:
             raise ValueError(f"task {self.name!r}: several task tokens need a token regime (head+cls, masked-memory)")
+        if self.fork_layers < 0:
+            raise ValueError(f"task {self.name!r}: fork_layers must be >= 0, got {self.fork_layers}")
+        if self.fork_layers and self.regime not in TOKEN_REGIMES:
+            raise ValueError(
+                f"task {self.name!r}: a late fork needs a token regime (head+cls or masked-memory), not {self.regime!r}"
+            )
+        if self.fork_layers and self.mode != "concatenation":
+            raise ValueError(f"task {self.name!r}: a late fork runs in concatenation mode; drop --mode extension")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"task {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes"

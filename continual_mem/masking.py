@@ -8,6 +8,8 @@ Policy:
   * task j's tokens attend to backbone tokens, task j's tokens and task j's memory;
   * in extension mode task j also attends to the tokens and memory of the earlier tasks it sees
     (all earlier token tasks when it was added);
+  * late fork: from its fork layer on, task j owns a private copy of the patches (kind ``private``); its tokens
+    and that copy attend to each other and to task j's memory only, never to the shared backbone tokens;
   * memory is never a query: its row only lets it see itself so a full-sequence softmax stays finite, and its
     output is dropped by the caller.
 """
@@ -19,7 +21,7 @@ from typing import Literal
 
 import torch
 
-TokenKind = Literal["backbone", "task", "memory"]
+TokenKind = Literal["backbone", "task", "memory", "private"]
 
 
 @dataclass(frozen=True)
@@ -46,25 +48,41 @@ def visible_tasks(task: int, modes: Sequence[str]) -> tuple[int, ...]:
     raise ValueError(f"unknown mode {modes[task]!r}")
 
 
-def may_attend(query: TokenSpec, key: TokenSpec, modes: Sequence[str]) -> bool:
-    """One cell of Table 1."""
+def may_attend(query: TokenSpec, key: TokenSpec, modes: Sequence[str], forked: frozenset[int] = frozenset()) -> bool:
+    """One cell of Table 1 (extended by the late fork).
+
+    Args:
+        query: The attending token.
+        key: The attended token.
+        modes: Mode of every token task, in insertion order.
+        forked: Tasks whose private branch is active at this layer (late fork).
+    """
     if query.kind == "backbone":
         return key.kind == "backbone"
     if query.kind == "memory":
         return key == query
+    if query.kind == "private" or query.task in forked:  # inside a private branch: only the task's own tokens
+        return key.kind in ("task", "private", "memory") and key.task == query.task
     if key.kind == "backbone":
         return True
+    if key.kind == "private":
+        return False
     return key.task in visible_tasks(query.task, modes)
 
 
-def build_attention_mask(layout: Sequence[TokenSpec], modes: Sequence[str]) -> torch.Tensor:
+def build_attention_mask(
+    layout: Sequence[TokenSpec], modes: Sequence[str], forked: frozenset[int] = frozenset()
+) -> torch.Tensor:
     """Boolean mask (True = may attend), shape ``(len(layout), len(layout))``, rows are queries."""
     for tok in layout:
         if tok.kind != "backbone" and not 0 <= tok.task < len(modes):
             raise ValueError(f"token {tok} names a task outside 0..{len(modes) - 1}")
+    for j in forked:
+        if modes[j] != "concatenation":
+            raise ValueError(f"task {j} is forked but in {modes[j]} mode; a late fork needs concatenation mode")
     n = len(layout)
     mask = torch.zeros(n, n, dtype=torch.bool)
     for i, q in enumerate(layout):
         for j, k in enumerate(layout):
-            mask[i, j] = may_attend(q, k, modes)
+            mask[i, j] = may_attend(q, k, modes, forked)
     return mask

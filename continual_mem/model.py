@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .backbone import capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
+from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from .config import TaskConfig, parse_layers
 from .layers import group_block, memory_kv, task_block
 from .masking import visible_tasks
@@ -99,6 +99,7 @@ class MemoryViT(nn.Module):
         layers: str | Sequence[int] = "all",
         input_memory: int | None = None,
         task_tokens: int = 1,
+        fork_layers: int = 0,
         class_names: Sequence[str] = (),
         dataset: str = "",
     ) -> TaskModule:
@@ -115,6 +116,8 @@ class MemoryViT(nn.Module):
             layers: Which blocks get memory: ``all``, ``last:k``, ``first:k`` or indices.
             input_memory: Input memory tokens (default 5 for ``input-memory``/``hybrid``).
             task_tokens: Class tokens owned by the task.
+            fork_layers: Late fork ``k``: the last ``k`` blocks run on a private copy of the token stream with
+                full attention to the task's memory (token regimes; see :class:`TaskConfig`).
             class_names: Optional class names.
             dataset: Optional dataset name.
         """
@@ -138,6 +141,7 @@ class MemoryViT(nn.Module):
             layers=layer_idx,
             input_memory=input_memory,
             task_tokens=task_tokens,
+            fork_layers=fork_layers,
             sees=sees,
             class_names=tuple(class_names),
             dataset=dataset,
@@ -151,6 +155,14 @@ class MemoryViT(nn.Module):
             raise TaskError(f"a task named {c.name!r} already exists; choose another name or remove it first")
         if max(c.layers, default=-1) >= self.depth:
             raise TaskError(f"task {c.name!r} uses layer {max(c.layers)} but the backbone has {self.depth} blocks")
+        if c.fork_layers > self.depth:
+            raise TaskError(f"task {c.name!r} forks {c.fork_layers} layers but the backbone has {self.depth} blocks")
+        forked = [s for s in c.sees if self.tasks[s].config.fork_layers] if set(c.sees) <= set(self.tasks) else []
+        if forked:
+            raise TaskError(
+                f"extension task {c.name!r} would read late-fork tasks {forked}, whose tokens live in private "
+                "branches; use concatenation mode, or add the extension task to a model without late-fork tasks"
+            )
         if c.mode == "extension" and list(c.sees) != self.token_task_names:
             raise TaskError(
                 f"extension task {c.name!r} was trained on top of tasks {list(c.sees)}, but this model's token "
@@ -223,7 +235,7 @@ class MemoryViT(nn.Module):
         open_groups: dict[tuple, list[str | None]] = {}
         for name, task in self.tasks.items():
             c = task.config
-            if c.has_tokens and c.mode == "concatenation":
+            if c.has_tokens and c.mode == "concatenation" and not c.fork_layers:
                 sig = (c.memory, c.layers, c.task_tokens)
                 group = open_groups.get(sig)
                 if group is None or None not in group:
@@ -269,13 +281,17 @@ class MemoryViT(nn.Module):
         token_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
         mem_kv: dict,
         keep_kv: bool,
+        block_inputs: dict[int, torch.Tensor],
     ) -> torch.Tensor:
         """One task on the per-task path (extension-mode tasks, and any task while it trains): its tokens attend
         to the backbone, itself, its memory and the tokens and memory of the earlier tasks it sees."""
         B = backbone_kv[0][0].shape[0]
         tokens = task.tokens.expand(B, -1, -1)  # (B, n, D)
         own: list[tuple[torch.Tensor, torch.Tensor]] = []
+        fork = self.depth - task.config.fork_layers
         for i, blk in enumerate(self.backbone.blocks):
+            if i >= fork:
+                return self._branch(task, tokens, block_inputs[fork], fork)
             ks: list[torch.Tensor] = []
             vs: list[torch.Tensor] = []
             self._memory_kv(task, i, mem_kv)  # stored in mem_kv under (name, i)
@@ -293,6 +309,19 @@ class MemoryViT(nn.Module):
         if keep_kv:
             token_kv[task.name] = own
         return self.pool_tokens(tokens, task)
+
+    def _branch(self, task: TaskModule, tokens: torch.Tensor, hidden: torch.Tensor, fork: int) -> torch.Tensor:
+        """Late fork: blocks ``fork..depth-1`` on the task's private stream [its tokens, the backbone's registers and
+        patches entering block ``fork``] through timm's own blocks, with full attention; per-layer memory is
+        appended as extra tokens whose outputs are dropped (as in :meth:`separate_pass`)."""
+        B, n = hidden.shape[0], task.config.task_tokens
+        h = torch.cat([tokens, hidden[:, 1:]], dim=1)  # the task's tokens take the original CLS's place
+        keep = h.shape[1]
+        for i in range(fork, self.depth):
+            blk = self.backbone.blocks[i]
+            mem = task.memory_at(i) if task.memory is not None else None
+            h = blk(h) if mem is None else blk(torch.cat([h, mem.expand(B, -1, -1).to(h.dtype)], dim=1))[:, :keep]
+        return self.pool_tokens(h[:, :n], task)
 
     def _group(
         self,
@@ -392,9 +421,11 @@ class MemoryViT(nn.Module):
         bb = self.backbone
         backbone_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         pre_logits = None
+        forks = {self.depth - self.tasks[n].config.fork_layers for n in shared if self.tasks[n].config.fork_layers}
+        block_inputs: dict[int, torch.Tensor] = {}
         if original or shared:
             # Patches never attend to task tokens, so the shared backbone needs no autograd graph at all.
-            with torch.no_grad(), capture_qkv(bb) as qkv:
+            with torch.no_grad(), capture_qkv(bb) as qkv, capture_block_inputs(bb, forks) as block_inputs:
                 feats = bb.forward_features(x)
                 if original:
                     out[ORIGINAL] = bb.forward_head(feats)
@@ -417,7 +448,7 @@ class MemoryViT(nn.Module):
             if unit.kind == "group" and not training:
                 results = self._group(unit.names, backbone_kv, token_kv, mem_kv, readers)
             elif unit.kind == "group":  # a task is training: run just the requested ones, no idle slots
-                results = {t.name: self._token_task(t, backbone_kv, token_kv, mem_kv, keep_kv=t.name in readers)
+                results = {t.name: self._token_task(t, backbone_kv, token_kv, mem_kv, t.name in readers, block_inputs)
                            for t in members if t.name in wanted}
             else:
                 task = self.tasks[unit.names[0]]
@@ -425,7 +456,7 @@ class MemoryViT(nn.Module):
                 if c.regime == "head":
                     logits = task.head(pre_logits)
                 elif c.has_tokens:
-                    logits = self._token_task(task, backbone_kv, token_kv, mem_kv, keep_kv=task.name in readers)
+                    logits = self._token_task(task, backbone_kv, token_kv, mem_kv, task.name in readers, block_inputs)
                 else:
                     logits = self.separate_pass(task, x)
                 results = {task.name: logits}

@@ -2,7 +2,8 @@
 
 Sequence at block i: ``[CLS, registers, patches, task tokens of every token task, memory of layer i]``; the
 boolean mask comes from :func:`continual_mem.masking.build_attention_mask`; memory outputs are dropped after
-each block. This is slow (every task widens the sequence) and its kernels differ from the fast path, so it is
+each block. A late-fork task's private patches join the sequence at its fork layer as a copy of the backbone's
+registers and patches there (kind ``private``), and the mask confines its tokens to them from then on. This is slow (every task widens the sequence) and its kernels differ from the fast path, so it is
 compared with ``allclose``, never used for preservation.
 """
 from __future__ import annotations
@@ -28,9 +29,14 @@ def reference_forward(model: MemoryViT, x: torch.Tensor) -> dict[str, torch.Tens
         parts.append(t.tokens.expand(B, -1, -1))
         layout += [TokenSpec("task", j)] * t.config.task_tokens
     h = torch.cat(parts, dim=1)
-    keep = h.shape[1]
+    forks = {j: model.depth - t.config.fork_layers for j, t in enumerate(token_tasks) if t.config.fork_layers}
 
     for i, blk in enumerate(bb.blocks):
+        for j, fork in forks.items():
+            if fork == i:  # the task's private stream starts from the backbone's state entering this block
+                h = torch.cat([h, h[:, 1:N]], dim=1)
+                layout += [TokenSpec("private", j)] * (N - 1)
+        keep = h.shape[1]
         layer_layout = list(layout)
         mems = [h]
         for j, t in enumerate(token_tasks):
@@ -38,7 +44,8 @@ def reference_forward(model: MemoryViT, x: torch.Tensor) -> dict[str, torch.Tens
             if mem is not None:
                 mems.append(mem.expand(B, -1, -1))
                 layer_layout += [TokenSpec("memory", j)] * mem.shape[1]
-        mask = build_attention_mask(layer_layout, modes).to(x.device)
+        forked = frozenset(j for j, fork in forks.items() if i >= fork)
+        mask = build_attention_mask(layer_layout, modes, forked).to(x.device)
         h = blk(torch.cat(mems, dim=1), attn_mask=mask)[:, :keep]
     h = bb.norm(h)
 
@@ -55,4 +62,33 @@ def reference_forward(model: MemoryViT, x: torch.Tensor) -> dict[str, torch.Tens
             out[name] = task.head(bb.fc_norm(tok.mean(dim=1)))
         else:
             out[name] = model.separate_pass(task, x)
+    return out
+
+
+@torch.no_grad()
+def unmasked_concatenation(model: MemoryViT, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """The paper's naive concatenation (Sec. 4.4), the experiment that motivates the mask.
+
+    Independently trained full-attention ``memory`` tasks share one sequence with no mask: [every task's class
+    tokens, registers, patches] plus every task's memory at each layer, everybody attending to everybody. Each
+    task's patches now also see the other tasks' memory, so its accuracy drifts as tasks are added.
+    """
+    tasks = [model.tasks[n] for n in names]
+    wrong = [t.name for t in tasks if t.config.regime != "memory"]
+    if wrong:
+        raise ValueError(f"naive concatenation takes full-attention memory tasks; {wrong} are not regime 'memory'")
+    bb = model.backbone
+    h = model.embed(x)
+    B = h.shape[0]
+    h = torch.cat([*(t.tokens.expand(B, -1, -1) for t in tasks), h[:, 1:]], dim=1)
+    keep = h.shape[1]
+    for i, blk in enumerate(bb.blocks):
+        mems = [m.expand(B, -1, -1) for t in tasks if (m := t.memory_at(i)) is not None]
+        h = blk(torch.cat([h, *mems], dim=1))[:, :keep] if mems else blk(h)
+    h = bb.norm(h)
+    out, offset = {}, 0
+    for t in tasks:
+        n = t.config.task_tokens
+        out[t.name] = t.head(bb.fc_norm(h[:, offset:offset + n].mean(dim=1)))
+        offset += n
     return out

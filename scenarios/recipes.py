@@ -61,12 +61,13 @@ def train_on_dataset(
     max_test: int | None,
     max_heldout: int | None = None,
     progress: bool = False,
+    fork_layers: int = 0,
 ) -> dict:
     """Load ``dataset``, add task ``name`` to ``net``, train it on 95% of the train split (best state on the
     held-out 5%), evaluate it on the test split; return its metrics. ``net`` ends on the CPU."""
     data = datasets.load(dataset, root=data_root, download=download)
     net.add_task(name, data.num_classes, regime=regime, mode=mode, memory=memory, layers=layers,
-                 task_tokens=task_tokens, class_names=data.class_names, dataset=dataset)
+                 task_tokens=task_tokens, fork_layers=fork_layers, class_names=data.class_names, dataset=dataset)
     net.to(device)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
     train, held, test = sources(data, "test", pre, device, seed=seed, max_train=max_train, max_test=max_test,

@@ -115,8 +115,8 @@ def _route(module: MultiTaskModule, x: torch.Tensor, task_labels, outputs) -> to
 
 
 class AvalancheMemoryViT(MultiTaskModule):
-    """``MemoryViT`` for Avalanche: a new task label adds a task (``regime``/``mode``/``memory``/``layers`` as
-    given), only the current task's parameters train, and ``forward_all_tasks`` is the single pass.
+    """``MemoryViT`` for Avalanche: a new task label adds a task (``regime``/``mode``/``memory``/``layers``/
+    ``fork_layers`` as given), only the current task's parameters train, and ``forward_all_tasks`` is the single pass.
 
     Use it with Avalanche's ``Naive`` strategy (plain SGD on the current experience): since earlier tasks are
     frozen and bit-exact, that is the paper's continual learner.
@@ -130,11 +130,13 @@ class AvalancheMemoryViT(MultiTaskModule):
         mode: str = "concatenation",
         memory: int | None = None,
         layers: str = "all",
+        fork_layers: int = 0,
         task_names: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.model = model
-        self.task_kwargs = {"regime": regime, "mode": mode, "memory": memory, "layers": layers}
+        self.task_kwargs = {"regime": regime, "mode": mode, "memory": memory, "layers": layers,
+                            "fork_layers": fork_layers}
         self.task_names = list(task_names)
         self.names: dict[int, str] = {}
 

@@ -113,7 +113,7 @@ def test_reference_detects_a_wrong_policy(model, monkeypatch):
     with torch.no_grad():
         fast = model(x)
     monkeypatch.setattr(reference, "build_attention_mask",
-                        lambda layout, modes: torch.ones(len(layout), len(layout), dtype=torch.bool))
+                        lambda layout, *_: torch.ones(len(layout), len(layout), dtype=torch.bool))
     ref = reference_forward(model, x)
     assert not torch.allclose(fast[ORIGINAL], ref[ORIGINAL], rtol=1e-4, atol=1e-5)
 
