@@ -94,16 +94,39 @@ def _median_ms(fn, gpu: bool, iters: int = 20) -> float:
     return statistics.median(times)
 
 
-@torch.no_grad()
-def measured_cost(model: MemoryViT, name: str, args) -> float | None:
-    """Added time of one task over backbone-only inference (bf16 autocast, batch ``--time-batch``); GPU only."""
-    if not args.device.startswith("cuda"):
-        return None
+def timing(bb, args) -> dict:
+    """Per configuration, measured alone (no other process on the device): the task's added inference time over
+    backbone-only inference, and training img/s (synthetic batch, forward + backward + SGD step); bf16 autocast."""
+    from continual_mem.train import build_optimizer, train_step
+
+    gpu = args.device.startswith("cuda")
     x = torch.randn(args.time_batch, 3, args.img_size, args.img_size, device=args.device)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        base = _median_ms(lambda: model.backbone.forward_features(x), True)
-        with_task = _median_ms(lambda: model(x, tasks=[name], original=False), True)
-    return (with_task - base) / base
+    y = torch.randint(0, 10, (args.time_batch,), device=args.device)
+    amp = torch.autocast("cuda" if gpu else "cpu", dtype=torch.bfloat16, enabled=gpu)
+    rows = []
+    base = None
+    for config in args.configs.split(","):
+        model = MemoryViT(bb)
+        _add(model, "task", config, 10)
+        model.to(args.device)
+        with torch.no_grad(), amp:  # the backbone's own pass plus whatever the task adds (a separate pass too)
+            base = base or _median_ms(lambda: model(x, tasks=[], original=True), gpu)
+            infer = _median_ms(lambda: model(x, tasks=["task"], original=True), gpu)
+        model.train()
+        opt = build_optimizer(model, "task", lr=0.01)
+
+        def step() -> None:
+            with amp:
+                train_step(model, "task", x, y, opt)
+
+        train_ms = _median_ms(step, gpu)
+        rows.append({"config": config, "measured_cost_ratio": (infer - base) / base,
+                     "flop_ratio": task_cost(model, "task").flops / backbone_flops(model),
+                     "train_images_per_s": args.time_batch / train_ms * 1e3,
+                     "train_ratio_to_backbone_inference": base / train_ms})
+        print(f"timing {config}: cost {rows[-1]['measured_cost_ratio']:.3f} x backbone, "
+              f"train {rows[-1]['train_images_per_s']:.0f} img/s", flush=True)
+    return {"backbone_inference_ms": base, "batch": args.time_batch, "rows": rows}
 
 
 def run_dataset(spec: str, bb, args) -> dict:
@@ -152,13 +175,13 @@ def run_dataset(spec: str, bb, args) -> dict:
             "test_accuracy": accs, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "trainable_params": sum(p.numel() for p in first.tasks["task"].parameters()),
             "flop_ratio": task_cost(first, "task").flops / base_flops,
-            "measured_cost_ratio": measured_cost(first, "task", args),
-            "train_images_per_s": statistics.median(per_seed[s]["train_images_per_s"] for s in seeds),
+            "end_to_end_images_per_s": statistics.median(per_seed[s]["train_images_per_s"] for s in seeds),
         })
         for r in per_seed.values():
             r.pop("model")
         if args.out:  # partial results survive a run cut short
-            (args.out / f"{data.name}.partial.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1))
+            (args.out / f"{data.name}{args.tag}.partial.json").write_text(json.dumps({"rows": rows, "runs": runs},
+                                                                                      indent=1))
     return {"dataset": data.name, "classes": data.num_classes, "train_images": len(train), "heldout_images": len(held),
             "test_images": len(test), "rows": rows, "runs": runs}
 
@@ -212,12 +235,41 @@ def concatenation(specs: list[str], bb, args) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"### {result['dataset']} ({result['train_images']} train / {result['test_images']} test)", "",
-             "| config | test acc (mean ± std) | lr | FLOPs / backbone | measured cost / backbone | train img/s | params |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | test acc (mean ± std) | lr | FLOPs / backbone | params |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        cost = "-" if r["measured_cost_ratio"] is None else f"{r['measured_cost_ratio']:.3f}"
         lines.append(f"| {r['config']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {r['lr']} | "
-                     f"{r['flop_ratio']:.3f} | {cost} | {r['train_images_per_s']:.0f} | {r['trainable_params']:,} |")
+                     f"{r['flop_ratio']:.3f} | {r['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
+def report(folder: Path) -> str:
+    """One markdown table over datasets (mean ± std per dataset), with the timing columns, from a results folder."""
+    rows: dict[str, dict] = {}
+    names: list[str] = []
+    timing_rows: dict[str, dict] = {}
+    env = {}
+    for path in sorted(folder.glob("*.json")):
+        d = json.loads(path.read_text())
+        if "timing" in d:
+            timing_rows = {r["config"]: r for r in d["timing"]["rows"]}
+        elif "rows" in d and "dataset" in d:
+            env = {k: d[k] for k in ("device", "img_size", "steps", "batch_size", "seeds", "date") if k in d}
+            if d["dataset"] not in names:
+                names.append(d["dataset"])
+            for r in d["rows"]:
+                rows.setdefault(r["config"], {})[d["dataset"]] = r
+    order = [c for c in CONFIGS if c in rows]
+    head = "| config | " + " | ".join(names) + " | mean | FLOPs / backbone | measured cost / backbone | train img/s |"
+    lines = [f"{env}", "", head, "|" + "---|" * (len(names) + 5)]
+    for c in order:
+        cells = [f"{100 * rows[c][n]['mean']:.2f} ± {100 * rows[c][n]['std']:.2f}" if n in rows[c] else "-"
+                 for n in names]
+        mean = statistics.mean(rows[c][n]["mean"] for n in names if n in rows[c])
+        t = timing_rows.get(c, {})
+        flop = next(iter(rows[c].values()))["flop_ratio"]
+        cost = f"{t['measured_cost_ratio']:.3f}" if t else "-"
+        ips = f"{t['train_images_per_s']:,.0f}" if t else "-"
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {100 * mean:.2f} | {flop:.3f} | {cost} | {ips} |")
     return "\n".join(lines)
 
 
@@ -237,10 +289,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--concat", type=Path, default=None, help="folder of saved task states: run the concatenation "
                                                             "experiments instead")
+    p.add_argument("--timing", action="store_true", help="only measure per-config cost and training speed")
+    p.add_argument("--tag", default="", help="suffix of the output file names (parallel shards)")
+    p.add_argument("--report", type=Path, default=None, help="folder of result JSON: print the combined tables")
     args = p.parse_args(argv)
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         p.error(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    if args.report:
+        text = report(args.report)
+        print(text)
+        return {"report": text}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -251,6 +310,11 @@ def main(argv: list[str] | None = None) -> dict:
            "img_size": args.img_size, "steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
            "lr_grid": LRS}
     specs = args.datasets.split(",")
+    if args.timing:
+        result = {**env, "timing": timing(bb, args)}
+        if args.out:
+            (args.out / f"timing{args.tag}.json").write_text(json.dumps(result, indent=2))
+        return result
     if args.concat:
         result = {**env, "concatenation": concatenation(specs, bb, args)}
         if args.out:
@@ -262,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = {**env, **run_dataset(spec, bb, args)}
         results.append(res)
         if args.out:
-            (args.out / f"{res['dataset']}.json").write_text(json.dumps(res, indent=2))
+            (args.out / f"{res['dataset']}{args.tag}.json").write_text(json.dumps(res, indent=2))
         print(markdown(res), flush=True)
     return {"results": results}
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Accuracy tables on one GPU in parallel shards (the per-task training path is host-bound at 112 px, so several
+# processes share the GPU well). Timing runs first, alone, so its numbers are not disturbed by the shards.
+#   OUTD=/tmp/tables LIMIT=480 benchmarks/run_tables_on_device.sh packed:.device/fashion-mnist.npz [--timing]
+set -u
+DATASETS=$1
+OUTD=${OUTD:-/tmp/tables}
+LIMIT=${LIMIT:-480}
+COMMON="--device cuda --weights .device/dinov2.fp16.safetensors --img-size 112 --steps ${STEPS:-200} \
+  --batch-size ${BATCH:-256} --seeds ${SEEDS:-0,1,2} --out $OUTD"
+mkdir -p "$OUTD"
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+if [ "${2:-}" = "--timing" ]; then
+  python3 benchmarks/accuracy_tables.py $COMMON --timing >"$OUTD/timing.log" 2>&1
+fi
+SHARDS=(full,head memory-m20,head+cls memory-m10,masked-m5 memory-m5,masked-m10 memory-m1,fork-k1
+        head+cls-unmasked,fork-k2 masked-m5-tokens4,fork-k4)
+for ds in ${DATASETS//,/ }; do
+  for i in "${!SHARDS[@]}"; do
+    name=$(basename "${ds#packed:}" .npz)
+    timeout "$LIMIT" python3 benchmarks/accuracy_tables.py $COMMON --datasets "$ds" --configs "${SHARDS[$i]}" \
+      --tag "__s$i" >"$OUTD/$name.s$i.log" 2>&1 &
+  done
+done
+wait
+grep -h "seed" "$OUTD"/*.log | grep -v Warn | sort | tail -n 200
