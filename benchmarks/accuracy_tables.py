@@ -48,6 +48,8 @@ CONFIGS: dict[str, dict] = {
     "fork-k1": dict(regime="masked-memory", memory=5, fork_layers=1),
     "fork-k2": dict(regime="masked-memory", memory=5, fork_layers=2),
     "fork-k4": dict(regime="masked-memory", memory=5, fork_layers=4),
+    "fork-k4-m1": dict(regime="masked-memory", memory=1, fork_layers=4),
+    "fork-k6": dict(regime="masked-memory", memory=5, fork_layers=6),
     "memory-m1": dict(regime="memory", memory=1),
     "memory-m5": dict(regime="memory", memory=5),
     "memory-m10": dict(regime="memory", memory=10),
@@ -96,7 +98,9 @@ def _median_ms(fn, gpu: bool, iters: int = 20) -> float:
 
 def timing(bb, args) -> dict:
     """Per configuration, measured alone (no other process on the device): the task's added inference time over
-    backbone-only inference, and training img/s (synthetic batch, forward + backward + SGD step); bf16 autocast."""
+    backbone-only inference, both replayed as CUDA graphs (GPU time, not Python dispatch) and timed alternately, and
+    eager training img/s (synthetic batch, forward + backward + SGD step); bf16 autocast."""
+    from continual_mem.graphs import GraphedForward
     from continual_mem.train import build_optimizer, train_step
 
     gpu = args.device.startswith("cuda")
@@ -104,14 +108,20 @@ def timing(bb, args) -> dict:
     y = torch.randint(0, 10, (args.time_batch,), device=args.device)
     amp = torch.autocast("cuda" if gpu else "cpu", dtype=torch.bfloat16, enabled=gpu)
     rows = []
-    base = None
     for config in args.configs.split(","):
         model = MemoryViT(bb)
         _add(model, "task", config, 10)
-        model.to(args.device)
-        with torch.no_grad(), amp:  # the backbone's own pass plus whatever the task adds (a separate pass too)
-            base = base or _median_ms(lambda: model(x, tasks=[], original=True), gpu)
-            infer = _median_ms(lambda: model(x, tasks=["task"], original=True), gpu)
+        model.to(args.device).eval()
+        if gpu:  # the backbone's own pass, and the same plus whatever the task adds (a separate pass too)
+            plain = GraphedForward(model, x, tasks=[], autocast_dtype=torch.bfloat16)
+            both = GraphedForward(model, x, tasks=["task"], autocast_dtype=torch.bfloat16)
+            _median_ms(lambda: plain(x), gpu)
+            pairs = [(_median_ms(lambda: plain(x), gpu, 10), _median_ms(lambda: both(x), gpu, 10)) for _ in range(5)]
+            base, infer = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+        else:
+            with torch.no_grad():
+                base = _median_ms(lambda: model(x, tasks=[], original=True), gpu)
+                infer = _median_ms(lambda: model(x, tasks=["task"], original=True), gpu)
         model.train()
         opt = build_optimizer(model, "task", lr=0.01)
 

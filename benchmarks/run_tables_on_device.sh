@@ -13,8 +13,8 @@ export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 if [ "${2:-}" = "--timing" ]; then
   python3 benchmarks/accuracy_tables.py $COMMON --timing >"$OUTD/timing.log" 2>&1
 fi
-SHARDS=(full,head memory-m20,head+cls memory-m10,masked-m5 memory-m5,masked-m10 memory-m1,fork-k1
-        head+cls-unmasked,fork-k2 masked-m5-tokens4,fork-k4)
+SHARDS=(${SHARDS:-full,head memory-m20,head+cls memory-m10,masked-m5 memory-m5,masked-m10 memory-m1,fork-k1
+        head+cls-unmasked,fork-k2 masked-m5-tokens4,fork-k4 fork-k4-m1,fork-k6})
 for ds in ${DATASETS//,/ }; do
   for i in "${!SHARDS[@]}"; do
     name=$(basename "${ds#packed:}" .npz)

