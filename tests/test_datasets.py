@@ -147,3 +147,27 @@ def test_unknown_dataset_lists_the_catalog():
     with pytest.raises(DatasetError, match="unknown dataset 'imagenet-99'.*sun397"):
         load("imagenet-99")
     assert {"cifar10", "sun397", "fashion-mnist", "mnist-5k", "digits", "imagefolder:PATH"} <= set(datasets.catalog())
+
+
+def test_packed_copy_round_trips_and_bad_files_fail_clearly(tmp_path):
+    import numpy as np
+    import torch
+
+    from scenarios.datasets import DatasetError, ImageSet, TaskData, load, save_packed
+
+    g = torch.Generator().manual_seed(0)
+    part = lambda n: ImageSet(torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g),  # noqa: E731
+                              torch.randint(0, 3, (n,), generator=g))
+    data = TaskData("toy", ("a", "b", "c"), part(12), part(5), "flip")
+    path = save_packed(data, tmp_path / "toy.npz")
+    back = load(f"packed:{path}")
+    assert (back.name, back.class_names, back.augment) == ("toy", ("a", "b", "c"), "flip")
+    assert torch.equal(back.train.images, data.train.images) and torch.equal(back.test.labels, data.test.labels)
+    with pytest.raises(DatasetError, match="no file"):
+        load(f"packed:{tmp_path / 'missing.npz'}")
+    np.savez(tmp_path / "partial.npz", train_images=np.zeros((1, 1, 2, 2), np.uint8))
+    with pytest.raises(DatasetError, match="lacks"):
+        load(f"packed:{tmp_path / 'partial.npz'}")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DatasetError, match="not a readable packed dataset"):
+        load(f"packed:{tmp_path / 'junk.npz'}")
