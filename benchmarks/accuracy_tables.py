@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -28,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from continual_mem import MemoryViT  # noqa: E402
 from continual_mem.accounting import backbone_flops, task_cost  # noqa: E402
 from continual_mem.backbone import create_backbone  # noqa: E402
@@ -78,22 +79,7 @@ def _add(model: MemoryViT, name: str, config: str, num_classes: int):
 
 
 def _median_ms(fn, gpu: bool, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        if gpu:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return 1e3 * common.median_seconds(fn, argparse.Namespace(device="cuda" if gpu else "cpu", warmup=3, iters=iters))
 
 
 def timing(bb, args) -> dict:

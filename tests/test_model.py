@@ -85,11 +85,16 @@ FAST_VS_REFERENCE = [
      dict(name="i", num_classes=3, regime="input-memory", input_memory=3),
      dict(name="y", num_classes=3, regime="hybrid", input_memory=2, memory=2, layers="first:1"),
      dict(name="f", num_classes=3, regime="full")],
+    [dict(name="m", num_classes=3, memory=2),  # late fork: private branches beside masked and extension tasks
+     dict(name="e", num_classes=2, mode="extension", memory=1),
+     dict(name="f1", num_classes=4, memory=3, fork_layers=1),
+     dict(name="f2", num_classes=3, regime="head+cls", fork_layers=2, task_tokens=2),
+     dict(name="fall", num_classes=3, memory=2, layers="last:2", fork_layers=3)],
 ]
 
 
 @pytest.mark.parametrize("kind", ["tiny", "dinov2", "qknorm"])
-@pytest.mark.parametrize("specs", FAST_VS_REFERENCE, ids=["one", "mixed-modes", "all-regimes"])
+@pytest.mark.parametrize("specs", FAST_VS_REFERENCE, ids=["one", "mixed-modes", "all-regimes", "late-fork"])
 def test_fast_path_matches_masked_reference(kind, specs):
     bb = make_backbone(kind)
     model = MemoryViT(bb)
