@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ORIGINAL", "MODES", "REGIMES", "BackboneError", "MemoryViT", "TaskConfig", "TaskError", "TaskModule",
-    "TaskStateError", "TokenSpec", "TrainConfig", "evaluate", "fit", "lr_sweep", "backbone_flops", "build_attention_mask", "build_optimizer", "cost_table",
-    "create_backbone", "export_task", "export_task_bytes", "fingerprint", "import_task", "import_task_bytes",
-    "merge", "parse_layers", "task_cost", "train_step", "visible_tasks",
+    "TaskStateError", "TokenSpec", "TrainConfig", "backbone_flops", "build_attention_mask", "build_optimizer",
+    "cost_table", "create_backbone", "evaluate", "export_task", "export_task_bytes", "fingerprint", "fit",
+    "import_task", "import_task_bytes", "lr_sweep", "merge", "parse_layers", "task_cost", "train_step",
+    "visible_tasks",
 ]

@@ -314,14 +314,19 @@ class MemoryViT(nn.Module):
         """Late fork: blocks ``fork..depth-1`` on the task's private stream [its tokens, the backbone's registers and
         patches entering block ``fork``] through timm's own blocks, with full attention; per-layer memory is
         appended as extra tokens whose outputs are dropped (as in :meth:`separate_pass`)."""
-        B, n = hidden.shape[0], task.config.task_tokens
         h = torch.cat([tokens, hidden[:, 1:]], dim=1)  # the task's tokens take the original CLS's place
-        keep = h.shape[1]
-        for i in range(fork, self.depth):
+        h = self._blocks_with_memory(task, h, fork)
+        return self.pool_tokens(h[:, : task.config.task_tokens], task)
+
+    def _blocks_with_memory(self, task: TaskModule, h: torch.Tensor, start: int) -> torch.Tensor:
+        """Blocks ``start..depth-1`` of timm's own code on ``h``; where the task has per-layer memory, everyone
+        attends to it and its outputs are dropped."""
+        B, keep = h.shape[0], h.shape[1]
+        for i in range(start, self.depth):
             blk = self.backbone.blocks[i]
             mem = task.memory_at(i) if task.memory is not None else None
-            h = blk(h) if mem is None else blk(torch.cat([h, mem.expand(B, -1, -1).to(h.dtype)], dim=1))[:, :keep]
-        return self.pool_tokens(h[:, :n], task)
+            h = blk(h) if mem is None else blk(torch.cat([h, mem.expand(B, -1, -1)], dim=1))[:, :keep]
+        return h
 
     def _group(
         self,
@@ -387,14 +392,7 @@ class MemoryViT(nn.Module):
         h = torch.cat([task.tokens.expand(B, -1, -1), h[:, 1:]], dim=1)
         if task.input_memory is not None:  # propagated memory: ordinary tokens from here on
             h = torch.cat([h, task.input_memory.expand(B, -1, -1)], dim=1)
-        keep = h.shape[1]
-        for i, blk in enumerate(bb.blocks):
-            mem = task.memory_at(i) if task.memory is not None else None
-            if mem is None:
-                h = blk(h)
-            else:  # per-layer memory: everyone attends to it, its outputs are dropped
-                h = blk(torch.cat([h, mem.expand(B, -1, -1)], dim=1))[:, :keep]
-        h = bb.norm(h)
+        h = bb.norm(self._blocks_with_memory(task, h, 0))
         return task.head(bb.fc_norm(h[:, : c.task_tokens].mean(dim=1)))
 
     def forward(

@@ -217,11 +217,16 @@ def main(argv: list[str] | None = None) -> dict:
         payload["results"] = [asdict(r) for r in results]
         (args.out / "results.json").write_text(json.dumps(payload, indent=2))  # after each: a cut run keeps them
         print(f"{s}: done", flush=True)
-    table = markdown(results, names)
-    (args.out / "results.md").write_text(table)
-    heatmap(results, names, args.out / "accuracy_matrix.png")
-    print(table)
+    _write_summary(results, names, args.out)
     return payload
+
+
+def _write_summary(results: list[StrategyResult], names: list[str], out: Path) -> None:
+    """``results.md`` and ``accuracy_matrix.png`` beside ``results.json``; the table is printed too."""
+    table = markdown(results, names)
+    (out / "results.md").write_text(table)
+    heatmap(results, names, out / "accuracy_matrix.png")
+    print(table)
 
 
 def _merge(folders: list[Path], out: Path) -> dict:
@@ -231,10 +236,7 @@ def _merge(folders: list[Path], out: Path) -> dict:
     results = [StrategyResult(**r) for r in payload["results"]]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(payload, indent=2))
-    table = markdown(results, names)
-    (out / "results.md").write_text(table)
-    heatmap(results, names, out / "accuracy_matrix.png")
-    print(table)
+    _write_summary(results, names, out)
     return payload
 
 
