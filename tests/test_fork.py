@@ -119,6 +119,9 @@ def test_mask_policy_for_private_branches():
     assert mask[3].tolist() == [True, True, False, True, False, False, False]
     with pytest.raises(ValueError, match="concatenation"):
         build_attention_mask(layout, ["extension", "concatenation"], frozenset({0}))
+    # an extension task reading task 0 sees its tokens and memory, never its private patches
+    ext = build_attention_mask(layout + [TokenSpec("memory", 0)], ["concatenation", "extension"], frozenset({0}))
+    assert ext[3].tolist() == [True, True, True, True, False, False, True]
 
 
 def test_unmasked_concatenation_of_one_task_is_its_own_pass_and_others_disturb_it():
