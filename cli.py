@@ -192,32 +192,107 @@ def add_task(
     max_train: Annotated[int | None, typer.Option(help="cap training images (stratified)")] = None,
     max_test: Annotated[int | None, typer.Option(help="cap test images (stratified)")] = None,
     max_heldout: Annotated[int | None, typer.Option(help="cap the 5% held-out images (stratified)")] = 2000,
+    devices: Annotated[int, typer.Option(min=1, help="train with DistributedDataParallel on N processes (one per "
+                                                     "GPU; gloo on CPU) started by torchrun's launcher; "
+                                                     "--batch-size stays the global batch")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a new task on DATASET, store it, and verify that every older task is bit-exact."""
-    reg = registry()
-    net = reg.load(state.model)
-    task = name or _task_name(dataset)
-    if task in net.tasks:
-        raise ValueError(f"a task named {task!r} already exists; pass --name or remove it first")
-    from scenarios.recipes import train_on_dataset
+    from continual_mem import distributed
 
-    metrics = train_on_dataset(net, dataset, task, regime=regime, mode=mode, memory=memory, layers=layers,
-                        task_tokens=task_tokens, fork_layers=fork_layers, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
-                        data_root=data_root, download=download, device=pick_device(device), seed=seed,
-                        max_train=max_train, max_test=max_test, max_heldout=max_heldout,
-                        progress=sys.stderr.isatty())
-    report = reg.add_task(net, task, name=state.model, metrics=[
-        {"split": "heldout", "accuracy": metrics["heldout_accuracy"], "steps": metrics["steps"],
-         "wall_time_s": metrics["wall_time_s"], "device": metrics["device"]},
-        {"split": "test", "accuracy": metrics["test_accuracy"], "device": metrics["device"]}])
-    metrics["verification"] = {c.name: c.status for c in report.tasks}
+    reg = registry()
+    task = name or _task_name(dataset)
+    if task in reg.load(state.model).tasks:
+        raise ValueError(f"a task named {task!r} already exists; pass --name or remove it first")
+    spec = {"registry": state.registry, "model": state.model, "task": task, "dataset": dataset, "device": device,
+            "progress": sys.stderr.isatty(),
+            "train": dict(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,
+                          fork_layers=fork_layers, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
+                          data_root=data_root, download=download, seed=seed, max_train=max_train,
+                          max_test=max_test, max_heldout=max_heldout)}
+    if batch_size % devices:
+        raise ValueError(f"--batch-size {batch_size} is the global batch and must be divisible by --devices "
+                         f"{devices}")
+    if devices > 1 and not distributed.launched():
+        metrics = _launch(spec, devices)
+    else:  # one process, or one rank of a job the user started with torchrun
+        metrics = _add_task_job(spec)
+    if metrics is None:  # not rank 0: rank 0 reports
+        return
     emit(metrics, as_json, lambda m: out.print(table(
         f"task {task} added to {reg.url}", ["dataset", "regime", "held-out acc", "test acc", "steps", "lr",
                                             "train img/s", "older tasks"],
         [[dataset, regime, f"{m['heldout_accuracy']:.4f}", f"{m['test_accuracy']:.4f}", m["steps"], m["lr"],
           f"{m['train_images_per_s']:.0f}",
           ", ".join(f"{k}: {v}" for k, v in m["verification"].items() if k != task) or "none"]])))
+
+
+def _add_task_job(spec: dict) -> dict | None:
+    """Train and store one task. Every process of a multi-process job runs this; only rank 0 writes the registry
+    (after training, so a failure anywhere leaves it untouched) and returns the metrics."""
+    from continual_mem import distributed
+    from scenarios.recipes import train_on_dataset
+
+    state.registry, state.model = spec["registry"], spec["model"]  # spawned workers start with a fresh module
+    was_launched = distributed.launched()
+    shard, device = distributed.setup(spec["device"])
+    try:
+        reg = registry()
+        net = reg.load(state.model)
+        metrics = train_on_dataset(net, spec["dataset"], spec["task"], **spec["train"],
+                                   device=device if was_launched else pick_device(device),
+                                   progress=spec["progress"] and shard.main)
+        if shard.main:
+            metrics["processes"] = shard.world
+            where = metrics["device"] if shard.world == 1 else f"{shard.world} x {metrics['device'].split(':')[0]} (DDP)"
+            report = reg.add_task(net, spec["task"], name=state.model, metrics=[
+                {"split": "heldout", "accuracy": metrics["heldout_accuracy"], "steps": metrics["steps"],
+                 "wall_time_s": metrics["wall_time_s"], "device": where},
+                {"split": "test", "accuracy": metrics["test_accuracy"], "device": where}])
+            metrics["verification"] = {c.name: c.status for c in report.tasks}
+        distributed.barrier()
+        return metrics if shard.main else None
+    finally:
+        distributed.teardown()
+
+
+def _add_task_worker(spec: dict) -> dict | None:
+    """:func:`_add_task_job` with torchelastic's error recording (the launcher reports the worker's exception)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_add_task_job)(spec)
+
+
+def _launch(spec: dict, devices: int) -> dict:
+    """Run :func:`_add_task_job` on ``devices`` processes through torchrun's own launcher (``--standalone``)."""
+    import uuid
+
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    gpus = torch.cuda.device_count()
+    if spec["device"] != "cpu" and 0 < gpus < devices:
+        raise ValueError(f"--devices {devices} asked for, but only {gpus} GPU(s) are visible; use --devices {gpus}")
+    if spec["device"].startswith("cuda") and gpus == 0:
+        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    if not state.debug:  # the one-line error below says what failed; torchelastic's own logs are for --debug
+        import logging
+
+        for logger in ("torch.distributed.elastic", "torch.multiprocessing"):
+            logging.getLogger(logger).setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0,
+                          start_method="spawn", monitor_interval=0.5)
+    try:
+        results = elastic_launch(config, _add_task_worker)(spec)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
+        last = (message or f"exit code {failure.exitcode}").strip().splitlines()[-1]
+        raise ValueError(f"training on {devices} processes failed on rank {rank}: {last} "
+                         "(nothing was stored; rerun with --debug for the workers' tracebacks)") from None
+    return results[0]
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .model import MemoryViT
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,11 @@ class BatchSource(Protocol):
     def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+# Sources used in multi-process jobs also take ``shard=`` (a :class:`~continual_mem.distributed.Shard`) in both
+# methods: ``train_batch`` then returns the rank's part of the global batch, ``eval_batches`` the rank's part of the
+# set (scenarios.pipeline's sources do).
 
 
 @dataclass
@@ -149,20 +155,26 @@ def _autocast(config: TrainConfig, device: torch.device):
 def evaluate(
     model: MemoryViT, source: BatchSource, tasks: Sequence[str], *, batch_size: int = 256, amp: str = "auto"
 ) -> dict[str, float]:
-    """Top-1 accuracy of each task on ``source``'s labels, all tasks from one pass per batch."""
+    """Top-1 accuracy of each task on ``source``'s labels, all tasks from one pass per batch.
+
+    In a multi-process job every rank evaluates its part of the set and the counts are summed over ranks.
+    """
     was_training = model.training
     model.eval()
     correct = dict.fromkeys(tasks, 0)
     total = 0
     device = next(model.parameters()).device
+    shard = distributed.current()
+    batches = source.eval_batches(batch_size) if shard.world == 1 else source.eval_batches(batch_size, shard=shard)
     with _autocast(TrainConfig(amp=amp), device):
-        for x, y in source.eval_batches(batch_size):
+        for x, y in batches:
             out = model(x, tasks=list(tasks), original=False)
             for t in tasks:
                 correct[t] += int((out[t].argmax(-1) == y).sum())
             total += len(y)
     model.train(was_training)
-    return {t: correct[t] / max(1, total) for t in tasks}
+    *counts, total = distributed.all_sum([*correct.values(), total], device)  # each rank saw its part
+    return {t: c / max(1, total) for t, c in zip(tasks, counts)}
 
 
 def _checkpoint_paths(config: TrainConfig) -> tuple[Path, Path]:
@@ -221,11 +233,26 @@ def fit(
 ) -> TrainResult:
     """Train ``task`` (only its parameters) and leave it at its best held-out state.
 
-    Resumes from ``config.checkpoint_dir`` when a checkpoint for this task is there.
+    Resumes from ``config.checkpoint_dir`` when a checkpoint for this task is there. Inside a ``torchrun`` job
+    (process group initialised, see :mod:`continual_mem.distributed`) the model is wrapped in
+    ``DistributedDataParallel``: ``config.batch_size`` is the global batch, each rank trains on its part, and only
+    rank 0 writes checkpoints and shows progress.
     """
     device = next(model.parameters()).device
+    shard = distributed.current()
+    if config.batch_size % shard.world:
+        raise ValueError(f"batch_size {config.batch_size} (the global batch) must be divisible by the "
+                         f"{shard.world} processes; pick a multiple of {shard.world}")
     opt = build_optimizer(model, task, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     params = opt.param_groups[0]["params"]
+    forward = model
+    if shard.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # only the task's parameters require grad, so DDP reduces exactly those; the frozen backbone is broadcast
+        # from rank 0 once here, which leaves it as it was (every rank loaded the same weights)
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    batch_args = {} if shard.world == 1 else {"shard": shard}
     best = {"step": -1, "acc": -1.0, "state": None}
     history: list[dict] = []
     start = 0
@@ -236,22 +263,22 @@ def fit(
     model.train()
     stale = 0
     t0, seen = time.perf_counter(), 0
-    bar = _progress(progress, task, config.steps, start)
+    bar = _progress(progress and shard.main, task, config.steps, start)
     loss_value = float("nan")
     done = start
     for step in range(start, config.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config)
-        x, y = train.train_batch(step, config.batch_size, config.seed)
+        x, y = train.train_batch(step, config.batch_size, config.seed, **batch_args)
         with _autocast(config, device):
-            logits = model(x, tasks=[task], original=False)[task]
+            logits = forward(x, tasks=[task], original=False)[task]
         loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         opt.step()
-        seen += len(y)
+        seen += len(y) * shard.world
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
             loss_value = float(loss.detach())
@@ -264,7 +291,7 @@ def fit(
             else:
                 stale += 1
             model.train()
-        if config.checkpoint_every and done % config.checkpoint_every == 0:
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and shard.main:
             _save_checkpoint(model, task, opt, done, best, history, config)
         if bar is not None:
             bar[0].update(bar[1], completed=done, loss=loss_value, acc=best["acc"],

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import timm.data
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from continual_mem.distributed import SINGLE, Shard
 
 from .datasets import Augment, ImageSet
 
@@ -59,21 +61,27 @@ class DeviceImages:
         x = self.images[idx].float().div_(255.0)
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grayscale -> 3 channels
 
-    def _random_resized_crop(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Inception-style crops (scale 0.08-1, ratio 3/4-4/3), one per image, resampled with roi_align."""
-        from torchvision.ops import roi_align
-
-        B, _, H, W = x.shape
-        area = H * W * torch.empty(B, device=x.device).uniform_(0.08, 1.0, generator=g)
-        log_r = torch.empty(B, device=x.device).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
+    def _crop_boxes(self, B: int, g: torch.Generator) -> torch.Tensor:
+        """Inception-style crop boxes (scale 0.08-1, ratio 3/4-4/3), one ``(x0, y0, x1, y1)`` row per image."""
+        _, _, H, W = self.images.shape
+        dev = self.device
+        area = H * W * torch.empty(B, device=dev).uniform_(0.08, 1.0, generator=g)
+        log_r = torch.empty(B, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
         ratio = torch.exp(log_r)
         w = torch.sqrt(area * ratio).clamp(1, W)
         h = torch.sqrt(area / ratio).clamp(1, H)
-        x0 = torch.rand(B, device=x.device, generator=g) * (W - w)
-        y0 = torch.rand(B, device=x.device, generator=g) * (H - h)
-        boxes = torch.stack([torch.arange(B, device=x.device, dtype=x.dtype), x0, y0, x0 + w, y0 + h], dim=1)
+        x0 = torch.rand(B, device=dev, generator=g) * (W - w)
+        y0 = torch.rand(B, device=dev, generator=g) * (H - h)
+        return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+    def _crop(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Resample each image's box to the model's size with ``roi_align``."""
+        from torchvision.ops import roi_align
+
+        rows = torch.arange(len(x), device=x.device, dtype=x.dtype).unsqueeze(1)
         s = self.pre.img_size
-        return roi_align(x, boxes, output_size=(s, s), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        return roi_align(x, torch.cat([rows, boxes.to(x.dtype)], dim=1), output_size=(s, s), spatial_scale=1.0,
+                         sampling_ratio=2, aligned=True)
 
     def _resize(self, x: torch.Tensor, *, center_crop: bool) -> torch.Tensor:
         s = self.pre.img_size
@@ -84,29 +92,37 @@ class DeviceImages:
         off = (scale - s) // 2
         return x[:, :, off:off + s, off:off + s]
 
-    def batch(self, idx: torch.Tensor, *, train: bool, g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self._to_float(idx)
+    def batch(self, idx: torch.Tensor, *, train: bool, g: torch.Generator | None = None,
+              part: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``idx`` as a normalised batch. With ``part=(lo, hi)`` the random augmentation is drawn for all
+        of ``idx`` (so it does not depend on how a batch is split across ranks) and only ``idx[lo:hi]`` is
+        decoded."""
+        lo, hi = part if part is not None else (0, len(idx))
+        x = self._to_float(idx[lo:hi])
         if train and self.pre.augment == "inception":
-            x = self._random_resized_crop(x, g)
+            x = self._crop(x, self._crop_boxes(len(idx), g)[lo:hi])
         else:
             x = self._resize(x, center_crop=not train and self.pre.augment == "inception")
         if train and self.pre.augment in ("inception", "flip"):
-            flip = torch.rand(len(x), device=x.device, generator=g) < 0.5
+            flip = (torch.rand(len(idx), device=x.device, generator=g) < 0.5)[lo:hi]
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return (x - self.mean) / self.std, self.labels[idx]
+        return (x - self.mean) / self.std, self.labels[idx[lo:hi]]
 
-    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``step`` of an endless shuffled stream (a new permutation every epoch)."""
+    def train_batch(self, step: int, batch_size: int, seed: int, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step`` of an endless shuffled stream (a new permutation every epoch); ``batch_size`` is the
+        global batch, of which ``shard`` gets its contiguous part."""
         n = len(self)
         per_epoch = max(1, n // batch_size)
         epoch, pos = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=_generator(seed, -1 - epoch, torch.device("cpu")))
         idx = perm[pos * batch_size:(pos + 1) * batch_size].to(self.device)
-        return self.batch(idx, train=True, g=_generator(seed, step, self.device))
+        return self.batch(idx, train=True, g=_generator(seed, step, self.device), part=shard.bounds(len(idx)))
 
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(self)), device=self.device)
+    def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Evaluation batches of ``shard``'s contiguous part of the set (every image is in exactly one part)."""
+        lo, hi = shard.bounds(len(self))
+        for start in range(lo, hi, batch_size):
+            idx = torch.arange(start, min(start + batch_size, hi), device=self.device)
             yield self.batch(idx, train=False)
 
 
@@ -146,18 +162,24 @@ class LoaderImages:
     def __len__(self) -> int:
         return len(self.data)
 
-    def _loader(self, train: bool, batch_size: int, seed: int = 0, epoch: int = 0) -> DataLoader:
+    def _loader(self, train: bool, batch_size: int, seed: int = 0, epoch: int = 0, shard: Shard = SINGLE) -> DataLoader:
+        tf = self.train_tf if train else self.eval_tf
+        common = dict(num_workers=self.workers, pin_memory=self.device.type == "cuda", persistent_workers=False)
+        if not train:
+            lo, hi = shard.bounds(len(self.data))
+            return DataLoader(_Transformed(Subset(self.data, range(lo, hi)), tf), batch_size=batch_size, **common)
         g = torch.Generator().manual_seed(seed * 1_000_003 - epoch)
-        return DataLoader(_Transformed(self.data, self.train_tf if train else self.eval_tf), batch_size=batch_size,
-                          shuffle=train, drop_last=train, generator=g, num_workers=self.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+        # workers' augmentation seeds follow (seed, epoch, rank); the global order is the same on every rank
+        return DataLoader(_Transformed(self.data, tf), batch_sampler=_GlobalBatches(len(self.data), batch_size, g, shard),
+                          generator=torch.Generator().manual_seed(g.initial_seed() + shard.rank), **common)
 
-    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``step``: the epoch's order and its workers' augmentation seeds come from ``(seed, epoch)``."""
+    def train_batch(self, step: int, batch_size: int, seed: int, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step`` (``shard``'s part of the global batch): the epoch's order and its workers' augmentation
+        seeds come from ``(seed, epoch)``."""
         per_epoch = max(1, len(self) // batch_size)
         epoch, pos = divmod(step, per_epoch)
         if (self._epoch, self._batch_size, self._pos) != (epoch, batch_size, pos):
-            self._it = iter(self._loader(True, batch_size, seed, epoch))
+            self._it = iter(self._loader(True, batch_size, seed, epoch, shard))
             self._epoch, self._batch_size = epoch, batch_size
             for _ in range(pos):  # resuming mid-epoch: skip what was already seen
                 next(self._it)
@@ -165,9 +187,27 @@ class LoaderImages:
         self._pos = pos + 1
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self._loader(False, batch_size):
+    def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self._loader(False, batch_size, shard=shard):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class _GlobalBatches(Sampler[list[int]]):
+    """One epoch of full global batches in a seeded random order; each rank takes its contiguous part of each."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, shard: Shard) -> None:
+        self.n, self.batch_size, self.generator, self.shard = n, batch_size, generator, shard
+
+    def __len__(self) -> int:
+        return max(1, self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        size = min(self.batch_size, self.n)
+        for b in range(len(self)):
+            batch = perm[b * size:(b + 1) * size]
+            lo, hi = self.shard.bounds(len(batch))
+            yield batch[lo:hi]
 
 
 def batches(data: ImageSet | Dataset, pre: Preprocess, device: str | torch.device = "cpu", **kwargs):

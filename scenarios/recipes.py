@@ -1,6 +1,8 @@
 """Recipes: from a catalog dataset to a trained task (the paper's protocol), shared by the CLI and scripts."""
 from __future__ import annotations
 
+import torch
+
 from continual_mem import MemoryViT
 from continual_mem.train import TrainConfig, evaluate, fit
 from continual_mem.train import lr_sweep as sweep
@@ -66,8 +68,10 @@ def train_on_dataset(
     """Load ``dataset``, add task ``name`` to ``net``, train it on 95% of the train split (best state on the
     held-out 5%), evaluate it on the test split; return its metrics. ``net`` ends on the CPU."""
     data = datasets.load(dataset, root=data_root, download=download)
-    net.add_task(name, data.num_classes, regime=regime, mode=mode, memory=memory, layers=layers,
-                 task_tokens=task_tokens, fork_layers=fork_layers, class_names=data.class_names, dataset=dataset)
+    with torch.random.fork_rng(devices=[]):  # the task's initial state follows ``seed`` (the same on every rank)
+        torch.manual_seed(seed)
+        net.add_task(name, data.num_classes, regime=regime, mode=mode, memory=memory, layers=layers,
+                     task_tokens=task_tokens, fork_layers=fork_layers, class_names=data.class_names, dataset=dataset)
     net.to(device)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
     train, held, test = sources(data, "test", pre, device, seed=seed, max_train=max_train, max_test=max_test,

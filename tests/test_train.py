@@ -116,7 +116,7 @@ def test_device_batches_are_deterministic_and_normalised(augment):
 
 def test_epochs_cover_every_example_once():
     src = DeviceImages(quadrant_data(40, 3), PRE)
-    src.batch = lambda idx, train, g=None: (idx, idx)  # look at indices only
+    src.batch = lambda idx, train, g=None, part=None: (idx, idx)  # look at indices only
     seen = torch.cat([src.train_batch(s, 10, seed=0)[1] for s in range(4)])
     assert sorted(seen.tolist()) == list(range(40))
 
