@@ -192,6 +192,8 @@ def add_task(
     max_train: Annotated[int | None, typer.Option(help="cap training images (stratified)")] = None,
     max_test: Annotated[int | None, typer.Option(help="cap test images (stratified)")] = None,
     max_heldout: Annotated[int | None, typer.Option(help="cap the 5% held-out images (stratified)")] = 2000,
+    cuda_graph: Annotated[bool, typer.Option(help="replay the training step as a CUDA graph (one GPU): same maths, "
+                                                  "far fewer kernel launches")] = False,
     devices: Annotated[int, typer.Option(min=1, help="train with DistributedDataParallel on N processes (one per "
                                                      "GPU; gloo on CPU) started by torchrun's launcher; "
                                                      "--batch-size stays the global batch")] = 1,
@@ -209,7 +211,9 @@ def add_task(
             "train": dict(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,
                           fork_layers=fork_layers, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                           data_root=data_root, download=download, seed=seed, max_train=max_train,
-                          max_test=max_test, max_heldout=max_heldout)}
+                          max_test=max_test, max_heldout=max_heldout, cuda_graph=cuda_graph)}
+    if cuda_graph and devices > 1:
+        raise ValueError("--cuda-graph trains on one GPU; drop it or use --devices 1")
     if batch_size % devices:
         raise ValueError(f"--batch-size {batch_size} is the global batch and must be divisible by --devices "
                          f"{devices}")

@@ -6,6 +6,7 @@ the backbone without autograd (patches never see task tokens), so it should trai
 
     python benchmarks/train_throughput.py                          # CPU: small batch, few iterations
     python benchmarks/train_throughput.py --device cuda --batch-size 256 --dtype bf16
+    python benchmarks/train_throughput.py --device cuda --batch-size 256 --dtype bf16 --cuda-graph  # + graphed steps
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from continual_mem import MemoryViT, build_optimizer, train_step  # noqa: E402
+from continual_mem.graphs import GraphedTrainStep  # noqa: E402
 
 REGIMES = {
     "head": {},
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--regimes", default=",".join(REGIMES), help="comma list of regimes")
     p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--cuda-graph", action="store_true", help="also time each regime's step replayed as a CUDA "
+                                                            "graph (GraphedTrainStep), side by side with eager")
     p.add_argument("--data", default="", help="dataset (catalog name or packed:FILE.npz): also time masked-memory "
                                               "steps fed by the real device-resident uint8 pipeline")
     args = common.resolve(p.parse_args(argv))
@@ -71,7 +75,18 @@ def main(argv: list[str] | None = None) -> dict:
         s = common.median_seconds(step, args)
         results.append({"variant": f"train {regime}", "seconds": s, "images_per_s": args.batch_size / s,
                         "ratio_to_backbone_inference": base_s / s, "peak_gib": peak()})
-        del model, opt
+        del opt
+        if args.cuda_graph:
+            opt = build_optimizer(model, "t", lr=0.01, cuda_graph=True)
+            dtype = torch.bfloat16 if args.dtype == "bf16" else None
+            graphed = GraphedTrainStep(model, "t", opt, x, y, autocast_dtype=dtype)
+            peak_reset()
+            s = common.median_seconds(lambda: graphed(x, y, 0.01), args)
+            results.append({"variant": f"train {regime} (CUDA graph)", "seconds": s,
+                            "images_per_s": args.batch_size / s, "ratio_to_backbone_inference": base_s / s,
+                            "peak_gib": peak()})
+            del opt, graphed
+        del model
     if args.data:
         import itertools
 
@@ -105,6 +120,18 @@ def main(argv: list[str] | None = None) -> dict:
         if "train full" in by:
             summary["masked_memory_speedup_vs_full"] = mm["images_per_s"] / by["train full"]["images_per_s"]
             summary["masked_memory_target_2.5x_full_met"] = summary["masked_memory_speedup_vs_full"] >= 2.5
+    if "train masked-memory (CUDA graph)" in by:
+        g = by["train masked-memory (CUDA graph)"]
+        summary["graphed_masked_memory_ratio_to_inference"] = g["ratio_to_backbone_inference"]
+        summary["graphed_masked_memory_target_0.7_met"] = g["ratio_to_backbone_inference"] >= 0.7
+        summary["graph_speedup_masked_memory"] = g["images_per_s"] / by["train masked-memory"]["images_per_s"]
+        if "train full (CUDA graph)" in by:
+            summary["graphed_masked_memory_speedup_vs_graphed_full"] = (
+                g["images_per_s"] / by["train full (CUDA graph)"]["images_per_s"])
+        if "train full" in by:
+            summary["graphed_masked_memory_speedup_vs_full"] = g["images_per_s"] / by["train full"]["images_per_s"]
+            summary["graphed_masked_memory_target_2.5x_full_met"] = (
+                summary["graphed_masked_memory_speedup_vs_full"] >= 2.5)
     real = [r for r in results if "real pipeline" in r["variant"]]
     if real and "train masked-memory" in by:
         summary["real_pipeline_ratio_to_synthetic"] = real[0]["images_per_s"] / by["train masked-memory"]["images_per_s"]

@@ -58,6 +58,7 @@ class MemoryViT(nn.Module):
         self.tasks = nn.ModuleDict()
         self._kv_cache: dict[tuple, tuple] = {}
         self._fingerprint: str | None = None
+        self.generation = 0  # bumped by invalidate_cache(): writes that version counters do not see
 
     # ------------------------------------------------------------------ structure
     @property
@@ -188,6 +189,12 @@ class MemoryViT(nn.Module):
         self._kv_cache = {k: v for k, v in self._kv_cache.items()
                           if k[0] != name and not (k[0] == "group" and name in k[1])}
         return task
+
+    def invalidate_cache(self) -> None:
+        """Forget cached memory K/V. Needed after parameters were written behind autograd's version counters (a
+        CUDA-graph replay); ordinary in-place updates are detected on their own."""
+        self._kv_cache.clear()
+        self.generation += 1
 
     def compile_task_path(self, **compile_kwargs) -> "MemoryViT":
         """``torch.compile`` the per-block task computations (fused elementwise work, fewer kernels).

@@ -53,6 +53,8 @@ class TrainConfig:
         amp: ``auto`` (bf16 autocast on CUDA), ``bf16`` or ``off``.
         checkpoint_every: Save a resumable checkpoint every this many steps (0: never).
         checkpoint_dir: Where checkpoints go (required when ``checkpoint_every > 0``).
+        cuda_graph: Capture the training step as a CUDA graph and replay it (one GPU, fixed batch shape; see
+            :class:`~continual_mem.graphs.GraphedTrainStep`). Same maths as the eager step.
     """
 
     steps: int = 1000
@@ -69,6 +71,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "off"] = "auto"
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):
@@ -107,14 +110,20 @@ def build_optimizer(
     lr: float = 0.1,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    cuda_graph: bool = False,
 ) -> torch.optim.Optimizer:
     """SGD with momentum (the paper's optimizer) over ``task``'s parameters only.
 
-    Everything else in the model (backbone, other tasks) is set to ``requires_grad=False``.
+    Everything else in the model (backbone, other tasks) is set to ``requires_grad=False``. With ``cuda_graph``
+    the learning rate is a tensor on the parameters' device and the update is the fused kernel, so a captured
+    step can be replayed at any scheduled learning rate.
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     params = model.trainable_parameters(task)
+    if cuda_graph:
+        lr_t = torch.tensor(lr, dtype=torch.float32, device=params[0].device)
+        return torch.optim.SGD(params, lr=lr_t, momentum=momentum, weight_decay=weight_decay, fused=True)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -146,9 +155,14 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     use = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+    return torch.bfloat16 if use else None
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    dtype = _autocast_dtype(config, device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 @torch.no_grad()
@@ -243,8 +257,12 @@ def fit(
     if config.batch_size % shard.world:
         raise ValueError(f"batch_size {config.batch_size} (the global batch) must be divisible by the "
                          f"{shard.world} processes; pick a multiple of {shard.world}")
-    opt = build_optimizer(model, task, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.cuda_graph and (device.type != "cuda" or shard.world > 1):
+        raise ValueError("cuda_graph needs one CUDA device and a single process (not DDP); turn it off")
+    opt = build_optimizer(model, task, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                          cuda_graph=config.cuda_graph)
     params = opt.param_groups[0]["params"]
+    graphed = None
     forward = model
     if shard.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -267,17 +285,25 @@ def fit(
     loss_value = float("nan")
     done = start
     for step in range(start, config.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
         x, y = train.train_batch(step, config.batch_size, config.seed, **batch_args)
-        with _autocast(config, device):
-            logits = forward(x, tasks=[task], original=False)[task]
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        opt.step()
+        if config.cuda_graph:
+            if graphed is None:
+                from .graphs import GraphedTrainStep
+
+                graphed = GraphedTrainStep(model, task, opt, x, y, autocast_dtype=_autocast_dtype(config, device),
+                                           max_grad_norm=config.max_grad_norm, label_smoothing=config.label_smoothing)
+            loss = graphed(x, y, lr_at(step, config))
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, config)
+            with _autocast(config, device):
+                logits = forward(x, tasks=[task], original=False)[task]
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            opt.step()
         seen += len(y) * shard.world
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:

@@ -64,6 +64,7 @@ def train_on_dataset(
     max_heldout: int | None = None,
     progress: bool = False,
     fork_layers: int = 0,
+    cuda_graph: bool = False,
 ) -> dict:
     """Load ``dataset``, add task ``name`` to ``net``, train it on 95% of the train split (best state on the
     held-out 5%), evaluate it on the test split; return its metrics. ``net`` ends on the CPU."""
@@ -76,7 +77,8 @@ def train_on_dataset(
     pre = Preprocess.for_backbone(net.backbone, data.augment)
     train, held, test = sources(data, "test", pre, device, seed=seed, max_train=max_train, max_test=max_test,
                                  max_heldout=max_heldout)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=max(1, steps // 4))
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=max(1, steps // 4),
+                      cuda_graph=cuda_graph)
     if lr_sweep:
         lrs = [float(v) for v in lr_sweep.split(",")]
         result, _ = sweep(net, name, train, held, cfg, lrs, progress=progress)

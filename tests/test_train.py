@@ -131,3 +131,9 @@ def test_config_validation(kwargs, msg):
 
 def test_math_sanity():
     assert math.isclose(lr_at(0, TrainConfig(steps=1, lr=0.3, warmup_steps=0)), 0.3)
+
+
+def test_cuda_graph_needs_a_gpu(setup):
+    model, train, val = setup
+    with pytest.raises(ValueError, match="cuda_graph needs one CUDA device"):
+        fit(model, "quad", train, val, TrainConfig(steps=2, batch_size=8, cuda_graph=True), progress=False)
