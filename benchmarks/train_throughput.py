@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--cuda-graph", action="store_true", help="also time each regime's step replayed as a CUDA "
                                                             "graph (GraphedTrainStep), side by side with eager")
+    p.add_argument("--compile", action="store_true", help="also time masked-memory with the task path compiled "
+                                                         "(compile_task_path) and replayed as a CUDA graph")
     p.add_argument("--data", default="", help="dataset (catalog name or packed:FILE.npz): also time masked-memory "
                                               "steps fed by the real device-resident uint8 pipeline")
     args = common.resolve(p.parse_args(argv))
@@ -86,6 +88,16 @@ def main(argv: list[str] | None = None) -> dict:
                             "images_per_s": args.batch_size / s, "ratio_to_backbone_inference": base_s / s,
                             "peak_gib": peak()})
             del opt, graphed
+            if args.compile and regime == "masked-memory":
+                model.compile_task_path()
+                opt = build_optimizer(model, "t", lr=0.01, cuda_graph=True)
+                graphed = GraphedTrainStep(model, "t", opt, x, y, autocast_dtype=dtype)
+                peak_reset()
+                s = common.median_seconds(lambda: graphed(x, y, 0.01), args)
+                results.append({"variant": f"train {regime} (compiled + CUDA graph)", "seconds": s,
+                                "images_per_s": args.batch_size / s, "ratio_to_backbone_inference": base_s / s,
+                                "peak_gib": peak()})
+                del opt, graphed
         del model
     if args.data:
         import itertools
