@@ -236,7 +236,7 @@ class _TV:
 TORCHVISION: dict[str, _TV] = {
     "cifar10": _TV("CIFAR10", {"train": True}, {"train": False}, "flip", "cifar-10-batches-py"),
     "cifar100": _TV("CIFAR100", {"train": True}, {"train": False}, "flip", "cifar-100-python"),
-    "svhn": _TV("SVHN", {"split": "train"}, {"split": "test"}, "none", "svhn"),
+    "svhn": _TV("SVHN", {"split": "train"}, {"split": "test"}, "none", "train_32x32.mat, test_32x32.mat"),
     "mnist": _TV("MNIST", {"train": True}, {"train": False}, "none", "MNIST"),
     "fashion-mnist": _TV("FashionMNIST", {"train": True}, {"train": False}, "none", "FashionMNIST"),
     "food101": _TV("Food101", {"split": "train"}, {"split": "test"}, "inception", "food-101"),
@@ -246,9 +246,9 @@ TORCHVISION: dict[str, _TV] = {
     "eurosat": _TV("EuroSAT", {}, None, "inception", "eurosat"),
     "sun397": _TV("SUN397", {}, None, "inception", "SUN397"),
     "places365": _TV("Places365", {"split": "train-standard", "small": True}, {"split": "val", "small": True},
-                     "inception", "places365"),
+                     "inception", "categories_places365.txt, places365_*.txt, data_256_standard/, val_256/"),
     "inaturalist": _TV("INaturalist", {"version": "2021_train_mini"}, {"version": "2021_valid"}, "inception",
-                       "2021_train_mini"),
+                       "2021_train_mini/, 2021_valid/"),
 }
 
 
@@ -277,6 +277,8 @@ def _torchvision(name: str, opts: DataOptions) -> TaskData:
 
 
 def _targets(ds) -> torch.Tensor:
+    if hasattr(ds, "index") and hasattr(ds, "all_categories"):  # INaturalist: (category, file) pairs, no labels list
+        return torch.tensor([cat for cat, _ in ds.index], dtype=torch.long)
     for attr in ("targets", "labels", "_labels", "y"):
         if hasattr(ds, attr):
             return torch.as_tensor(getattr(ds, attr)).long()
@@ -285,6 +287,8 @@ def _targets(ds) -> torch.Tensor:
 
 def _classes(ds, name: str) -> tuple[str, ...]:
     classes = getattr(ds, "classes", None)
+    if classes is None and hasattr(ds, "all_categories"):  # INaturalist 2021: "00042_Kingdom_..._Genus_species"
+        return tuple(" ".join(d.split("_")[-2:]) for d in ds.all_categories)
     if classes is None:  # SVHN has none
         return DIGIT_CLASSES if name == "svhn" else tuple(str(c) for c in sorted(set(_targets(ds).tolist())))
     return tuple(str(c) for c in classes)
