@@ -51,6 +51,11 @@ CONFIGS: dict[str, dict] = {
     "fork-k4": dict(regime="masked-memory", memory=5, fork_layers=4),
     "fork-k4-m1": dict(regime="masked-memory", memory=1, fork_layers=4),
     "fork-k6": dict(regime="masked-memory", memory=5, fork_layers=6),
+    # pooled forks: the branch runs on the 2x2- (4x4-) average-pooled patch grid, so deeper forks fit the budget
+    "fork-k6-p2": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=2),
+    "fork-k8-p2": dict(regime="masked-memory", memory=5, fork_layers=8, fork_pool=2),
+    "fork-k12-p2": dict(regime="masked-memory", memory=5, fork_layers=12, fork_pool=2),
+    "fork-k12-p4": dict(regime="masked-memory", memory=5, fork_layers=12, fork_pool=4),
     "memory-m1": dict(regime="memory", memory=1),
     "memory-m5": dict(regime="memory", memory=5),
     "memory-m10": dict(regime="memory", memory=10),
@@ -145,7 +150,7 @@ def run_dataset(spec: str, bb, args) -> dict:
                 _add(model, "task", config, data.num_classes)
                 model.to(args.device)
                 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=seed,
-                                  eval_every=max(1, args.steps // 4))
+                                  eval_every=max(1, args.steps // 4), cuda_graph=args.cuda_graph)
                 res = fit(model, "task", train, held, cfg, progress=False)
                 acc = evaluate(model, test, ["task"], batch_size=256)["task"]
                 run = {"dataset": data.name, "config": config, "seed": seed, "lr": lr,
@@ -247,7 +252,7 @@ def report(folder: Path) -> str:
     for path in sorted(folder.glob("*.json")):
         d = json.loads(path.read_text())
         if "timing" in d:
-            timing_rows = {r["config"]: r for r in d["timing"]["rows"]}
+            timing_rows.update({r["config"]: r for r in d["timing"]["rows"]})
         elif "rows" in d and "dataset" in d:
             env = {k: d[k] for k in ("device", "img_size", "steps", "batch_size", "seeds", "date") if k in d}
             if d["dataset"] not in names:
@@ -286,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--concat", type=Path, default=None, help="folder of saved task states: run the concatenation "
                                                             "experiments instead")
     p.add_argument("--timing", action="store_true", help="only measure per-config cost and training speed")
+    p.add_argument("--cuda-graph", action="store_true", help="train with CUDA-graph replayed steps (same maths)")
     p.add_argument("--tag", default="", help="suffix of the output file names (parallel shards)")
     p.add_argument("--report", type=Path, default=None, help="folder of result JSON: print the combined tables")
     args = p.parse_args(argv)

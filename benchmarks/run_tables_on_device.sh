@@ -7,11 +7,12 @@ DATASETS=$1
 OUTD=${OUTD:-/tmp/tables}
 LIMIT=${LIMIT:-480}
 COMMON="--device cuda --weights .device/dinov2.fp16.safetensors --img-size 112 --steps ${STEPS:-200} \
-  --batch-size ${BATCH:-256} --seeds ${SEEDS:-0,1,2} --out $OUTD"
+  --batch-size ${BATCH:-256} --seeds ${SEEDS:-0,1,2} --out $OUTD ${EXTRA:-}"
 mkdir -p "$OUTD"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 if [ "${2:-}" = "--timing" ]; then
-  python3 benchmarks/accuracy_tables.py $COMMON --timing >"$OUTD/timing.log" 2>&1
+  python3 benchmarks/accuracy_tables.py $COMMON --timing ${TIMING_CONFIGS:+--configs $TIMING_CONFIGS} \
+    --tag "${TAG:-}" >"$OUTD/timing${TAG:-}.log" 2>&1
 fi
 SHARDS=(${SHARDS:-full,head memory-m20,head+cls memory-m10,masked-m5 memory-m5,masked-m10 memory-m1,fork-k1
         head+cls-unmasked,fork-k2 masked-m5-tokens4,fork-k4 fork-k4-m1,fork-k6})
@@ -19,7 +20,7 @@ for ds in ${DATASETS//,/ }; do
   for i in "${!SHARDS[@]}"; do
     name=$(basename "${ds#packed:}" .npz)
     timeout "$LIMIT" python3 benchmarks/accuracy_tables.py $COMMON --datasets "$ds" --configs "${SHARDS[$i]}" \
-      --tag "__s$i" >"$OUTD/$name.s$i.log" 2>&1 &
+      --tag "${TAG:-}__s$i" >"$OUTD/$name${TAG:-}.s$i.log" 2>&1 &
   done
 done
 wait

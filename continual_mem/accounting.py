@@ -66,7 +66,9 @@ def task_cost(model: MemoryViT, name: str) -> Cost:
         fork = model.depth - c.fork_layers
         for i in range(model.depth):
             if i >= fork:  # private branch: the whole stream [tokens, registers, patches] + memory, own pass
-                seq = c.task_tokens + n - 1 + (c.memory if i in task.layer_to_slot else 0)
+                bb = model.backbone
+                patches = bb.patch_embed.num_patches // c.fork_pool**2
+                seq = c.task_tokens + bb.num_prefix_tokens - 1 + patches + (c.memory if i in task.layer_to_slot else 0)
                 flops += _block_flops(d, a, hidden, seq, seq)
                 continue
             keys = n + sum(t.config.task_tokens for t in owners)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -101,6 +102,7 @@ class MemoryViT(nn.Module):
         input_memory: int | None = None,
         task_tokens: int = 1,
         fork_layers: int = 0,
+        fork_pool: int = 1,
         class_names: Sequence[str] = (),
         dataset: str = "",
     ) -> TaskModule:
@@ -119,6 +121,7 @@ class MemoryViT(nn.Module):
             task_tokens: Class tokens owned by the task.
             fork_layers: Late fork ``k``: the last ``k`` blocks run on a private copy of the token stream with
                 full attention to the task's memory (token regimes; see :class:`TaskConfig`).
+            fork_pool: Average-pool the patch grid ``p x p`` where the fork starts (cheaper, deeper forks).
             class_names: Optional class names.
             dataset: Optional dataset name.
         """
@@ -143,6 +146,7 @@ class MemoryViT(nn.Module):
             input_memory=input_memory,
             task_tokens=task_tokens,
             fork_layers=fork_layers,
+            fork_pool=fork_pool,
             sees=sees,
             class_names=tuple(class_names),
             dataset=dataset,
@@ -158,6 +162,10 @@ class MemoryViT(nn.Module):
             raise TaskError(f"task {c.name!r} uses layer {max(c.layers)} but the backbone has {self.depth} blocks")
         if c.fork_layers > self.depth:
             raise TaskError(f"task {c.name!r} forks {c.fork_layers} layers but the backbone has {self.depth} blocks")
+        grid = tuple(self.backbone.patch_embed.grid_size)
+        if c.fork_pool > 1 and (grid[0] % c.fork_pool or grid[1] % c.fork_pool):
+            raise TaskError(f"task {c.name!r}: fork_pool {c.fork_pool} does not divide the {grid[0]}x{grid[1]} patch "
+                            "grid; pick a divisor of the grid")
         forked = [s for s in c.sees if self.tasks[s].config.fork_layers] if set(c.sees) <= set(self.tasks) else []
         if forked:
             raise TaskError(
@@ -321,9 +329,23 @@ class MemoryViT(nn.Module):
         """Late fork: blocks ``fork..depth-1`` on the task's private stream [its tokens, the backbone's registers and
         patches entering block ``fork``] through timm's own blocks, with full attention; per-layer memory is
         appended as extra tokens whose outputs are dropped (as in :meth:`separate_pass`)."""
-        h = torch.cat([tokens, hidden[:, 1:]], dim=1)  # the task's tokens take the original CLS's place
+        h = torch.cat([tokens, self.private_stream(task, hidden)], dim=1)  # the task's tokens take the CLS's place
         h = self._blocks_with_memory(task, h, fork)
         return self.pool_tokens(h[:, : task.config.task_tokens], task)
+
+    def private_stream(self, task: TaskModule, hidden: torch.Tensor) -> torch.Tensor:
+        """What a late-fork task's private stream starts from: the backbone's registers and patches entering the
+        fork block (``hidden`` is ``[CLS, registers, patches]``), the patch grid average-pooled ``fork_pool`` x
+        ``fork_pool`` when asked (position embeddings are already in the states, so pooling keeps them)."""
+        p = task.config.fork_pool
+        if p == 1:
+            return hidden[:, 1:]
+        prefix = self.backbone.num_prefix_tokens
+        patches = hidden[:, prefix:]
+        B, _, D = patches.shape
+        gh, gw = self.backbone.patch_embed.grid_size
+        pooled = F.avg_pool2d(patches.transpose(1, 2).reshape(B, D, gh, gw), p)
+        return torch.cat([hidden[:, 1:prefix], pooled.flatten(2).transpose(1, 2)], dim=1)
 
     def _blocks_with_memory(self, task: TaskModule, h: torch.Tensor, start: int) -> torch.Tensor:
         """Blocks ``start..depth-1`` of timm's own code on ``h``; where the task has per-layer memory, everyone

@@ -34,8 +34,9 @@ def reference_forward(model: MemoryViT, x: torch.Tensor) -> dict[str, torch.Tens
     for i, blk in enumerate(bb.blocks):
         for j, fork in forks.items():
             if fork == i:  # the task's private stream starts from the backbone's state entering this block
-                h = torch.cat([h, h[:, 1:N]], dim=1)
-                layout += [TokenSpec("private", j)] * (N - 1)
+                private = model.private_stream(token_tasks[j], h[:, :N])
+                h = torch.cat([h, private], dim=1)
+                layout += [TokenSpec("private", j)] * private.shape[1]
         keep = h.shape[1]
         layer_layout = list(layout)
         mems = [h]

@@ -140,3 +140,66 @@ def test_unmasked_concatenation_of_one_task_is_its_own_pass_and_others_disturb_i
     model.add_task("m", 3)
     with pytest.raises(ValueError, match="regime 'memory'"):
         unmasked_concatenation(model, x, ["a", "m"])
+
+
+# ------------------------------------------------------------------ pooled fork (fork_pool)
+@pytest.mark.parametrize("kind,pool", [("tiny", 2), ("tiny", 4), ("dinov2", 3)])
+def test_pooled_fork_matches_the_reference_and_preserves_everything(kind, pool):
+    bb = make_backbone(kind)
+    model = MemoryViT(bb)
+    perturb(model.add_task("m", 3, memory=2), seed=0)
+    x = images(bb, n=2)
+    with torch.no_grad():
+        before = model(x)
+    perturb(model.add_task("p", 4, memory=3, fork_layers=2, fork_pool=pool), seed=1)
+    perturb(model.add_task("q", 3, regime="head+cls", fork_layers=1, fork_pool=pool, task_tokens=2), seed=2)
+    with torch.no_grad():
+        fast = model(x)
+    ref = reference_forward(model, x)
+    for name in fast:
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"task {name}")
+    assert torch.equal(fast[ORIGINAL], before[ORIGINAL]) and torch.equal(fast["m"], before["m"])
+    with torch.no_grad():
+        assert torch.equal(model(x, tasks=["p"], original=False)["p"], fast["p"])
+
+
+def test_private_stream_pools_the_patch_grid_and_keeps_registers():
+    bb = make_backbone("dinov2")  # 3x3 grid, CLS + 2 registers
+    model = MemoryViT(bb)
+    t = model.add_task("p", 3, fork_layers=1, fork_pool=3)
+    hidden = torch.randn(2, 1 + 2 + 9, 48)
+    out = model.private_stream(t, hidden)
+    assert out.shape == (2, 2 + 1, 48)
+    assert torch.equal(out[:, :2], hidden[:, 1:3])  # registers untouched, original CLS dropped
+    torch.testing.assert_close(out[:, 2], hidden[:, 3:].mean(dim=1))
+    tiny = MemoryViT(make_backbone("tiny"))  # 4x4 grid: token (r, c) of the pooled grid averages a 2x2 block
+    t2 = tiny.add_task("p", 3, fork_layers=1, fork_pool=2)
+    h = torch.randn(1, 1 + 16, 48)
+    grid = h[:, 1:].reshape(1, 4, 4, 48)
+    torch.testing.assert_close(tiny.private_stream(t2, h)[:, 3], grid[:, 2:4, 2:4].mean(dim=(1, 2)))
+
+
+def test_reference_with_an_unpooled_private_stream_disagrees(monkeypatch):
+    """Oracle sanity: the reference really runs the pooled branch (an unpooled one gives other outputs)."""
+    model = MemoryViT(make_backbone("tiny"))
+    perturb(model.add_task("p", 3, fork_layers=2, fork_pool=2), seed=0)
+    x = images(model.backbone)
+    with torch.no_grad():
+        fast = model(x)["p"]
+    monkeypatch.setattr(MemoryViT, "private_stream", lambda self, task, hidden: hidden[:, 1:])
+    assert not torch.allclose(fast, reference_forward(model, x)["p"], rtol=1e-4, atol=1e-5)
+
+
+def test_pooled_fork_cost_and_errors(model):
+    model.add_task("k2", 3, fork_layers=2)
+    model.add_task("k2p2", 3, fork_layers=2, fork_pool=2)
+    model.add_task("k0", 3)
+    full, pooled, masked = (task_cost(model, n).flops for n in ("k2", "k2p2", "k0"))
+    assert masked < pooled < full
+    with pytest.raises(ValueError, match="needs fork_layers"):
+        model.add_task("x", 3, fork_pool=2)
+    with pytest.raises(ValueError, match="fork_pool must be >= 1"):
+        model.add_task("y", 3, fork_layers=1, fork_pool=0)
+    with pytest.raises(TaskError, match="does not divide the 4x4 patch grid"):
+        model.add_task("z", 3, fork_layers=1, fork_pool=3)
+    assert model.task_names == ["k2", "k2p2", "k0"]
