@@ -77,8 +77,9 @@ class TaskConfig:
             ``depth - k``) with full attention, its memory as extra keys/values. Preserving by construction (the
             branch is the task's own); costs about ``k / depth`` of a backbone pass. 0 is the paper's masked
             memory; ``depth`` is the paper's full-attention ``memory`` (or unmasked ``head+cls``) regime.
-        fork_pool: Average-pool the patch grid entering the fork ``p x p`` (registers kept): the branch runs on
-            ``p**2`` times fewer patch tokens, so a deeper fork costs what a shallow one did. 1: no pooling.
+        fork_pool: Average-pool the patch grid entering the fork by ``(rows, cols)`` (an int ``p`` means
+            ``(p, p)``; registers kept): the branch runs on ``rows * cols`` times fewer patch tokens, so a deeper
+            fork costs what a shallow one did. ``(1, 1)``: no pooling.
         sees: Names of earlier tasks whose tokens and memory this task attends to (extension mode only). Fixed
             when the task is added so its computation never depends on tasks added later.
         class_names: Optional human-readable class names (length ``num_classes``).
@@ -94,7 +95,7 @@ class TaskConfig:
     input_memory: int = 0
     task_tokens: int = 1
     fork_layers: int = 0
-    fork_pool: int = 1
+    fork_pool: tuple[int, int] = (1, 1)
     sees: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     dataset: str = ""
@@ -144,9 +145,16 @@ class TaskConfig:
             )
         if self.fork_layers and self.mode != "concatenation":
             raise ValueError(f"task {self.name!r}: a late fork runs in concatenation mode; drop --mode extension")
-        if self.fork_pool < 1:
+        pool = self.fork_pool
+        if isinstance(pool, int):
+            pool = (pool, pool)
+        pool = tuple(pool)
+        if len(pool) != 2 or not all(isinstance(v, int) for v in pool):
+            raise ValueError(f"task {self.name!r}: fork_pool must be an int or (rows, cols), got {self.fork_pool!r}")
+        object.__setattr__(self, "fork_pool", pool)
+        if min(pool) < 1:
             raise ValueError(f"task {self.name!r}: fork_pool must be >= 1, got {self.fork_pool}")
-        if self.fork_pool > 1 and not self.fork_layers:
+        if pool != (1, 1) and not self.fork_layers:
             raise ValueError(f"task {self.name!r}: fork_pool pools the late-fork branch; it needs fork_layers >= 1")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(
@@ -167,6 +175,7 @@ class TaskConfig:
         d["layers"] = list(self.layers)
         d["sees"] = list(self.sees)
         d["class_names"] = list(self.class_names)
+        d["fork_pool"] = list(self.fork_pool)
         return d
 
     @classmethod
@@ -176,7 +185,7 @@ class TaskConfig:
         if unknown:
             raise ValueError(f"task config has unknown fields {sorted(unknown)}; written by a newer continual-mem?")
         d = dict(d)
-        for key in ("layers", "sees", "class_names"):
+        for key in ("layers", "sees", "class_names", "fork_pool"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)

@@ -102,7 +102,7 @@ class MemoryViT(nn.Module):
         input_memory: int | None = None,
         task_tokens: int = 1,
         fork_layers: int = 0,
-        fork_pool: int = 1,
+        fork_pool: int | tuple[int, int] = 1,
         class_names: Sequence[str] = (),
         dataset: str = "",
     ) -> TaskModule:
@@ -121,7 +121,8 @@ class MemoryViT(nn.Module):
             task_tokens: Class tokens owned by the task.
             fork_layers: Late fork ``k``: the last ``k`` blocks run on a private copy of the token stream with
                 full attention to the task's memory (token regimes; see :class:`TaskConfig`).
-            fork_pool: Average-pool the patch grid ``p x p`` where the fork starts (cheaper, deeper forks).
+            fork_pool: Average-pool the patch grid where the fork starts, ``p`` or ``(rows, cols)`` (cheaper, deeper
+                forks).
             class_names: Optional class names.
             dataset: Optional dataset name.
         """
@@ -163,9 +164,9 @@ class MemoryViT(nn.Module):
         if c.fork_layers > self.depth:
             raise TaskError(f"task {c.name!r} forks {c.fork_layers} layers but the backbone has {self.depth} blocks")
         grid = tuple(self.backbone.patch_embed.grid_size)
-        if c.fork_pool > 1 and (grid[0] % c.fork_pool or grid[1] % c.fork_pool):
-            raise TaskError(f"task {c.name!r}: fork_pool {c.fork_pool} does not divide the {grid[0]}x{grid[1]} patch "
-                            "grid; pick a divisor of the grid")
+        if grid[0] % c.fork_pool[0] or grid[1] % c.fork_pool[1]:
+            raise TaskError(f"task {c.name!r}: fork_pool {c.fork_pool[0]}x{c.fork_pool[1]} does not divide the "
+                            f"{grid[0]}x{grid[1]} patch grid; pick divisors of the grid")
         forked = [s for s in c.sees if self.tasks[s].config.fork_layers] if set(c.sees) <= set(self.tasks) else []
         if forked:
             raise TaskError(
@@ -335,10 +336,10 @@ class MemoryViT(nn.Module):
 
     def private_stream(self, task: TaskModule, hidden: torch.Tensor) -> torch.Tensor:
         """What a late-fork task's private stream starts from: the backbone's registers and patches entering the
-        fork block (``hidden`` is ``[CLS, registers, patches]``), the patch grid average-pooled ``fork_pool`` x
-        ``fork_pool`` when asked (position embeddings are already in the states, so pooling keeps them)."""
+        fork block (``hidden`` is ``[CLS, registers, patches]``), the patch grid average-pooled by ``fork_pool``
+        when asked (position embeddings are already in the states, so pooling keeps them)."""
         p = task.config.fork_pool
-        if p == 1:
+        if p == (1, 1):
             return hidden[:, 1:]
         prefix = self.backbone.num_prefix_tokens
         patches = hidden[:, prefix:]

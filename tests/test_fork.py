@@ -143,7 +143,7 @@ def test_unmasked_concatenation_of_one_task_is_its_own_pass_and_others_disturb_i
 
 
 # ------------------------------------------------------------------ pooled fork (fork_pool)
-@pytest.mark.parametrize("kind,pool", [("tiny", 2), ("tiny", 4), ("dinov2", 3)])
+@pytest.mark.parametrize("kind,pool", [("tiny", 2), ("tiny", 4), ("tiny", (1, 2)), ("dinov2", 3), ("dinov2", (3, 1))])
 def test_pooled_fork_matches_the_reference_and_preserves_everything(kind, pool):
     bb = make_backbone(kind)
     model = MemoryViT(bb)
@@ -177,6 +177,10 @@ def test_private_stream_pools_the_patch_grid_and_keeps_registers():
     h = torch.randn(1, 1 + 16, 48)
     grid = h[:, 1:].reshape(1, 4, 4, 48)
     torch.testing.assert_close(tiny.private_stream(t2, h)[:, 3], grid[:, 2:4, 2:4].mean(dim=(1, 2)))
+    t3 = tiny.add_task("r", 3, fork_layers=1, fork_pool=(1, 2))  # rows kept, column pairs averaged: 4x2 tokens
+    out3 = tiny.private_stream(t3, h)
+    assert out3.shape == (1, 8, 48)
+    torch.testing.assert_close(out3[:, 5], grid[:, 2, 2:4].mean(dim=1))
 
 
 def test_reference_with_an_unpooled_private_stream_disagrees(monkeypatch):
@@ -200,6 +204,11 @@ def test_pooled_fork_cost_and_errors(model):
         model.add_task("x", 3, fork_pool=2)
     with pytest.raises(ValueError, match="fork_pool must be >= 1"):
         model.add_task("y", 3, fork_layers=1, fork_pool=0)
-    with pytest.raises(TaskError, match="does not divide the 4x4 patch grid"):
+    with pytest.raises(TaskError, match="fork_pool 3x3 does not divide the 4x4 patch grid"):
         model.add_task("z", 3, fork_layers=1, fork_pool=3)
-    assert model.task_names == ["k2", "k2p2", "k0"]
+    with pytest.raises(ValueError, match="int or \\(rows, cols\\)"):
+        model.add_task("w", 3, fork_layers=1, fork_pool=(2, 2, 2))
+    model.add_task("k2p21", 3, fork_layers=2, fork_pool=(2, 1))  # half the tokens: between the two
+    assert pooled < task_cost(model, "k2p21").flops < full
+    assert model.tasks["k2p21"].config.fork_pool == (2, 1) and model.tasks["k2p2"].config.fork_pool == (2, 2)
+    assert model.task_names == ["k2", "k2p2", "k0", "k2p21"]
