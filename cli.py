@@ -178,6 +178,8 @@ def add_task(
     memory: Annotated[int | None, typer.Option(help="memory tokens per layer [default 5 for memory regimes]")] = None,
     layers: Annotated[str, typer.Option(help="all | last:K | first:K | 0,3,11")] = "all",
     task_tokens: Annotated[int, typer.Option(min=1, help="class tokens of the task (states averaged)")] = 1,
+    fork_pool: Annotated[str, typer.Option(help="average-pool the patch grid where the fork starts: P (P x P) or "
+                                                "RxC, e.g. 1x2 (half the tokens)")] = "1",
     fork_layers: Annotated[int, typer.Option(min=0, help="late fork: last K blocks on a private full-attention "
                                                          "branch (preserving; ~K/depth of a backbone pass)")] = 0,
     steps: Annotated[int, typer.Option(min=1)] = 1000,
@@ -209,7 +211,7 @@ def add_task(
     spec = {"registry": state.registry, "model": state.model, "task": task, "dataset": dataset, "device": device,
             "progress": sys.stderr.isatty(),
             "train": dict(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,
-                          fork_layers=fork_layers, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
+                          fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool), steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                           data_root=data_root, download=download, seed=seed, max_train=max_train,
                           max_test=max_test, max_heldout=max_heldout, cuda_graph=cuda_graph)}
     if cuda_graph and devices > 1:
@@ -229,6 +231,14 @@ def add_task(
         [[dataset, regime, f"{m['heldout_accuracy']:.4f}", f"{m['test_accuracy']:.4f}", m["steps"], m["lr"],
           f"{m['train_images_per_s']:.0f}",
           ", ".join(f"{k}: {v}" for k, v in m["verification"].items() if k != task) or "none"]])))
+
+
+def _fork_pool(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--fork-pool {text!r}: give P or RxC with positive integers, e.g. 2 or 1x2")
+    rows, cols = (int(parts[0]), int(parts[-1]))
+    return rows, cols
 
 
 def _add_task_job(spec: dict) -> dict | None:
@@ -497,6 +507,8 @@ def stream(
     "naive,lwf,ewc,head,head+cls,masked-memory,memory",
     budget: Annotated[str, typer.Option(help="tiny (CPU, minutes) | gpu")] = "tiny",
     device: Annotated[str, typer.Option()] = "auto",
+    recipe: Annotated[str, typer.Option(help="avalanche (constant lr) | paper (warm-up + cosine + clipping for "
+                                             "every strategy)")] = "avalanche",
     out_dir: Annotated[Path, typer.Option("--out")] = Path("stream_results"),
 ) -> None:
     """Avalanche comparison on a task-incremental stream (offline DINOv2 backbone): table, JSON, heatmap."""
@@ -505,8 +517,10 @@ def stream(
     unknown = [s for s in strategies.split(",") if s not in compare.STRATEGIES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(compare.STRATEGIES)}")
+    if recipe not in ("avalanche", "paper"):
+        raise ValueError(f"unknown --recipe {recipe!r}; use avalanche or paper")
     compare.main(["--datasets", datasets, "--strategies", strategies, "--budget", budget,
-                  "--device", pick_device(device), "--out", str(out_dir)])
+                  "--device", pick_device(device), "--recipe", recipe, "--out", str(out_dir)])
 
 
 @app.command()

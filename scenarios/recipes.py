@@ -64,6 +64,7 @@ def train_on_dataset(
     max_heldout: int | None = None,
     progress: bool = False,
     fork_layers: int = 0,
+    fork_pool: int | tuple[int, int] = 1,
     cuda_graph: bool = False,
 ) -> dict:
     """Load ``dataset``, add task ``name`` to ``net``, train it on 95% of the train split (best state on the
@@ -72,7 +73,7 @@ def train_on_dataset(
     with torch.random.fork_rng(devices=[]):  # the task's initial state follows ``seed`` (the same on every rank)
         torch.manual_seed(seed)
         net.add_task(name, data.num_classes, regime=regime, mode=mode, memory=memory, layers=layers,
-                     task_tokens=task_tokens, fork_layers=fork_layers, class_names=data.class_names, dataset=dataset)
+                     task_tokens=task_tokens, fork_layers=fork_layers, fork_pool=fork_pool, class_names=data.class_names, dataset=dataset)
     net.to(device)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
     train, held, test = sources(data, "test", pre, device, seed=seed, max_train=max_train, max_test=max_test,

@@ -15,10 +15,12 @@ from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datas
 from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
 from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
+from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch.utils.data import Dataset
 
 from continual_mem import MemoryViT
+from continual_mem.train import TrainConfig, lr_at
 
 from .datasets import ImageSet, TaskData, load
 from .pipeline import DeviceImages, Preprocess
@@ -116,7 +118,7 @@ def _route(module: MultiTaskModule, x: torch.Tensor, task_labels, outputs) -> to
 
 class AvalancheMemoryViT(MultiTaskModule):
     """``MemoryViT`` for Avalanche: a new task label adds a task (``regime``/``mode``/``memory``/``layers``/
-    ``fork_layers`` as given), only the current task's parameters train, and ``forward_all_tasks`` is the single pass.
+    ``fork_layers``/``fork_pool`` as given), only the current task's parameters train, and ``forward_all_tasks`` is the single pass.
 
     Use it with Avalanche's ``Naive`` strategy (plain SGD on the current experience): since earlier tasks are
     frozen and bit-exact, that is the paper's continual learner.
@@ -131,12 +133,13 @@ class AvalancheMemoryViT(MultiTaskModule):
         memory: int | None = None,
         layers: str = "all",
         fork_layers: int = 0,
+        fork_pool: int | tuple[int, int] = 1,
         task_names: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.model = model
         self.task_kwargs = {"regime": regime, "mode": mode, "memory": memory, "layers": layers,
-                            "fork_layers": fork_layers}
+                            "fork_layers": fork_layers, "fork_pool": fork_pool}
         self.task_names = list(task_names)
         self.names: dict[int, str] = {}
 
@@ -186,3 +189,44 @@ class ViTMultiHead(MultiTaskModule):
 
     def forward(self, x: torch.Tensor, task_labels=None) -> torch.Tensor:
         return _route(self, x, task_labels, lambda xs, ts: {t: self.forward_single_task(xs, t) for t in ts})
+
+
+class PaperRecipePlugin(SupervisedPlugin):
+    """The paper's optimisation inside any Avalanche strategy's loop: per experience, a linear warm-up then cosine
+    decay of every parameter group's learning rate over that experience's iterations (``continual_mem.train.lr_at``,
+    the schedule ``fit`` uses), and gradient-norm clipping after each backward pass.
+
+    Args:
+        warmup_fraction: Share of an experience's iterations spent warming up.
+        max_grad_norm: Clip the gradient norm of the optimizer's parameters to this (None: no clipping).
+    """
+
+    def __init__(self, *, warmup_fraction: float = 0.05, max_grad_norm: float | None = 1.0) -> None:
+        super().__init__()
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        self.warmup_fraction, self.max_grad_norm = warmup_fraction, max_grad_norm
+        self.base_lrs: list[float] | None = None
+        self.schedule: TrainConfig | None = None
+        self.iteration = 0
+
+    def before_training_exp(self, strategy, *args, **kwargs) -> None:
+        groups = strategy.optimizer.param_groups
+        if self.base_lrs is None or len(self.base_lrs) != len(groups):  # the strategy's lr is the peak
+            self.base_lrs = [float(g["lr"]) for g in groups]
+        steps = max(1, strategy.train_epochs * len(strategy.dataloader))
+        self.schedule = TrainConfig(steps=steps, lr=1.0, warmup_steps=max(1, int(steps * self.warmup_fraction)))
+        self.iteration = 0
+
+    def before_training_iteration(self, strategy, *args, **kwargs) -> None:
+        factor = lr_at(min(self.iteration, self.schedule.steps - 1), self.schedule)
+        for group, base in zip(strategy.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def after_backward(self, strategy, *args, **kwargs) -> None:
+        if self.max_grad_norm is not None:
+            params = [p for g in strategy.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+
+    def after_training_iteration(self, strategy, *args, **kwargs) -> None:
+        self.iteration += 1

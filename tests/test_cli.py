@@ -79,7 +79,21 @@ def test_add_task_json_and_user_errors(db, tmp_path):
     user_error(cm(db, "add-task", f"imagefolder:{tmp_path / 'none'}", *FAST), "does not exist")
     user_error(cm(db, "add-task", "digits", "--name", "x", "--layers", "middle", *FAST), "not understood")
     user_error(cm(tmp_path / "absent.db", "add-task", "digits", *FAST), "no registry at")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--fork-layers", "2", "--fork-pool", "2x", *FAST),
+               "give P or RxC")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--fork-layers", "2", "--fork-pool", "3", *FAST),
+               "does not divide the 2x2 patch grid")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--fork-pool", "2", *FAST), "needs fork_layers")
     assert snapshot(Registry(db)) == before
+
+
+def test_add_task_with_a_pooled_fork_round_trips_through_the_registry(db):
+    data = json.loads(ok(cm(db, "add-task", "digits", "--name", "fp", "--fork-layers", "2", "--fork-pool", "1x2",
+                            *FAST, "--json")).stdout)
+    assert data["verification"] == {"digits": "equal", "digits-ext": "equal", "fp": "new"}
+    shown = json.loads(ok(cm(db, "show", "fp", "--json")).stdout)
+    assert shown["config"]["fork_layers"] == 2 and shown["config"]["fork_pool"] == [1, 2]
+    assert json.loads(ok(cm(db, "verify", "--json")).stdout)["ok"] is True  # reloaded from the DB, same bits
 
 
 def test_read_commands(db):

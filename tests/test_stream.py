@@ -81,3 +81,42 @@ def test_other_strategies_run(stream, strategy):
     assert len(r.accuracy_matrix) == 2 and all(0.0 <= a <= 1.0 for row in r.accuracy_matrix for a in row)
     if strategy in ("head", "memory"):  # frozen earlier tasks: Avalanche measures no forgetting at all
         assert r.forgetting == 0.0
+
+
+def test_paper_recipe_plugin_warms_up_decays_restarts_and_clips(stream):
+    """Inside Avalanche's own loop: every experience restarts warm-up + cosine from the strategy's lr, and the
+    gradients reaching the optimizer step are clipped."""
+    from avalanche.core import SupervisedPlugin
+    from avalanche.training import Naive
+
+    from scenarios.compare import _evaluator
+    from scenarios.stream import PaperRecipePlugin
+
+    bb, st = stream
+
+    class Spy(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.lrs, self.norms = [], []
+
+        def before_update(self, strategy, *args, **kwargs):
+            self.lrs.append(strategy.optimizer.param_groups[0]["lr"])
+            grads = [p.grad for g in strategy.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    model = AvalancheMemoryViT(MemoryViT(bb), memory=2, task_names=st.names)
+    spy = Spy()
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2, device="cpu",
+                     plugins=[PaperRecipePlugin(warmup_fraction=0.2, max_grad_norm=0.01), spy], evaluator=_evaluator())
+    for exp in st.benchmark.train_stream:
+        strategy.train(exp)
+    per_exp = 2 * 5  # 2 epochs of 160 images in batches of 32
+    assert len(spy.lrs) == 2 * per_exp
+    first, second = spy.lrs[:per_exp], spy.lrs[per_exp:]
+    assert first == second  # restarted per experience
+    assert first[0] == pytest.approx(0.25) and first[1] == pytest.approx(0.5)  # 2 warm-up steps to the peak
+    assert first[2] == first[1] and all(a > b for a, b in zip(first[2:], first[3:])) and first[-1] > 0  # cosine
+    assert max(spy.norms) <= 0.01 * (1 + 1e-4)
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        PaperRecipePlugin(warmup_fraction=1.5)
