@@ -503,7 +503,7 @@ def remove(task: Annotated[str, typer.Argument()]) -> None:
 def stream(
     datasets: Annotated[str, typer.Argument(help="comma list, e.g. fashion-mnist,mnist-5k,digits")],
     strategies: Annotated[str, typer.Option(help="comma list of naive, lwf, ewc, l2p, head, head+cls, "
-                                                 "masked-memory, masked-memory-ext, memory")] =
+                                                 "masked-memory, masked-memory-ext, memory, late-fork-k2, pooled-fork-k6")] =
     "naive,lwf,ewc,head,head+cls,masked-memory,memory",
     budget: Annotated[str, typer.Option(help="tiny (CPU, minutes) | gpu")] = "tiny",
     device: Annotated[str, typer.Option()] = "auto",
