@@ -206,7 +206,7 @@ def add_task(
 
     reg = registry()
     task = name or _task_name(dataset)
-    if task in reg.load(state.model).tasks:
+    if task in reg.task_names(name=state.model):
         raise ValueError(f"a task named {task!r} already exists; pass --name or remove it first")
     spec = {"registry": state.registry, "model": state.model, "task": task, "dataset": dataset, "device": device,
             "progress": sys.stderr.isatty(),

@@ -9,6 +9,7 @@ rank trains ``--per-gpu-batch`` images per step (global batch = per-GPU batch x 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--per-gpu-batch", type=int, default=256)
     p.add_argument("--regime", default="masked-memory")
     p.add_argument("--data", default="", help="catalog name or packed:FILE.npz (default: random uint8 images)")
-    p.add_argument("--worker-out", default="", help=argparse_hidden())
+    p.add_argument("--worker-out", default="", help=argparse.SUPPRESS)  # set by the driver for its workers
     args = p.parse_args(argv)
     if args.worker_out:
         worker(args)
@@ -105,11 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
                   ["GPUs", "global batch", "img/s", "speedup", "efficiency"], rows, args.json_out)
     return result
 
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

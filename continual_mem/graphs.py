@@ -138,8 +138,12 @@ class GraphedTrainStep:
                 p.copy_(v)
             for p, b in zip(self.params, saved_buffers):
                 buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    buf.copy_(b) if b is not None else buf.zero_()  # a zero buffer is SGD's first step (dampening 0)
+                if buf is None:
+                    continue
+                if b is None:
+                    buf.zero_()  # SGD's first step from a zero buffer equals its first step without one (dampening 0)
+                else:
+                    buf.copy_(b)
             lr.copy_(saved_lr)
         optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates .grad from the graph's pool
         self.graph = torch.cuda.CUDAGraph()
