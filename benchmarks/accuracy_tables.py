@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -247,34 +248,63 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def report(folder: Path) -> str:
-    """One markdown table over datasets (mean ± std per dataset), with the timing columns, from a results folder."""
-    rows: dict[str, dict] = {}
+def report(folders: list[Path]) -> str:
+    """One markdown table over datasets from result folders: per dataset the mean ± std over seeds (runs of the same
+    seed in several folders count once: they are the same run), the mean over datasets, the share of the head ->
+    memory-m10 gain it recovers (± one standard error over seeds), and the timing columns."""
+    acc: dict[tuple[str, str], dict[str, float]] = {}
+    flops: dict[str, float] = {}
     names: list[str] = []
     timing_rows: dict[str, dict] = {}
     env = {}
-    for path in sorted(folder.glob("*.json")):
-        d = json.loads(path.read_text())
-        if "timing" in d:
-            timing_rows.update({r["config"]: r for r in d["timing"]["rows"]})
-        elif "rows" in d and "dataset" in d:
-            env = {k: d[k] for k in ("device", "img_size", "steps", "batch_size", "seeds", "date") if k in d}
-            if d["dataset"] not in names:
-                names.append(d["dataset"])
-            for r in d["rows"]:
-                rows.setdefault(r["config"], {})[d["dataset"]] = r
-    order = [c for c in CONFIGS if c in rows]
-    head = "| config | " + " | ".join(names) + " | mean | FLOPs / backbone | measured cost / backbone | train img/s |"
-    lines = [f"{env}", "", head, "|" + "---|" * (len(names) + 5)]
-    for c in order:
-        cells = [f"{100 * rows[c][n]['mean']:.2f} ± {100 * rows[c][n]['std']:.2f}" if n in rows[c] else "-"
-                 for n in names]
-        mean = statistics.mean(rows[c][n]["mean"] for n in names if n in rows[c])
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")):
+            d = json.loads(path.read_text())
+            if "timing" in d:
+                timing_rows.update({r["config"]: r for r in d["timing"]["rows"]})
+            elif "rows" in d and "dataset" in d:
+                env = {k: d[k] for k in ("device", "img_size", "steps", "batch_size", "date") if k in d}
+                if d["dataset"] not in names:
+                    names.append(d["dataset"])
+                for r in d["rows"]:
+                    seeds = str(d["seeds"]).split(",")
+                    acc.setdefault((r["config"], d["dataset"]), {}).update(zip(seeds, r["test_accuracy"]))
+                    flops[r["config"]] = r["flop_ratio"]
+
+    def stats(config: str) -> tuple[float, float] | None:
+        """Mean over datasets and its standard error (seed spread within each dataset)."""
+        cells = [list(acc[(config, n)].values()) for n in names if (config, n) in acc]
+        if len(cells) != len(names):
+            return None
+        mean = statistics.mean(statistics.mean(c) for c in cells)
+        se = math.sqrt(sum((statistics.stdev(c) / math.sqrt(len(c))) ** 2 if len(c) > 1 else 0.0 for c in cells))
+        return mean, se / len(cells)
+
+    base, top = stats("head"), stats("memory-m10")
+    head = ("| config | " + " | ".join(names) + " | mean | gain recovered | seeds | FLOPs / backbone | "
+            "measured cost / backbone | train img/s |")
+    lines = [f"{env}", "", head, "|" + "---|" * (len(names) + 7)]
+    for c in [c for c in CONFIGS if any(k[0] == c for k in acc)]:
+        cells = []
+        for n in names:
+            v = list(acc.get((c, n), {}).values())
+            cells.append(f"{100 * statistics.mean(v):.2f} ± {100 * (statistics.stdev(v) if len(v) > 1 else 0):.2f}"
+                         if v else "-")
+        m = stats(c)
+        gain = "-"
+        if m and base and top and top[0] > base[0]:
+            span = top[0] - base[0]
+            r = (m[0] - base[0]) / span
+            se = math.sqrt((m[1] / span) ** 2 + (base[1] * (m[0] - top[0]) / span ** 2) ** 2
+                           + (top[1] * (m[0] - base[0]) / span ** 2) ** 2)
+            gain = f"{100 * r:.0f}% ± {100 * se:.0f}"
+        seeds = sorted({s for n in names for s in acc.get((c, n), {})}, key=int)
         t = timing_rows.get(c, {})
-        flop = next(iter(rows[c].values()))["flop_ratio"]
         cost = f"{t['measured_cost_ratio']:.3f}" if t else "-"
         ips = f"{t['train_images_per_s']:,.0f}" if t else "-"
-        lines.append(f"| {c} | " + " | ".join(cells) + f" | {100 * mean:.2f} | {flop:.3f} | {cost} | {ips} |")
+        mean = f"{100 * m[0]:.2f}" if m else "-"
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {mean} | {gain} | {','.join(seeds)} | {flops[c]:.3f} | "
+                     f"{cost} | {ips} |")
     return "\n".join(lines)
 
 
@@ -297,13 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--timing", action="store_true", help="only measure per-config cost and training speed")
     p.add_argument("--cuda-graph", action="store_true", help="train with CUDA-graph replayed steps (same maths)")
     p.add_argument("--tag", default="", help="suffix of the output file names (parallel shards)")
-    p.add_argument("--report", type=Path, default=None, help="folder of result JSON: print the combined tables")
+    p.add_argument("--report", default="", help="comma list of result folders: print one combined table")
     args = p.parse_args(argv)
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         p.error(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     if args.report:
-        text = report(args.report)
+        text = report([Path(f) for f in args.report.split(",")])
         print(text)
         return {"report": text}
     if args.out:
