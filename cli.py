@@ -285,11 +285,10 @@ def _launch(spec: dict, devices: int) -> dict:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    pick_device(spec["device"])  # refuses --device cuda without a GPU
     gpus = torch.cuda.device_count()
     if spec["device"] != "cpu" and 0 < gpus < devices:
         raise ValueError(f"--devices {devices} asked for, but only {gpus} GPU(s) are visible; use --devices {gpus}")
-    if spec["device"].startswith("cuda") and gpus == 0:
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
     if not state.debug:  # the one-line error below says what failed; torchelastic's own logs are for --debug
         import logging
 

@@ -55,11 +55,22 @@ def main(argv: list[str] | None = None) -> dict:
     def peak() -> float | None:
         return torch.cuda.max_memory_allocated() / 2**30 if gpu else None
 
+    def row(variant: str, s: float) -> dict:
+        """One timed variant: seconds per step of ``args.batch_size`` images, against backbone inference."""
+        return {"variant": variant, "seconds": s, "images_per_s": args.batch_size / s,
+                "ratio_to_backbone_inference": base_s / s, "peak_gib": peak()}
+
+    def timed_graph(model: MemoryViT, variant: str) -> dict:
+        """The training step of task "t" captured as a CUDA graph (GraphedTrainStep), timed like the eager one."""
+        opt = build_optimizer(model, "t", lr=0.01, cuda_graph=True)
+        graphed = GraphedTrainStep(model, "t", opt, x, y, autocast_dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+        peak_reset()
+        return row(variant, common.median_seconds(lambda: graphed(x, y, 0.01), args))
+
     peak_reset()
     with torch.inference_mode(), common.autocast(args):
         base_s = common.median_seconds(lambda: bb(x), args)
-    results = [{"variant": "backbone inference", "seconds": base_s, "images_per_s": args.batch_size / base_s,
-                "ratio_to_backbone_inference": 1.0, "peak_gib": peak()}]
+    results = [row("backbone inference", base_s)]
     for regime in args.regimes.split(","):
         if regime not in REGIMES:
             raise SystemExit(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")
@@ -74,30 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
                 train_step(model, "t", x, y, opt)
 
         peak_reset()
-        s = common.median_seconds(step, args)
-        results.append({"variant": f"train {regime}", "seconds": s, "images_per_s": args.batch_size / s,
-                        "ratio_to_backbone_inference": base_s / s, "peak_gib": peak()})
+        results.append(row(f"train {regime}", common.median_seconds(step, args)))
         del opt
         if args.cuda_graph:
-            opt = build_optimizer(model, "t", lr=0.01, cuda_graph=True)
-            dtype = torch.bfloat16 if args.dtype == "bf16" else None
-            graphed = GraphedTrainStep(model, "t", opt, x, y, autocast_dtype=dtype)
-            peak_reset()
-            s = common.median_seconds(lambda: graphed(x, y, 0.01), args)
-            results.append({"variant": f"train {regime} (CUDA graph)", "seconds": s,
-                            "images_per_s": args.batch_size / s, "ratio_to_backbone_inference": base_s / s,
-                            "peak_gib": peak()})
-            del opt, graphed
+            results.append(timed_graph(model, f"train {regime} (CUDA graph)"))
             if args.compile and regime == "masked-memory":
                 model.compile_task_path()
-                opt = build_optimizer(model, "t", lr=0.01, cuda_graph=True)
-                graphed = GraphedTrainStep(model, "t", opt, x, y, autocast_dtype=dtype)
-                peak_reset()
-                s = common.median_seconds(lambda: graphed(x, y, 0.01), args)
-                results.append({"variant": f"train {regime} (compiled + CUDA graph)", "seconds": s,
-                                "images_per_s": args.batch_size / s, "ratio_to_backbone_inference": base_s / s,
-                                "peak_gib": peak()})
-                del opt, graphed
+                results.append(timed_graph(model, f"train {regime} (compiled + CUDA graph)"))
         del model
     if args.data:
         import itertools
@@ -119,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                 train_step(model, "t", xb.to(common.tensor_dtype(args)), yb, opt)
 
         peak_reset()
-        s = common.median_seconds(real_step, args)
-        results.append({"variant": f"train masked-memory, real pipeline ({data.name})", "seconds": s,
-                        "images_per_s": args.batch_size / s, "ratio_to_backbone_inference": base_s / s,
-                        "peak_gib": peak()})
+        results.append(row(f"train masked-memory, real pipeline ({data.name})", common.median_seconds(real_step, args)))
     by = {r["variant"]: r for r in results}
     summary = {}
     if "train masked-memory" in by:

@@ -11,9 +11,9 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .model import MemoryViT
+from .train import train_step
 
 
 class GraphedForward:
@@ -130,8 +130,7 @@ class GraphedTrainStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
-                optimizer.zero_grad(set_to_none=True)
-                self._step()
+                self._step(zero_grad=True)
         torch.cuda.current_stream().wait_stream(stream)
         with torch.no_grad():  # undo the warm-up: lr 0 moved nothing but the momentum buffers
             for p, v in zip(self.params, saved):
@@ -148,18 +147,12 @@ class GraphedTrainStep:
         optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates .grad from the graph's pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_loss = self._step()
+            self.static_loss = self._step(zero_grad=False)
 
-    def _step(self) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None,
-                            cache_enabled=False):
-            logits = self.model(self.static_x, tasks=[self.task], original=False)[self.task]
-        loss = F.cross_entropy(logits.float(), self.static_y, label_smoothing=self.label_smoothing)
-        loss.backward()
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-        self.optimizer.step()
-        return loss.detach()
+    def _step(self, *, zero_grad: bool) -> torch.Tensor:
+        return train_step(self.model, self.task, self.static_x, self.static_y, self.optimizer,
+                          max_grad_norm=self.max_grad_norm, label_smoothing=self.label_smoothing,
+                          autocast_dtype=self.autocast_dtype, zero_grad=zero_grad)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """One step on ``(x, y)`` at learning rate ``lr``; returns the loss (a tensor: reading it syncs)."""

@@ -4,6 +4,7 @@ best state on a held-out split, deterministic seeding, resumable checkpoints (sa
 learning-rate sweep, and single-pass evaluation."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -135,11 +136,28 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     *,
     max_grad_norm: float | None = 1.0,
+    label_smoothing: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
+    zero_grad: bool = True,
 ) -> torch.Tensor:
-    """One SGD step on ``task``: forward only that task (and what it reads), cross-entropy, backward, step."""
-    logits = model(images, tasks=[task], original=False)[task]
-    loss = F.cross_entropy(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
+    """One SGD step on ``task``: forward only that task (and what it reads), cross-entropy, backward, clipping,
+    step. The one step used by ``fit`` (eager), :class:`~continual_mem.graphs.GraphedTrainStep` (captured) and the
+    benchmarks.
+
+    Args:
+        model: The model, or a ``DistributedDataParallel`` wrapper of it.
+        autocast_dtype: Run the forward under autocast with this dtype (None: as the caller's context is).
+        zero_grad: Clear gradients first (a CUDA graph capture clears them outside instead).
+    """
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    cast = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(
+        images.device.type, dtype=autocast_dtype,
+        # autocast's cast cache does not survive CUDA-graph capture
+        cache_enabled=not (images.is_cuda and torch.cuda.is_current_stream_capturing()))
+    with cast:
+        logits = model(images, tasks=[task], original=False)[task]
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     loss.backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
@@ -296,14 +314,8 @@ def fit(
         else:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, config)
-            with _autocast(config, device):
-                logits = forward(x, tasks=[task], original=False)[task]
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            opt.step()
+            loss = train_step(forward, task, x, y, opt, max_grad_norm=config.max_grad_norm,
+                              label_smoothing=config.label_smoothing, autocast_dtype=_autocast_dtype(config, device))
         seen += len(y) * shard.world
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
