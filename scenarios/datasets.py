@@ -192,6 +192,28 @@ class _CheckedImageFolder(Dataset):
             raise DatasetError(f"{self.name}: cannot read image {path} ({exc}); remove or replace the file") from exc
 
 
+class ReaderDataset(Dataset):
+    """A reader (:mod:`scenarios.decode`) as a dataset of ``(PIL image, label)``, for the PIL loader path."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+        self.targets = torch.from_numpy(np.asarray(reader.labels, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        import io
+
+        from PIL import Image
+
+        raw = self.reader.read(i)
+        try:
+            return Image.open(io.BytesIO(raw)).convert("RGB"), int(self.targets[i])
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types
+            raise DatasetError(f"cannot read image {self.reader.name(i)} ({exc}); remove or replace it") from exc
+
+
 class _Subset(Dataset):
     def __init__(self, inner: Dataset, idx: torch.Tensor) -> None:
         self.inner, self.idx = inner, idx.tolist()
@@ -303,8 +325,9 @@ OFFLINE: dict[str, Callable[[DataOptions], TaskData]] = {
 
 
 def catalog() -> list[str]:
-    """Every dataset name ``load`` accepts (plus ``imagefolder:PATH`` and ``packed:FILE.npz``)."""
-    return sorted(set(OFFLINE) | set(TORCHVISION)) + ["imagefolder:PATH", "packed:FILE.npz"]
+    """Every dataset name ``load`` accepts (plus ``imagefolder:PATH``, ``webdataset:PATTERN`` and
+    ``packed:FILE.npz``)."""
+    return sorted(set(OFFLINE) | set(TORCHVISION)) + ["imagefolder:PATH", "webdataset:PATTERN", "packed:FILE.npz"]
 
 
 # ----------------------------------------------------------------------------- packed copies
@@ -312,7 +335,8 @@ def save_packed(data: TaskData, path: str | Path) -> Path:
     """Write a decoded dataset as one compressed ``.npz`` (uint8 images, int64 labels, names; no pickle), e.g.
     to carry a compact copy to a GPU machine. Read it back with ``load("packed:PATH")``."""
     if not (isinstance(data.train, ImageSet) and isinstance(data.test, ImageSet)):
-        raise DatasetError(f"{data.name}: only decoded (in-memory) datasets can be packed, not file-backed ones")
+        raise DatasetError(f"{data.name}: only decoded (in-memory) datasets can be packed; for image files use "
+                           "`continual-mem prepare DATASET` (a decoded, memory-mapped copy)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial.npz")
@@ -354,7 +378,7 @@ def load(name: str, *, root: str | Path = "data", download: bool = False) -> Tas
     """Load a catalog dataset.
 
     Args:
-        name: A name from :func:`catalog`, ``imagefolder:PATH`` or ``packed:FILE.npz``.
+        name: A name from :func:`catalog`, ``imagefolder:PATH``, ``webdataset:PATTERN`` or ``packed:FILE.npz``.
         root: Folder holding torchvision datasets.
         download: Let torchvision download missing files (never done unless asked).
     """
@@ -363,6 +387,10 @@ def load(name: str, *, root: str | Path = "data", download: bool = False) -> Tas
         return load_image_folder(name, opts)
     if name.startswith("packed:"):
         return load_packed(name)
+    if name.startswith("webdataset:"):
+        from .shards import load_webdataset
+
+        return load_webdataset(name, opts)
     if name in OFFLINE:
         return OFFLINE[name](opts)
     if name in TORCHVISION:

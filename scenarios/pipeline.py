@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from continual_mem.distributed import SINGLE, Shard
 
 from .datasets import Augment, ImageSet
+from .decode import host_cores
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,53 @@ def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
+def step_indices(n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The images of global batch ``step`` of an endless shuffled stream over ``n`` images: a new permutation
+    every epoch, drawn from ``(seed, epoch)`` alone (CPU tensor)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=_generator(seed, -1 - epoch, torch.device("cpu")))
+    return perm[pos * batch_size:(pos + 1) * batch_size]
+
+
+def inception_boxes(h: torch.Tensor, w: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Inception-style crop boxes (scale 0.08-1, ratio 3/4-4/3) inside images of heights ``h`` and widths ``w``
+    (float, one per image, on the device): one ``(x0, y0, x1, y1)`` row per image, drawn from ``g``."""
+    B, dev = len(h), h.device
+    area = h * w * torch.empty(B, device=dev).uniform_(0.08, 1.0, generator=g)
+    log_r = torch.empty(B, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
+    ratio = torch.exp(log_r)
+    bw = torch.minimum(torch.sqrt(area * ratio).clamp(min=1), w)
+    bh = torch.minimum(torch.sqrt(area / ratio).clamp(min=1), h)
+    x0 = torch.rand(B, device=dev, generator=g) * (w - bw)
+    y0 = torch.rand(B, device=dev, generator=g) * (h - bh)
+    return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)
+
+
+def center_boxes(h: torch.Tensor, w: torch.Tensor, size: int, crop_pct: float) -> torch.Tensor:
+    """timm's evaluation crop as boxes: resize the short side to ``floor(size / crop_pct)`` and centre-crop
+    ``size``, i.e. a centred square of ``size / floor(size / crop_pct)`` of the short side."""
+    side = torch.minimum(h, w) * (size / math.floor(size / crop_pct))
+    x0, y0 = (w - side) / 2, (h - side) / 2
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample each image's box to ``size`` x ``size`` with ``roi_align`` (one kernel for the whole batch)."""
+    from torchvision.ops import roi_align
+
+    rows = torch.arange(len(x), device=x.device, dtype=x.dtype).unsqueeze(1)
+    return roi_align(x, torch.cat([rows, boxes.to(x.dtype)], dim=1), output_size=(size, size), spatial_scale=1.0,
+                     sampling_ratio=2, aligned=True)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator | None, n: int, lo: int, hi: int) -> torch.Tensor:
+    """Flip each image with probability 1/2; the coins are drawn for all ``n`` images of the global batch, of
+    which ``x`` holds ``lo:hi``."""
+    flip = (torch.rand(n, device=x.device, generator=g) < 0.5)[lo:hi]
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 class DeviceImages:
     """An :class:`ImageSet` resident on ``device``; batches are augmented and normalised there."""
 
@@ -62,26 +110,9 @@ class DeviceImages:
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grayscale -> 3 channels
 
     def _crop_boxes(self, B: int, g: torch.Generator) -> torch.Tensor:
-        """Inception-style crop boxes (scale 0.08-1, ratio 3/4-4/3), one ``(x0, y0, x1, y1)`` row per image."""
         _, _, H, W = self.images.shape
-        dev = self.device
-        area = H * W * torch.empty(B, device=dev).uniform_(0.08, 1.0, generator=g)
-        log_r = torch.empty(B, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
-        ratio = torch.exp(log_r)
-        w = torch.sqrt(area * ratio).clamp(1, W)
-        h = torch.sqrt(area / ratio).clamp(1, H)
-        x0 = torch.rand(B, device=dev, generator=g) * (W - w)
-        y0 = torch.rand(B, device=dev, generator=g) * (H - h)
-        return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
-
-    def _crop(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Resample each image's box to the model's size with ``roi_align``."""
-        from torchvision.ops import roi_align
-
-        rows = torch.arange(len(x), device=x.device, dtype=x.dtype).unsqueeze(1)
-        s = self.pre.img_size
-        return roi_align(x, torch.cat([rows, boxes.to(x.dtype)], dim=1), output_size=(s, s), spatial_scale=1.0,
-                         sampling_ratio=2, aligned=True)
+        full = torch.ones(B, device=self.device)
+        return inception_boxes(full * H, full * W, g)
 
     def _resize(self, x: torch.Tensor, *, center_crop: bool) -> torch.Tensor:
         s = self.pre.img_size
@@ -100,22 +131,17 @@ class DeviceImages:
         lo, hi = part if part is not None else (0, len(idx))
         x = self._to_float(idx[lo:hi])
         if train and self.pre.augment == "inception":
-            x = self._crop(x, self._crop_boxes(len(idx), g)[lo:hi])
+            x = crop_resize(x, self._crop_boxes(len(idx), g)[lo:hi], self.pre.img_size)
         else:
             x = self._resize(x, center_crop=not train and self.pre.augment == "inception")
         if train and self.pre.augment in ("inception", "flip"):
-            flip = (torch.rand(len(idx), device=x.device, generator=g) < 0.5)[lo:hi]
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            x = random_flip(x, g, len(idx), lo, hi)
         return (x - self.mean) / self.std, self.labels[idx[lo:hi]]
 
     def train_batch(self, step: int, batch_size: int, seed: int, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``step`` of an endless shuffled stream (a new permutation every epoch); ``batch_size`` is the
         global batch, of which ``shard`` gets its contiguous part."""
-        n = len(self)
-        per_epoch = max(1, n // batch_size)
-        epoch, pos = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=_generator(seed, -1 - epoch, torch.device("cpu")))
-        idx = perm[pos * batch_size:(pos + 1) * batch_size].to(self.device)
+        idx = step_indices(len(self), step, batch_size, seed).to(self.device)
         return self.batch(idx, train=True, g=_generator(seed, step, self.device), part=shard.bounds(len(idx)))
 
     def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -210,8 +236,17 @@ class _GlobalBatches(Sampler[list[int]]):
             yield batch[lo:hi]
 
 
-def batches(data: ImageSet | Dataset, pre: Preprocess, device: str | torch.device = "cpu", **kwargs):
-    """The right batch source for ``data``: on-device for decoded sets, a DataLoader for PIL datasets."""
+def batches(data, pre: Preprocess, device: str | torch.device = "cpu", *, on_bad: str = "skip",
+            name: str = "dataset", workers: int | None = None):
+    """The batch source for ``data``: on the device for an :class:`ImageSet`, streamed for a prepared copy or a
+    reader of image files (:mod:`scenarios.streaming`), a PIL DataLoader for any other dataset."""
+    from .prepared import PreparedSet
+    from .streaming import DecodedImages, PreparedImages
+
     if isinstance(data, ImageSet):
         return DeviceImages(data, pre, device)
-    return LoaderImages(data, pre, device, **kwargs)
+    if isinstance(data, PreparedSet):
+        return PreparedImages(data, pre, device)
+    if hasattr(data, "fingerprint"):  # a reader of encoded images
+        return DecodedImages(data, pre, device, on_bad=on_bad, name=name, workers=workers)
+    return LoaderImages(data, pre, device, workers=workers or max(1, host_cores() - 1))

@@ -1,16 +1,71 @@
 """Recipes: from a catalog dataset to a trained task (the paper's protocol), shared by the CLI and scripts."""
 from __future__ import annotations
 
+from typing import Literal
+
+import numpy as np
 import torch
 
 from continual_mem import MemoryViT
 from continual_mem.train import TrainConfig, evaluate, fit
 from continual_mem.train import lr_sweep as sweep
 
-from . import datasets
+from . import datasets, prepared
 from .datasets import ImageSet, _Subset, _targets
+from .decode import OnBad, SubsetReader, reader_for
 from .pipeline import Preprocess, batches
+from .prepared import PrepareOptions
+from .prepared import PreparedSet
 from .splits import stratified_split
+
+
+Pipeline = Literal["auto", "prepared", "decode", "loader"]
+PIPELINES = ("auto", "prepared", "decode", "loader")
+
+
+def choose_pipeline(pipeline: str, *, file_backed: bool, prepared_exists: bool) -> str:
+    """Which input path a dataset takes: ``device`` (decoded sets live on the device), ``prepared`` (a decoded,
+    memory-mapped copy), ``decode`` (files decoded on the fly by worker processes) or ``loader`` (PIL and timm's
+    transforms, the reference path). ``auto``: a prepared copy if one exists, else on-the-fly decoding."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {pipeline!r}; use one of {', '.join(PIPELINES)}")
+    if not file_backed:
+        return "device"
+    if pipeline == "auto":
+        return "prepared" if prepared_exists else "decode"
+    return pipeline
+
+
+def _stage(part, *, data: datasets.TaskData, split: str, pipeline: str, opts: PrepareOptions,
+           cache_dir: str | None, progress: bool):
+    """One split as what its pipeline reads: an ImageSet, a PreparedSet, a reader or a PIL dataset."""
+    if isinstance(part, ImageSet):
+        return part
+    if pipeline == "loader":
+        return part
+    reader = reader_for(part)
+    found = prepared.find(reader, name=data.name, split=split, opts=opts, root=cache_dir)
+    kind = choose_pipeline(pipeline, file_backed=True, prepared_exists=found is not None)
+    if kind == "prepared":
+        return found or prepared.prepare(reader, name=data.name, split=split, class_names=data.class_names,
+                                         opts=opts, root=cache_dir, progress=progress)
+    return reader
+
+
+def _labels(d) -> torch.Tensor:
+    if isinstance(d, (ImageSet, PreparedSet)):
+        return d.labels
+    if hasattr(d, "fingerprint"):  # a reader
+        return torch.from_numpy(np.asarray(d.labels, dtype=np.int64))
+    return _targets(d)
+
+
+def _sub(d, idx: torch.Tensor):
+    if isinstance(d, (ImageSet, PreparedSet)):
+        return d.subset(idx)
+    if hasattr(d, "fingerprint"):
+        return SubsetReader(d, idx.numpy())
+    return _Subset(d, idx)
 
 
 def sources(
@@ -23,22 +78,31 @@ def sources(
     max_train: int | None,
     max_test: int | None,
     max_heldout: int | None = None,
+    pipeline: Pipeline = "auto",
+    on_bad_image: OnBad = "skip",
+    cache_dir: str | None = None,
+    progress: bool = False,
 ):
-    """Training, held-out (5%, stratified; capped at ``max_heldout``) and evaluation batch sources."""
-    train = data.train
-    labels = train.labels if isinstance(train, ImageSet) else _targets(train)
+    """Training, held-out (5%, stratified; capped at ``max_heldout``) and evaluation batch sources.
+
+    File-backed datasets take the input path :func:`choose_pipeline` picks; ``pipeline="prepared"`` builds the
+    prepared copy first if there is none (under ``cache_dir``, default ``$CONTINUAL_MEM_HOME/prepared``)."""
+    opts = PrepareOptions(on_bad=on_bad_image)
+    stage = dict(data=data, pipeline=pipeline, opts=opts, cache_dir=cache_dir, progress=progress)
+    train = _stage(data.train, split="train", **stage)
+    labels = _labels(train)
     keep, held = stratified_split(labels, holdout=0.05, seed=seed)
     if max_train and len(keep) > max_train:
         keep = keep[stratified_split(labels[keep], holdout=max_train / len(keep), seed=seed)[1]]
     if max_heldout and len(held) > max_heldout:
         held = held[stratified_split(labels[held], holdout=max_heldout / len(held), seed=seed)[1]]
-    sub = (lambda d, i: d.subset(i)) if isinstance(train, ImageSet) else (lambda d, i: _Subset(d, i))
-    evaluation = data.test if split == "test" else sub(train, held)
+    evaluation = _stage(data.test, split="test", **stage) if split == "test" else _sub(train, held)
     if max_test and len(evaluation) > max_test:
-        ev_labels = evaluation.labels if isinstance(evaluation, ImageSet) else _targets(evaluation)
-        evaluation = sub(evaluation, stratified_split(ev_labels, holdout=max_test / len(evaluation), seed=seed)[1])
-    return (batches(sub(train, keep), pre, device), batches(sub(train, held), pre, device),
-            batches(evaluation, pre, device))
+        evaluation = _sub(evaluation, stratified_split(_labels(evaluation), holdout=max_test / len(evaluation),
+                                                       seed=seed)[1])
+    make = dict(on_bad=on_bad_image, name=data.name)
+    return (batches(_sub(train, keep), pre, device, **make), batches(_sub(train, held), pre, device, **make),
+            batches(evaluation, pre, device, **make))
 
 
 def train_on_dataset(
@@ -66,6 +130,9 @@ def train_on_dataset(
     fork_layers: int = 0,
     fork_pool: int | tuple[int, int] = 1,
     cuda_graph: bool = False,
+    pipeline: Pipeline = "auto",
+    on_bad_image: OnBad = "skip",
+    cache_dir: str | None = None,
 ) -> dict:
     """Load ``dataset``, add task ``name`` to ``net``, train it on 95% of the train split (best state on the
     held-out 5%), evaluate it on the test split; return its metrics. ``net`` ends on the CPU."""
@@ -77,7 +144,8 @@ def train_on_dataset(
     net.to(device)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
     train, held, test = sources(data, "test", pre, device, seed=seed, max_train=max_train, max_test=max_test,
-                                 max_heldout=max_heldout)
+                                 max_heldout=max_heldout, pipeline=pipeline, on_bad_image=on_bad_image,
+                                 cache_dir=cache_dir, progress=progress)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=max(1, steps // 4),
                       cuda_graph=cuda_graph)
     if lr_sweep:

@@ -135,7 +135,7 @@ def test_predict(db, tmp_path):
     assert set(result[0]["tasks"]) == {"digits", "digits-ext"} and len(result[0]["tasks"]["digits"]) == 2
     assert result[0]["tasks"]["digits"][0]["class"] in [str(d) for d in range(10)]
     (tmp_path / "bad.png").write_bytes(b"nope")
-    user_error(cm(db, "predict", str(tmp_path / "bad.png")), "cannot read image")
+    user_error(cm(db, "predict", str(tmp_path / "bad.png")), "cannot decode image")
     user_error(cm(db, "predict", str(tmp_path / "missing.png")), "does not exist")
 
 

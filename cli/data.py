@@ -1,0 +1,62 @@
+"""Data commands: ``prepare`` (a decoded, memory-mapped copy of a file-backed dataset)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import JsonOpt, app, command, emit, out, table
+
+OnBadOpt = Annotated[str, typer.Option(help="an image that cannot be decoded: skip (named once, left out) or "
+                                            "fail (stop with its path)")]
+PipelineOpt = Annotated[str, typer.Option(help="input path for image files: auto (a prepared copy if there is "
+                                               "one, else decoding on the fly on every core), prepared (build the "
+                                               "copy first), decode, or loader (PIL + timm transforms)")]
+CacheOpt = Annotated[Path | None, typer.Option(help="folder of prepared copies [default: "
+                                                    "$CONTINUAL_MEM_HOME/prepared]")]
+
+
+def on_bad_value(text: str) -> str:
+    if text not in ("skip", "fail"):
+        raise ValueError(f"--on-bad-image must be skip or fail, got {text!r}")
+    return text
+
+
+@app.command()
+@command
+def prepare(
+    dataset: Annotated[str, typer.Argument(help="imagefolder:PATH, webdataset:PATTERN or a torchvision catalog "
+                                                  "name (sun397, food101, ...)")],
+    data_root: Annotated[str, typer.Option(help="folder of torchvision datasets")] = "data",
+    cache_dir: CacheOpt = None,
+    short_side: Annotated[int, typer.Option(min=8, help="images are shrunk to this short side (never "
+                                                        "enlarged)")] = 256,
+    workers: Annotated[int | None, typer.Option(min=0, help="decoding processes [default: the host's "
+                                                            "cores]")] = None,
+    on_bad_image: OnBadOpt = "skip",
+    as_json: JsonOpt = False,
+) -> None:
+    """Decode DATASET once into a memory-mapped uint8 copy (resumable, atomic); training and eval then read it
+    with no decoding. Interrupt it at any time: the next run continues where it stopped."""
+    from scenarios import datasets, prepared
+    from scenarios.decode import reader_for
+
+    data = datasets.load(dataset, root=data_root)
+    parts = {"train": data.train, "test": data.test}
+    if any(isinstance(p, datasets.ImageSet) for p in parts.values()):
+        raise ValueError(f"{dataset} is already decoded in memory and trains from the device; nothing to prepare")
+    opts = prepared.PrepareOptions(short_side=short_side, on_bad=on_bad_value(on_bad_image), workers=workers)
+    rows = []
+    for split, part in parts.items():
+        t0 = time.perf_counter()
+        ps = prepared.prepare(reader_for(part), name=data.name, split=split, class_names=data.class_names,
+                              opts=opts, root=cache_dir, progress=out.is_terminal)
+        rows.append({"split": split, "images": len(ps), "left_out": len(ps.meta["bad"]),
+                     "gigabytes": ps.meta["bytes"] / 1e9, "seconds": time.perf_counter() - t0, "path": str(ps.root)})
+    emit(rows, as_json, lambda rs: out.print(table(
+        f"prepared {dataset} ({data.num_classes} classes, short side {short_side} px)",
+        ["split", "images", "left out", "GB", "seconds", "path"],
+        [[r["split"], r["images"], r["left_out"], f"{r['gigabytes']:.2f}", f"{r['seconds']:.1f}", r["path"]]
+         for r in rs])))

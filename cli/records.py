@@ -1,0 +1,166 @@
+"""What the registry holds: ``tasks``, ``show``, ``verify``, ``predict``; bundles: ``export``, ``import``, ``remove``."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .app import ROOT, JsonOpt, app, command, emit, err, out, pick_device, registry, state, table
+
+
+# ----------------------------------------------------------------------------------------------- read-only
+@app.command()
+@command
+def tasks(as_json: JsonOpt = False) -> None:
+    """List the tasks in order."""
+    rows = registry().tasks(name=state.model)
+
+    def render(rs):
+        def acc(r):
+            return next((f"{m['accuracy']:.4f}" for m in r["metrics"] if m["split"] == "test"), "-")
+
+        out.print(table(f"tasks of model '{state.model}'", ["#", "task", "dataset", "regime", "mode", "m", "classes",
+                                                            "params", "test acc"],
+                        [[r["position"], r["name"], r["dataset"], r["regime"], r["mode"], r["memory"],
+                          r["num_classes"], f"{r['param_count']:,}", acc(r)] for r in rs]))
+
+    emit(rows, as_json, render)
+
+
+@app.command()
+@command
+def show(task: Annotated[str, typer.Argument()], as_json: JsonOpt = False) -> None:
+    """One task: config, parameters, FLOPs, metrics, verification history."""
+    from continual_mem import backbone_flops, task_cost
+
+    reg = registry()
+    info = next((t for t in reg.tasks(name=state.model) if t["name"] == task), None)
+    if info is None:
+        raise ValueError(f"no task named {task!r}; see `continual-mem tasks`")
+    net = reg.load(state.model)
+    cost = task_cost(net, task)
+    info = {**info, "config": net.tasks[task].config.to_dict(), "gflops_per_image": cost.flops / 1e9,
+            "ratio_to_backbone": cost.flops / backbone_flops(net), "shared_pass": cost.shared_pass,
+            "verification": [{"trigger": r["trigger"], "finished_at": r["finished_at"], "status": r["results"][task]}
+                             for r in reg.verification_history(name=state.model) if task in r["results"]]}
+
+    def render(i):
+        c = i["config"]
+        out.print(table(f"task {task}", ["field", "value"], [
+            ["dataset", i["dataset"]], ["regime / mode", f"{c['regime']} / {c['mode']}"],
+            ["memory x layers", f"{c['memory']} x {c['layers']}"], ["classes", c["num_classes"]],
+            ["parameters", f"{i['param_count']:,}"],
+            ["GFLOPs / image", f"{i['gflops_per_image']:.4f} ({i['ratio_to_backbone']:.3f}x backbone)"],
+            ["pass", "shared" if i["shared_pass"] else "own"],
+            *[[f"{m['split']} accuracy", f"{m['accuracy']:.4f}"] for m in i["metrics"]],
+            *[[f"verify {v['finished_at'][:19]}", f"{v['status']} ({v['trigger']})"] for v in i["verification"]]]))
+
+    emit(info, as_json, render)
+
+
+@app.command()
+@command
+def verify(as_json: JsonOpt = False) -> None:
+    """Recompute every task on the probe batch and compare bytes with its stored reference (exit 1 on any
+    mismatch)."""
+    report = registry().verify(name=state.model)
+    rows = [{"task": c.name, "status": c.status, "max_abs_diff": c.max_abs_diff, "detail": c.detail}
+            for c in report.tasks]
+    emit({"ok": report.ok, "build": report.build, "tasks": rows}, as_json, lambda d: out.print(table(
+        f"verification: {'OK, every task bit-exact' if d['ok'] else 'FAILED'} (CPU float32, torch "
+        f"{d['build']['torch']})", ["task", "status", "detail"],
+        [[r["task"], r["status"], r["detail"]] for r in d["tasks"]])))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@command
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files (JPEG, PNG, WebP, GIF; others through PIL)")],
+    top_k: Annotated[int, typer.Option(min=1)] = 3,
+    device: Annotated[str, typer.Option()] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="images per pass")] = 256,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every task's top-k predictions for each image, all tasks in one pass per batch (files decoded on every
+    core, cropped on the device as in eval)."""
+    import numpy as np
+    import torch
+
+    from scenarios.datasets import DatasetError
+    from scenarios.decode import FilesReader
+    from scenarios.pipeline import Preprocess
+    from scenarios.streaming import DecodedImages
+
+    for path in images:
+        if not path.is_file():
+            raise ValueError(f"image {path} does not exist")
+    net = registry().load(state.model)
+    dev = pick_device(device)
+    net.to(dev).eval()
+    reader = FilesReader([str(p) for p in images], np.zeros(len(images), dtype=np.int64))
+    source = DecodedImages(reader, Preprocess.for_backbone(net.backbone, "inception"), dev, on_bad="fail",
+                           name="predict", workers=0 if len(images) < 64 else None)
+    logits: dict[str, list[torch.Tensor]] = {}
+    try:
+        with torch.no_grad():
+            for x, _ in source.eval_batches(batch_size):
+                for name, lg in net(x, original=False).items():
+                    logits.setdefault(name, []).append(lg.float().cpu())
+    except DatasetError as exc:
+        raise ValueError(f"{str(exc).split('; remove')[0].removeprefix('predict: ')}; give a .jpg/.png/.webp "
+                         "file") from None
+    merged = {name: torch.cat(parts) for name, parts in logits.items()}
+    result = []
+    for i, path in enumerate(images):
+        entry = {"image": str(path), "tasks": {}}
+        for name, lg in merged.items():
+            probs = lg[i].softmax(-1)
+            k = min(top_k, probs.numel())
+            p, idx = probs.topk(k)
+            names = net.tasks[name].config.class_names
+            entry["tasks"][name] = [{"class": names[j] if names else str(j), "index": int(j), "prob": float(q)}
+                                    for q, j in zip(p.tolist(), idx.tolist())]
+        result.append(entry)
+    emit(result, as_json, lambda rs: [out.print(table(
+        str(r["image"]), ["task", "top predictions"],
+        [[t, ", ".join(f"{c['class']} ({c['prob']:.2f})" for c in cs)] for t, cs in r["tasks"].items()]))
+        for r in rs])
+
+
+# ----------------------------------------------------------------------------------------------- bundles
+@app.command("export")
+@command
+def export(task: Annotated[str, typer.Argument()], file: Annotated[Path, typer.Argument()]) -> None:
+    """Write TASK as a bundle (safetensors + JSON config + backbone fingerprint)."""
+    data = registry().export_bundle(task, file, name=state.model)
+    out.print(f"exported {task} to {file} ({len(data):,} bytes)")
+
+
+@app.command("import")
+@command
+def import_(file: Annotated[Path, typer.Argument()]) -> None:
+    """Attach a task bundle (refuses another backbone, a duplicate name or a corrupted file)."""
+    report = registry().import_bundle(file, name=state.model)
+    new = [c.name for c in report.tasks if c.status == "new"]
+    out.print(f"imported {', '.join(new)}; older tasks: "
+              f"{', '.join(f'{c.name} {c.status}' for c in report.tasks if c.status != 'new') or 'none'}")
+
+
+@app.command()
+@command
+def remove(task: Annotated[str, typer.Argument()]) -> None:
+    """Remove TASK (refused if a later extension-mode task attends to it)."""
+    report = registry().remove_task(task, name=state.model)
+    out.print(f"removed {task}; remaining: {', '.join(f'{c.name} {c.status}' for c in report.tasks) or 'none'}")
+
+

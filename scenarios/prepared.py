@@ -1,0 +1,275 @@
+"""Prepared copies: a file-backed dataset decoded once into one memory-mapped uint8 file.
+
+``prepare`` decodes every image of a split (all host cores, ``torchvision.io``), shrinks it to a fixed short side
+and appends it to ``pixels.u8``; ``index.npy`` holds ``(offset, height, width, label)`` per image. Training then
+reads batches straight from the page cache (:class:`scenarios.streaming.PreparedImages`): no decoding, one memory
+copy per image. The build is
+
+* **resumable**: work goes in chunks, in order; after each chunk the pixels are flushed, then the index so far,
+  then ``progress.json``: an interrupted build restarts at the last recorded chunk;
+* **atomic**: ``meta.json`` (with the source's fingerprint) is written last, by rename; a folder without it is an
+  unfinished build and is never read as data;
+* **keyed by content**: the folder name carries a hash of the file list (paths, sizes, mtimes, labels) and the
+  decoding options, so a changed dataset gets a new copy instead of a stale one.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .decode import BadImage, OnBad, Reader, bad_image_error, decode_item, host_cores
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+CHUNK = 256
+
+
+def default_root() -> Path:
+    """``$CONTINUAL_MEM_HOME/prepared`` (default ``~/.cache/continual-mem/prepared``)."""
+    home = os.environ.get("CONTINUAL_MEM_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "continual-mem") / "prepared"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Args:
+        short_side: Images are shrunk (never enlarged) to this short side; 256 keeps a 224 px crop sharp.
+        max_aspect: Longer sides are centre-cropped to this many times the short side.
+        on_bad: ``skip`` leaves an undecodable image out (named once in the log and in ``meta.json``);
+            ``fail`` stops with its path.
+        workers: Decoding processes (default: the host's cores).
+    """
+
+    short_side: int = 256
+    max_aspect: float = 2.0
+    on_bad: OnBad = "skip"
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.short_side < 8:
+            raise ValueError(f"short_side must be >= 8, got {self.short_side}")
+        if self.max_aspect < 1.0:
+            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        if self.on_bad not in ("skip", "fail"):
+            raise ValueError(f"on_bad must be skip or fail, got {self.on_bad!r}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+class PreparedSet:
+    """A finished prepared copy (or a subset of it): ``labels``, ``len``, ``subset(idx)`` like :class:`ImageSet`,
+    and ``gather`` to copy images into a padded batch."""
+
+    def __init__(self, root: str | Path, rows: np.ndarray | None = None) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise ValueError(f"{self.root} is not a finished prepared copy (no meta.json); run prepare again")
+        self.meta = json.loads(meta_path.read_text())
+        index = np.load(self.root / "index.npy", allow_pickle=False)
+        size = (self.root / "pixels.u8").stat().st_size
+        self.index = index
+        self.pixels = np.memmap(self.root / "pixels.u8", dtype=np.uint8, mode="r", shape=(size,)) if size else \
+            np.zeros(0, np.uint8)
+        self.rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.class_names = tuple(self.meta["class_names"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.from_numpy(self.index[self.rows, 3].copy())
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """``(N, 2)`` heights and widths."""
+        return self.index[self.rows][:, 1:3]
+
+    def subset(self, idx) -> "PreparedSet":
+        part = copy.copy(self)  # shares the memory map and the index
+        part.rows = self.rows[np.asarray(idx, dtype=np.int64)]
+        return part
+
+    def image(self, i: int) -> np.ndarray:
+        off, h, w, _ = self.index[self.rows[i]]
+        return np.asarray(self.pixels[off:off + h * w * 3]).reshape(h, w, 3)
+
+    def gather(self, positions: np.ndarray, out: np.ndarray) -> None:
+        """Copy images ``positions`` into a ``(B, H, W, 3)`` uint8 batch with :func:`place`."""
+        for k, p in enumerate(positions):
+            off, h, w, _ = self.index[self.rows[p]]
+            place(out[k], self.pixels[off:off + h * w * 3].reshape(h, w, 3))
+
+
+def place(dst: np.ndarray, img: np.ndarray) -> None:
+    """Put ``img`` ``(h, w, 3)`` at the top left of ``dst`` ``(H, W, 3)``: its last row and column repeated once
+    (bilinear crops at the image's edge read one pixel past it, which must be the edge, not padding), zeros
+    elsewhere (a reused buffer must not leak another batch's pixels)."""
+    h, w = img.shape[:2]
+    dst[:h, :w] = img
+    if h < dst.shape[0]:
+        dst[h, :w] = img[h - 1]
+        dst[h + 1:] = 0
+    if w < dst.shape[1]:
+        dst[:h + 1, w] = dst[:h + 1, w - 1]
+        dst[:h + 1, w + 1:] = 0
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", text).strip("-.")[-48:] or "data"
+
+
+def location(reader: Reader, *, name: str, split: str, opts: PrepareOptions, root: Path | None = None) -> Path:
+    """Where the prepared copy of ``reader`` with ``opts`` lives (a hash of its content and the options)."""
+    key = {"format": FORMAT, "source": reader.fingerprint(), "short_side": opts.short_side,
+           "max_aspect": opts.max_aspect, "on_bad": opts.on_bad}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return (root or default_root()) / f"{_slug(name)}-{split}-{digest}"
+
+
+class _Chunks(Dataset):
+    """Chunk ``c`` of a reader, decoded: what one worker returns."""
+
+    def __init__(self, reader: Reader, opts: PrepareOptions, first: int) -> None:
+        self.reader, self.opts, self.first = reader, opts, first
+        self.count = (len(reader) + CHUNK - 1) // CHUNK
+
+    def __len__(self) -> int:
+        return self.count - self.first
+
+    def __getitem__(self, c: int):
+        lo = (self.first + c) * CHUNK
+        arrays, rows, bad = [], [], []
+        for i in range(lo, min(lo + CHUNK, len(self.reader))):
+            try:
+                a = decode_item(self.reader, i, short_side=self.opts.short_side, max_aspect=self.opts.max_aspect)
+            except BadImage as exc:
+                bad.append(str(exc))
+                continue
+            arrays.append(a.reshape(-1))
+            rows.append((a.shape[0], a.shape[1], int(self.reader.labels[i])))
+        flat = torch.from_numpy(np.concatenate(arrays)) if arrays else torch.zeros(0, dtype=torch.uint8)
+        return flat, torch.tensor(rows, dtype=torch.int64).reshape(-1, 3), bad
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def prepare(
+    reader: Reader,
+    *,
+    name: str,
+    split: str,
+    class_names: tuple[str, ...],
+    opts: PrepareOptions = PrepareOptions(),
+    root: str | Path | None = None,
+    progress: bool = False,
+) -> PreparedSet:
+    """Decode ``reader`` into a prepared copy (or reuse / resume the one already there) and open it.
+
+    Args:
+        reader: The encoded images (:func:`scenarios.decode.reader_for`).
+        name: Dataset name (for messages and the folder name).
+        split: ``train`` or ``test`` (part of the folder name).
+        class_names: Stored with the copy.
+        opts: Decoding options.
+        root: Folder of prepared copies (default :func:`default_root`).
+        progress: Show a rich progress bar.
+
+    Raises:
+        DatasetError: an image cannot be decoded and ``opts.on_bad`` is ``fail`` (the build so far is kept and
+            resumes once the file is fixed or skipped).
+    """
+    from .datasets import DatasetError
+
+    out = location(reader, name=name, split=split, opts=opts, root=Path(root) if root else None)
+    if (out / "meta.json").is_file():
+        return PreparedSet(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, pixels_path, partial_index = out / "progress.json", out / "pixels.u8", out / "index.partial.npy"
+    state = {"chunks": 0, "bytes": 0, "rows": 0, "bad": []}
+    rows = np.zeros((0, 4), dtype=np.int64)
+    if state_path.is_file() and partial_index.is_file():
+        state = json.loads(state_path.read_text())
+        rows = np.load(partial_index, allow_pickle=False)[:state["rows"]]
+        log.info("%s/%s: resuming a prepared copy at image %d of %d", name, split, state["chunks"] * CHUNK,
+                 len(reader))
+    t0 = time.perf_counter()
+    workers = host_cores() if opts.workers is None else opts.workers
+    chunks = _Chunks(reader, opts, state["chunks"])
+    loader = DataLoader(chunks, batch_size=None, num_workers=min(workers, len(chunks)),
+                        prefetch_factor=4 if workers else None)
+    bar = _bar(progress, f"{name} ({split})", len(reader), min(len(reader), state["chunks"] * CHUNK))
+    parts = [rows]
+    try:
+        with open(pixels_path, "ab" if state["bytes"] else "wb") as f:
+            f.truncate(state["bytes"])  # drop whatever a crash wrote after the last recorded chunk
+            f.seek(state["bytes"])
+            for flat, chunk_rows, bad in loader:
+                if bad and opts.on_bad == "fail":
+                    raise DatasetError(bad_image_error(name, bad[0]))
+                for message in bad:
+                    log.warning("%s: %s; left out", name, message)
+                n = len(chunk_rows)
+                offsets = state["bytes"] + np.concatenate(
+                    [[0], np.cumsum((chunk_rows[:, 0] * chunk_rows[:, 1] * 3).numpy())[:-1]]) if n else np.zeros(0)
+                f.write(flat.numpy().tobytes())
+                f.flush()
+                parts.append(np.column_stack([offsets.astype(np.int64), chunk_rows.numpy()]) if n
+                             else np.zeros((0, 4), dtype=np.int64))
+                state = {"chunks": state["chunks"] + 1, "bytes": state["bytes"] + flat.numel(),
+                         "rows": state["rows"] + n, "bad": state["bad"] + bad}
+                np.save(partial_index.with_name("index.partial.tmp.npy"), np.concatenate(parts))
+                os.replace(partial_index.with_name("index.partial.tmp.npy"), partial_index)
+                _write_json(state_path, state)
+                if bar is not None:
+                    bar[0].update(bar[1], completed=min(len(reader), state["chunks"] * CHUNK))
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    index = np.concatenate(parts)
+    if not len(index):
+        raise DatasetError(f"{name}: no image of the {split} split could be decoded; check the files")
+    np.save(out / "index.tmp.npy", index)
+    os.replace(out / "index.tmp.npy", out / "index.npy")
+    _write_json(out / "meta.json", {
+        "format": FORMAT, "name": name, "split": split, "class_names": list(class_names), "count": len(index),
+        "bad": state["bad"], "short_side": opts.short_side, "max_aspect": opts.max_aspect,
+        "source": reader.fingerprint(), "bytes": state["bytes"], "seconds": time.perf_counter() - t0})
+    for leftover in (state_path, partial_index):
+        leftover.unlink(missing_ok=True)
+    return PreparedSet(out)
+
+
+def find(reader: Reader, *, name: str, split: str, opts: PrepareOptions = PrepareOptions(),
+         root: str | Path | None = None) -> PreparedSet | None:
+    """The finished prepared copy of ``reader`` with ``opts``, if there is one."""
+    out = location(reader, name=name, split=split, opts=opts, root=Path(root) if root else None)
+    return PreparedSet(out) if (out / "meta.json").is_file() else None
+
+
+def _bar(enabled: bool, label: str, total: int, start: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(f"[bold]prepare {label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    tid = bar.add_task(label, total=total, completed=start)
+    bar.start()
+    return bar, tid

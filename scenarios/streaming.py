@@ -1,0 +1,277 @@
+"""Batch sources for file-backed datasets at GPU speed.
+
+Both sources hand the device the same thing: a padded uint8 batch ``(B, H, W, 3)`` of images already shrunk to a
+short side of 256 px, plus each image's height and width. The device then does what :class:`DeviceImages` does
+for resident data, in one batched kernel each: inception crop boxes inside each image's own size (or timm's centre
+crop for evaluation), ``roi_align`` to the model's size, flips, normalisation. The CPU only decodes (or copies).
+
+* :class:`PreparedImages` reads a prepared copy (:mod:`scenarios.prepared`): a memory copy per image, in a few
+  threads, into pinned memory; no decoding at all.
+* :class:`DecodedImages` decodes the JPEG/PNG files themselves with ``torchvision.io`` in worker processes (one per
+  host core), so a folder needs no preparation.
+
+Batch ``s`` depends only on ``(seed, s)``: the same images (:func:`~scenarios.pipeline.step_indices`), the same
+crop boxes and coins (drawn on the device for the whole global batch, each image's box from its own size only),
+whichever source, however many ranks share the batch, and after a resume.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from continual_mem.distributed import SINGLE, Shard
+
+from .decode import BadImage, OnBad, Reader, bad_image_error, decode_item, host_cores
+from .pipeline import (Preprocess, _generator, center_boxes, crop_resize, inception_boxes, random_flip,
+                       step_indices)
+from .prepared import PreparedSet, place
+
+log = logging.getLogger(__name__)
+
+SHORT_SIDE = 256
+ALIGN = 16  # padded batch sizes are rounded up to this, so a few shapes recur
+
+
+def _round_up(v: int) -> int:
+    """Padded size for images up to ``v``: at least one row/column more (so every image's edge is replicated by
+    :func:`~scenarios.prepared.place`, never clamped by ``roi_align``: the same bits whatever the batch)."""
+    return (v // ALIGN + 1) * ALIGN
+
+
+class _DeviceStage:
+    """What happens on the device: a padded uint8 batch to a normalised model batch."""
+
+    def __init__(self, pre: Preprocess, device: torch.device) -> None:
+        self.pre, self.device = pre, device
+        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, canvas: torch.Tensor, hw: torch.Tensor, labels: torch.Tensor, *, train: bool,
+                 g: torch.Generator | None = None, n: int | None = None, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``canvas`` holds images ``lo:lo+len`` of a global batch of ``n`` (the random draws cover all ``n``)."""
+        dev, s, aug = self.device, self.pre.img_size, self.pre.augment
+        canvas = canvas.to(dev, non_blocking=True)
+        hw = hw.to(dev, non_blocking=True).float()
+        labels = labels.to(dev, non_blocking=True)
+        x = canvas.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
+        h, w = hw[:, 0], hw[:, 1]
+        b = len(labels)
+        n = b if n is None else n
+        if train and aug == "inception":
+            full_h, full_w = torch.ones(n, device=dev), torch.ones(n, device=dev)  # other ranks' images: any size
+            full_h[lo:lo + b], full_w[lo:lo + b] = h, w
+            boxes = inception_boxes(full_h, full_w, g)[lo:lo + b]
+        elif aug == "inception":
+            boxes = center_boxes(h, w, s, self.pre.crop_pct)
+        else:  # whole image, resized (digits, CIFAR-like)
+            zero = torch.zeros_like(h)
+            boxes = torch.stack([zero, zero, w, h], dim=1)
+        x = crop_resize(x, boxes, s)
+        if train and aug in ("inception", "flip"):
+            x = random_flip(x, g, n, lo, lo + b)
+        return (x - self.mean) / self.std, labels
+
+
+class PreparedImages:
+    """A :class:`PreparedSet` as a batch source: host threads copy images into pinned padded batches a few steps
+    ahead; the device crops and normalises them.
+
+    Args:
+        data: The prepared copy (or a subset).
+        pre: The backbone's preprocessing.
+        device: Where batches go.
+        threads: Host threads copying batches (default: up to 8 of the host's cores).
+        prefetch: Batches prepared ahead of the one asked for.
+    """
+
+    def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
+                 threads: int | None = None, prefetch: int = 4) -> None:
+        self.data, self.pre, self.device = data, pre, torch.device(device)
+        self.stage = _DeviceStage(pre, self.device)
+        self.labels = data.labels
+        self.sizes = data.sizes
+        self.prefetch = prefetch
+        self.pool = ThreadPoolExecutor(max_workers=threads or min(8, host_cores()), thread_name_prefix="prepared")
+        self._ahead: dict[tuple, Future] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _host(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sizes = self.sizes[positions]
+        H, W = _round_up(int(sizes[:, 0].max())), _round_up(int(sizes[:, 1].max()))
+        canvas = torch.empty((len(positions), H, W, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        self.data.gather(positions, canvas.numpy())
+        return canvas, torch.from_numpy(sizes.copy()), self.labels[torch.from_numpy(positions)]
+
+    def _fetch(self, key: tuple, positions_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The host batch ``key`` (and the next ``prefetch`` ones submitted); ``positions_of(key)`` says which
+        images a key holds, or None past the end."""
+        for k in [key] + [key[:-1] + (key[-1] + d,) for d in range(1, self.prefetch + 1)]:
+            if k not in self._ahead:
+                pos = positions_of(k)
+                if pos is not None:
+                    self._ahead[k] = self.pool.submit(self._host, pos)
+        for stale in [k for k in self._ahead if k[:-1] != key[:-1] or k[-1] < key[-1]]:
+            self._ahead.pop(stale).cancel()
+        return self._ahead.pop(key).result()
+
+    def train_batch(self, step: int, batch_size: int, seed: int, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global batch ``step``; ``shard`` copies and crops only its contiguous part of it."""
+        n = min(batch_size, len(self))
+        lo, hi = shard.bounds(n)
+
+        def positions(key):
+            return step_indices(len(self), key[-1], batch_size, seed)[lo:hi].numpy()
+
+        canvas, hw, labels = self._fetch(("train", batch_size, seed, shard, step), positions)
+        return self.stage(canvas, hw, labels, train=True, g=_generator(seed, step, self.device), n=n, lo=lo)
+
+    def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Evaluation batches of ``shard``'s contiguous part of the set, in order."""
+        lo, hi = shard.bounds(len(self))
+        starts = list(range(lo, hi, batch_size))
+
+        def positions(key):
+            b = key[-1]
+            return np.arange(starts[b], min(starts[b] + batch_size, hi)) if b < len(starts) else None
+
+        for b in range(len(starts)):
+            canvas, hw, labels = self._fetch(("eval", batch_size, shard, b), positions)
+            yield self.stage(canvas, hw, labels, train=False)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+class _Decode(Dataset):
+    """Worker side of :class:`DecodedImages`: item ``i`` decoded and shrunk (a bad one replaced or reported)."""
+
+    def __init__(self, reader: Reader, short_side: int, max_aspect: float, on_bad: OnBad) -> None:
+        self.reader, self.short_side, self.max_aspect, self.on_bad = reader, short_side, max_aspect, on_bad
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int):
+        bad = []
+        for j in range(i, i + len(self.reader)):  # skip: the next decodable image takes a bad one's place
+            k = j % len(self.reader)
+            try:
+                a = decode_item(self.reader, k, short_side=self.short_side, max_aspect=self.max_aspect)
+                return a, int(self.reader.labels[k]), bad
+            except BadImage as exc:
+                bad.append(str(exc))
+                if self.on_bad == "fail":
+                    return None, -1, bad
+        return None, -1, bad
+
+
+def _pad(items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Collate decoded images into a zero-padded ``(B, H, W, 3)`` uint8 batch (runs in the worker)."""
+    bad = [m for _, _, b in items for m in b]
+    if any(a is None for a, _, _ in items):
+        return torch.zeros(0, 1, 1, 3, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.int64), \
+            torch.zeros(0, dtype=torch.int64), bad
+    H = _round_up(max(a.shape[0] for a, _, _ in items))
+    W = _round_up(max(a.shape[1] for a, _, _ in items))
+    canvas = torch.empty((len(items), H, W, 3), dtype=torch.uint8)
+    for k, (a, _, _) in enumerate(items):
+        place(canvas[k].numpy(), a)
+    hw = torch.tensor([a.shape[:2] for a, _, _ in items], dtype=torch.int64)
+    return canvas, hw, torch.tensor([y for _, y, _ in items], dtype=torch.int64), bad
+
+
+class _StepBatches(Sampler[list[int]]):
+    """This rank's part of global batches ``start, start+1, ...`` (endless)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, shard: Shard) -> None:
+        self.n, self.batch_size, self.seed, self.start, self.shard = n, batch_size, seed, start, shard
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo, hi = self.shard.bounds(min(self.batch_size, self.n))
+        step = self.start
+        while True:
+            yield step_indices(self.n, step, self.batch_size, self.seed)[lo:hi].tolist()
+            step += 1
+
+
+class _Range(Sampler[list[int]]):
+    def __init__(self, lo: int, hi: int, batch_size: int) -> None:
+        self.lo, self.hi, self.batch_size = lo, hi, batch_size
+
+    def __len__(self) -> int:
+        return -(-(self.hi - self.lo) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in range(self.lo, self.hi, self.batch_size):
+            yield list(range(s, min(s + self.batch_size, self.hi)))
+
+
+class DecodedImages:
+    """Image files decoded on the fly (``torchvision.io``, one worker process per host core) into padded uint8
+    batches; the device crops and normalises them. No preparation step.
+
+    Args:
+        reader: The encoded images (:func:`scenarios.decode.reader_for`).
+        pre: The backbone's preprocessing.
+        device: Where batches go.
+        workers: Decoding processes (default: the host's cores, shared among the job's ranks, less one).
+        on_bad: ``skip`` puts the next decodable image in a bad one's place (named once in the log); ``fail``
+            stops with the file's path.
+        name: Dataset name for messages.
+    """
+
+    def __init__(self, reader: Reader, pre: Preprocess, device: str | torch.device = "cpu", *,
+                 workers: int | None = None, on_bad: OnBad = "skip", name: str = "dataset",
+                 short_side: int = SHORT_SIDE, max_aspect: float = 2.0) -> None:
+        self.reader, self.pre, self.device, self.name, self.on_bad = reader, pre, torch.device(device), name, on_bad
+        self.stage = _DeviceStage(pre, self.device)
+        self.labels = torch.from_numpy(np.asarray(reader.labels, dtype=np.int64))
+        self.workers = workers
+        self.dataset = _Decode(reader, short_side, max_aspect, on_bad)
+        self._it: Iterator | None = None
+        self._key: tuple | None = None
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def _loader(self, sampler: Sampler, shard: Shard) -> DataLoader:
+        workers = self.workers if self.workers is not None else max(1, host_cores() // shard.world - 1)
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_pad, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None)
+
+    def _check(self, bad: list[str]) -> None:
+        for message in bad:
+            if self.on_bad == "fail":
+                from .datasets import DatasetError
+
+                raise DatasetError(bad_image_error(self.name, message))
+            if message not in self._reported:
+                self._reported.add(message)
+                log.warning("%s: %s; another image takes its place", self.name, message)
+
+    def train_batch(self, step: int, batch_size: int, seed: int, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global batch ``step``; ``shard`` decodes only its contiguous part of it."""
+        key = (batch_size, seed, shard, step)
+        if self._key != key:  # first call, a resume, or another run: start the workers at this step
+            self._it = iter(self._loader(_StepBatches(len(self), batch_size, seed, step, shard), shard))
+        canvas, hw, labels, bad = next(self._it)
+        self._check(bad)
+        self._key = (batch_size, seed, shard, step + 1)
+        n = min(batch_size, len(self))
+        return self.stage(canvas, hw, labels, train=True, g=_generator(seed, step, self.device), n=n,
+                          lo=shard.bounds(n)[0])
+
+    def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        lo, hi = shard.bounds(len(self))
+        for canvas, hw, labels, bad in self._loader(_Range(lo, hi, batch_size), shard):
+            self._check(bad)
+            yield self.stage(canvas, hw, labels, train=False)

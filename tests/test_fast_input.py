@@ -1,0 +1,255 @@
+"""The fast input path for image files: decoding, prepared copies, streamed batches, sharding, bad files,
+WebDataset shards."""
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from continual_mem.distributed import Shard
+from scenarios import datasets, prepared
+from scenarios.datasets import DatasetError
+from scenarios.decode import BadImage, FilesReader, decode_item, reader_for, shrink
+from scenarios.pipeline import Preprocess
+from scenarios.prepared import PrepareOptions
+from scenarios.recipes import choose_pipeline, sources
+from scenarios.streaming import DecodedImages, PreparedImages
+from scenarios.synthetic import make_image_folder, photo
+
+PRE = Preprocess(28, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 0.875, "inception")
+SHORT = 48  # small images: quick tests, still shrunk
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("jpegs")
+    make_image_folder(root, classes=3, per_class=12, size=(80, 60), portrait_every=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reader(folder):
+    return reader_for(datasets.load(f"imagefolder:{folder}").train)
+
+
+def _prepare(reader, root, **opts):
+    return prepared.prepare(reader, name="jpegs", split="train", class_names=("a", "b", "c"), root=root,
+                            opts=PrepareOptions(short_side=SHORT, workers=0, **opts))
+
+
+def test_decoding_matches_pil(tmp_path):
+    """torchvision's decoder gives PIL's pixels (both libjpeg-turbo: within JPEG decoder tolerance), also for
+    grey JPEGs and PNGs; shrinking keeps the aspect ratio and never enlarges."""
+    gray = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40), dtype=np.uint8)).save(gray, "JPEG")
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(png, "PNG")
+    files = {"c.jpg": photo(3, label=1, size=(64, 48)), "g.jpg": gray.getvalue(), "p.png": png.getvalue()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    r = FilesReader([str(tmp_path / n) for n in files], np.zeros(3, dtype=np.int64))
+    for i, name in enumerate(files):
+        ours = decode_item(r, i, short_side=None, max_aspect=10.0).astype(int)
+        pil = np.asarray(Image.open(tmp_path / name).convert("RGB")).astype(int)
+        assert ours.shape == pil.shape
+        assert np.abs(ours - pil).max() <= 2, name
+    img = torch.zeros(3, 300, 400, dtype=torch.uint8)
+    assert shrink(img, short_side=256, max_aspect=2.0).shape == (3, 256, 341)
+    assert shrink(img, short_side=512, max_aspect=2.0).shape == (3, 300, 400)  # never enlarged
+    assert shrink(torch.zeros(3, 100, 500, dtype=torch.uint8), short_side=50, max_aspect=2.0).shape == (3, 50, 100)
+
+
+def test_prepared_and_decoded_batches_are_identical_and_depend_only_on_seed_and_step(reader, tmp_path):
+    ps = _prepare(reader, tmp_path)
+    assert len(ps) == len(reader) and ps.meta["bad"] == []
+    a = PreparedImages(ps, PRE)
+    b = DecodedImages(reader, PRE, workers=0, short_side=SHORT)
+    for step in (0, 1, 4):
+        xa, ya = a.train_batch(step, 8, seed=3)
+        xb, yb = b.train_batch(step, 8, seed=3)
+        assert xa.shape == (8, 3, 28, 28)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    fresh = PreparedImages(ps, PRE)  # a resumed run asks for step 4 first
+    assert torch.equal(fresh.train_batch(4, 8, seed=3)[0], xa)
+    assert not torch.equal(fresh.train_batch(4, 8, seed=4)[0], xa)
+    ea, eb = list(a.eval_batches(10)), list(b.eval_batches(10))
+    assert len(ea) == -(-len(reader) // 10)
+    for (xa, ya), (xb, yb) in zip(ea, eb):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(torch.cat([y for _, y in ea]), torch.from_numpy(reader.labels))
+
+
+def test_crops_never_read_padding(reader, tmp_path):
+    """An image's batch does not depend on the other images it is padded with (their sizes set the canvas)."""
+    ps = _prepare(reader, tmp_path)
+    src = PreparedImages(ps, Preprocess(28, (0.5,) * 3, (0.25,) * 3, 0.875, "none"))
+    small = int(np.argmin(ps.sizes.prod(axis=1)))
+    alone = src.stage(*src._host(np.array([small])), train=False)[0]
+    big = int(np.argmax(ps.sizes.prod(axis=1)))
+    together = src.stage(*src._host(np.array([small, big])), train=False)[0]
+    torch.testing.assert_close(together[:1], alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["prepared", "decoded"])
+def test_rank_parts_rebuild_the_global_batch(reader, tmp_path, kind):
+    make = (lambda: PreparedImages(_prepare(reader, tmp_path), PRE)) if kind == "prepared" else \
+        (lambda: DecodedImages(reader, PRE, workers=0, short_side=SHORT))
+    x, y = make().train_batch(2, 9, seed=1)
+    for world in (2, 3):
+        parts = [make().train_batch(2, 9, seed=1, shard=Shard(r, world)) for r in range(world)]
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        labels = [torch.cat([b[1] for b in make().eval_batches(4, shard=Shard(r, world))]) for r in range(world)]
+        assert torch.equal(torch.cat(labels), torch.from_numpy(reader.labels))
+
+
+def test_decoding_workers_give_the_same_batches(reader):
+    one = DecodedImages(reader, PRE, workers=0, short_side=SHORT)
+    two = DecodedImages(reader, PRE, workers=2, short_side=SHORT)
+    for step in range(3):
+        assert torch.equal(one.train_batch(step, 8, seed=0)[0], two.train_batch(step, 8, seed=0)[0])
+
+
+@pytest.fixture
+def damaged(tmp_path, folder) -> Path:
+    root = tmp_path / "damaged"
+    make_image_folder(root, classes=2, per_class=6, size=(40, 30))
+    good = (root / "class_00" / "img_00001.jpg").read_bytes()
+    (root / "class_00" / "img_00001.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (root / "class_01" / "img_00002.jpg").write_bytes(b"this is not an image")
+    return root
+
+
+def test_bad_images_are_named_and_skipped_or_fail(damaged, tmp_path, caplog):
+    r = reader_for(datasets.load(f"imagefolder:{damaged}").train)
+    with pytest.raises(DatasetError, match=r"img_0000[12]\.jpg .*--on-bad-image skip"):
+        _prepare(r, tmp_path / "fail", on_bad="fail")
+    assert prepared.find(r, name="jpegs", split="train", opts=PrepareOptions(short_side=SHORT, workers=0,
+                                                                              on_bad="fail"), root=tmp_path / "fail") is None
+    with caplog.at_level(logging.WARNING):
+        ps = _prepare(r, tmp_path / "skip")
+    assert len(ps) == len(r) - 2 and len(ps.meta["bad"]) == 2
+    assert sum("left out" in m for m in caplog.messages) == 2
+    src = DecodedImages(r, PRE, workers=0, short_side=SHORT, name="damaged")
+    with caplog.at_level(logging.WARNING):
+        batches = list(src.eval_batches(len(r)))
+    assert batches[0][0].shape[0] == len(r)  # a bad image's slot is filled by the next good one
+    assert sum("takes its place" in m for m in caplog.messages) == 2
+    strict = DecodedImages(r, PRE, workers=0, short_side=SHORT, on_bad="fail", name="damaged")
+    with pytest.raises(DatasetError, match=r"damaged: cannot decode image .*img_0000[12]\.jpg"):
+        list(strict.eval_batches(len(r)))
+
+
+class _Interrupting:
+    """A reader that stops the process (as Ctrl-C would) at one item."""
+
+    def __init__(self, inner, at: int) -> None:
+        self.inner, self.at, self.labels = inner, at, inner.labels
+
+    def __len__(self):
+        return len(self.inner)
+
+    def read(self, i):
+        if i == self.at:
+            raise KeyboardInterrupt
+        return self.inner.read(i)
+
+    def name(self, i):
+        return self.inner.name(i)
+
+    def fingerprint(self):
+        return self.inner.fingerprint()
+
+
+def test_prepare_interrupted_resumes_to_the_same_copy(reader, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepared, "CHUNK", 4)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(_Interrupting(reader, 21), tmp_path / "a")
+    out = prepared.location(reader, name="jpegs", split="train", opts=PrepareOptions(short_side=SHORT, workers=0),
+                            root=tmp_path / "a")
+    assert not (out / "meta.json").exists()  # an unfinished copy is never read as data
+    assert json.loads((out / "progress.json").read_text())["chunks"] == 5
+    with open(out / "pixels.u8", "ab") as f:
+        f.write(b"garbage a crash left behind")
+    resumed = _prepare(reader, tmp_path / "a")
+    whole = _prepare(reader, tmp_path / "b")
+    assert (resumed.root / "pixels.u8").read_bytes() == (whole.root / "pixels.u8").read_bytes()
+    assert np.array_equal(resumed.index, whole.index)
+    assert not (out / "progress.json").exists()
+
+
+def test_a_changed_folder_gets_a_new_copy(tmp_path):
+    root = tmp_path / "f"
+    make_image_folder(root, classes=2, per_class=3, size=(40, 30))
+    r1 = reader_for(datasets.load(f"imagefolder:{root}").train)
+    ps = _prepare(r1, tmp_path / "cache")
+    (root / "class_00" / "img_00000.jpg").write_bytes(photo(99, label=0, size=(30, 40)))
+    r2 = reader_for(datasets.load(f"imagefolder:{root}").train)
+    assert prepared.location(r2, name="jpegs", split="train", opts=PrepareOptions(short_side=SHORT),
+                             root=tmp_path / "cache") != ps.root
+
+
+def test_pipeline_policy():
+    assert choose_pipeline("auto", file_backed=False, prepared_exists=False) == "device"
+    assert choose_pipeline("loader", file_backed=False, prepared_exists=True) == "device"
+    assert choose_pipeline("auto", file_backed=True, prepared_exists=True) == "prepared"
+    assert choose_pipeline("auto", file_backed=True, prepared_exists=False) == "decode"
+    assert choose_pipeline("prepared", file_backed=True, prepared_exists=False) == "prepared"
+    assert choose_pipeline("loader", file_backed=True, prepared_exists=True) == "loader"
+    with pytest.raises(ValueError, match="unknown pipeline 'dali'"):
+        choose_pipeline("dali", file_backed=True, prepared_exists=True)
+
+
+def test_sources_pick_the_fast_paths(folder, tmp_path):
+    data = datasets.load(f"imagefolder:{folder}")
+    common = dict(seed=0, max_train=None, max_test=None, cache_dir=str(tmp_path))
+    kinds = [type(s).__name__ for s in sources(data, "test", PRE, "cpu", **common)]
+    assert kinds == ["DecodedImages"] * 3
+    kinds = [type(s).__name__ for s in sources(data, "test", PRE, "cpu", pipeline="prepared", **common)]
+    assert kinds == ["PreparedImages"] * 3
+    assert [type(s).__name__ for s in sources(data, "test", PRE, "cpu", **common)] == ["PreparedImages"] * 3
+    assert [type(s).__name__ for s in sources(data, "test", PRE, "cpu", pipeline="loader", **common)] == \
+        ["LoaderImages"] * 3
+
+
+def test_webdataset_shards(folder, tmp_path):
+    import webdataset as wds
+
+    files = sorted(folder.glob("class_*/*.jpg"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for split, part in (("train", files[::2]), ("test", files[1::2])):
+        for s in range(2):
+            with wds.TarWriter(str(shards / f"{split}-{s:06d}.tar")) as sink:
+                for p in part[s::2]:
+                    sink.write({"__key__": f"{p.parent.name}/{p.stem}", "jpg": p.read_bytes(),
+                                "cls": str(int(p.parent.name[-2:])).encode()})
+    (shards / "classes.txt").write_text("red\ngreen\nblue\n")
+    data = datasets.load(f"webdataset:{shards}")
+    assert data.class_names == ("red", "green", "blue") and data.augment == "inception"
+    r = reader_for(data.train)
+    assert len(r) + len(reader_for(data.test)) == len(files)
+    first = decode_item(r, 0, short_side=None, max_aspect=10.0)
+    assert np.array_equal(first, np.asarray(Image.open(folder / f"{r.keys[0]}.jpg").convert("RGB")))
+    pattern = datasets.load("webdataset:" + str(shards / "train-{000000..000001}.tar"))
+    assert len(pattern.train) + len(pattern.test) == len(r)  # a fixed 20% test split of the pattern's samples
+    x, y = DecodedImages(r, PRE, workers=0).train_batch(0, 6, seed=0)
+    assert x.shape == (6, 3, 28, 28)
+    ps = prepared.prepare(r, name=data.name, split="train", class_names=data.class_names, root=tmp_path / "c",
+                          opts=PrepareOptions(workers=0))
+    assert len(ps) == len(r)
+    with pytest.raises(DatasetError, match="no shard file"):
+        datasets.load("webdataset:" + str(shards / "train-{000000..000009}.tar"))
+    (shards / "classes.txt").write_text("red\n")
+    with pytest.raises(DatasetError, match="classes.txt names 1 classes"):
+        datasets.load(f"webdataset:{shards}")
+
+
+def test_bad_image_is_a_bad_image():
+    with pytest.raises(BadImage, match="cannot decode image x"):
+        decode_item(type("R", (), {"read": lambda s, i: b"nope", "name": lambda s, i: "x", "labels": [0]})(), 0,
+                    short_side=None, max_aspect=2.0)
