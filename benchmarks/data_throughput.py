@@ -1,0 +1,279 @@
+"""End-to-end training and evaluation throughput per input path, same model and run: a JPEG folder through
+each pipeline (PIL loader, on-the-fly decoding, prepared copy), a device-resident uint8 set and synthetic tensors.
+
+Training is ``continual_mem.train.fit`` itself (masked-memory task, SGD, optional CUDA graph), timed from a warm-up
+step to the end with the device synchronised at both ends; evaluation is ``continual_mem.train.evaluate``. For
+each row: images/s, ratio to the device-resident rate, CPU cores busy (process and its workers) and peak host
+memory of the process tree (resident set, mapped page cache included).
+
+    python benchmarks/data_throughput.py --device cuda --folder /tmp/jpegs          # generates the folder if absent
+    python benchmarks/data_throughput.py --device cpu --images 600 --eval-images 300 --img-size 56 --steps 6 \\
+        --batch-size 32 --model vit_small_patch14_dinov2 --folder /tmp/jpegs-small  # a quick CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from continual_mem import MemoryViT  # noqa: E402
+from continual_mem.train import TrainConfig, evaluate, fit  # noqa: E402
+from scenarios import datasets, prepared  # noqa: E402
+from scenarios.datasets import ImageSet  # noqa: E402
+from scenarios.decode import host_cores, reader_for  # noqa: E402
+from scenarios.pipeline import DeviceImages, LoaderImages, Preprocess  # noqa: E402
+from scenarios.streaming import DecodedImages, PreparedImages  # noqa: E402
+from scenarios.synthetic import make_image_folder  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+def _tree_rss() -> int:
+    """Resident bytes of this process and all its descendants (from /proc)."""
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {me}, [me]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    total = 0
+    for p in tree:
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+class Probe:
+    """CPU time (this process and its reaped workers) and the peak resident memory of the process tree."""
+
+    def __enter__(self) -> "Probe":
+        gc.collect()
+        self.t0, self.cpu0, self.peak = time.perf_counter(), self._cpu(), _tree_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _cpu() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            self.peak = max(self.peak, _tree_rss())
+
+    def __exit__(self, *exc) -> None:
+        self.peak = max(self.peak, _tree_rss())
+        self._stop.set()
+        self._thread.join()
+        self.wall = time.perf_counter() - self.t0
+
+    def finish(self) -> dict:
+        """Call after the source's workers have exited (their CPU time is counted once reaped)."""
+        gc.collect()
+        time.sleep(0.2)
+        return {"cpu_cores_busy": (self._cpu() - self.cpu0) / max(1e-9, self.wall), "peak_rss_gb": self.peak / 1e9}
+
+
+class Timed:
+    """A batch source that synchronises the device and starts the clock when step ``warmup`` is asked for."""
+
+    def __init__(self, inner, warmup: int, device: torch.device) -> None:
+        self.inner, self.warmup, self.device, self.start = inner, warmup, device, None
+
+    def train_batch(self, step: int, batch_size: int, seed: int):
+        if step == self.warmup:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+        return self.inner.train_batch(step, batch_size, seed)
+
+    def eval_batches(self, batch_size: int):
+        return self.inner.eval_batches(batch_size)
+
+
+class Synthetic:
+    """The same normalised batch every step (the upper bound: no input pipeline at all)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def train_batch(self, step: int, batch_size: int, seed: int):
+        return self.x, self.y
+
+    def eval_batches(self, batch_size: int):
+        for i in range(0, 10_000, batch_size):
+            yield self.x[:min(batch_size, 10_000 - i)], self.y[:min(batch_size, 10_000 - i)]
+
+
+# ----------------------------------------------------------------------------------------------- data
+def ensure_folder(root: Path, *, images: int, eval_images: int, classes: int, size: tuple[int, int]) -> dict:
+    """``root/train`` and ``root/test`` of synthetic photos (written once, in parallel)."""
+    marker = root / ".complete"
+    t0 = time.perf_counter()
+    if not marker.is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        make_image_folder(root / "train", classes=classes, per_class=images // classes, size=size,
+                          portrait_every=7, workers=host_cores())
+        make_image_folder(root / "test", classes=classes, per_class=eval_images // classes, size=size,
+                          portrait_every=7, seed=1, workers=host_cores())
+        marker.write_text("ok")
+    files = list((root / "train").rglob("*.jpg"))
+    sizes = [f.stat().st_size for f in files[:2000]]
+    return {"folder": str(root), "train_images": len(files), "test_images": len(list((root / "test").rglob("*.jpg"))),
+            "mean_kb": float(np.mean(sizes)) / 1e3, "generate_s": time.perf_counter() - t0}
+
+
+def resident(ps: prepared.PreparedSet, side: int) -> ImageSet:
+    """A device-resident reference set: the prepared images centre-cropped to ``side`` x ``side``."""
+    out = np.empty((len(ps), side, side, 3), dtype=np.uint8)
+    for i in range(len(ps)):
+        img = ps.image(i)
+        h, w = img.shape[:2]
+        y, x = (h - side) // 2, (w - side) // 2
+        out[i] = img[y:y + side, x:x + side]
+    return ImageSet(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), ps.labels)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.set_defaults(model="vit_small_patch14_dinov2")
+    p.add_argument("--folder", type=Path, default=Path("/tmp/continual-mem-jpegs"))
+    p.add_argument("--images", type=int, default=20_000, help="training JPEGs to generate")
+    p.add_argument("--eval-images", type=int, default=10_000, help="test JPEGs to generate")
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--size", default="500x375", help="generated JPEG size, WxH")
+    p.add_argument("--steps", type=int, default=160, help="fit() steps per variant")
+    p.add_argument("--loader-steps", type=int, default=40, help="steps for the slow PIL loader variant")
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--variants", default="synthetic,resident,prepared,decode,loader")
+    p.add_argument("--cache-dir", type=Path, default=None, help="prepared copies [default: FOLDER.prepared]")
+    args = common.resolve(p.parse_args(argv))
+    gpu = args.device.startswith("cuda")
+    device = torch.device(args.device)
+    img_size = args.img_size or 224
+    w, h = (int(v) for v in args.size.split("x"))
+    data_info = ensure_folder(args.folder, images=args.images, eval_images=args.eval_images, classes=args.classes,
+                              size=(w, h))
+    data = datasets.load(f"imagefolder:{args.folder}")
+    model_kwargs = {"img_size": img_size, "num_classes": 0}
+    bb = common.create(args, **model_kwargs).float()
+    pre = Preprocess.for_backbone(bb, "inception")
+    net = MemoryViT(bb)
+    cache = args.cache_dir or Path(str(args.folder) + ".prepared")
+    variants = args.variants.split(",")
+
+    # the prepared copies (timed: the one-off cost of the prepared path)
+    t0 = time.perf_counter()
+    with Probe() as probe:
+        train_ps = prepared.prepare(reader_for(data.train), name=data.name, split="train",
+                                    class_names=data.class_names, root=cache)
+        test_ps = prepared.prepare(reader_for(data.test), name=data.name, split="test",
+                                   class_names=data.class_names, root=cache)
+    prep = {"seconds": time.perf_counter() - t0, "images_per_s": (len(train_ps) + len(test_ps)) / probe.wall,
+            "gigabytes": (train_ps.meta["bytes"] + test_ps.meta["bytes"]) / 1e9, **probe.finish()}
+
+    def make(kind: str, split: str):
+        part = data.train if split == "train" else data.test
+        ps = train_ps if split == "train" else test_ps
+        if kind == "resident":
+            return DeviceImages(resident(ps, 256), pre, device)
+        if kind == "prepared":
+            return PreparedImages(ps, pre, device)
+        if kind == "decode":
+            return DecodedImages(reader_for(part), pre, device, name=data.name)
+        if kind == "loader":
+            return LoaderImages(part, pre, device, workers=max(1, host_cores() - 1))
+        x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
+        return Synthetic(x, torch.randint(0, args.classes, (args.batch_size,), device=device))
+
+    rows = []
+    for i, kind in enumerate(variants):
+        task = f"t{i}"
+        torch.manual_seed(0)
+        net.add_task(task, args.classes, memory=args.memory)
+        net.to(device)
+        steps = args.loader_steps if kind == "loader" else args.steps
+        warm = min(args.warmup_steps, steps // 2)
+        source = make(kind, "train")
+        with Probe() as probe:
+            timed = Timed(source, warm, device)
+            cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=0.05, eval_every=steps,
+                              cuda_graph=args.cuda_graph and gpu, amp="auto" if args.dtype != "fp32" else "off")
+            fit(net, task, timed, None, cfg, progress=False)
+            if gpu:
+                torch.cuda.synchronize()
+            train_rate = (steps - warm) * args.batch_size / (time.perf_counter() - timed.start)
+        del source, timed
+        train_probe = probe.finish()
+        source = make(kind, "test")
+        with Probe() as probe:
+            evaluate(net, source, [task], batch_size=args.batch_size)  # warm: graph-free, but kernels load
+            t0 = time.perf_counter()
+            evaluate(net, source, [task], batch_size=args.batch_size)
+            if gpu:
+                torch.cuda.synchronize()
+            n_eval = 10_000 if kind == "synthetic" else len(source)
+            eval_rate = n_eval / (time.perf_counter() - t0)
+        del source
+        eval_probe = probe.finish()
+        net.remove_task(task)
+        rows.append({"variant": kind, "train_images_per_s": train_rate, "eval_images_per_s": eval_rate,
+                     "train_steps_timed": steps - warm, "train_cpu_cores_busy": train_probe["cpu_cores_busy"],
+                     "train_peak_rss_gb": train_probe["peak_rss_gb"], "eval_cpu_cores_busy": eval_probe["cpu_cores_busy"],
+                     "eval_peak_rss_gb": eval_probe["peak_rss_gb"]})
+        print(f"{kind}: train {train_rate:.0f} img/s, eval {eval_rate:.0f} img/s", file=sys.stderr, flush=True)
+    ref = next((r for r in rows if r["variant"] == "resident"), None)
+    for r in rows:
+        r["train_ratio_to_resident"] = r["train_images_per_s"] / ref["train_images_per_s"] if ref else None
+        r["eval_ratio_to_resident"] = r["eval_images_per_s"] / ref["eval_images_per_s"] if ref else None
+    best_file = max((r for r in rows if r["variant"] in ("prepared", "decode")), key=lambda r: r["train_images_per_s"],
+                    default=None)
+    env = common.environment(args)
+    env.update({"img_size": img_size, "cuda_graph": args.cuda_graph and gpu, "host_cores": host_cores(),
+                "regime": "masked-memory"})
+    result = {"environment": env, "data": data_info, "prepare": prep, "results": rows,
+              "targets": {"decode_train_ratio": next((r["train_ratio_to_resident"] for r in rows
+                                                      if r["variant"] == "decode"), None),
+                          "prepared_train_ratio": next((r["train_ratio_to_resident"] for r in rows
+                                                        if r["variant"] == "prepared"), None),
+                          "best_file_path": best_file["variant"] if best_file else None}}
+    table_rows = [[r["variant"], f"{r['train_images_per_s']:,.0f}",
+                   f"{r['train_ratio_to_resident']:.2f}" if ref else "-", f"{r['eval_images_per_s']:,.0f}",
+                   f"{r['eval_ratio_to_resident']:.2f}" if ref else "-", f"{r['train_cpu_cores_busy']:.1f}",
+                   f"{r['train_peak_rss_gb']:.1f}"] for r in rows]
+    table_rows.append(["prepare (once)", f"{prep['images_per_s']:,.0f} decoded", "", "", "",
+                       f"{prep['cpu_cores_busy']:.1f}", f"{prep['peak_rss_gb']:.1f}"])
+    common.report(result, f"input paths, {args.model} {img_size}px, batch {args.batch_size}, {env['device']}",
+                  ["variant", "train img/s", "x resident", "eval img/s", "x resident", "cores busy", "peak RSS GB"],
+                  table_rows, args.json_out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
