@@ -158,6 +158,24 @@ def resident(ps: prepared.PreparedSet, side: int) -> ImageSet:
     return ImageSet(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), ps.labels)
 
 
+def nvjpeg_rate(files: list[Path], batch_size: int, batches: int = 10) -> float | None:
+    """Decode-only rate of torchvision's batched GPU JPEG decoding (nvJPEG) on ``batches`` batches: the ceiling of
+    a GPU-decoding input path, which would also take GPU time from training."""
+    from torchvision.io import decode_jpeg
+
+    data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files[:batch_size * batches]]
+    try:
+        decode_jpeg(data[:batch_size], device="cuda")
+    except RuntimeError:
+        return None
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in range(batches):
+        decode_jpeg(data[b * batch_size:(b + 1) * batch_size], device="cuda")
+    torch.cuda.synchronize()
+    return batch_size * batches / (time.perf_counter() - t0)
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0])
@@ -257,7 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
     env = common.environment(args)
     env.update({"img_size": img_size, "cuda_graph": args.cuda_graph and gpu, "host_cores": host_cores(),
                 "regime": "masked-memory"})
+    nvjpeg = nvjpeg_rate(sorted((args.folder / "train").rglob("*.jpg")), args.batch_size) if gpu else None
     result = {"environment": env, "data": data_info, "prepare": prep, "results": rows,
+              "nvjpeg_decode_only_images_per_s": nvjpeg,
               "targets": {"decode_train_ratio": next((r["train_ratio_to_resident"] for r in rows
                                                       if r["variant"] == "decode"), None),
                           "prepared_train_ratio": next((r["train_ratio_to_resident"] for r in rows
@@ -269,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
                    f"{r['train_peak_rss_gb']:.1f}"] for r in rows]
     table_rows.append(["prepare (once)", f"{prep['images_per_s']:,.0f} decoded", "", "", "",
                        f"{prep['cpu_cores_busy']:.1f}", f"{prep['peak_rss_gb']:.1f}"])
+    if nvjpeg:
+        table_rows.append(["nvJPEG decode only", f"{nvjpeg:,.0f} decoded", "", "", "", "", ""])
     common.report(result, f"input paths, {args.model} {img_size}px, batch {args.batch_size}, {env['device']}",
                   ["variant", "train img/s", "x resident", "eval img/s", "x resident", "cores busy", "peak RSS GB"],
                   table_rows, args.json_out)
