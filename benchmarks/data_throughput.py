@@ -230,12 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
         return Synthetic(x, torch.randint(0, args.classes, (args.batch_size,), device=device))
 
-    rows = []
-    for i, kind in enumerate(variants):
-        task = f"t{i}"
-        torch.manual_seed(0)
-        net.add_task(task, args.classes, memory=args.memory)
-        net.to(device)
+    def measure(kind: str, task: str) -> dict:
         steps = args.loader_steps if kind == "loader" else args.steps
         warm = min(args.warmup_steps, steps // 2)
         source = make(kind, "train")
@@ -251,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_probe = probe.finish()
         source = make(kind, "test")
         with Probe() as probe:
-            evaluate(net, source, [task], batch_size=args.batch_size)  # warm: graph-free, but kernels load
+            evaluate(net, source, [task], batch_size=args.batch_size)  # warm-up pass
             t0 = time.perf_counter()
             evaluate(net, source, [task], batch_size=args.batch_size)
             if gpu:
@@ -260,12 +255,27 @@ def main(argv: list[str] | None = None) -> dict:
             eval_rate = n_eval / (time.perf_counter() - t0)
         del source
         eval_probe = probe.finish()
-        net.remove_task(task)
-        rows.append({"variant": kind, "train_images_per_s": train_rate, "eval_images_per_s": eval_rate,
-                     "train_steps_timed": steps - warm, "train_cpu_cores_busy": train_probe["cpu_cores_busy"],
-                     "train_peak_rss_gb": train_probe["peak_rss_gb"], "eval_cpu_cores_busy": eval_probe["cpu_cores_busy"],
-                     "eval_peak_rss_gb": eval_probe["peak_rss_gb"]})
         print(f"{kind}: train {train_rate:.0f} img/s, eval {eval_rate:.0f} img/s", file=sys.stderr, flush=True)
+        return {"variant": kind, "train_images_per_s": train_rate, "eval_images_per_s": eval_rate,
+                "train_steps_timed": steps - warm, "train_cpu_cores_busy": train_probe["cpu_cores_busy"],
+                "train_peak_rss_gb": train_probe["peak_rss_gb"], "eval_cpu_cores_busy": eval_probe["cpu_cores_busy"],
+                "eval_peak_rss_gb": eval_probe["peak_rss_gb"]}
+
+    rows = []
+    for i, kind in enumerate(variants):
+        task = f"t{i}"
+        torch.manual_seed(0)
+        net.add_task(task, args.classes, memory=args.memory)
+        net.to(device)
+        try:
+            rows.append(measure(kind, task))
+        except Exception as exc:  # noqa: BLE001 - one broken variant must not hide the others' numbers
+            print(f"{kind}: failed: {exc!r}", file=sys.stderr, flush=True)
+            rows.append({"variant": kind, "error": repr(exc)})
+        finally:
+            net.remove_task(task)
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
     ref = next((r for r in rows if r["variant"] == "resident"), None)
     for r in rows:
         r["train_ratio_to_resident"] = r["train_images_per_s"] / ref["train_images_per_s"] if ref else None
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     env.update({"img_size": img_size, "cuda_graph": args.cuda_graph and gpu, "host_cores": host_cores(),
                 "regime": "masked-memory"})
     nvjpeg = nvjpeg_rate(sorted((args.folder / "train").rglob("*.jpg")), args.batch_size) if gpu else None
-    result = {"environment": env, "data": data_info, "prepare": prep, "results": rows,
+    result = {"environment": env, "data": data_info, "prepare": prep, "results": rows, "failed": failed,
               "nvjpeg_decode_only_images_per_s": nvjpeg,
               "targets": {"decode_train_ratio": next((r["train_ratio_to_resident"] for r in rows
                                                       if r["variant"] == "decode"), None),

@@ -15,6 +15,10 @@ import torch
 from .model import MemoryViT
 from .train import train_step
 
+# Input pipelines pin host memory in their own threads (DataLoader's pin-memory thread, prepared-copy prefetch)
+# while a step is captured; only this thread's calls must be capture-safe, so other threads may allocate.
+CAPTURE_MODE = "thread_local"
+
 
 class GraphedForward:
     """Capture ``model(x, tasks)`` once for ``example``'s shape, then replay it.
@@ -50,7 +54,7 @@ class GraphedForward:
                 self.model(self.static_x, tasks=self.tasks)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with self._context(), torch.cuda.graph(self.graph):
+        with self._context(), torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
             self.static_out = self.model(self.static_x, tasks=self.tasks)
 
     def _context(self):
@@ -146,7 +150,7 @@ class GraphedTrainStep:
             lr.copy_(saved_lr)
         optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates .grad from the graph's pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
             self.static_loss = self._step(zero_grad=False)
 
     def _step(self, *, zero_grad: bool) -> torch.Tensor:

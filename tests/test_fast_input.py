@@ -271,3 +271,23 @@ def test_streamed_batches_on_the_gpu(reader, tmp_path):
     torch.testing.assert_close(ev_gpu, ev_cpu, rtol=1e-4, atol=1e-4)
     parts = [PreparedImages(ps, PRE, "cuda").train_batch(1, 9, seed=0, shard=Shard(r, 2))[0] for r in range(2)]
     assert torch.equal(torch.cat(parts), PreparedImages(ps, PRE, "cuda").train_batch(1, 9, seed=0)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+@pytest.mark.parametrize("kind", ["prepared", "decoded"])
+def test_cuda_graph_training_from_streamed_sources(reader, tmp_path, kind):
+    """A captured training step while the source's threads pin host memory (capture must tolerate them)."""
+    from continual_mem import MemoryViT
+    from continual_mem.train import TrainConfig, fit
+    from helpers import make_backbone
+
+    net = MemoryViT(make_backbone("tiny"))
+    net.add_task("t", 3, memory=2)
+    net.cuda()
+    pre = Preprocess(32, (0.5,) * 3, (0.25,) * 3, 0.875, "inception")
+    source = PreparedImages(_prepare(reader, tmp_path), pre, "cuda") if kind == "prepared" else \
+        DecodedImages(reader, pre, "cuda", workers=2, short_side=SHORT)
+    result = fit(net, "t", source, source, TrainConfig(steps=12, batch_size=8, eval_every=6, cuda_graph=True),
+                 progress=False)
+    assert result.steps == 12 and 0.0 <= result.best_val_accuracy <= 1.0
