@@ -33,11 +33,14 @@ from .decode import BadImage, OnBad, Reader, bad_image_error, decode_item, host_
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-CHUNK = 256
+CHUNK = 64  # images a decoding worker hands back at once (smaller chunks kept 16 cores busier)
 
 
 def default_root() -> Path:
-    """``$CONTINUAL_MEM_HOME/prepared`` (default ``~/.cache/continual-mem/prepared``)."""
+    """``$CONTINUAL_MEM_PREPARED``, else ``$CONTINUAL_MEM_HOME/prepared`` (default
+    ``~/.cache/continual-mem/prepared``)."""
+    if os.environ.get("CONTINUAL_MEM_PREPARED"):
+        return Path(os.environ["CONTINUAL_MEM_PREPARED"])
     home = os.environ.get("CONTINUAL_MEM_HOME")
     return (Path(home) if home else Path.home() / ".cache" / "continual-mem") / "prepared"
 

@@ -1,6 +1,9 @@
 """Recipes: from a catalog dataset to a trained task (the paper's protocol), shared by the CLI and scripts."""
 from __future__ import annotations
 
+import logging
+import shutil
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -18,37 +21,57 @@ from .prepared import PrepareOptions
 from .prepared import PreparedSet
 from .splits import stratified_split
 
+log = logging.getLogger(__name__)
+
 
 Pipeline = Literal["auto", "prepared", "decode", "loader"]
 PIPELINES = ("auto", "prepared", "decode", "loader")
 
 
-def choose_pipeline(pipeline: str, *, file_backed: bool, prepared_exists: bool) -> str:
+def choose_pipeline(pipeline: str, *, file_backed: bool, prepared_exists: bool, fits_on_disk: bool = True) -> str:
     """Which input path a dataset takes: ``device`` (decoded sets live on the device), ``prepared`` (a decoded,
-    memory-mapped copy), ``decode`` (files decoded on the fly by worker processes) or ``loader`` (PIL and timm's
-    transforms, the reference path). ``auto``: a prepared copy if one exists, else on-the-fly decoding."""
+    memory-mapped copy, built first if missing), ``decode`` (files decoded on the fly by worker processes) or
+    ``loader`` (PIL and timm's transforms, the reference path).
+
+    ``auto`` picks the prepared copy (the path that keeps the GPU busy, see ``benchmarks/data_throughput.py``),
+    building it on first use when it takes at most half the free disk, else decodes on the fly."""
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}; use one of {', '.join(PIPELINES)}")
     if not file_backed:
         return "device"
     if pipeline == "auto":
-        return "prepared" if prepared_exists else "decode"
+        return "prepared" if prepared_exists or fits_on_disk else "decode"
     return pipeline
+
+
+def _fits_on_disk(reader, opts: PrepareOptions, cache_dir: str | None) -> tuple[bool, float]:
+    """Whether a prepared copy of ``reader`` (estimated at 4:3 images) takes at most half the free disk there."""
+    estimate = len(reader) * opts.short_side * opts.short_side * 4 / 3 * 3
+    where = Path(cache_dir) if cache_dir else prepared.default_root()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return estimate <= 0.5 * shutil.disk_usage(where).free, estimate / 1e9
 
 
 def _stage(part, *, data: datasets.TaskData, split: str, pipeline: str, opts: PrepareOptions,
            cache_dir: str | None, progress: bool):
     """One split as what its pipeline reads: an ImageSet, a PreparedSet, a reader or a PIL dataset."""
-    if isinstance(part, ImageSet):
-        return part
-    if pipeline == "loader":
+    if isinstance(part, ImageSet) or pipeline == "loader":
         return part
     reader = reader_for(part)
     found = prepared.find(reader, name=data.name, split=split, opts=opts, root=cache_dir)
-    kind = choose_pipeline(pipeline, file_backed=True, prepared_exists=found is not None)
+    fits, gigabytes = _fits_on_disk(reader, opts, cache_dir) if found is None else (True, 0.0)
+    kind = choose_pipeline(pipeline, file_backed=True, prepared_exists=found is not None, fits_on_disk=fits)
     if kind == "prepared":
+        if found is None:
+            log.info("%s (%s): decoding %d images once into a prepared copy (about %.1f GB; --pipeline decode "
+                     "skips it)", data.name, split, len(reader), gigabytes)
         return found or prepared.prepare(reader, name=data.name, split=split, class_names=data.class_names,
                                          opts=opts, root=cache_dir, progress=progress)
+    if pipeline == "auto":
+        log.warning("%s (%s): a prepared copy (about %.1f GB) would take over half the free disk; decoding on "
+                    "the fly (slower). `continual-mem prepare --cache-dir DIR` puts it elsewhere", data.name,
+                    split, gigabytes)
     return reader
 
 

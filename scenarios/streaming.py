@@ -44,21 +44,38 @@ def _round_up(v: int) -> int:
 
 
 class _DeviceStage:
-    """What happens on the device: a padded uint8 batch to a normalised model batch."""
+    """What happens on the device: a padded uint8 batch to a normalised model batch.
+
+    The upload runs on a copy stream (the compute stream waits for it), so it overlaps the previous step's
+    kernels; the crop works on raw 0..255 values in NCHW order and ``/255``, mean and std are one affine op on
+    the small cropped batch, not passes over the large padded one.
+    """
 
     def __init__(self, pre: Preprocess, device: torch.device) -> None:
         self.pre, self.device = pre, device
-        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def upload(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        if self.copy_stream is None:
+            return [t.to(self.device) for t in tensors]
+        with torch.cuda.stream(self.copy_stream):
+            out = [t.to(self.device, non_blocking=True) for t in tensors]
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.copy_stream)
+        for t in out:
+            t.record_stream(current)  # allocated on the copy stream, used on this one
+        return out
 
     def __call__(self, canvas: torch.Tensor, hw: torch.Tensor, labels: torch.Tensor, *, train: bool,
                  g: torch.Generator | None = None, n: int | None = None, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``canvas`` holds images ``lo:lo+len`` of a global batch of ``n`` (the random draws cover all ``n``)."""
         dev, s, aug = self.device, self.pre.img_size, self.pre.augment
-        canvas = canvas.to(dev, non_blocking=True)
-        hw = hw.to(dev, non_blocking=True).float()
-        labels = labels.to(dev, non_blocking=True)
-        x = canvas.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
+        canvas, hw, labels = self.upload(canvas, hw, labels)
+        x = canvas.permute(0, 3, 1, 2).contiguous().float()  # (B, 3, H, W), 0..255
+        hw = hw.float()
         h, w = hw[:, 0], hw[:, 1]
         b = len(labels)
         n = b if n is None else n
@@ -74,7 +91,7 @@ class _DeviceStage:
         x = crop_resize(x, boxes, s)
         if train and aug in ("inception", "flip"):
             x = random_flip(x, g, n, lo, lo + b)
-        return (x - self.mean) / self.std, labels
+        return torch.addcmul(self.shift, x, self.scale), labels
 
 
 class PreparedImages:

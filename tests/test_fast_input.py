@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from continual_mem.distributed import Shard
-from scenarios import datasets, prepared
+from scenarios import datasets, prepared, recipes
 from scenarios.datasets import DatasetError
 from scenarios.decode import BadImage, FilesReader, decode_item, reader_for, shrink
 from scenarios.pipeline import Preprocess
@@ -196,24 +196,31 @@ def test_a_changed_folder_gets_a_new_copy(tmp_path):
 def test_pipeline_policy():
     assert choose_pipeline("auto", file_backed=False, prepared_exists=False) == "device"
     assert choose_pipeline("loader", file_backed=False, prepared_exists=True) == "device"
-    assert choose_pipeline("auto", file_backed=True, prepared_exists=True) == "prepared"
-    assert choose_pipeline("auto", file_backed=True, prepared_exists=False) == "decode"
-    assert choose_pipeline("prepared", file_backed=True, prepared_exists=False) == "prepared"
+    assert choose_pipeline("auto", file_backed=True, prepared_exists=True, fits_on_disk=False) == "prepared"
+    assert choose_pipeline("auto", file_backed=True, prepared_exists=False, fits_on_disk=True) == "prepared"
+    assert choose_pipeline("auto", file_backed=True, prepared_exists=False, fits_on_disk=False) == "decode"
+    assert choose_pipeline("prepared", file_backed=True, prepared_exists=False, fits_on_disk=False) == "prepared"
+    assert choose_pipeline("decode", file_backed=True, prepared_exists=True) == "decode"
     assert choose_pipeline("loader", file_backed=True, prepared_exists=True) == "loader"
     with pytest.raises(ValueError, match="unknown pipeline 'dali'"):
         choose_pipeline("dali", file_backed=True, prepared_exists=True)
 
 
-def test_sources_pick_the_fast_paths(folder, tmp_path):
+def test_sources_pick_the_fast_paths(folder, tmp_path, monkeypatch):
     data = datasets.load(f"imagefolder:{folder}")
     common = dict(seed=0, max_train=None, max_test=None, cache_dir=str(tmp_path))
-    kinds = [type(s).__name__ for s in sources(data, "test", PRE, "cpu", **common)]
-    assert kinds == ["DecodedImages"] * 3
-    kinds = [type(s).__name__ for s in sources(data, "test", PRE, "cpu", pipeline="prepared", **common)]
-    assert kinds == ["PreparedImages"] * 3
-    assert [type(s).__name__ for s in sources(data, "test", PRE, "cpu", **common)] == ["PreparedImages"] * 3
-    assert [type(s).__name__ for s in sources(data, "test", PRE, "cpu", pipeline="loader", **common)] == \
-        ["LoaderImages"] * 3
+
+    def kinds(**kw):
+        return [type(s).__name__ for s in sources(data, "test", PRE, "cpu", **common, **kw)]
+
+    assert kinds(pipeline="decode") == ["DecodedImages"] * 3
+    assert kinds(pipeline="loader") == ["LoaderImages"] * 3
+    monkeypatch.setattr(recipes, "_fits_on_disk", lambda *a: (False, 1e3))
+    assert kinds() == ["DecodedImages"] * 3  # auto, no copy, no room for one: decode on the fly
+    monkeypatch.undo()
+    assert kinds() == ["PreparedImages"] * 3  # auto: builds the copy on first use
+    assert len(list(tmp_path.glob("*/meta.json"))) == 2  # train and test
+    assert kinds(pipeline="prepared") == ["PreparedImages"] * 3  # and reuses it
 
 
 def test_webdataset_shards(folder, tmp_path):
