@@ -193,19 +193,20 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    correct = dict.fromkeys(tasks, 0)
-    total = 0
     device = next(model.parameters()).device
+    # counts stay on the device until the end: no sync per batch, so the next batch's input work overlaps this one
+    correct = {t: torch.zeros((), dtype=torch.int64, device=device) for t in tasks}
+    total = 0
     shard = distributed.current()
     batches = source.eval_batches(batch_size) if shard.world == 1 else source.eval_batches(batch_size, shard=shard)
     with _autocast(TrainConfig(amp=amp), device):
         for x, y in batches:
             out = model(x, tasks=list(tasks), original=False)
             for t in tasks:
-                correct[t] += int((out[t].argmax(-1) == y).sum())
+                correct[t] += (out[t].argmax(-1) == y.to(device)).sum()
             total += len(y)
     model.train(was_training)
-    *counts, total = distributed.all_sum([*correct.values(), total], device)  # each rank saw its part
+    *counts, total = distributed.all_sum([*(int(c) for c in correct.values()), total], device)  # each rank saw its part
     return {t: c / max(1, total) for t, c in zip(tasks, counts)}
 
 

@@ -118,17 +118,15 @@ class PreparedSet:
 
 
 def place(dst: np.ndarray, img: np.ndarray) -> None:
-    """Put ``img`` ``(h, w, 3)`` at the top left of ``dst`` ``(H, W, 3)``: its last row and column repeated once
-    (bilinear crops at the image's edge read one pixel past it, which must be the edge, not padding), zeros
-    elsewhere (a reused buffer must not leak another batch's pixels)."""
+    """Put ``img`` ``(h, w, 3)`` at the top left of ``dst`` ``(H, W, 3)`` with its last row and column repeated
+    once. A bilinear crop inside the image reads at most one pixel past its edge, which is then the edge itself;
+    nothing further out is ever read, so the rest of ``dst`` is left as it is (no zeroing pass)."""
     h, w = img.shape[:2]
     dst[:h, :w] = img
     if h < dst.shape[0]:
         dst[h, :w] = img[h - 1]
-        dst[h + 1:] = 0
     if w < dst.shape[1]:
         dst[:h + 1, w] = dst[:h + 1, w - 1]
-        dst[:h + 1, w + 1:] = 0
 
 
 def _slug(text: str) -> str:

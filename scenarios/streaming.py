@@ -256,14 +256,16 @@ class DecodedImages:
         self._it: Iterator | None = None
         self._key: tuple | None = None
         self._reported: set[str] = set()
+        self._eval_loaders: dict[tuple, DataLoader] = {}
 
     def __len__(self) -> int:
         return len(self.reader)
 
-    def _loader(self, sampler: Sampler, shard: Shard) -> DataLoader:
+    def _loader(self, sampler: Sampler, shard: Shard, *, persistent: bool = False) -> DataLoader:
         workers = self.workers if self.workers is not None else max(1, host_cores() // shard.world - 1)
         return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_pad, num_workers=workers,
-                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None)
+                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+                          persistent_workers=persistent and workers > 0)
 
     def _check(self, bad: list[str]) -> None:
         for message in bad:
@@ -288,7 +290,10 @@ class DecodedImages:
                           lo=shard.bounds(n)[0])
 
     def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        lo, hi = shard.bounds(len(self))
-        for canvas, hw, labels, bad in self._loader(_Range(lo, hi, batch_size), shard):
+        key = (batch_size, shard)
+        if key not in self._eval_loaders:  # kept: fit evaluates the held-out split again and again
+            lo, hi = shard.bounds(len(self))
+            self._eval_loaders[key] = self._loader(_Range(lo, hi, batch_size), shard, persistent=True)
+        for canvas, hw, labels, bad in self._eval_loaders[key]:
             self._check(bad)
             yield self.stage(canvas, hw, labels, train=False)

@@ -83,15 +83,29 @@ def test_prepared_and_decoded_batches_are_identical_and_depend_only_on_seed_and_
     assert torch.equal(torch.cat([y for _, y in ea]), torch.from_numpy(reader.labels))
 
 
-def test_crops_never_read_padding(reader, tmp_path):
-    """An image's batch does not depend on the other images it is padded with (their sizes set the canvas)."""
+@pytest.mark.parametrize("augment", ["inception", "none"])
+def test_crops_never_read_padding(reader, tmp_path, augment):
+    """A batch does not depend on what fills the padding around each image, nor on the other images it is padded
+    with (their sizes set the canvas)."""
     ps = _prepare(reader, tmp_path)
-    src = PreparedImages(ps, Preprocess(28, (0.5,) * 3, (0.25,) * 3, 0.875, "none"))
-    small = int(np.argmin(ps.sizes.prod(axis=1)))
-    alone = src.stage(*src._host(np.array([small])), train=False)[0]
-    big = int(np.argmax(ps.sizes.prod(axis=1)))
-    together = src.stage(*src._host(np.array([small, big])), train=False)[0]
-    assert torch.equal(together[:1], alone)
+    pre = Preprocess(28, (0.5,) * 3, (0.25,) * 3, 0.875, augment)
+    src = PreparedImages(ps, pre)
+    order = np.argsort(ps.sizes.prod(axis=1))
+    small, big = int(order[0]), int(order[-1])
+    canvas, hw, labels = src._host(np.array([small, big]))
+    for train in (False, True):
+        def crop(c, k=2):
+            g = torch.Generator().manual_seed(0)
+            return src.stage(c, hw[:k], labels[:k], train=train, g=g, n=2)[0]
+
+        garbage = canvas.clone()
+        garbage.view(-1)[:] = torch.randint(0, 256, (garbage.numel(),), dtype=torch.uint8)
+        for k, p in enumerate((small, big)):
+            prepared.place(garbage[k].numpy(), ps.image(p))
+        assert torch.equal(crop(garbage), crop(canvas))
+        alone, hw1, lab1 = src._host(np.array([small]))
+        g = torch.Generator().manual_seed(0)
+        assert torch.equal(src.stage(alone, hw1, lab1, train=train, g=g, n=2)[0], crop(canvas)[:1])
 
 
 @pytest.mark.parametrize("kind", ["prepared", "decoded"])
