@@ -72,8 +72,8 @@ class PrepareOptions:
 
 
 class PreparedSet:
-    """A finished prepared copy (or a subset of it): ``labels``, ``len``, ``subset(idx)`` like :class:`ImageSet`,
-    and ``gather`` to copy images into a padded batch."""
+    """A finished prepared copy (or a subset of it): ``labels``, ``len``, ``subset(idx)`` like :class:`ImageSet`;
+    ``pixels`` (memory-mapped) and ``index`` (offset, height, width, label per image) for batch sources."""
 
     def __init__(self, root: str | Path, rows: np.ndarray | None = None) -> None:
         self.root = Path(root)
@@ -109,12 +109,6 @@ class PreparedSet:
     def image(self, i: int) -> np.ndarray:
         off, h, w, _ = self.index[self.rows[i]]
         return np.asarray(self.pixels[off:off + h * w * 3]).reshape(h, w, 3)
-
-    def gather(self, positions: np.ndarray, out: np.ndarray) -> None:
-        """Copy images ``positions`` into a ``(B, H, W, 3)`` uint8 batch with :func:`place`."""
-        for k, p in enumerate(positions):
-            off, h, w, _ = self.index[self.rows[p]]
-            place(out[k], self.pixels[off:off + h * w * 3].reshape(h, w, 3))
 
 
 def place(dst: np.ndarray, img: np.ndarray) -> None:

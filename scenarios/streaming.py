@@ -71,10 +71,31 @@ class _DeviceStage:
 
     def __call__(self, canvas: torch.Tensor, hw: torch.Tensor, labels: torch.Tensor, *, train: bool,
                  g: torch.Generator | None = None, n: int | None = None, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``canvas`` holds images ``lo:lo+len`` of a global batch of ``n`` (the random draws cover all ``n``)."""
-        dev, s, aug = self.device, self.pre.img_size, self.pre.augment
+        """A padded ``(B, H, W, 3)`` uint8 batch holding images ``lo:lo+B`` of a global batch of ``n`` (the random
+        draws cover all ``n``)."""
         canvas, hw, labels = self.upload(canvas, hw, labels)
-        x = canvas.permute(0, 3, 1, 2).contiguous().float()  # (B, 3, H, W), 0..255
+        return self._finish(canvas.permute(0, 3, 1, 2).contiguous(), hw, labels, train=train, g=g, n=n, lo=lo)
+
+    def from_flat(self, flat: torch.Tensor, meta: torch.Tensor, labels: torch.Tensor, canvas: tuple[int, int], *,
+                  train: bool, g: torch.Generator | None = None, n: int | None = None,
+                  lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images packed back to back in ``flat`` (``meta`` rows: byte offset, height, width) are laid out
+        as a padded batch of ``canvas`` (H, W) by one gather on the device, edge pixels repeated into the padding
+        (what :func:`~scenarios.prepared.place` does on the host)."""
+        flat, meta, labels = self.upload(flat, meta, labels)
+        H, W = canvas
+        off, h, w = meta[:, 0], meta[:, 1], meta[:, 2]
+        dev = flat.device
+        yy = torch.minimum(torch.arange(H, device=dev)[None, :], (h - 1)[:, None])  # (B, H)
+        xx = torch.minimum(torch.arange(W, device=dev)[None, :], (w - 1)[:, None])  # (B, W)
+        pixel = off[:, None, None] + (yy[:, :, None] * w[:, None, None] + xx[:, None, :]) * 3  # (B, H, W)
+        x = flat[pixel[:, None] + torch.arange(3, device=dev).view(1, 3, 1, 1)]  # (B, 3, H, W) uint8
+        return self._finish(x, meta[:, 1:3], labels, train=train, g=g, n=n, lo=lo)
+
+    def _finish(self, x: torch.Tensor, hw: torch.Tensor, labels: torch.Tensor, *, train: bool,
+                g: torch.Generator | None, n: int | None, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dev, s, aug = self.device, self.pre.img_size, self.pre.augment
+        x = x.float()  # (B, 3, H, W), 0..255
         hw = hw.float()
         h, w = hw[:, 0], hw[:, 1]
         b = len(labels)
@@ -95,8 +116,8 @@ class _DeviceStage:
 
 
 class PreparedImages:
-    """A :class:`PreparedSet` as a batch source: host threads copy images into pinned padded batches a few steps
-    ahead; the device crops and normalises them.
+    """A :class:`PreparedSet` as a batch source: host threads copy each batch's images back to back into pinned
+    memory a few steps ahead; the device lays them out, crops and normalises them.
 
     Args:
         data: The prepared copy (or a subset).
@@ -119,14 +140,19 @@ class PreparedImages:
     def __len__(self) -> int:
         return len(self.data)
 
-    def _host(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sizes = self.sizes[positions]
-        H, W = _round_up(int(sizes[:, 0].max())), _round_up(int(sizes[:, 1].max()))
-        canvas = torch.empty((len(positions), H, W, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        self.data.gather(positions, canvas.numpy())
-        return canvas, torch.from_numpy(sizes.copy()), self.labels[torch.from_numpy(positions)]
+    def _host(self, positions: np.ndarray) -> tuple:
+        """Images ``positions`` back to back in one pinned buffer: a single ``np.concatenate`` (which releases the
+        GIL while it copies), so the copying threads hardly compete with the training loop for the interpreter."""
+        rows = self.data.index[self.data.rows[positions]]  # (B, 4): offset, h, w, label
+        nbytes = rows[:, 1] * rows[:, 2] * 3
+        flat = torch.empty(int(nbytes.sum()), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        pix = self.data.pixels
+        np.concatenate([pix[o:o + k] for o, k in zip(rows[:, 0].tolist(), nbytes.tolist())], out=flat.numpy())
+        meta = np.column_stack([np.concatenate([[0], np.cumsum(nbytes)[:-1]]), rows[:, 1], rows[:, 2]])
+        canvas = (_round_up(int(rows[:, 1].max())), _round_up(int(rows[:, 2].max())))
+        return flat, torch.from_numpy(meta.astype(np.int64)), torch.from_numpy(rows[:, 3].copy()), canvas
 
-    def _fetch(self, key: tuple, positions_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _fetch(self, key: tuple, positions_of) -> tuple:
         """The host batch ``key`` (and the next ``prefetch`` ones submitted); ``positions_of(key)`` says which
         images a key holds, or None past the end."""
         for k in [key] + [key[:-1] + (key[-1] + d,) for d in range(1, self.prefetch + 1)]:
@@ -146,8 +172,9 @@ class PreparedImages:
         def positions(key):
             return step_indices(len(self), key[-1], batch_size, seed)[lo:hi].numpy()
 
-        canvas, hw, labels = self._fetch(("train", batch_size, seed, shard, step), positions)
-        return self.stage(canvas, hw, labels, train=True, g=_generator(seed, step, self.device), n=n, lo=lo)
+        flat, meta, labels, canvas = self._fetch(("train", batch_size, seed, shard, step), positions)
+        return self.stage.from_flat(flat, meta, labels, canvas, train=True, g=_generator(seed, step, self.device),
+                                    n=n, lo=lo)
 
     def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Evaluation batches of ``shard``'s contiguous part of the set, in order."""
@@ -159,8 +186,8 @@ class PreparedImages:
             return np.arange(starts[b], min(starts[b] + batch_size, hi)) if b < len(starts) else None
 
         for b in range(len(starts)):
-            canvas, hw, labels = self._fetch(("eval", batch_size, shard, b), positions)
-            yield self.stage(canvas, hw, labels, train=False)
+            flat, meta, labels, canvas = self._fetch(("eval", batch_size, shard, b), positions)
+            yield self.stage.from_flat(flat, meta, labels, canvas, train=False)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

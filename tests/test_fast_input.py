@@ -86,26 +86,31 @@ def test_prepared_and_decoded_batches_are_identical_and_depend_only_on_seed_and_
 @pytest.mark.parametrize("augment", ["inception", "none"])
 def test_crops_never_read_padding(reader, tmp_path, augment):
     """A batch does not depend on what fills the padding around each image, nor on the other images it is padded
-    with (their sizes set the canvas)."""
+    with (their sizes set the canvas); the device-side layout of packed bytes gives the same bits as host-side
+    padding."""
     ps = _prepare(reader, tmp_path)
-    pre = Preprocess(28, (0.5,) * 3, (0.25,) * 3, 0.875, augment)
-    src = PreparedImages(ps, pre)
+    src = PreparedImages(ps, Preprocess(28, (0.5,) * 3, (0.25,) * 3, 0.875, augment))
     order = np.argsort(ps.sizes.prod(axis=1))
     small, big = int(order[0]), int(order[-1])
-    canvas, hw, labels = src._host(np.array([small, big]))
+    hw = torch.from_numpy(ps.sizes[[small, big]].copy())
+    labels = ps.labels[[small, big]]
+
+    def canvas(fill):
+        c = fill((2, 80, 96, 3))
+        for k, p in enumerate((small, big)):
+            prepared.place(c[k].numpy(), ps.image(p))
+        return c
+
     for train in (False, True):
         def crop(c, k=2):
-            g = torch.Generator().manual_seed(0)
-            return src.stage(c, hw[:k], labels[:k], train=train, g=g, n=2)[0]
+            return src.stage(c[:k], hw[:k], labels[:k], train=train, g=torch.Generator().manual_seed(0), n=2)[0]
 
-        garbage = canvas.clone()
-        garbage.view(-1)[:] = torch.randint(0, 256, (garbage.numel(),), dtype=torch.uint8)
-        for k, p in enumerate((small, big)):
-            prepared.place(garbage[k].numpy(), ps.image(p))
-        assert torch.equal(crop(garbage), crop(canvas))
-        alone, hw1, lab1 = src._host(np.array([small]))
-        g = torch.Generator().manual_seed(0)
-        assert torch.equal(src.stage(alone, hw1, lab1, train=train, g=g, n=2)[0], crop(canvas)[:1])
+        zeros = crop(canvas(lambda shape: torch.zeros(shape, dtype=torch.uint8)))
+        assert torch.equal(crop(canvas(lambda shape: torch.randint(0, 256, shape, dtype=torch.uint8))), zeros)
+        assert torch.equal(crop(canvas(lambda shape: torch.zeros(shape, dtype=torch.uint8)), k=1), zeros[:1])
+        flat, meta, lab, size = src._host(np.array([small, big]))
+        packed = src.stage.from_flat(flat, meta, lab, size, train=train, g=torch.Generator().manual_seed(0), n=2)[0]
+        assert torch.equal(packed, zeros)
 
 
 @pytest.mark.parametrize("kind", ["prepared", "decoded"])
