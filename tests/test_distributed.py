@@ -98,3 +98,26 @@ def test_devices_errors_leave_the_registry_unchanged(tmp_path):
     assert "failed on rank" in r.output and "unknown dataset 'no-such-set'" in r.output
     assert "Traceback" not in r.output
     assert Registry(db).events() == before and Registry(db).task_names() == []
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_an_image_folder_decodes_each_ranks_part(tmp_path):
+    """A JPEG folder: one process reading the prepared copy and two DDP ranks each decoding only its part of every
+    global batch train the same task (the batches are the same bits on both paths)."""
+    from scenarios.synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "photos", classes=3, per_class=16, size=(48, 40), portrait_every=5)
+    db = tmp_path / "r.db"
+    assert cm(db, "init", "--backbone", "vit_tiny_patch16_224", "--source", "none", "--image-size", "32").exit_code == 0
+    folder = f"imagefolder:{tmp_path / 'photos'}"
+    args = ["--steps", "6", "--batch-size", "8", "--lr", "0.1", "--device", "cpu", "--json"]
+    one = cm(db, "add-task", folder, "--name", "one", "--pipeline", "prepared", *args)
+    assert one.exit_code == 0, one.output
+    two = cm(db, "add-task", folder, "--name", "two", "--pipeline", "decode", "--devices", "2", *args)
+    assert two.exit_code == 0, two.output
+    m1, m2 = json.loads(one.output), json.loads(two.output)
+    assert m2["processes"] == 2 and m2["verification"] == {"one": "equal", "two": "new"}
+    net = Registry(db).load()
+    a, b = net.tasks["one"].state_dict(), net.tasks["two"].state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=1e-3)
