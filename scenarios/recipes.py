@@ -1,6 +1,7 @@
 """Recipes: from a catalog dataset to a trained task (the paper's protocol), shared by the CLI and scripts."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -73,6 +74,15 @@ def _stage(part, *, data: datasets.TaskData, split: str, pipeline: str, opts: Pr
                     "the fly (slower). `continual-mem prepare --cache-dir DIR` puts it elsewhere", data.name,
                     split, gigabytes)
     return reader
+
+
+def prepare_task(data: datasets.TaskData, *, cache_dir: str | None = None, on_bad_image: OnBad = "skip",
+                 progress: bool = False) -> datasets.TaskData:
+    """``data`` with its file-backed splits replaced by prepared copies (built if missing)."""
+    stage = dict(data=data, pipeline="prepared", opts=PrepareOptions(on_bad=on_bad_image), cache_dir=cache_dir,
+                 progress=progress)
+    return dataclasses.replace(data, train=_stage(data.train, split="train", **stage),
+                               test=_stage(data.test, split="test", **stage))
 
 
 def _labels(d) -> torch.Tensor:

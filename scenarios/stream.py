@@ -24,26 +24,33 @@ from continual_mem.train import TrainConfig, lr_at
 
 from .datasets import ImageSet, TaskData, load
 from .pipeline import DeviceImages, Preprocess
+from .prepared import PreparedSet
+from .recipes import prepare_task
+from .streaming import PreparedImages
 from .splits import stratified_split
 
 
 class PreprocessedImages(Dataset):
-    """An :class:`ImageSet` as model-ready tensors, one sample at a time, through the same evaluation
-    preprocessing as training batches (:class:`DeviceImages` on the CPU)."""
+    """An :class:`ImageSet` or a :class:`PreparedSet` (image files, decoded once) as model-ready tensors, one
+    sample at a time, through the same evaluation preprocessing as training batches (on the CPU)."""
 
-    def __init__(self, data: ImageSet, pre: Preprocess) -> None:
-        self.source = DeviceImages(data, pre, "cpu")
+    def __init__(self, data: ImageSet | PreparedSet, pre: Preprocess) -> None:
+        self.source = DeviceImages(data, pre, "cpu") if isinstance(data, ImageSet) else \
+            PreparedImages(data, pre, "cpu", prefetch=0)
         self.targets = data.labels.tolist()
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x, _ = self.source.batch(torch.tensor([i]), train=False)
+        if isinstance(self.source, DeviceImages):
+            x, _ = self.source.batch(torch.tensor([i]), train=False)
+        else:
+            x, _ = self.source.eval_one(i)
         return x[0], self.targets[i]
 
 
-def _cap(data: ImageSet, limit: int | None, seed: int) -> ImageSet:
+def _cap(data: ImageSet | PreparedSet, limit: int | None, seed: int) -> ImageSet | PreparedSet:
     if limit is None or len(data) <= limit:
         return data
     _, keep = stratified_split(data.labels, holdout=limit / len(data), seed=seed)
@@ -71,17 +78,20 @@ def task_stream(
     max_train: int | None = None,
     max_test: int | None = None,
     seed: int = 0,
+    cache_dir: str | None = None,
 ) -> Stream:
     """One experience per dataset (catalog name or loaded :class:`TaskData`), task label = its position.
-    ``max_train``/``max_test`` cap each split (class-stratified, seeded) for quick runs."""
+    ``max_train``/``max_test`` cap each split (class-stratified, seeded) for quick runs. File-backed datasets
+    (image folders, WebDataset shards, torchvision's file datasets) are read from prepared copies (built on first
+    use under ``cache_dir``)."""
     if not names:
         raise ValueError("a stream needs at least one dataset")
     tasks, train, test = [], [], []
     for name in names:
         data = name if isinstance(name, TaskData) else load(name, root=root, download=download)
         name = data.name
-        if not isinstance(data.train, ImageSet):
-            raise ValueError(f"{name}: streams take decoded datasets (ImageSet); {name} is a file-backed dataset")
+        if not isinstance(data.train, ImageSet):  # image files: decoded once into prepared copies
+            data = prepare_task(data, cache_dir=cache_dir)
         pre = Preprocess.for_backbone(backbone, data.augment)
         tasks.append(data)
         label = len(tasks) - 1

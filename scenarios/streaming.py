@@ -124,7 +124,7 @@ class PreparedImages:
         pre: The backbone's preprocessing.
         device: Where batches go.
         threads: Host threads copying batches (default: up to 8 of the host's cores).
-        prefetch: Batches prepared ahead of the one asked for.
+        prefetch: Batches prepared ahead of the one asked for (0: none, no threads).
     """
 
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
@@ -134,7 +134,8 @@ class PreparedImages:
         self.labels = data.labels
         self.sizes = data.sizes
         self.prefetch = prefetch
-        self.pool = ThreadPoolExecutor(max_workers=threads or min(8, host_cores()), thread_name_prefix="prepared")
+        self.pool = ThreadPoolExecutor(max_workers=threads or min(8, host_cores()), thread_name_prefix="prepared") \
+            if prefetch else None
         self._ahead: dict[tuple, Future] = {}
 
     def __len__(self) -> int:
@@ -155,6 +156,8 @@ class PreparedImages:
     def _fetch(self, key: tuple, positions_of) -> tuple:
         """The host batch ``key`` (and the next ``prefetch`` ones submitted); ``positions_of(key)`` says which
         images a key holds, or None past the end."""
+        if self.pool is None:  # no prefetching
+            return self._host(positions_of(key))
         for k in [key] + [key[:-1] + (key[-1] + d,) for d in range(1, self.prefetch + 1)]:
             if k not in self._ahead:
                 pos = positions_of(k)
@@ -189,8 +192,14 @@ class PreparedImages:
             flat, meta, labels, canvas = self._fetch(("eval", batch_size, shard, b), positions)
             yield self.stage.from_flat(flat, meta, labels, canvas, train=False)
 
+    def eval_one(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image ``i`` alone, preprocessed for evaluation (per-sample datasets such as Avalanche's)."""
+        flat, meta, labels, canvas = self._host(np.array([i]))
+        return self.stage.from_flat(flat, meta, labels, canvas, train=False)
+
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------- decoding

@@ -120,3 +120,18 @@ def test_paper_recipe_plugin_warms_up_decays_restarts_and_clips(stream):
     assert max(spy.norms) <= 0.01 * (1 + 1e-4)
     with pytest.raises(ValueError, match="warmup_fraction"):
         PaperRecipePlugin(warmup_fraction=1.5)
+
+
+def test_image_folders_join_a_stream_through_prepared_copies(tmp_path):
+    """A JPEG folder is an experience like any decoded set: prepared once, samples preprocessed as in eval."""
+    from scenarios.synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "photos", classes=3, per_class=8, size=(40, 30))
+    bb = make_backbone("tiny")
+    digits = TaskData("bright", tuple("0123"), quadrant_data(40, 0), quadrant_data(16, 1), "none")
+    st = task_stream([digits, f"imagefolder:{tmp_path / 'photos'}"], backbone=bb, cache_dir=str(tmp_path / "c"))
+    exp = st.benchmark.train_stream[1]
+    x, y, t = exp.dataset[0]
+    assert x.shape == (3, 32, 32) and t == 1 and 0 <= y < 3
+    assert len(exp.dataset) + len(st.benchmark.test_stream[1].dataset) == 24
+    assert len(list((tmp_path / "c").glob("*/meta.json"))) == 2
