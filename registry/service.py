@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from timm.models.vision_transformer import VisionTransformer
 
@@ -18,6 +18,8 @@ from . import api
 from .db import open_engine, session, to_url
 from .errors import RegistryError, VerificationFailed
 from .schema import Event, Model, Task, VerificationRun
+
+CHANGE_EVENTS = ("init", "add", "import", "remove")  # events that change what a model computes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,6 +87,14 @@ class Registry:
     def models(self) -> list[str]:
         with session(self.engine) as s:
             return list(s.scalars(select(Model.name).order_by(Model.id)))
+
+    def model_version(self, name: str = DEFAULT_MODEL) -> int:
+        """A number that grows with every change of ``name``'s task set (init, add, import, remove): the id of
+        its latest such event in the append-only log. Cheap to poll (servers watch it to pick up new tasks)."""
+        with session(self.engine) as s:
+            api.get_model(s, name)
+            return int(s.scalar(select(func.max(Event.id)).where(
+                Event.model_name == name, Event.kind.in_(CHANGE_EVENTS))) or 0)
 
     def load(self, name: str = DEFAULT_MODEL) -> MemoryViT:
         """The whole model (backbone + all tasks in order), from stored bytes only."""

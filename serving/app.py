@@ -1,0 +1,190 @@
+"""The FastAPI app: ``POST /predict``, ``GET /tasks``, ``GET /health``, ``GET /metrics``.
+
+State lives on ``app.state`` and is made in the lifespan handler (load the model, start the batch worker and the
+registry watcher), so tests build as many apps as they like; nothing happens at import.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import time
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from .batcher import Batcher
+from .holder import ModelHolder
+from .metrics import Metrics
+from .settings import ServeSettings
+
+SHORT_SIDE = 256  # as the training input paths: timm's eval crop is taken from this
+
+
+class Prediction(BaseModel):
+    class_name: str = Field(serialization_alias="class")
+    index: int
+    prob: float
+
+
+class TaskAnswer(BaseModel):
+    top: list[Prediction]
+    logits: list[float] | None = None
+
+
+class ImageAnswer(BaseModel):
+    image: str
+    tasks: dict[str, TaskAnswer]
+
+
+class PredictResponse(BaseModel):
+    model_version: int
+    results: list[ImageAnswer]
+
+
+def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
+    """An upload as an ``(H, W, 3)`` uint8 array shrunk to the serving short side; HTTP 400 / 413 with one line
+    for what is not an image or too large (the size is read from the header, before decoding)."""
+    from PIL import Image
+
+    from scenarios.decode import BadImage, _decode, shrink
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - PIL raises many types
+        raise HTTPException(400, f"{name}: not an image (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
+    if w * h > max_pixels:
+        raise HTTPException(413, f"{name}: {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
+    try:
+        img = _decode(data)
+    except BadImage as exc:
+        raise HTTPException(400, f"{name}: cannot decode the image ({exc})") from None
+    return shrink(img, short_side=SHORT_SIDE, max_aspect=2.0).permute(1, 2, 0).contiguous().numpy()
+
+
+async def _uploads(request: Request, limit: int) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of every image in a multipart upload (any file field) or a JSON ``{"images": [base64]}``."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPException(413, f"request body of {int(length):,} bytes; the limit is {limit:,}")
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        form = await request.form()
+        files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
+    elif kind.startswith("application/json"):
+        body = await request.body()
+        if len(body) > limit:
+            raise HTTPException(413, f"request body of {len(body):,} bytes; the limit is {limit:,}")
+        try:
+            items = (await request.json())["images"]
+            files = [(f"images[{i}]", base64.b64decode(b, validate=True)) for i, b in enumerate(items)]
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise HTTPException(400, 'JSON body must be {"images": ["<base64>", ...]}') from None
+    else:
+        raise HTTPException(415, "send multipart/form-data file uploads or JSON {\"images\": [base64, ...]}")
+    if not files:
+        raise HTTPException(400, "no image in the request")
+    if sum(len(b) for _, b in files) > limit:
+        raise HTTPException(413, f"uploads of {sum(len(b) for _, b in files):,} bytes; the limit is {limit:,}")
+    return files
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """A server of ``settings.model`` in ``settings.registry`` (see :class:`ServeSettings`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        metrics = Metrics()
+        holder = ModelHolder(settings)
+        holder.current = await asyncio.to_thread(holder.load)
+        metrics.version.set(holder.current.version)
+        batcher = Batcher(holder, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                          amp=settings.amp)
+        app.state.settings, app.state.metrics, app.state.holder, app.state.batcher = settings, metrics, holder, batcher
+        workers = [asyncio.create_task(batcher.run()), asyncio.create_task(holder.watch())]
+        try:
+            yield
+        finally:
+            for w in workers:
+                w.cancel()
+
+    app = FastAPI(title="continual-mem", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.url.path
+        metrics: Metrics = request.app.state.metrics
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def one_line(request: Request, exc: HTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.post("/predict", response_model=PredictResponse, response_model_by_alias=True)
+    async def predict(request: Request, tasks: str = "", top_k: int | None = None,
+                      logits: bool = False) -> PredictResponse:
+        st: ServeSettings = request.app.state.settings
+        holder: ModelHolder = request.app.state.holder
+        wanted = [t for t in tasks.split(",") if t] if tasks else None
+        known = holder.current.classes
+        unknown = [t for t in wanted or [] if t not in known]
+        if unknown:
+            raise HTTPException(404, f"unknown task {unknown[0]!r}; known tasks: {', '.join(known) or 'none'}")
+        k = top_k or st.top_k
+        if k < 1:
+            raise HTTPException(400, "top_k must be >= 1")
+        files = await _uploads(request, st.max_upload_bytes)
+        from starlette.concurrency import run_in_threadpool
+
+        images = [await run_in_threadpool(decode_upload, data, name=name, max_pixels=st.max_pixels)
+                  for name, data in files]
+        answers = await asyncio.gather(*(request.app.state.batcher.submit(img) for img in images))
+        results, version = [], answers[0].version
+        for (name, _), answer in zip(files, answers):
+            classes = answer.served.classes
+            per_task = {}
+            for task in wanted or list(answer.logits):
+                if task not in answer.logits:  # removed while this request waited
+                    raise HTTPException(404, f"task {task!r} was removed; known tasks: {', '.join(classes)}")
+                row = answer.logits[task]
+                probs = row.softmax(-1)
+                p, idx = probs.topk(min(k, probs.numel()))
+                per_task[task] = TaskAnswer(
+                    top=[Prediction(class_name=classes[task][j], index=j, prob=q) for q, j in zip(p.tolist(), idx.tolist())],
+                    logits=row.tolist() if logits else None)
+                request.app.state.metrics.images.labels(task).inc()
+            results.append(ImageAnswer(image=name, tasks=per_task))
+            version = max(version, answer.version)
+        return PredictResponse(model_version=version, results=results)
+
+    @app.get("/tasks")
+    async def list_tasks(request: Request) -> dict:
+        served = request.app.state.holder.current
+        return {"model_version": served.version, "tasks": served.tasks}
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        holder: ModelHolder = request.app.state.holder
+        request.app.state.metrics.version.set(holder.current.version)
+        request.app.state.metrics.swaps.set(holder.swaps)
+        return {"status": "ok", "model_version": holder.current.version, "tasks": len(holder.current.tasks),
+                "device": str(holder.device), "swaps": holder.swaps, "passes": request.app.state.batcher.passes}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        holder: ModelHolder = request.app.state.holder
+        m: Metrics = request.app.state.metrics
+        m.version.set(holder.current.version)
+        m.swaps.set(holder.swaps)
+        return Response(m.text(), media_type="text/plain; version=0.0.4")
+
+    return app

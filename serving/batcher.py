@@ -1,0 +1,85 @@
+"""Dynamic batching: request handlers enqueue decoded images and await; one worker task owns the device, gathers
+up to ``max_batch`` images (waiting at most ``max_wait_ms`` after the first), runs one pass for every task and
+hands each request its rows."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from scenarios.prepared import place
+from scenarios.streaming import _round_up
+
+from .holder import ModelHolder, Served
+from .metrics import Metrics
+
+
+@dataclass
+class Answer:
+    """One image's logits for every task (CPU float32) and the model version that computed them."""
+
+    logits: dict[str, torch.Tensor]
+    version: int
+    served: Served = field(repr=False)
+
+
+class Batcher:
+    def __init__(self, holder: ModelHolder, metrics: Metrics, *, max_batch: int, max_wait_ms: float,
+                 amp: bool) -> None:
+        self.holder, self.metrics = holder, metrics
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
+        self.amp = amp and holder.device.type == "cuda"
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.passes = 0
+
+    async def submit(self, image: np.ndarray) -> Answer:
+        """``image``: ``(H, W, 3)`` uint8, already shrunk (see :func:`serving.app.decode_upload`)."""
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((image, future))
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            self.metrics.queue_depth.set(self.queue.qsize())
+            served = self.holder.current  # one model per batch: a swap lands between batches
+            try:
+                rows = await asyncio.to_thread(self._forward, served, [img for img, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.passes += 1
+            self.metrics.batch_size.observe(len(batch))
+            for (_, fut), logits in zip(batch, rows):
+                if not fut.done():
+                    fut.set_result(Answer(logits, served.version, served))
+
+    def _forward(self, served: Served, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """One pass: pad the images into a batch, crop and normalise on the device, every task's logits."""
+        H = _round_up(max(a.shape[0] for a in images))
+        W = _round_up(max(a.shape[1] for a in images))
+        canvas = torch.empty((len(images), H, W, 3), dtype=torch.uint8,
+                             pin_memory=self.holder.device.type == "cuda")
+        for k, a in enumerate(images):
+            place(canvas[k].numpy(), a)
+        hw = torch.tensor([a.shape[:2] for a in images], dtype=torch.int64)
+        x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = served.net(x, original=False)
+        cpu = {name: t.float().cpu() for name, t in out.items()}
+        return [{name: t[i] for name, t in cpu.items()} for i in range(len(images))]

@@ -1,0 +1,73 @@
+"""The served model and its swaps: loaded from the registry, replaced whole when the registry's model version
+changes. The batch worker reads :attr:`ModelHolder.current` once per batch, so a swap lands between batches and a
+request is answered by exactly one model."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from continual_mem import MemoryViT
+from scenarios.pipeline import Preprocess
+from scenarios.streaming import _DeviceStage
+
+from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded model: the network on its device, its version, its preprocessing and task metadata."""
+
+    net: MemoryViT
+    version: int
+    stage: _DeviceStage
+    classes: dict[str, tuple[str, ...]]
+    tasks: list[dict]
+
+
+class ModelHolder:
+    def __init__(self, settings: ServeSettings) -> None:
+        from registry import Registry
+
+        self.settings = settings
+        self.registry = Registry(settings.registry)
+        self.device = torch.device(settings.device)
+        self.current: Served | None = None
+        self.swaps = 0
+
+    def load(self) -> Served:
+        """The registry's model as it is now (version read before and after, so a change during the load is
+        picked up by the next poll)."""
+        for _ in range(5):
+            version = self.registry.model_version(self.settings.model)
+            net = self.registry.load(self.settings.model).to(self.device).eval()
+            if self.registry.model_version(self.settings.model) == version:
+                break
+        pre = Preprocess.for_backbone(net.backbone, "inception")  # timm's eval crop, as `eval` and `predict`
+        tasks = [{"name": n, "classes": net.tasks[n].config.num_classes, "regime": net.tasks[n].config.regime,
+                  "preserving": net.tasks[n].config.preserving, "dataset": net.tasks[n].config.dataset}
+                 for n in net.task_names]
+        classes = {n: tuple(net.tasks[n].config.class_names or [str(i) for i in range(net.tasks[n].config.num_classes)])
+                   for n in net.task_names}
+        return Served(net, version, _DeviceStage(pre, self.device), classes, tasks)
+
+    async def watch(self) -> None:
+        """Poll the registry; load a changed model in a thread and swap it in."""
+        interval = self.settings.poll_interval_s
+        while interval > 0:
+            await asyncio.sleep(interval)
+            try:
+                version = await asyncio.to_thread(self.registry.model_version, self.settings.model)
+                if self.current is not None and version != self.current.version:
+                    fresh = await asyncio.to_thread(self.load)
+                    old, self.current = self.current, fresh
+                    self.swaps += 1
+                    log.info("model %s: version %d -> %d (%d tasks)", self.settings.model, old.version,
+                             fresh.version, len(fresh.tasks))
+            except Exception:  # noqa: BLE001 - a failed reload keeps serving the model in hand
+                log.exception("reloading model %s failed; still serving version %s", self.settings.model,
+                              self.current.version if self.current else None)

@@ -1,0 +1,45 @@
+"""Server settings: one validated dataclass, the only input of :func:`serving.create_app`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Args:
+        registry: SQLAlchemy URL or SQLite file of the registry.
+        model: Model name inside the registry.
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (resolved by the caller; ``auto`` is the CLI's).
+        max_batch: Images in one pass at most.
+        max_wait_ms: How long the first image of a batch waits for others.
+        max_upload_bytes: Larger request bodies get 413.
+        max_pixels: Larger images (width x height, read from the header before decoding) get 413.
+        poll_interval_s: How often the registry is asked whether the model changed (0: never).
+        amp: bf16 autocast on CUDA (the answers are bit-stable for a fixed batch shape and dtype).
+        top_k: Default number of classes returned per task.
+    """
+
+    registry: str
+    model: str = "default"
+    device: str = "cpu"
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    poll_interval_s: float = 1.0
+    amp: bool = True
+    top_k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_upload_bytes < 1 or self.max_pixels < 1:
+            raise ValueError("max_upload_bytes and max_pixels must be >= 1")
+        if self.poll_interval_s < 0:
+            raise ValueError(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")

@@ -1,0 +1,188 @@
+"""The HTTP server: contract, dynamic batching, live add/remove with old answers bit-identical, bad uploads."""
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from registry_helpers import grow, new_registry  # noqa: E402
+from serving import ServeSettings, create_app  # noqa: E402
+
+
+def png(seed: int, size=(40, 30)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg, net = new_registry(tmp_path / "r.db")
+    grow(reg, net, "a", 1)
+    grow(reg, net, "b", 2, memory=2)
+    return reg, net
+
+
+def client(reg, **kw) -> TestClient:
+    return TestClient(create_app(ServeSettings(registry=reg.url, poll_interval_s=0.05, max_wait_ms=1, **kw)))
+
+
+def predict(c: TestClient, *images: bytes, **params):
+    files = [("files", (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    return c.post("/predict", files=files, params=params)
+
+
+def test_contract(registry):
+    reg, _ = registry
+    with client(reg) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        tasks = c.get("/tasks").json()
+        assert [t["name"] for t in tasks["tasks"]] == ["a", "b"] and tasks["model_version"] > 0
+        r = predict(c, png(0), png(1), top_k=2, logits="true")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [x["image"] for x in body["results"]] == ["img0.png", "img1.png"]
+        a = body["results"][0]["tasks"]["a"]
+        assert len(a["top"]) == 2 and set(a["top"][0]) == {"class", "index", "prob"} and len(a["logits"]) == 3
+        only = predict(c, png(0), tasks="b").json()["results"][0]["tasks"]
+        assert list(only) == ["b"] and only["b"]["logits"] is None
+        single = predict(c, png(0), logits="true").json()["results"][0]["tasks"]["a"]["logits"]
+        b64 = c.post("/predict", json={"images": [base64.b64encode(png(0)).decode()]}, params={"logits": "true"})
+        assert b64.json()["results"][0]["tasks"]["a"]["logits"] == single  # same image, same batch shape
+        text = c.get("/metrics").text
+        assert 'continual_mem_requests_total{endpoint="/predict",status="200"} 4.0' in text
+        assert "continual_mem_batch_size_bucket" in text and 'continual_mem_task_images_total{task="a"}' in text
+
+
+def test_answers_match_the_model_offline(registry):
+    """The served logits are eval's: the same preprocessing (shrink, timm centre crop on the device) and model."""
+    import torch
+
+    from scenarios.decode import FilesReader
+    from scenarios.pipeline import Preprocess
+    from scenarios.streaming import DecodedImages
+
+    reg, _ = registry
+    net = reg.load()
+    with client(reg) as c:
+        served = predict(c, png(5, (64, 48)), logits="true").json()["results"][0]["tasks"]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "x.png").write_bytes(png(5, (64, 48)))
+        src = DecodedImages(FilesReader([str(Path(d) / "x.png")], np.zeros(1, dtype=np.int64)),
+                            Preprocess.for_backbone(net.backbone, "inception"), workers=0)
+        x, _ = next(iter(src.eval_batches(1)))
+    with torch.no_grad():
+        offline = net(x, original=False)
+    for task in ("a", "b"):
+        assert torch.equal(torch.tensor(served[task]["logits"]), offline[task][0])
+
+
+def test_concurrent_requests_share_one_pass(registry):
+    reg, _ = registry
+    with TestClient(create_app(ServeSettings(registry=reg.url, max_batch=8, max_wait_ms=300,
+                                             poll_interval_s=0))) as c:
+        before = c.get("/health").json()["passes"]
+        codes = []
+
+        def one(i):
+            codes.append(predict(c, png(i)).status_code)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert codes == [200] * 4
+        assert c.get("/health").json()["passes"] - before == 1
+        assert 'continual_mem_batch_size_bucket{le="4.0"} 1.0' in c.get("/metrics").text
+
+
+def test_live_add_and_remove_keep_old_answers_bit_identical(registry):
+    """Another process adds and removes tasks while requests flow: no request fails, every answer of an old task
+    is the same bits before, during and after (CPU float32, one image per pass)."""
+    reg, net = registry
+    probe = png(7)
+    with client(reg, max_batch=1) as c:
+        first = predict(c, probe, logits="true").json()
+        base = {t: first["results"][0]["tasks"][t]["logits"] for t in ("a", "b")}
+        seen, stop, failures = [], threading.Event(), []
+
+        def flow():
+            while not stop.is_set():
+                r = predict(c, probe, logits="true")
+                if r.status_code != 200:
+                    failures.append(r.text)
+                    continue
+                body = r.json()
+                seen.append(body["model_version"])
+                for t in ("a", "b"):
+                    if body["results"][0]["tasks"][t]["logits"] != base[t]:
+                        failures.append(f"task {t} changed at version {body['model_version']}")
+
+        worker = threading.Thread(target=flow)
+        worker.start()
+        grow(reg, net, "c", 3, memory=3)
+        _wait_for(c, lambda h: h["tasks"] == 3)
+        grow(reg, net, "d", 4, layers="last:2")
+        _wait_for(c, lambda h: h["tasks"] == 4)
+        reg.remove_task("c")
+        _wait_for(c, lambda h: h["tasks"] == 3)
+        time.sleep(0.2)
+        stop.set()
+        worker.join()
+        assert failures == []
+        assert len(set(seen)) >= 3  # answers came from at least three models while it changed
+        now = predict(c, probe).json()["results"][0]["tasks"]
+        assert sorted(now) == ["a", "b", "d"]
+        assert c.get("/health").json()["swaps"] == 3
+
+
+def _wait_for(c: TestClient, cond, timeout: float = 20.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond(c.get("/health").json()):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the server did not pick up the change")
+
+
+def test_bad_requests_get_one_line_4xx(registry):
+    reg, _ = registry
+    with client(reg, max_upload_bytes=50_000, max_pixels=100_000) as c:
+        def detail(r, code):
+            assert r.status_code == code, r.text
+            d = r.json()["detail"]
+            assert isinstance(d, str) and "\n" not in d
+            return d
+
+        assert "not an image" in detail(predict(c, b"hello"), 400)
+        jpeg = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+        cut = jpeg.getvalue()[: len(jpeg.getvalue()) // 2]
+        assert "cannot decode the image (Image is incomplete or truncated)" in detail(predict(c, cut), 400)
+        flat = io.BytesIO()
+        Image.new("RGB", (400, 300), (10, 20, 30)).save(flat, "PNG")  # small file, many pixels
+        assert "400x300 = 120,000 pixels; the limit is 100,000" in detail(predict(c, flat.getvalue()), 413)
+        assert "limit is 50,000" in detail(predict(c, b"x" * 60_000), 413)
+        assert "unknown task 'zz'" in detail(predict(c, png(1), tasks="a,zz"), 404)
+        assert "base64" in detail(c.post("/predict", json={"pictures": []}), 400)
+        assert detail(c.post("/predict", content=b"raw", headers={"content-type": "text/plain"}), 415)
+        assert predict(c, png(2)).status_code == 200  # still serving
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="max_batch"):
+        ServeSettings(registry="x.db", max_batch=0)
+    with pytest.raises(ValueError, match="device"):
+        ServeSettings(registry="x.db", device="tpu")
