@@ -1,5 +1,5 @@
 """continual-mem command line (Typer), one module per command group; ``app`` is the entry point."""
-from . import data, records, studies, tasks  # noqa: F401 - registers the commands
+from . import data, records, serving, studies, tasks  # noqa: F401 - registers the commands
 from .app import app
 
 __all__ = ["app"]

@@ -232,3 +232,12 @@ def test_demo_without_fashion_mnist_runs_the_other_tasks(tmp_path, monkeypatch):
                    "--max-test", "16", "--device", "cpu"))
     assert "skipping fashion-mnist" in result.output
     assert Registry(db).task_names() == ["mnist-5k", "digits"]
+
+
+def test_export_onnx_and_serve_errors(db, tmp_path):
+    pytest.importorskip("onnxruntime")
+    r = json.loads(ok(cm(db, "export-onnx", str(tmp_path / "m.onnx"), "--json")).stdout)
+    assert r["outputs"] == ["original", "digits", "digits-ext"] and r["max_abs_diff"] < 1e-4
+    assert json.loads((tmp_path / "m.json").read_text())["tasks"][0]["name"] == "digits"
+    user_error(cm(db, "export-onnx", str(tmp_path / "x.onnx"), "--tasks", "nope"), "unknown task 'nope'")
+    user_error(cm(tmp_path / "absent.db", "serve"), "no registry at")

@@ -1,0 +1,242 @@
+"""Load test of `continual-mem serve` on loopback: a bounded number of requests from N concurrent clients, the
+served throughput against the offline single pass of the same model, latency percentiles, errors, and a task added
+by another process in the middle of the load while a probe image checks that old tasks' answers never change.
+
+For each K it builds a registry (random-weight backbone, K masked-memory tasks), measures the offline pass
+(eval's preprocessing + one forward for every task, batches of --max-batch), starts the server as a subprocess on
+127.0.0.1, sends the load, and stops everything by itself.
+
+    python benchmarks/serve_load.py --device cpu --model vit_tiny_patch16_224 --img-size 64 --tasks 1 \\
+        --requests 200 --clients 8                                   # a quick CPU check
+    python benchmarks/serve_load.py --device cuda --tasks 1,10 --requests 2000 --clients 64
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_registry(path: Path, args, k: int) -> None:
+    """A registry holding a random-weight backbone and ``k`` masked-memory tasks with non-trivial parameters."""
+    import timm
+
+    from continual_mem import MemoryViT
+    from registry import Registry
+
+    kwargs = {"img_size": args.img_size, "num_classes": 0}
+    torch.manual_seed(0)
+    bb = timm.create_model(args.model, **kwargs).eval()
+    reg = Registry(path)
+    reg.create_model(bb, timm_name=args.model, model_kwargs=kwargs)
+    net = MemoryViT(bb)
+    for i in range(k):
+        add_task(reg, net, f"task{i}", seed=i, memory=args.memory)
+
+
+def add_task(reg, net, name: str, *, seed: int, memory: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    task = net.add_task(name, 100, memory=memory)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    reg.add_task(net, name)
+
+
+def offline_rate(reg_path: Path, args, batch: np.ndarray) -> float:
+    """Images/s of the served computation without HTTP: eval's device preprocessing + one pass for every task."""
+    from registry import Registry
+    from scenarios.pipeline import Preprocess
+    from scenarios.streaming import _DeviceStage
+
+    device = torch.device(args.device)
+    net = Registry(reg_path).load().to(device).eval()
+    stage = _DeviceStage(Preprocess.for_backbone(net.backbone, "inception"), device)
+    canvas = torch.from_numpy(np.repeat(batch[None], args.max_batch, axis=0))
+    if device.type == "cuda":
+        canvas = canvas.pin_memory()
+    hw = torch.tensor([batch.shape[:2]] * args.max_batch)
+    labels = torch.zeros(args.max_batch, dtype=torch.int64)
+
+    def step():
+        x, _ = stage(canvas, hw, labels, train=False)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = net(x, original=False)
+        return {k: v.float().cpu() for k, v in out.items()}  # the server hands results to the host too
+
+    return args.max_batch / common.median_seconds(step, args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: int) -> dict:
+    """``args.requests`` requests from ``args.clients`` clients; a probe every 20 ms; a live add at half-way."""
+    import httpx
+
+    from continual_mem import MemoryViT
+    from registry import Registry
+
+    latencies, errors, versions = [], [], set()
+    done = 0
+    files = [("files", (f"img{i}.jpg", image, "image/jpeg")) for i in range(args.images_per_request)]
+    old = [f"task{i}" for i in range(k)]
+    probes: list[dict] = []
+    added_at = None
+    stop = asyncio.Event()
+
+    async def client(c: httpx.AsyncClient):
+        nonlocal done, added_at
+        while done < args.requests:
+            done += 1
+            if args.live_add and added_at is None and done >= args.requests // 2:
+                added_at = time.perf_counter()
+                # another "process" changes the registry: the server must pick it up between batches
+                reg = Registry(reg_path)
+                net = reg.load()
+                await asyncio.to_thread(add_task, reg, net, f"task{k}", seed=1000, memory=args.memory)
+            t0 = time.perf_counter()
+            try:
+                r = await c.post(f"{url}/predict", files=files)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                else:
+                    versions.add(r.json()["model_version"])
+            except httpx.HTTPError as exc:
+                errors.append(repr(exc))
+            latencies.append(time.perf_counter() - t0)
+
+    async def prober(c: httpx.AsyncClient):
+        while not stop.is_set():
+            r = await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
+                             files=[("files", ("probe.jpg", probe, "image/jpeg"))])
+            if r.status_code == 200:
+                probes.append(r.json())
+            await asyncio.sleep(0.02)
+
+    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as c:
+        alone_before = (await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
+                                     files=[("files", ("probe.jpg", probe, "image/jpeg"))])).json()
+        probe_task = asyncio.create_task(prober(c))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(args.clients)))
+        wall = time.perf_counter() - t0
+        stop.set()
+        await probe_task
+        health = (await c.get(f"{url}/health")).json()
+        alone_after = (await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
+                                    files=[("files", ("probe.jpg", probe, "image/jpeg"))])).json()
+    first = {t: a["top"][0]["index"] for t, a in alone_before["results"][0]["tasks"].items()}
+    changed = sum(1 for p in probes for t, a in p["results"][0]["tasks"].items() if a["top"][0]["index"] != first[t])
+    bits = all(alone_after["results"][0]["tasks"][t]["logits"] == alone_before["results"][0]["tasks"][t]["logits"]
+               for t in old)
+    lat = sorted(latencies)
+
+    def pct(q):
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3
+
+    return {"requests": len(latencies), "images": len(latencies) * args.images_per_request, "wall_s": wall,
+            "images_per_s": len(latencies) * args.images_per_request / wall, "requests_per_s": len(latencies) / wall,
+            "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99), "mean_ms": statistics.mean(lat) * 1e3,
+            "errors": len(errors), "first_errors": errors[:3], "versions_seen": sorted(versions),
+            "swaps": health["swaps"], "passes": health["passes"], "probes": len(probes),
+            "probe_top1_changes": changed, "probe_alone_bit_identical_after_add": bits}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from scenarios.synthetic import photo
+
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.set_defaults(model="vit_small_patch14_dinov2")
+    p.add_argument("--tasks", default="1,10", help="comma list of K (tasks in the model)")
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--upload-size", default="500x375", help="uploaded JPEG size, WxH")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--no-live-add", dest="live_add", action="store_false")
+    args = common.resolve(p.parse_args(argv))
+    args.img_size = args.img_size or 224
+    w, h = (int(v) for v in args.upload_size.split("x"))
+    image, probe = photo(1, label=3, size=(w, h)), photo(2, label=5, size=(w, h))
+    from scenarios.decode import _decode, shrink
+
+    decoded = shrink(_decode(image), short_side=256, max_aspect=2.0).permute(1, 2, 0).contiguous().numpy()
+    rows = []
+    for k in [int(v) for v in args.tasks.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            reg_path = Path(tmp) / "serve.db"
+            build_registry(reg_path, args, k)
+            offline = offline_rate(reg_path, args, decoded)
+            port = free_port()
+            log = open(Path(tmp) / "server.log", "w")
+            server = subprocess.Popen(
+                [sys.executable, "-m", "cli", "--registry", str(reg_path), "serve", "--port", str(port),
+                 "--device", args.device, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                 "--poll-s", "0.2"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)})
+            try:
+                url = f"http://127.0.0.1:{port}"
+                _wait_up(url, server, Path(tmp) / "server.log")
+                result = asyncio.run(load(url, args, image, probe, reg_path, k))
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+                log.close()
+        result.update({"tasks": k, "offline_images_per_s": offline,
+                       "served_over_offline": result["images_per_s"] / offline})
+        rows.append(result)
+        print(f"K={k}: served {result['images_per_s']:.0f} img/s, offline {offline:.0f}, p99 {result['p99_ms']:.0f} ms, "
+              f"errors {result['errors']}", file=sys.stderr, flush=True)
+    env = common.environment(args)
+    env.update({"img_size": args.img_size, "clients": args.clients, "requests": args.requests,
+                "images_per_request": args.images_per_request, "upload": args.upload_size,
+                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "live_add": args.live_add})
+    result = {"environment": env, "results": rows}
+    common.report(result, f"serve load, {args.model} {args.img_size}px, {args.clients} clients, {env['device']}",
+                  ["K", "served img/s", "offline img/s", "ratio", "p50 ms", "p95 ms", "p99 ms", "errors",
+                   "swaps", "probe changes", "bit-identical"],
+                  [[str(r["tasks"]), f"{r['images_per_s']:,.0f}", f"{r['offline_images_per_s']:,.0f}",
+                    f"{r['served_over_offline']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}",
+                    f"{r['p99_ms']:.0f}", str(r["errors"]), str(r["swaps"]), str(r["probe_top1_changes"]),
+                    str(r["probe_alone_bit_identical_after_add"])] for r in rows], args.json_out)
+    return result
+
+
+def _wait_up(url: str, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not come up")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Deployment: ``serve`` (HTTP, every task in one pass, tasks added live) and ``export-onnx``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import JsonOpt, app, command, emit, out, pick_device, registry, state
+
+
+@app.command()
+@command
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    max_batch: Annotated[int, typer.Option(min=1, help="images per model pass at most")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a batch waits to fill")] = 5.0,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="larger request bodies get HTTP 413")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(min=1, help="larger images get HTTP 413")] = 40_000_000,
+    poll_s: Annotated[float, typer.Option(min=0.0, help="how often to look for registry changes (0: never)")] = 1.0,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA")] = True,
+) -> None:
+    """Serve every task over HTTP (POST /predict, GET /tasks /health /metrics); tasks that another process
+    adds, imports or removes are picked up without a restart, and old tasks' answers do not change."""
+    try:
+        import uvicorn
+
+        from serving import ServeSettings, create_app
+    except ImportError as exc:
+        raise ValueError(f"serving needs the serve extra ({exc.name} is missing): pip install "
+                         "'continual-mem[serve]'") from None
+    registry()  # refuses a missing registry here, not inside the server's start-up
+    settings = ServeSettings(registry=state.registry, model=state.model, device=pick_device(device),
+                             max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+                             poll_interval_s=poll_s, amp=amp)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command("export-onnx")
+@command
+def export_onnx(
+    file: Annotated[Path, typer.Argument(help="the .onnx file to write (a .json sidecar goes beside it)")],
+    tasks: Annotated[str, typer.Option(help="comma list of tasks [default: every task]")] = "",
+    opset: Annotated[int, typer.Option(min=14)] = 17,
+    dynamic_batch: Annotated[bool, typer.Option(help="let the batch size vary")] = True,
+    check: Annotated[bool, typer.Option(help="compare onnxruntime with PyTorch on a probe batch")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the shared pass (original head + every preserving task) as one ONNX graph with an output per
+    task, plus a JSON sidecar (classes, preprocessing, backbone fingerprint)."""
+    import torch
+
+    from continual_mem.onnx_export import export_onnx as export, run_onnx
+
+    reg = registry()
+    net = reg.load(state.model)
+    sidecar = export(net, file, tasks=[t for t in tasks.split(",") if t] or None, opset=opset,
+                     dynamic_batch=dynamic_batch, extra_metadata={"model_version": reg.model_version(state.model)})
+    report = {"file": str(file), "sidecar": str(file.with_suffix(".json")), "outputs": sidecar["outputs"],
+              "bytes": file.stat().st_size}
+    if check:
+        size = sidecar["preprocess"]["size"]
+        x = torch.randn(2 if dynamic_batch else 1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        ours = run_onnx(file, x)
+        with torch.no_grad():
+            ref = net(x, tasks=[t["name"] for t in sidecar["tasks"]], original="original" in sidecar["outputs"])
+        report["max_abs_diff"] = max(float((ours[n] - ref[n]).abs().max()) for n in sidecar["outputs"])
+        if report["max_abs_diff"] > 1e-3:
+            raise ValueError(f"onnxruntime differs from PyTorch by {report['max_abs_diff']:.2e}; please report it")
+    emit(report, as_json, lambda r: out.print(
+        f"exported {', '.join(r['outputs'])} to {r['file']} ({r['bytes']:,} bytes; sidecar {r['sidecar']})"
+        + (f"; onnxruntime vs PyTorch max |diff| {r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "")))
