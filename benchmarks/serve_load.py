@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                 [sys.executable, "-m", "cli", "--registry", str(reg_path), "serve", "--port", str(port),
                  "--device", args.device, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                  "--poll-s", "0.2"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
             try:
                 url = f"http://127.0.0.1:{port}"
                 _wait_up(url, server, Path(tmp) / "server.log")
