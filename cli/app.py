@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Grow a frozen timm ViT task by task with learnable memory, never changing old outputs.",
@@ -73,12 +74,12 @@ def command(fn):
         except VerificationFailed as exc:
             if state.debug:
                 raise
-            err.print(f"[red]verification failed:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]verification failed:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except (ValueError, FileNotFoundError, OfflineBackboneError) as exc:
             if state.debug:
                 raise
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

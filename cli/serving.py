@@ -29,8 +29,7 @@ def serve(
 
         from serving import ServeSettings, create_app
     except ImportError as exc:
-        raise ValueError(f"serving needs the serve extra ({exc.name} is missing): pip install "
-                         "'continual-mem[serve]'") from None
+        raise ValueError(f"serving needs the serve extra ({exc}): pip install 'continual-mem[serve]'") from None
     registry()  # refuses a missing registry here, not inside the server's start-up
     settings = ServeSettings(registry=state.registry, model=state.model, device=pick_device(device),
                              max_batch=max_batch, max_wait_ms=max_wait_ms,

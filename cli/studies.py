@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .app import ROOT, JsonOpt, app, command, emit, err, out, pick_device, registry, state, table
@@ -117,7 +118,7 @@ def cost(
         for i in range(tasks):
             model.add_task(f"task{i}", classes, memory=memory)
     except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     rows = cost_table(model)
     if as_json:
