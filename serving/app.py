@@ -8,14 +8,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import numpy as np
+import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+
+from scenarios.decode import host_cores
 
 from .batcher import Batcher
 from .holder import ModelHolder
@@ -100,18 +105,25 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         metrics = Metrics()
+        if settings.device.startswith("cuda"):
+            # the model runs on the GPU; on the host, requests decode in parallel threads, one core each (torch's
+            # intra-op pool per calling thread would put cores x threads workers on the cores)
+            torch.set_num_threads(1)
+        decoders = ThreadPoolExecutor(max_workers=host_cores(), thread_name_prefix="decode")
         holder = ModelHolder(settings)
         holder.current = await asyncio.to_thread(holder.load)
         metrics.version.set(holder.current.version)
         batcher = Batcher(holder, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                           amp=settings.amp)
         app.state.settings, app.state.metrics, app.state.holder, app.state.batcher = settings, metrics, holder, batcher
+        app.state.decoders = decoders
         workers = [asyncio.create_task(batcher.run()), asyncio.create_task(holder.watch())]
         try:
             yield
         finally:
             for w in workers:
                 w.cancel()
+            decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="continual-mem", lifespan=lifespan)
 
@@ -143,10 +155,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if k < 1:
             raise HTTPException(400, "top_k must be >= 1")
         files = await _uploads(request, st.max_upload_bytes)
-        from starlette.concurrency import run_in_threadpool
-
-        images = [await run_in_threadpool(decode_upload, data, name=name, max_pixels=st.max_pixels)
-                  for name, data in files]
+        loop = asyncio.get_running_loop()
+        images = await asyncio.gather(*(loop.run_in_executor(request.app.state.decoders, functools.partial(
+            decode_upload, data, name=name, max_pixels=st.max_pixels)) for name, data in files))
         answers = await asyncio.gather(*(request.app.state.batcher.submit(img) for img in images))
         results, version = [], answers[0].version
         for (name, _), answer in zip(files, answers):
