@@ -142,7 +142,8 @@ def datasets_(as_json: JsonOpt = False) -> None:
     names = catalog()
     emit(names, as_json, lambda ns: out.print(table("datasets", ["name", "source"], [
         [n, "offline" if n in OFFLINE else ("any folder" if n.startswith("imagefolder") else
-                                          "packed copy" if n.startswith("packed") else "torchvision")]
+                                          "packed copy" if n.startswith("packed") else
+                                          "tar shards (WebDataset)" if n.startswith("webdataset") else "torchvision")]
         for n in ns])))
 
 

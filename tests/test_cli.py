@@ -241,3 +241,25 @@ def test_export_onnx_and_serve_errors(db, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["tasks"][0]["name"] == "digits"
     user_error(cm(db, "export-onnx", str(tmp_path / "x.onnx"), "--tasks", "nope"), "unknown task 'nope'")
     user_error(cm(tmp_path / "absent.db", "serve"), "no registry at")
+
+
+def test_prepare_and_add_task_on_an_image_folder(db, tmp_path):
+    from scenarios.synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "photos", classes=2, per_class=8, size=(40, 30))
+    (tmp_path / "photos" / "class_01" / "img_00003.jpg").write_bytes(b"broken")
+    folder = f"imagefolder:{tmp_path / 'photos'}"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    user_error(cm(db, "prepare", folder, "--on-bad-image", "fail", *cache),
+               "img_00003.jpg (not an image file that torchvision or PIL can read); remove or replace the file, or "
+               "pass --on-bad-image skip")
+    user_error(cm(db, "prepare", folder, "--on-bad-image", "maybe", *cache), "--on-bad-image must be skip or fail")
+    user_error(cm(db, "prepare", "digits", *cache), "already decoded in memory")
+    rows = json.loads(ok(cm(db, "prepare", folder, *cache, "--json")).stdout)
+    assert [r["split"] for r in rows] == ["train", "test"] and sum(r["images"] for r in rows) == 15
+    assert sum(r["left_out"] for r in rows) == 1
+    data = json.loads(ok(cm(db, "add-task", folder, "--name", "photos", *cache, *FAST, "--json")).stdout)
+    assert data["classes"] == 2 and data["verification"]["digits"] == "equal"
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 2  # add-task reused the prepared copies
+    evals = json.loads(ok(cm(db, "eval", "--task", "photos", *cache, "--json")).stdout)
+    assert evals[0]["images"] == rows[1]["images"]
