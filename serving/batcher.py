@@ -56,6 +56,7 @@ class Batcher:
                     break
             self.metrics.queue_depth.set(self.queue.qsize())
             served = self.holder.current  # one model per batch: a swap lands between batches
+            t0 = time.perf_counter()
             try:
                 rows = await asyncio.to_thread(self._forward, served, [img for img, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
@@ -64,6 +65,7 @@ class Batcher:
                         fut.set_exception(exc)
                 continue
             self.passes += 1
+            self.metrics.pass_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(len(batch))
             for (_, fut), logits in zip(batch, rows):
                 if not fut.done():

@@ -14,6 +14,9 @@ class Metrics:
                                  buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10), registry=r)
         self.batch_size = Histogram("continual_mem_batch_size", "images per model pass",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.pass_seconds = Histogram("continual_mem_pass_seconds", "wall time of one model pass (crop, forward, "
+                                      "logits to the host)", buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1),
+                                      registry=r)
         self.queue_depth = Gauge("continual_mem_queue_depth", "images waiting for a pass", registry=r)
         self.images = Counter("continual_mem_task_images", "images answered per task", ["task"], registry=r)
         self.version = Gauge("continual_mem_model_version", "registry version of the served model", registry=r)

@@ -59,6 +59,7 @@ def test_contract(registry):
         assert b64.json()["results"][0]["tasks"]["a"]["logits"] == single  # same image, same batch shape
         text = c.get("/metrics").text
         assert 'continual_mem_requests_total{endpoint="/predict",status="200"} 4.0' in text
+        assert "continual_mem_pass_seconds_count" in text
         assert "continual_mem_batch_size_bucket" in text and 'continual_mem_task_images_total{task="a"}' in text
 
 
