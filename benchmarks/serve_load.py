@@ -142,6 +142,8 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
         stop.set()
         await probe_task
         health = (await c.get(f"{url}/health")).json()
+        metrics = {line.split()[0]: float(line.split()[1]) for line in (await c.get(f"{url}/metrics")).text.splitlines()
+                   if line.startswith("continual_mem_pass_seconds_") and " " in line and "{" not in line}
         alone_after = (await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
                                     files=[("files", ("probe.jpg", probe, "image/jpeg"))])).json()
     first = {t: a["top"][0]["index"] for t, a in alone_before["results"][0]["tasks"].items()}
@@ -158,6 +160,8 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99), "mean_ms": statistics.mean(lat) * 1e3,
             "errors": len(errors), "first_errors": errors[:3], "versions_seen": sorted(versions),
             "swaps": health["swaps"], "passes": health["passes"], "probes": len(probes),
+            "mean_pass_ms": 1e3 * metrics.get("continual_mem_pass_seconds_sum", 0.0)
+            / max(1.0, metrics.get("continual_mem_pass_seconds_count", 0.0)),
             "probe_top1_changes": changed, "probe_alone_bit_identical_after_add": bits}
 
 
