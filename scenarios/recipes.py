@@ -115,8 +115,10 @@ def sources(
     on_bad_image: OnBad = "skip",
     cache_dir: str | None = None,
     progress: bool = False,
+    heldout: float = 0.05,
 ):
-    """Training, held-out (5%, stratified; capped at ``max_heldout``) and evaluation batch sources.
+    """Training, held-out (``heldout`` of the train split, 5% by default, stratified; capped at ``max_heldout``)
+    and evaluation batch sources.
 
     File-backed datasets take the input path :func:`choose_pipeline` picks; ``pipeline="prepared"`` builds the
     prepared copy first if there is none (under ``cache_dir``, default ``$CONTINUAL_MEM_HOME/prepared``)."""
@@ -124,7 +126,7 @@ def sources(
     stage = dict(data=data, pipeline=pipeline, opts=opts, cache_dir=cache_dir, progress=progress)
     train = _stage(data.train, split="train", **stage)
     labels = _labels(train)
-    keep, held = stratified_split(labels, holdout=0.05, seed=seed)
+    keep, held = stratified_split(labels, holdout=heldout, seed=seed)
     if max_train and len(keep) > max_train:
         keep = keep[stratified_split(labels[keep], holdout=max_train / len(keep), seed=seed)[1]]
     if max_heldout and len(held) > max_heldout:
