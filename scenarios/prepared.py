@@ -14,6 +14,7 @@ copy per image. The build is
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -191,12 +192,37 @@ def prepare(
         DatasetError: an image cannot be decoded and ``opts.on_bad`` is ``fail`` (the build so far is kept and
             resumes once the file is fixed or skipped).
     """
-    from .datasets import DatasetError
-
     out = location(reader, name=name, split=split, opts=opts, root=Path(root) if root else None)
     if (out / "meta.json").is_file():
         return PreparedSet(out)
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out / ".lock", f"{name} ({split})"):  # DDP ranks, two shells: one builds, the others wait
+        if (out / "meta.json").is_file():
+            return PreparedSet(out)
+        return _build(reader, out, name=name, split=split, class_names=class_names, opts=opts, progress=progress)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, what: str):
+    """An exclusive lock on ``path`` (``flock``: released by the OS if the holder dies)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is preparing this copy; waiting for it", what)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(reader: Reader, out: Path, *, name: str, split: str, class_names: tuple[str, ...], opts: PrepareOptions,
+           progress: bool) -> PreparedSet:
+    from .datasets import DatasetError
+
     state_path, pixels_path, partial_index = out / "progress.json", out / "pixels.u8", out / "index.partial.npy"
     state = {"chunks": 0, "bytes": 0, "rows": 0, "bad": []}
     rows = np.zeros((0, 4), dtype=np.int64)

@@ -317,3 +317,32 @@ def test_cuda_graph_training_from_streamed_sources(reader, tmp_path, kind):
     result = fit(net, "t", source, source, TrainConfig(steps=12, batch_size=8, eval_every=6, cuda_graph=True),
                  progress=False)
     assert result.steps == 12 and 0.0 <= result.best_val_accuracy <= 1.0
+
+
+def _prepare_in_a_process(args):
+    folder, root = args
+    r = reader_for(datasets.load(f"imagefolder:{folder}").train)
+    ps = _prepare(r, root)
+    return ps.root, (ps.root / "pixels.u8").read_bytes(), ps.index.tolist()
+
+
+def test_concurrent_prepares_build_one_copy(folder, tmp_path, monkeypatch):
+    """Two processes (DDP ranks, two shells) preparing the same dataset at once: one builds, the other waits."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    build, log = prepared._build, tmp_path / "builds.txt"
+
+    def slow_build(*args, **kwargs):  # long enough for the other process to arrive while it runs
+        with open(log, "a") as f:
+            f.write("build\n")
+        time.sleep(0.5)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(prepared, "_build", slow_build)  # the forked workers inherit it
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        a, b = pool.map(_prepare_in_a_process, [(folder, tmp_path / "shared")] * 2)
+    assert log.read_text().count("build") == 1
+    whole = _prepare_in_a_process((folder, tmp_path / "alone"))
+    assert a[0] == b[0] and a[1:] == b[1:] == whole[1:]
