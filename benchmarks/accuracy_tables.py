@@ -67,6 +67,9 @@ CONFIGS: dict[str, dict] = {
     "memory-m10": dict(regime="memory", memory=10),
     "memory-m20": dict(regime="memory", memory=20),
     "full": dict(regime="full"),
+    # the paper's Table 4: Houlsby adapters (bottleneck 5) alone and combined with memory
+    "adapters-d5": dict(regime="adapters", adapter_dim=5),
+    "memory-m5-adapters-d5": dict(regime="memory+adapters", memory=5, adapter_dim=5),
 }
 # learning-rate grids (scenarios.protocol.parse_grid): log-spaced, two decades; full fine-tuning ten times lower
 GRID, FULL_GRID = "0.01:1:5", "0.0003:0.03:5"

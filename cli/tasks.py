@@ -70,7 +70,10 @@ def add_task(
     name: Annotated[str, typer.Option(help="task name [default: from the dataset]")] = "",
     mode: Annotated[str, typer.Option(help="concatenation | extension")] = "concatenation",
     regime: Annotated[str, typer.Option(help="masked-memory | head+cls | head (single pass); memory | full | "
-                                             "input-memory | hybrid (own pass)")] = "masked-memory",
+                                             "input-memory | hybrid | adapters | memory+adapters (own pass)")] = \
+        "masked-memory",
+    adapter_dim: Annotated[int | None, typer.Option(min=1, help="adapter bottleneck width [default 5 for adapter "
+                                                               "regimes]")] = None,
     memory: Annotated[int | None, typer.Option(help="memory tokens per layer [default 5 for memory regimes]")] = None,
     layers: Annotated[str, typer.Option(help="all | last:K | first:K | 0,3,11")] = "all",
     task_tokens: Annotated[int, typer.Option(min=1, help="class tokens of the task (states averaged)")] = 1,
@@ -110,6 +113,7 @@ def add_task(
     spec = {"registry": state.registry, "model": state.model, "task": task, "dataset": dataset, "device": device,
             "progress": sys.stderr.isatty(),
             "train": dict(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,
+                          adapter_dim=adapter_dim,
                           fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool), steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                           data_root=data_root, download=download, seed=seed, max_train=max_train,
                           max_test=max_test, max_heldout=max_heldout, cuda_graph=cuda_graph, pipeline=pipeline,

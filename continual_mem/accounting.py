@@ -89,6 +89,8 @@ def task_cost(model: MemoryViT, name: str) -> Cost:
         for i in range(model.depth):
             seq = base + (c.memory if i in task.layer_to_slot else 0)
             flops += _block_flops(d, a, hidden, seq, seq)
+            if task.adapters is not None:  # two bottleneck adapters (down + up projections) per block
+                flops += 2 * seq * (2 * d * c.adapter_dim * 2)
     return Cost(name, c.regime, params, flops, batch, c.preserving)
 
 

@@ -5,7 +5,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
-Regime = Literal["head", "head+cls", "masked-memory", "memory", "full", "input-memory", "hybrid"]
+Regime = Literal["head", "head+cls", "masked-memory", "memory", "full", "input-memory", "hybrid", "adapters",
+                 "memory+adapters"]
 Mode = Literal["concatenation", "extension"]
 
 REGIMES: tuple[str, ...] = get_args(Regime)
@@ -16,7 +17,9 @@ PRESERVING_REGIMES: frozenset[str] = frozenset({"head", "head+cls", "masked-memo
 # Preserving regimes that own task tokens (the ones the attention mask is about).
 TOKEN_REGIMES: frozenset[str] = frozenset({"head+cls", "masked-memory"})
 # Regimes with per-layer memory tokens (keys/values only, outputs dropped).
-LAYER_MEMORY_REGIMES: frozenset[str] = frozenset({"masked-memory", "memory", "hybrid"})
+LAYER_MEMORY_REGIMES: frozenset[str] = frozenset({"masked-memory", "memory", "hybrid", "memory+adapters"})
+# Regimes with bottleneck adapters after attention and MLP in every block (Houlsby et al. 2019; own pass).
+ADAPTER_REGIMES: frozenset[str] = frozenset({"adapters", "memory+adapters"})
 # Regimes with memory injected once at the input and propagated like ordinary tokens (Burtsev et al.).
 INPUT_MEMORY_REGIMES: frozenset[str] = frozenset({"input-memory", "hybrid"})
 
@@ -77,6 +80,8 @@ class TaskConfig:
             ``depth - k``) with full attention, its memory as extra keys/values. Preserving by construction (the
             branch is the task's own); costs about ``k / depth`` of a backbone pass. 0 is the paper's masked
             memory; ``depth`` is the paper's full-attention ``memory`` (or unmasked ``head+cls``) regime.
+        adapter_dim: Bottleneck width of the adapters (``adapters`` / ``memory+adapters`` regimes; the paper's
+            Table 4 uses 5); 0 for other regimes.
         fork_pool: Average-pool the patch grid entering the fork by ``(rows, cols)`` (an int ``p`` means
             ``(p, p)``; registers kept): the branch runs on ``rows * cols`` times fewer patch tokens, so a deeper
             fork costs what a shallow one did. ``(1, 1)``: no pooling.
@@ -96,6 +101,7 @@ class TaskConfig:
     task_tokens: int = 1
     fork_layers: int = 0
     fork_pool: tuple[int, int] = (1, 1)
+    adapter_dim: int = 0
     sees: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     dataset: str = ""
@@ -133,6 +139,11 @@ class TaskConfig:
                 raise ValueError(f"task {self.name!r}: regime {self.regime!r} needs input_memory >= 1")
         elif self.input_memory:
             raise ValueError(f"task {self.name!r}: regime {self.regime!r} has no input memory; set input_memory=0")
+        if self.regime in ADAPTER_REGIMES:
+            if self.adapter_dim < 1:
+                raise ValueError(f"task {self.name!r}: regime {self.regime!r} needs adapter_dim >= 1 (the paper uses 5)")
+        elif self.adapter_dim:
+            raise ValueError(f"task {self.name!r}: regime {self.regime!r} has no adapters; drop --adapter-dim (adapter_dim=0)")
         if self.task_tokens < 1:
             raise ValueError(f"task {self.name!r}: task_tokens must be >= 1")
         if self.task_tokens > 1 and self.regime not in TOKEN_REGIMES:

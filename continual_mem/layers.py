@@ -127,3 +127,11 @@ def _finish(blk: Block, tokens: torch.Tensor, h: torch.Tensor, out: torch.Tensor
         out = out * gate(h).sigmoid()
     tokens = tokens + blk.ls1(attn.proj(out))
     return tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
+
+
+def adapted_block(blk: Block, after_attn, after_mlp, x: torch.Tensor) -> torch.Tensor:
+    """timm's pre-norm ``Block`` with an adapter on the attention and on the MLP output, before each residual add
+    (Houlsby et al. 2019): the block's own sub-modules, in its order. With identity adapters it is ``blk(x)``
+    bit for bit."""
+    x = x + blk.drop_path1(blk.ls1(after_attn(blk.attn(blk.norm1(x)))))
+    return x + blk.drop_path2(blk.ls2(after_mlp(blk.mlp(blk.norm2(x)))))

@@ -1,6 +1,7 @@
 """MemoryViT: a frozen timm ViT that grows one task at a time and runs every task in one pass."""
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -12,7 +13,7 @@ from torch import nn
 
 from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from .config import TaskConfig, parse_layers
-from .layers import group_block, memory_kv, task_block
+from .layers import adapted_block, group_block, memory_kv, task_block
 from .masking import visible_tasks
 from .task import TaskModule
 
@@ -103,6 +104,7 @@ class MemoryViT(nn.Module):
         task_tokens: int = 1,
         fork_layers: int = 0,
         fork_pool: int | tuple[int, int] = 1,
+        adapter_dim: int | None = None,
         class_names: Sequence[str] = (),
         dataset: str = "",
     ) -> TaskModule:
@@ -113,7 +115,8 @@ class MemoryViT(nn.Module):
             num_classes: Number of classes of the task's head.
             regime: ``head``, ``head+cls``, ``masked-memory`` (preserving, single pass), ``memory`` (full
                 attention to memory, paper's best accuracy, own pass), ``full`` (fine-tuned copy),
-                ``input-memory`` / ``hybrid`` (memory propagated from the input, Burtsev et al.).
+                ``input-memory`` / ``hybrid`` (memory propagated from the input, Burtsev et al.), ``adapters`` /
+                ``memory+adapters`` (Houlsby bottleneck adapters in every block, alone or with memory; own pass).
             mode: ``concatenation`` or ``extension`` (token regimes only).
             memory: Memory tokens per layer (default 5 for memory regimes, 0 otherwise).
             layers: Which blocks get memory: ``all``, ``last:k``, ``first:k`` or indices.
@@ -123,15 +126,17 @@ class MemoryViT(nn.Module):
                 full attention to the task's memory (token regimes; see :class:`TaskConfig`).
             fork_pool: Average-pool the patch grid where the fork starts, ``p`` or ``(rows, cols)`` (cheaper, deeper
                 forks).
+            adapter_dim: Adapter bottleneck width (``adapters`` / ``memory+adapters``; default 5, the paper's).
             class_names: Optional class names.
             dataset: Optional dataset name.
         """
-        from .config import INPUT_MEMORY_REGIMES, LAYER_MEMORY_REGIMES
+        from .config import ADAPTER_REGIMES, INPUT_MEMORY_REGIMES, LAYER_MEMORY_REGIMES
 
         has_mem = regime in LAYER_MEMORY_REGIMES
         memory = (5 if has_mem else 0) if memory is None else memory
         layer_idx = parse_layers(layers, self.depth) if has_mem else ()
         input_memory = (5 if regime in INPUT_MEMORY_REGIMES else 0) if input_memory is None else input_memory
+        adapter_dim = (5 if regime in ADAPTER_REGIMES else 0) if adapter_dim is None else adapter_dim
         sees: tuple[str, ...] = ()
         if mode == "extension":
             tokens = self.token_task_names
@@ -148,6 +153,7 @@ class MemoryViT(nn.Module):
             task_tokens=task_tokens,
             fork_layers=fork_layers,
             fork_pool=fork_pool,
+            adapter_dim=adapter_dim,
             sees=sees,
             class_names=tuple(class_names),
             dataset=dataset,
@@ -355,7 +361,9 @@ class MemoryViT(nn.Module):
         for i in range(start, self.depth):
             blk = self.backbone.blocks[i]
             mem = task.memory_at(i) if task.memory is not None else None
-            h = blk(h) if mem is None else blk(torch.cat([h, mem.expand(B, -1, -1)], dim=1))[:, :keep]
+            run = blk if task.adapters is None else functools.partial(
+                adapted_block, blk, task.adapters[2 * i], task.adapters[2 * i + 1])
+            h = run(h) if mem is None else run(torch.cat([h, mem.expand(B, -1, -1)], dim=1))[:, :keep]
         return h
 
     def _group(
@@ -418,6 +426,8 @@ class MemoryViT(nn.Module):
         bb = self.backbone
         h = self.embed(x)
         B = h.shape[0]
+        if task.tokens is None:  # adapters alone: the backbone's own tokens and pooling, adapted blocks
+            return task.head(bb.forward_head(bb.norm(self._blocks_with_memory(task, h, 0)), pre_logits=True))
         # The task's class token takes the original class token's place (patches attend to it).
         h = torch.cat([task.tokens.expand(B, -1, -1), h[:, 1:]], dim=1)
         if task.input_memory is not None:  # propagated memory: ordinary tokens from here on

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .backbone import block0_class_token
-from .config import INPUT_MEMORY_REGIMES, LAYER_MEMORY_REGIMES, TaskConfig
+from .config import ADAPTER_REGIMES, INPUT_MEMORY_REGIMES, LAYER_MEMORY_REGIMES, TaskConfig
 
 MEMORY_INIT_STD = 0.02  # paper: memory initialised N(0, 0.02)
 HEAD_INIT_STD = 0.01
@@ -23,6 +23,7 @@ class TaskModule(nn.Module):
         tokens: ``(1, n, D)`` task class tokens, in block-0 input space (after position embedding), or None.
         memory: ``(len(layers), m, D)`` per-layer memory tokens (keys/values only), or None.
         input_memory: ``(1, m_in, D)`` memory injected once at the input and propagated, or None.
+        adapters: Two :class:`Adapter` per block (after attention, after the MLP), or None.
         backbone: Trainable copy of the backbone (``full`` regime only), or None.
         head: Linear classifier on the pooled final token state.
     """
@@ -36,7 +37,7 @@ class TaskModule(nn.Module):
         self.layer_to_slot: dict[int, int] = {layer: s for s, layer in enumerate(config.layers)}
 
         self.tokens: nn.Parameter | None = None
-        if config.regime not in ("head", "full"):
+        if config.regime not in ("head", "full", "adapters"):
             cls0 = block0_class_token(backbone)  # (1, D)
             tokens = cls0.repeat(config.task_tokens, 1)
             if config.task_tokens > 1:  # break the symmetry between otherwise identical tokens
@@ -48,6 +49,10 @@ class TaskModule(nn.Module):
         self.input_memory: nn.Parameter | None = None
         if config.regime in INPUT_MEMORY_REGIMES:
             self.input_memory = nn.Parameter(torch.randn(1, config.input_memory, dim, **factory) * MEMORY_INIT_STD)
+        self.adapters: nn.ModuleList | None = None
+        if config.regime in ADAPTER_REGIMES:  # after attention and after the MLP, in every block
+            self.adapters = nn.ModuleList(Adapter(dim, config.adapter_dim, **factory)
+                                          for _ in range(2 * len(backbone.blocks)))
         self.backbone: VisionTransformer | None = None
         if config.regime == "full":
             self.backbone = copy.deepcopy(backbone)
@@ -67,3 +72,20 @@ class TaskModule(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"name={c.name!r}, regime={c.regime}, mode={c.mode}, m={c.memory}, layers={list(c.layers)}"
+
+
+class Adapter(nn.Module):
+    """Houlsby et al.'s bottleneck adapter, ``y + up(gelu(down(y)))``. ``up`` starts at zero, so a new adapter is
+    the identity (bit for bit: it adds exact zeros)."""
+
+    def __init__(self, dim: int, bottleneck: int, **factory) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck, **factory)
+        self.up = nn.Linear(bottleneck, dim, **factory)
+        nn.init.trunc_normal_(self.down.weight, std=MEMORY_INIT_STD)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.up(nn.functional.gelu(self.down(y)))

@@ -10,7 +10,7 @@ from helpers import make_backbone  # noqa: E402
 
 def test_protocol_runs_and_reports_what_it_chose(tmp_path):
     args = argparse.Namespace(data_root="data", min_heldout=300, max_heldout=1000, device="cpu", grid="0.01,0.3",
-                              full_grid="0.001,0.01", sweep_seeds="0,1", seeds="0,2", configs="head,masked-m5",
+                              full_grid="0.001,0.01", sweep_seeds="0,1", seeds="0,2", configs="head,masked-m5,adapters-d5",
                               steps=2, batch_size=16, cuda_graph=False, out=tmp_path, tag="")
     res = accuracy_tables.run_dataset("digits", make_backbone("tiny"), args)
     assert res["heldout_images"] >= 280 and abs(res["heldout_share"] - 300 / 1437) < 0.01  # 72 images before
