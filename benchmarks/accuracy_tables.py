@@ -70,6 +70,9 @@ CONFIGS: dict[str, dict] = {
     # the paper's Table 4: Houlsby adapters (bottleneck 5) alone and combined with memory
     "adapters-d5": dict(regime="adapters", adapter_dim=5),
     "memory-m5-adapters-d5": dict(regime="memory+adapters", memory=5, adapter_dim=5),
+    # preserving: adapters inside the late-fork branch only
+    "fork-k6-a8": dict(regime="masked-memory", memory=5, fork_layers=6, adapter_dim=8),
+    "fork-k6-p1x2-a8": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=(1, 2), adapter_dim=8),
 }
 # learning-rate grids (scenarios.protocol.parse_grid): log-spaced, two decades; full fine-tuning ten times lower
 GRID, FULL_GRID = "0.01:1:5", "0.0003:0.03:5"

@@ -70,6 +70,8 @@ def task_cost(model: MemoryViT, name: str) -> Cost:
                 patches = bb.patch_embed.num_patches // (c.fork_pool[0] * c.fork_pool[1])
                 seq = c.task_tokens + bb.num_prefix_tokens - 1 + patches + (c.memory if i in task.layer_to_slot else 0)
                 flops += _block_flops(d, a, hidden, seq, seq)
+                if task.adapters_at(i) is not None:
+                    flops += 2 * seq * (2 * d * c.adapter_dim * 2)
                 continue
             keys = n + sum(t.config.task_tokens for t in owners)
             for t in owners:
@@ -89,7 +91,7 @@ def task_cost(model: MemoryViT, name: str) -> Cost:
         for i in range(model.depth):
             seq = base + (c.memory if i in task.layer_to_slot else 0)
             flops += _block_flops(d, a, hidden, seq, seq)
-            if task.adapters is not None:  # two bottleneck adapters (down + up projections) per block
+            if task.adapters_at(i) is not None:  # two bottleneck adapters (down + up projections) per block
                 flops += 2 * seq * (2 * d * c.adapter_dim * 2)
     return Cost(name, c.regime, params, flops, batch, c.preserving)
 

@@ -80,8 +80,9 @@ class TaskConfig:
             ``depth - k``) with full attention, its memory as extra keys/values. Preserving by construction (the
             branch is the task's own); costs about ``k / depth`` of a backbone pass. 0 is the paper's masked
             memory; ``depth`` is the paper's full-attention ``memory`` (or unmasked ``head+cls``) regime.
-        adapter_dim: Bottleneck width of the adapters (``adapters`` / ``memory+adapters`` regimes; the paper's
-            Table 4 uses 5); 0 for other regimes.
+        adapter_dim: Bottleneck width of the adapters: every block for the ``adapters`` / ``memory+adapters``
+            regimes (the paper's Table 4 uses 5); the blocks of the private branch for a late-fork token task
+            (preserving: the branch is the task's own); 0: none.
         fork_pool: Average-pool the patch grid entering the fork by ``(rows, cols)`` (an int ``p`` means
             ``(p, p)``; registers kept): the branch runs on ``rows * cols`` times fewer patch tokens, so a deeper
             fork costs what a shallow one did. ``(1, 1)``: no pooling.
@@ -139,11 +140,14 @@ class TaskConfig:
                 raise ValueError(f"task {self.name!r}: regime {self.regime!r} needs input_memory >= 1")
         elif self.input_memory:
             raise ValueError(f"task {self.name!r}: regime {self.regime!r} has no input memory; set input_memory=0")
+        if self.adapter_dim < 0:
+            raise ValueError(f"task {self.name!r}: adapter_dim must be >= 0, got {self.adapter_dim}")
         if self.regime in ADAPTER_REGIMES:
             if self.adapter_dim < 1:
                 raise ValueError(f"task {self.name!r}: regime {self.regime!r} needs adapter_dim >= 1 (the paper uses 5)")
-        elif self.adapter_dim:
-            raise ValueError(f"task {self.name!r}: regime {self.regime!r} has no adapters; drop --adapter-dim (adapter_dim=0)")
+        elif self.adapter_dim and not (self.regime in TOKEN_REGIMES and self.fork_layers):
+            raise ValueError(f"task {self.name!r}: regime {self.regime!r} has adapters only inside a late-fork branch "
+                             "(add --fork-layers K) or as regime adapters / memory+adapters; else drop --adapter-dim")
         if self.task_tokens < 1:
             raise ValueError(f"task {self.name!r}: task_tokens must be >= 1")
         if self.task_tokens > 1 and self.regime not in TOKEN_REGIMES:

@@ -361,8 +361,8 @@ class MemoryViT(nn.Module):
         for i in range(start, self.depth):
             blk = self.backbone.blocks[i]
             mem = task.memory_at(i) if task.memory is not None else None
-            run = blk if task.adapters is None else functools.partial(
-                adapted_block, blk, task.adapters[2 * i], task.adapters[2 * i + 1])
+            pair = task.adapters_at(i)
+            run = blk if pair is None else functools.partial(adapted_block, blk, *pair)
             h = run(h) if mem is None else run(torch.cat([h, mem.expand(B, -1, -1)], dim=1))[:, :keep]
         return h
 

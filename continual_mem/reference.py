@@ -47,7 +47,12 @@ def reference_forward(model: MemoryViT, x: torch.Tensor) -> dict[str, torch.Tens
                 layer_layout += [TokenSpec("memory", j)] * mem.shape[1]
         forked = frozenset(j for j, fork in forks.items() if i >= fork)
         mask = build_attention_mask(layer_layout, modes, forked).to(x.device)
-        h = blk(torch.cat(mems, dim=1), attn_mask=mask)[:, :keep]
+        # a forked task's adapters act on its branch rows (its tokens and private patches) from its fork block on
+        adapted = [(torch.tensor([p for p, spec in enumerate(layer_layout) if spec.task == j and spec.kind in
+                                  ("task", "private")], device=x.device), pair)
+                   for j, t in enumerate(token_tasks) if j in forked and (pair := t.adapters_at(i)) is not None]
+        seq = torch.cat(mems, dim=1)
+        h = (blk(seq, attn_mask=mask) if not adapted else _block_with_row_adapters(blk, seq, mask, adapted))[:, :keep]
     h = bb.norm(h)
 
     out = {ORIGINAL: bb.forward_head(h[:, :N])}
@@ -93,3 +98,15 @@ def unmasked_concatenation(model: MemoryViT, x: torch.Tensor, names: list[str]) 
         out[t.name] = t.head(bb.fc_norm(h[:, offset:offset + n].mean(dim=1)))
         offset += n
     return out
+
+
+def _block_with_row_adapters(blk, x: torch.Tensor, mask: torch.Tensor, adapted: list) -> torch.Tensor:
+    """timm's block on the whole sequence, each task's adapters applied to its own rows only."""
+    def rows(y: torch.Tensor, k: int) -> torch.Tensor:
+        y = y.clone()
+        for idx, pair in adapted:
+            y[:, idx] = pair[k](y[:, idx])
+        return y
+
+    x = x + blk.drop_path1(blk.ls1(rows(blk.attn(blk.norm1(x), attn_mask=mask), 0)))
+    return x + blk.drop_path2(blk.ls2(rows(blk.mlp(blk.norm2(x)), 1)))

@@ -23,7 +23,8 @@ class TaskModule(nn.Module):
         tokens: ``(1, n, D)`` task class tokens, in block-0 input space (after position embedding), or None.
         memory: ``(len(layers), m, D)`` per-layer memory tokens (keys/values only), or None.
         input_memory: ``(1, m_in, D)`` memory injected once at the input and propagated, or None.
-        adapters: Two :class:`Adapter` per block (after attention, after the MLP), or None.
+        adapters: Two :class:`Adapter` per adapted block (after attention, after the MLP), or None; every block
+            for the adapter regimes, the late-fork branch's blocks for a forked token task.
         backbone: Trainable copy of the backbone (``full`` regime only), or None.
         head: Linear classifier on the pooled final token state.
     """
@@ -50,9 +51,14 @@ class TaskModule(nn.Module):
         if config.regime in INPUT_MEMORY_REGIMES:
             self.input_memory = nn.Parameter(torch.randn(1, config.input_memory, dim, **factory) * MEMORY_INIT_STD)
         self.adapters: nn.ModuleList | None = None
-        if config.regime in ADAPTER_REGIMES:  # after attention and after the MLP, in every block
+        depth = len(backbone.blocks)
+        # after attention and after the MLP: in every block (adapter regimes) or in the late-fork branch's blocks
+        first = 0 if config.regime in ADAPTER_REGIMES else depth - config.fork_layers
+        self.adapter_to_slot: dict[int, int] = {i: s for s, i in enumerate(range(first, depth))} \
+            if config.adapter_dim else {}
+        if self.adapter_to_slot:
             self.adapters = nn.ModuleList(Adapter(dim, config.adapter_dim, **factory)
-                                          for _ in range(2 * len(backbone.blocks)))
+                                          for _ in range(2 * len(self.adapter_to_slot)))
         self.backbone: VisionTransformer | None = None
         if config.regime == "full":
             self.backbone = copy.deepcopy(backbone)
@@ -63,6 +69,11 @@ class TaskModule(nn.Module):
     @property
     def name(self) -> str:
         return self.config.name
+
+    def adapters_at(self, layer: int) -> tuple[nn.Module, nn.Module] | None:
+        """The adapters after attention and after the MLP at block ``layer``, or None."""
+        slot = self.adapter_to_slot.get(layer)
+        return None if slot is None else (self.adapters[2 * slot], self.adapters[2 * slot + 1])
 
     def memory_at(self, layer: int) -> torch.Tensor | None:
         """Memory tokens ``(1, m, D)`` used at block ``layer``, or None."""

@@ -77,7 +77,7 @@ def test_bundles_accounting_and_refusals(tmp_path):
         assert torch.equal(other(x, original=False)["ad"], net(x, original=False)["ad"])
     with pytest.raises(ValueError, match="needs adapter_dim >= 1"):
         net.add_task("bad", 3, regime="adapters", adapter_dim=0)
-    with pytest.raises(ValueError, match="has no adapters"):
+    with pytest.raises(ValueError, match="adapters only inside a late-fork branch"):
         net.add_task("bad", 3, regime="masked-memory", adapter_dim=2)
     from continual_mem.onnx_export import export_onnx
 
@@ -93,9 +93,42 @@ def test_registry_stores_adapter_tasks_beside_shared_ones(tmp_path):
     grow(reg, net, "shared", 1)
     report = grow(reg, net, "ad", 2, regime="memory+adapters", memory=2)
     assert {c.name: c.status for c in report.tasks} == {"shared": "equal", "ad": "new"}
+    report = grow(reg, net, "fork", 3, memory=2, fork_layers=2, adapter_dim=3)  # preserving: the shared pass
+    assert {c.name: c.status for c in report.tasks} == {"shared": "equal", "ad": "equal", "fork": "new"}
     loaded = reg.load()
     assert loaded.tasks["ad"].config.adapter_dim == 5 and loaded.separate_pass_tasks == ["ad"]
     x = images(loaded.backbone, n=2)
     with torch.no_grad():
         assert torch.equal(loaded(x)["ad"], net(x)["ad"])
+    assert torch.equal(loaded(x)["fork"], net(x)["fork"]) and loaded.tasks["fork"].config.preserving
     assert reg.verify().ok
+
+
+@pytest.mark.parametrize("kind", ["tiny", "dinov2"])
+def test_adapters_inside_a_late_fork_branch_are_preserving(kind):
+    """Adapters in a forked task's private branch: new ones change nothing (bit for bit against the same fork
+    without adapters), trained ones match the oracle, and every other output stays bit-identical."""
+    bb = make_backbone(kind)
+    net = MemoryViT(bb)
+    perturb(net.add_task("old", 3))
+    x = images(bb, n=3)
+    with torch.no_grad():
+        before = net(x)
+    plain = net.add_task("plain", 4, memory=2, fork_layers=2, fork_pool=1)
+    perturb(plain, seed=1)
+    t = net.add_task("fa", 4, memory=2, fork_layers=2, adapter_dim=3)
+    t.load_state_dict({**plain.state_dict(), **{k: v for k, v in t.state_dict().items() if "adapters" in k}})
+    assert t.config.preserving and len(t.adapters) == 4 and t.adapters_at(0) is None
+    with torch.no_grad():
+        out = net(x)
+    assert torch.equal(out["fa"], out["plain"])
+    perturb(t, seed=2)
+    with torch.no_grad():
+        out = net(x)
+        ref = reference_forward(net, x)
+    assert not torch.equal(out["fa"], out["plain"])
+    torch.testing.assert_close(out["fa"], ref["fa"], rtol=1e-4, atol=1e-4)
+    for name in ("original", "old"):
+        assert torch.equal(out[name], before[name])
+    with pytest.raises(ValueError, match="adapters only inside a late-fork branch"):
+        net.add_task("nofork", 3, adapter_dim=2)
