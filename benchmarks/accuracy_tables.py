@@ -70,6 +70,9 @@ CONFIGS: dict[str, dict] = {
     # the paper's Table 4: Houlsby adapters (bottleneck 5) alone and combined with memory
     "adapters-d5": dict(regime="adapters", adapter_dim=5),
     "memory-m5-adapters-d5": dict(regime="memory+adapters", memory=5, adapter_dim=5),
+    # late forks on the patches the class token attends to most (EViT-style), at 224 px of 256 patches
+    "fork-k6-s128": dict(regime="masked-memory", memory=5, fork_layers=6, fork_select=128),
+    "fork-k8-s64": dict(regime="masked-memory", memory=5, fork_layers=8, fork_select=64),
     # preserving: adapters inside the late-fork branch only
     "fork-k6-a8": dict(regime="masked-memory", memory=5, fork_layers=6, adapter_dim=8),
     "fork-k6-p1x2-a8": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=(1, 2), adapter_dim=8),

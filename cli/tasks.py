@@ -79,6 +79,8 @@ def add_task(
     task_tokens: Annotated[int, typer.Option(min=1, help="class tokens of the task (states averaged)")] = 1,
     fork_pool: Annotated[str, typer.Option(help="average-pool the patch grid where the fork starts: P (P x P) or "
                                                 "RxC, e.g. 1x2 (half the tokens)")] = "1",
+    fork_select: Annotated[int, typer.Option(min=0, help="late fork on the N patches the class token attends to "
+                                                         "most (instead of --fork-pool)")] = 0,
     fork_layers: Annotated[int, typer.Option(min=0, help="late fork: last K blocks on a private full-attention "
                                                          "branch (preserving; ~K/depth of a backbone pass)")] = 0,
     steps: Annotated[int, typer.Option(min=1)] = 1000,
@@ -114,7 +116,7 @@ def add_task(
             "progress": sys.stderr.isatty(),
             "train": dict(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,
                           adapter_dim=adapter_dim,
-                          fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool), steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
+                          fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool), fork_select=fork_select, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                           data_root=data_root, download=download, seed=seed, max_train=max_train,
                           max_test=max_test, max_heldout=max_heldout, cuda_graph=cuda_graph, pipeline=pipeline,
                           on_bad_image=on_bad_value(on_bad_image), cache_dir=str(cache_dir) if cache_dir else None)}

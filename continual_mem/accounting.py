@@ -67,7 +67,9 @@ def task_cost(model: MemoryViT, name: str) -> Cost:
         for i in range(model.depth):
             if i >= fork:  # private branch: the whole stream [tokens, registers, patches] + memory, own pass
                 bb = model.backbone
-                patches = bb.patch_embed.num_patches // (c.fork_pool[0] * c.fork_pool[1])
+                patches = c.fork_select or bb.patch_embed.num_patches // (c.fork_pool[0] * c.fork_pool[1])
+                if c.fork_select and i == fork:  # the class token's attention row that picks the patches
+                    flops += 2 * n * d * 2 * a + 2 * n * a
                 seq = c.task_tokens + bb.num_prefix_tokens - 1 + patches + (c.memory if i in task.layer_to_slot else 0)
                 flops += _block_flops(d, a, hidden, seq, seq)
                 if task.adapters_at(i) is not None:

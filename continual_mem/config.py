@@ -27,6 +27,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 RESERVED_NAMES: frozenset[str] = frozenset({"original"})
 
 
+def _module_attribute(name: str) -> bool:
+    """Names ``nn.ModuleDict.add_module`` refuses (methods and attributes such as ``half``, ``cuda``, ``training``)."""
+    from torch import nn
+
+    return hasattr(nn.ModuleDict(), name)
+
+
 def parse_layers(spec: str | int | list[int] | tuple[int, ...], depth: int) -> tuple[int, ...]:
     """Resolve a layer choice to sorted block indices.
 
@@ -80,6 +87,9 @@ class TaskConfig:
             ``depth - k``) with full attention, its memory as extra keys/values. Preserving by construction (the
             branch is the task's own); costs about ``k / depth`` of a backbone pass. 0 is the paper's masked
             memory; ``depth`` is the paper's full-attention ``memory`` (or unmasked ``head+cls``) regime.
+        fork_select: Keep only this many patches in the late-fork branch, those the backbone's class token attends
+            to most at the fork block (mean over heads; EViT-style token selection), in their grid order; 0: all.
+            An alternative to ``fork_pool``.
         adapter_dim: Bottleneck width of the adapters: every block for the ``adapters`` / ``memory+adapters``
             regimes (the paper's Table 4 uses 5); the blocks of the private branch for a late-fork token task
             (preserving: the branch is the task's own); 0: none.
@@ -102,6 +112,7 @@ class TaskConfig:
     task_tokens: int = 1
     fork_layers: int = 0
     fork_pool: tuple[int, int] = (1, 1)
+    fork_select: int = 0
     adapter_dim: int = 0
     sees: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
@@ -113,6 +124,9 @@ class TaskConfig:
             raise ValueError(
                 f"task name {self.name!r} is invalid: use 1-64 letters, digits, '_', '.', '-' (not 'original')"
             )
+        if _module_attribute(self.name):
+            raise ValueError(f"task name {self.name!r} is the name of a torch module attribute (tasks live in an "
+                             f"nn.ModuleDict); choose another name, e.g. {self.name}-task")
         if self.num_classes < 1:
             raise ValueError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
         if self.regime not in REGIMES:
@@ -169,6 +183,13 @@ class TaskConfig:
         object.__setattr__(self, "fork_pool", pool)
         if min(pool) < 1:
             raise ValueError(f"task {self.name!r}: fork_pool must be >= 1, got {self.fork_pool}")
+        if self.fork_select < 0:
+            raise ValueError(f"task {self.name!r}: fork_select must be >= 0, got {self.fork_select}")
+        if self.fork_select and not self.fork_layers:
+            raise ValueError(f"task {self.name!r}: fork_select picks patches for the late-fork branch; it needs "
+                             "fork_layers >= 1")
+        if self.fork_select and pool != (1, 1):
+            raise ValueError(f"task {self.name!r}: use fork_select or fork_pool, not both")
         if pool != (1, 1) and not self.fork_layers:
             raise ValueError(f"task {self.name!r}: fork_pool pools the late-fork branch; it needs fork_layers >= 1")
         if self.class_names and len(self.class_names) != self.num_classes:

@@ -104,6 +104,7 @@ class MemoryViT(nn.Module):
         task_tokens: int = 1,
         fork_layers: int = 0,
         fork_pool: int | tuple[int, int] = 1,
+        fork_select: int = 0,
         adapter_dim: int | None = None,
         class_names: Sequence[str] = (),
         dataset: str = "",
@@ -126,6 +127,7 @@ class MemoryViT(nn.Module):
                 full attention to the task's memory (token regimes; see :class:`TaskConfig`).
             fork_pool: Average-pool the patch grid where the fork starts, ``p`` or ``(rows, cols)`` (cheaper, deeper
                 forks).
+            fork_select: Keep only this many patches in the fork branch, those the class token attends to most.
             adapter_dim: Adapter bottleneck width (``adapters`` / ``memory+adapters``; default 5, the paper's).
             class_names: Optional class names.
             dataset: Optional dataset name.
@@ -153,6 +155,7 @@ class MemoryViT(nn.Module):
             task_tokens=task_tokens,
             fork_layers=fork_layers,
             fork_pool=fork_pool,
+            fork_select=fork_select,
             adapter_dim=adapter_dim,
             sees=sees,
             class_names=tuple(class_names),
@@ -169,6 +172,9 @@ class MemoryViT(nn.Module):
             raise TaskError(f"task {c.name!r} uses layer {max(c.layers)} but the backbone has {self.depth} blocks")
         if c.fork_layers > self.depth:
             raise TaskError(f"task {c.name!r} forks {c.fork_layers} layers but the backbone has {self.depth} blocks")
+        if c.fork_select > self.backbone.patch_embed.num_patches:
+            raise TaskError(f"task {c.name!r}: fork_select {c.fork_select} is more than the backbone's "
+                            f"{self.backbone.patch_embed.num_patches} patches")
         grid = tuple(self.backbone.patch_embed.grid_size)
         if grid[0] % c.fork_pool[0] or grid[1] % c.fork_pool[1]:
             raise TaskError(f"task {c.name!r}: fork_pool {c.fork_pool[0]}x{c.fork_pool[1]} does not divide the "
@@ -345,6 +351,8 @@ class MemoryViT(nn.Module):
         fork block (``hidden`` is ``[CLS, registers, patches]``), the patch grid average-pooled by ``fork_pool``
         when asked (position embeddings are already in the states, so pooling keeps them)."""
         p = task.config.fork_pool
+        if task.config.fork_select:
+            return self._select_patches(hidden, task.config.fork_select, self.depth - task.config.fork_layers)
         if p == (1, 1):
             return hidden[:, 1:]
         prefix = self.backbone.num_prefix_tokens
@@ -353,6 +361,20 @@ class MemoryViT(nn.Module):
         gh, gw = self.backbone.patch_embed.grid_size
         pooled = F.avg_pool2d(patches.transpose(1, 2).reshape(B, D, gh, gw), p)
         return torch.cat([hidden[:, 1:prefix], pooled.flatten(2).transpose(1, 2)], dim=1)
+
+    def _select_patches(self, hidden: torch.Tensor, keep: int, block: int) -> torch.Tensor:
+        """``[registers, the keep patches the class token attends to most at ``block``]``, patches in grid order:
+        the class token's attention row of that block (softmax over every key, mean over heads), from the states
+        entering it."""
+        bb = self.backbone
+        prefix = bb.num_prefix_tokens
+        attn = bb.blocks[block].attn
+        q, k, _ = split_qkv(attn, attn.qkv(bb.blocks[block].norm1(hidden)))  # (B, H, N, hd)
+        row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, N)
+        score = row[:, :, 0, prefix:].mean(dim=1)  # (B, patches)
+        idx = score.topk(keep, dim=-1).indices.sort(dim=-1).values
+        patches = hidden[:, prefix:].gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return torch.cat([hidden[:, 1:prefix], patches], dim=1)
 
     def _blocks_with_memory(self, task: TaskModule, h: torch.Tensor, start: int) -> torch.Tensor:
         """Blocks ``start..depth-1`` of timm's own code on ``h``; where the task has per-layer memory, everyone

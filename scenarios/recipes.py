@@ -165,6 +165,7 @@ def train_on_dataset(
     fork_layers: int = 0,
     fork_pool: int | tuple[int, int] = 1,
     cuda_graph: bool = False,
+    fork_select: int = 0,
     adapter_dim: int | None = None,
     pipeline: Pipeline = "auto",
     on_bad_image: OnBad = "skip",
@@ -176,7 +177,7 @@ def train_on_dataset(
     with torch.random.fork_rng(devices=[]):  # the task's initial state follows ``seed`` (the same on every rank)
         torch.manual_seed(seed)
         net.add_task(name, data.num_classes, regime=regime, mode=mode, memory=memory, layers=layers,
-                     adapter_dim=adapter_dim,
+                     adapter_dim=adapter_dim, fork_select=fork_select,
                      task_tokens=task_tokens, fork_layers=fork_layers, fork_pool=fork_pool, class_names=data.class_names, dataset=dataset)
     net.to(device)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
