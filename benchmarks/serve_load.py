@@ -91,7 +91,6 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
     """``args.requests`` requests from ``args.clients`` clients; a probe every 20 ms; a live add at half-way."""
     import httpx
 
-    from continual_mem import MemoryViT
     from registry import Registry
 
     latencies, errors, versions = [], [], set()
@@ -182,9 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.img_size = args.img_size or 224
     w, h = (int(v) for v in args.upload_size.split("x"))
     image, probe = photo(1, label=3, size=(w, h)), photo(2, label=5, size=(w, h))
-    from scenarios.decode import _decode, shrink
+    from scenarios.decode import MAX_ASPECT, SHORT_SIDE, decode_shrunk
 
-    decoded = shrink(_decode(image), short_side=256, max_aspect=2.0).permute(1, 2, 0).contiguous().numpy()
+    decoded = decode_shrunk(image, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)
     rows = []
     for k in [int(v) for v in args.tasks.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-import time
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any

@@ -1,19 +1,12 @@
 """What the registry holds: ``tasks``, ``show``, ``verify``, ``predict``; bundles: ``export``, ``import``, ``remove``."""
 from __future__ import annotations
 
-import json
-import os
-import re
-import sys
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from .app import ROOT, JsonOpt, app, command, emit, err, out, pick_device, registry, state, table
+from .app import JsonOpt, app, command, emit, out, pick_device, registry, state, table
 
 
 # ----------------------------------------------------------------------------------------------- read-only
@@ -127,8 +120,8 @@ def predict(
             probs = lg[i].softmax(-1)
             k = min(top_k, probs.numel())
             p, idx = probs.topk(k)
-            names = net.tasks[name].config.class_names
-            entry["tasks"][name] = [{"class": names[j] if names else str(j), "index": int(j), "prob": float(q)}
+            names = net.tasks[name].config.class_labels
+            entry["tasks"][name] = [{"class": names[j], "index": int(j), "prob": float(q)}
                                     for q, j in zip(p.tolist(), idx.tolist())]
         result.append(entry)
     emit(result, as_json, lambda rs: [out.print(table(

@@ -1,8 +1,6 @@
 """Growing the model: ``init``, ``add-task`` (one process or DDP through torchrun's launcher), ``eval``."""
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
 import time
@@ -10,10 +8,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from .app import ROOT, JsonOpt, app, command, emit, err, out, pick_device, registry, state, table
+from .app import JsonOpt, app, command, emit, out, pick_device, registry, state, table
 from .data import CacheOpt, OnBadOpt, PipelineOpt, on_bad_value
 
 

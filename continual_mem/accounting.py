@@ -41,6 +41,11 @@ def _block_flops(d: int, a: int, hidden: int, queries: int, keys: int) -> int:
     return 2 * queries * (3 * d * a + a * d + 2 * d * hidden) + 4 * queries * keys * a
 
 
+def _adapter_flops(tokens: int, d: int, r: int) -> int:
+    """Two bottleneck adapters (down and up projections) on ``tokens`` tokens: one block's worth."""
+    return 2 * tokens * (2 * d * r * 2)
+
+
 def backbone_flops(model: MemoryViT) -> int:
     """FLOPs per image of the frozen backbone (patch embedding, blocks, head)."""
     bb = model.backbone
@@ -73,7 +78,7 @@ def task_cost(model: MemoryViT, name: str) -> Cost:
                 seq = c.task_tokens + bb.num_prefix_tokens - 1 + patches + (c.memory if i in task.layer_to_slot else 0)
                 flops += _block_flops(d, a, hidden, seq, seq)
                 if task.adapters_at(i) is not None:
-                    flops += 2 * seq * (2 * d * c.adapter_dim * 2)
+                    flops += _adapter_flops(seq, d, c.adapter_dim)
                 continue
             keys = n + sum(t.config.task_tokens for t in owners)
             for t in owners:
@@ -93,8 +98,8 @@ def task_cost(model: MemoryViT, name: str) -> Cost:
         for i in range(model.depth):
             seq = base + (c.memory if i in task.layer_to_slot else 0)
             flops += _block_flops(d, a, hidden, seq, seq)
-            if task.adapters_at(i) is not None:  # two bottleneck adapters (down + up projections) per block
-                flops += 2 * seq * (2 * d * c.adapter_dim * 2)
+            if task.adapters_at(i) is not None:
+                flops += _adapter_flops(seq, d, c.adapter_dim)
     return Cost(name, c.regime, params, flops, batch, c.preserving)
 
 

@@ -203,6 +203,11 @@ class TaskConfig:
         return self.regime in PRESERVING_REGIMES
 
     @property
+    def class_labels(self) -> tuple[str, ...]:
+        """The class names, or ``"0" .. "K-1"`` when the task has none."""
+        return self.class_names or tuple(str(i) for i in range(self.num_classes))
+
+    @property
     def has_tokens(self) -> bool:
         return self.regime in TOKEN_REGIMES
 

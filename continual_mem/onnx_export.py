@@ -5,23 +5,19 @@ One input ``images`` (normalised ``(B, 3, S, S)`` float32) and one output per ta
 sidecar beside the graph says what the outputs are (task names, classes, regimes) and how to preprocess (size,
 mean, std, interpolation, crop fraction), and which backbone the graph carries (sha256 fingerprint).
 
-Tasks that need their own pass (``memory``, ``full``, ``input-memory``, ``hybrid``) are refused: a graph of the
-shared pass would not contain them; leave them out with ``tasks=``.
+Tasks that need their own pass (``memory``, ``full``, ``input-memory``, ``hybrid``, ``adapters``,
+``memory+adapters``) are refused: a graph of the shared pass would not contain them; leave them out with ``tasks=``.
 """
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from pathlib import Path
 
 import torch
 
 from .backbone import fingerprint
-from .model import MemoryViT
-
-log = logging.getLogger(__name__)
-
+from .model import ORIGINAL, MemoryViT
 
 class _SharedPass(torch.nn.Module):
     """``images -> (original?, task_1, ..., task_k)`` as a tuple (ONNX outputs are positional)."""
@@ -32,7 +28,7 @@ class _SharedPass(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net(images, tasks=self.tasks, original=self.original)
-        return tuple(([out["original"]] if self.original else []) + [out[t] for t in self.tasks])
+        return tuple(([out[ORIGINAL]] if self.original else []) + [out[t] for t in self.tasks])
 
 
 def export_onnx(
@@ -69,7 +65,7 @@ def export_onnx(
     if opset < 14:
         raise ValueError(f"opset {opset} is too old for the attention ops; use 14 or newer")
     original = getattr(net.backbone, "num_classes", 0) > 0
-    outputs = (["original"] if original else []) + names
+    outputs = ([ORIGINAL] if original else []) + names
     size = int(net.backbone.patch_embed.img_size[0])
     cfg = timm.data.resolve_data_config({}, model=net.backbone)
     path = Path(path)
@@ -93,8 +89,7 @@ def export_onnx(
                        "interpolation": cfg["interpolation"], "crop_pct": cfg["crop_pct"],
                        "layout": "NCHW float32, RGB, normalised"},
         "backbone_fingerprint": fingerprint(net.backbone),
-        "tasks": [{"name": t, "classes": list(net.tasks[t].config.class_names) or
-                   [str(i) for i in range(net.tasks[t].config.num_classes)], "regime": net.tasks[t].config.regime,
+        "tasks": [{"name": t, "classes": list(net.tasks[t].config.class_labels), "regime": net.tasks[t].config.regime,
                    "mode": net.tasks[t].config.mode, "dataset": net.tasks[t].config.dataset} for t in names],
         **(extra_metadata or {}),
     }

@@ -13,7 +13,7 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -23,6 +23,9 @@ import torch
 log = logging.getLogger(__name__)
 
 OnBad = Literal["skip", "fail"]
+# What every input path stores and ships: images shrunk to this short side (a 224 px crop stays sharp), aspect capped.
+SHORT_SIDE = 256
+MAX_ASPECT = 2.0
 
 
 class BadImage(ValueError):
@@ -65,6 +68,7 @@ class FilesReader:
 
     paths: list[str]
     labels: np.ndarray
+    _fingerprint: dict | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -79,6 +83,8 @@ class FilesReader:
         return self.paths[i]
 
     def fingerprint(self) -> dict:
+        """Paths, sizes, mtimes and labels, hashed; one pass over the files per reader (finding, building and
+        describing a prepared copy all ask for it)."""
         def line(p: str, y: int) -> str:
             try:
                 st = os.stat(p)
@@ -86,7 +92,10 @@ class FilesReader:
             except OSError:
                 return f"{p}\tmissing\t{y}"
 
-        return {"kind": "files", "count": len(self), "files": _digest(map(line, self.paths, self.labels.tolist()))}
+        if self._fingerprint is None:
+            self._fingerprint = {"kind": "files", "count": len(self),
+                                 "files": _digest(map(line, self.paths, self.labels.tolist()))}
+        return self._fingerprint
 
 
 @dataclass
@@ -135,6 +144,11 @@ class SubsetReader:
                 "index": _digest(map(str, self.index.tolist()))}
 
 
+def is_reader(obj) -> bool:
+    """True for a reader of encoded images (as opposed to an ImageSet, a prepared copy or a PIL dataset)."""
+    return hasattr(obj, "read") and hasattr(obj, "fingerprint")
+
+
 def reader_for(ds) -> Reader:
     """The reader behind a dataset: its files where the dataset lists them (torchvision's ImageFolder, Food101,
     SUN397, DTD, Flowers102, Oxford-IIIT Pet, Places365, iNaturalist, ...), else the dataset itself."""
@@ -168,7 +182,7 @@ def _decode(raw) -> torch.Tensor:
     from PIL import Image
 
     if not isinstance(raw, (bytes, bytearray)):  # a PIL image from a DatasetReader
-        return torch.from_numpy(np.asarray(raw.convert("RGB")).copy()).permute(2, 0, 1)
+        return _from_pil(raw)
     from torchvision.io import ImageReadMode, decode_image
 
     try:
@@ -176,9 +190,13 @@ def _decode(raw) -> torch.Tensor:
     except RuntimeError as first:
         try:
             with Image.open(io.BytesIO(raw)) as im:
-                return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+                return _from_pil(im)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types
             raise BadImage(_reason(str(first), str(exc))) from exc
+
+
+def _from_pil(im) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def _reason(torchvision_error: str, pil_error: str) -> str:
@@ -207,15 +225,21 @@ def shrink(img: torch.Tensor, *, short_side: int | None, max_aspect: float) -> t
     return img
 
 
+def decode_shrunk(raw, *, short_side: int | None, max_aspect: float) -> np.ndarray:
+    """Encoded bytes (or a PIL image) as an ``(H, W, 3)`` uint8 array shrunk by :func:`shrink`; :class:`BadImage`
+    with the reason if it cannot be decoded."""
+    img = _decode(raw)
+    if img.shape[1] == 0 or img.shape[2] == 0:
+        raise BadImage("empty image")
+    return shrink(img, short_side=short_side, max_aspect=max_aspect).permute(1, 2, 0).contiguous().numpy()
+
+
 def decode_item(reader: Reader, i: int, *, short_side: int | None, max_aspect: float) -> np.ndarray:
     """Item ``i`` as an ``(H, W, 3)`` uint8 array; :class:`BadImage` naming the item if it cannot be decoded."""
     try:
-        img = _decode(reader.read(i))
+        return decode_shrunk(reader.read(i), short_side=short_side, max_aspect=max_aspect)
     except BadImage as exc:
         raise BadImage(f"cannot decode image {reader.name(i)} ({exc})") from None
-    if img.shape[1] == 0 or img.shape[2] == 0:
-        raise BadImage(f"cannot decode image {reader.name(i)} (empty image)")
-    return shrink(img, short_side=short_side, max_aspect=max_aspect).permute(1, 2, 0).contiguous().numpy()
 
 
 def bad_image_error(dataset: str, message: str) -> str:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from continual_mem.distributed import SINGLE, Shard
 
 from .datasets import Augment, ImageSet
-from .decode import host_cores
+from .decode import host_cores, is_reader
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,6 @@ def batches(data, pre: Preprocess, device: str | torch.device = "cpu", *, on_bad
         return DeviceImages(data, pre, device)
     if isinstance(data, PreparedSet):
         return PreparedImages(data, pre, device)
-    if hasattr(data, "fingerprint"):  # a reader of encoded images
+    if is_reader(data):
         return DecodedImages(data, pre, device, on_bad=on_bad, name=name, workers=workers)
     return LoaderImages(data, pre, device, workers=workers or max(1, host_cores() - 1))

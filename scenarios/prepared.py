@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import BadImage, OnBad, Reader, bad_image_error, decode_item, host_cores
+from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, OnBad, Reader, bad_image_error, decode_item, host_cores
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ class PrepareOptions:
         workers: Decoding processes (default: the host's cores).
     """
 
-    short_side: int = 256
-    max_aspect: float = 2.0
+    short_side: int = SHORT_SIDE
+    max_aspect: float = MAX_ASPECT
     on_bad: OnBad = "skip"
     workers: int | None = None
 
@@ -223,12 +223,11 @@ def _build(reader: Reader, out: Path, *, name: str, split: str, class_names: tup
            progress: bool) -> PreparedSet:
     from .datasets import DatasetError
 
-    state_path, pixels_path, partial_index = out / "progress.json", out / "pixels.u8", out / "index.partial.npy"
+    # index rows are appended like the pixels (raw little-endian int64, 4 per image): linear in the dataset
+    state_path, pixels_path, partial_index = out / "progress.json", out / "pixels.u8", out / "index.partial.i64"
     state = {"chunks": 0, "bytes": 0, "rows": 0, "bad": []}
-    rows = np.zeros((0, 4), dtype=np.int64)
     if state_path.is_file() and partial_index.is_file():
         state = json.loads(state_path.read_text())
-        rows = np.load(partial_index, allow_pickle=False)[:state["rows"]]
         log.info("%s/%s: resuming a prepared copy at image %d of %d", name, split, state["chunks"] * CHUNK,
                  len(reader))
     t0 = time.perf_counter()
@@ -237,11 +236,12 @@ def _build(reader: Reader, out: Path, *, name: str, split: str, class_names: tup
     loader = DataLoader(chunks, batch_size=None, num_workers=min(workers, len(chunks)),
                         prefetch_factor=4 if workers else None)
     bar = _bar(progress, f"{name} ({split})", len(reader), min(len(reader), state["chunks"] * CHUNK))
-    parts = [rows]
+    mode = "ab" if state["chunks"] else "wb"
     try:
-        with open(pixels_path, "ab" if state["bytes"] else "wb") as f:
-            f.truncate(state["bytes"])  # drop whatever a crash wrote after the last recorded chunk
-            f.seek(state["bytes"])
+        with open(pixels_path, mode) as f, open(partial_index, mode) as fi:
+            for handle, size in ((f, state["bytes"]), (fi, state["rows"] * 4 * 8)):
+                handle.truncate(size)  # drop whatever a crash wrote after the last recorded chunk
+                handle.seek(size)
             for flat, chunk_rows, bad in loader:
                 if bad and opts.on_bad == "fail":
                     raise DatasetError(bad_image_error(name, bad[0]))
@@ -250,21 +250,19 @@ def _build(reader: Reader, out: Path, *, name: str, split: str, class_names: tup
                 n = len(chunk_rows)
                 offsets = state["bytes"] + np.concatenate(
                     [[0], np.cumsum((chunk_rows[:, 0] * chunk_rows[:, 1] * 3).numpy())[:-1]]) if n else np.zeros(0)
-                f.write(flat.numpy().tobytes())
+                f.write(flat.numpy().data)
                 f.flush()
-                parts.append(np.column_stack([offsets.astype(np.int64), chunk_rows.numpy()]) if n
-                             else np.zeros((0, 4), dtype=np.int64))
+                fi.write(np.column_stack([offsets, chunk_rows.numpy()]).astype("<i8").tobytes() if n else b"")
+                fi.flush()
                 state = {"chunks": state["chunks"] + 1, "bytes": state["bytes"] + flat.numel(),
                          "rows": state["rows"] + n, "bad": state["bad"] + bad}
-                np.save(partial_index.with_name("index.partial.tmp.npy"), np.concatenate(parts))
-                os.replace(partial_index.with_name("index.partial.tmp.npy"), partial_index)
                 _write_json(state_path, state)
                 if bar is not None:
                     bar[0].update(bar[1], completed=min(len(reader), state["chunks"] * CHUNK))
     finally:
         if bar is not None:
             bar[0].stop()
-    index = np.concatenate(parts)
+    index = np.fromfile(partial_index, dtype="<i8").reshape(-1, 4).astype(np.int64)
     if not len(index):
         raise DatasetError(f"{name}: no image of the {split} split could be decoded; check the files")
     np.save(out / "index.tmp.npy", index)

@@ -16,10 +16,9 @@ from continual_mem.train import lr_sweep as sweep
 
 from . import datasets, prepared
 from .datasets import ImageSet, _Subset, _targets
-from .decode import OnBad, SubsetReader, reader_for
+from .decode import OnBad, SubsetReader, is_reader, reader_for
 from .pipeline import Preprocess, batches
-from .prepared import PrepareOptions
-from .prepared import PreparedSet
+from .prepared import PrepareOptions, PreparedSet
 from .splits import stratified_split
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ def prepare_task(data: datasets.TaskData, *, cache_dir: str | None = None, on_ba
 def _labels(d) -> torch.Tensor:
     if isinstance(d, (ImageSet, PreparedSet)):
         return d.labels
-    if hasattr(d, "fingerprint"):  # a reader
+    if is_reader(d):
         return torch.from_numpy(np.asarray(d.labels, dtype=np.int64))
     return _targets(d)
 
@@ -96,7 +95,7 @@ def _labels(d) -> torch.Tensor:
 def _sub(d, idx: torch.Tensor):
     if isinstance(d, (ImageSet, PreparedSet)):
         return d.subset(idx)
-    if hasattr(d, "fingerprint"):
+    if is_reader(d):
         return SubsetReader(d, idx.numpy())
     return _Subset(d, idx)
 

@@ -35,6 +35,7 @@ class TarReader:
     keys: list[str]
     labels: np.ndarray
     _fds: dict = field(default_factory=dict, repr=False, compare=False)
+    _fingerprint: dict | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self):  # descriptors do not travel to worker processes
         return {k: v for k, v in self.__dict__.items() if k != "_fds"} | {"_fds": {}}
@@ -57,7 +58,9 @@ class TarReader:
             st = os.stat(p)
             return f"{p}\t{st.st_size}\t{st.st_mtime_ns}"
 
-        return {"kind": "webdataset", "count": len(self), "shards": _digest(map(line, self.shards))}
+        if self._fingerprint is None:  # once per reader, as FilesReader
+            self._fingerprint = {"kind": "webdataset", "count": len(self), "shards": _digest(map(line, self.shards))}
+        return self._fingerprint
 
 
 def index_shards(shards: list[str], *, name: str) -> TarReader:

@@ -26,14 +26,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from continual_mem.distributed import SINGLE, Shard
 
-from .decode import BadImage, OnBad, Reader, bad_image_error, decode_item, host_cores
+from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, OnBad, Reader, bad_image_error, decode_item, host_cores
 from .pipeline import (Preprocess, _generator, center_boxes, crop_resize, inception_boxes, random_flip,
                        step_indices)
 from .prepared import PreparedSet, place
 
 log = logging.getLogger(__name__)
 
-SHORT_SIDE = 256
 ALIGN = 16  # padded batch sizes are rounded up to this, so a few shapes recur
 
 
@@ -131,8 +130,6 @@ class PreparedImages:
                  threads: int | None = None, prefetch: int = 4) -> None:
         self.data, self.pre, self.device = data, pre, torch.device(device)
         self.stage = _DeviceStage(pre, self.device)
-        self.labels = data.labels
-        self.sizes = data.sizes
         self.prefetch = prefetch
         self.pool = ThreadPoolExecutor(max_workers=threads or min(8, host_cores()), thread_name_prefix="prepared") \
             if prefetch else None
@@ -197,10 +194,6 @@ class PreparedImages:
         flat, meta, labels, canvas = self._host(np.array([i]))
         return self.stage.from_flat(flat, meta, labels, canvas, train=False)
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-
 
 # ----------------------------------------------------------------------------------------------- decoding
 class _Decode(Dataset):
@@ -226,18 +219,24 @@ class _Decode(Dataset):
         return None, -1, bad
 
 
+def pad_batch(images: list[np.ndarray], *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, W, 3)`` uint8 images as one padded ``(B, H', W', 3)`` batch (laid out by :func:`place`) and their
+    ``(B, 2)`` heights and widths: what :meth:`_DeviceStage.__call__` takes."""
+    H = _round_up(max(a.shape[0] for a in images))
+    W = _round_up(max(a.shape[1] for a in images))
+    canvas = torch.empty((len(images), H, W, 3), dtype=torch.uint8, pin_memory=pin)
+    for k, a in enumerate(images):
+        place(canvas[k].numpy(), a)
+    return canvas, torch.tensor([a.shape[:2] for a in images], dtype=torch.int64)
+
+
 def _pad(items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Collate decoded images into a zero-padded ``(B, H, W, 3)`` uint8 batch (runs in the worker)."""
+    """Collate decoded images with :func:`pad_batch` (runs in the worker); an empty batch carries a failure."""
     bad = [m for _, _, b in items for m in b]
     if any(a is None for a, _, _ in items):
         return torch.zeros(0, 1, 1, 3, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.int64), \
             torch.zeros(0, dtype=torch.int64), bad
-    H = _round_up(max(a.shape[0] for a, _, _ in items))
-    W = _round_up(max(a.shape[1] for a, _, _ in items))
-    canvas = torch.empty((len(items), H, W, 3), dtype=torch.uint8)
-    for k, (a, _, _) in enumerate(items):
-        place(canvas[k].numpy(), a)
-    hw = torch.tensor([a.shape[:2] for a, _, _ in items], dtype=torch.int64)
+    canvas, hw = pad_batch([a for a, _, _ in items])
     return canvas, hw, torch.tensor([y for _, y, _ in items], dtype=torch.int64), bad
 
 
@@ -283,10 +282,9 @@ class DecodedImages:
 
     def __init__(self, reader: Reader, pre: Preprocess, device: str | torch.device = "cpu", *,
                  workers: int | None = None, on_bad: OnBad = "skip", name: str = "dataset",
-                 short_side: int = SHORT_SIDE, max_aspect: float = 2.0) -> None:
+                 short_side: int = SHORT_SIDE, max_aspect: float = MAX_ASPECT) -> None:
         self.reader, self.pre, self.device, self.name, self.on_bad = reader, pre, torch.device(device), name, on_bad
         self.stage = _DeviceStage(pre, self.device)
-        self.labels = torch.from_numpy(np.asarray(reader.labels, dtype=np.int64))
         self.workers = workers
         self.dataset = _Decode(reader, short_side, max_aspect, on_bad)
         self._it: Iterator | None = None

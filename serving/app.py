@@ -20,14 +20,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from scenarios.decode import host_cores
+from scenarios.decode import MAX_ASPECT, SHORT_SIDE, BadImage, decode_shrunk, host_cores
 
 from .batcher import Batcher
 from .holder import ModelHolder
 from .metrics import Metrics
 from .settings import ServeSettings
 
-SHORT_SIDE = 256  # as the training input paths: timm's eval crop is taken from this
 
 
 class Prediction(BaseModel):
@@ -56,8 +55,6 @@ def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
     for what is not an image or too large (the size is read from the header, before decoding)."""
     from PIL import Image
 
-    from scenarios.decode import BadImage, _decode, shrink
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -66,10 +63,9 @@ def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
     if w * h > max_pixels:
         raise HTTPException(413, f"{name}: {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
     try:
-        img = _decode(data)
+        return decode_shrunk(data, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)
     except BadImage as exc:
         raise HTTPException(400, f"{name}: cannot decode the image ({exc})") from None
-    return shrink(img, short_side=SHORT_SIDE, max_aspect=2.0).permute(1, 2, 0).contiguous().numpy()
 
 
 async def _uploads(request: Request, limit: int) -> list[tuple[str, bytes]]:

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from scenarios.prepared import place
-from scenarios.streaming import _round_up
+from scenarios.streaming import pad_batch
 
 from .holder import ModelHolder, Served
 from .metrics import Metrics
@@ -73,13 +72,7 @@ class Batcher:
 
     def _forward(self, served: Served, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         """One pass: pad the images into a batch, crop and normalise on the device, every task's logits."""
-        H = _round_up(max(a.shape[0] for a in images))
-        W = _round_up(max(a.shape[1] for a in images))
-        canvas = torch.empty((len(images), H, W, 3), dtype=torch.uint8,
-                             pin_memory=self.holder.device.type == "cuda")
-        for k, a in enumerate(images):
-            place(canvas[k].numpy(), a)
-        hw = torch.tensor([a.shape[:2] for a in images], dtype=torch.int64)
+        canvas, hw = pad_batch(images, pin=self.holder.device.type == "cuda")
         x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
         with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = served.net(x, original=False)

@@ -51,8 +51,7 @@ class ModelHolder:
         tasks = [{"name": n, "classes": net.tasks[n].config.num_classes, "regime": net.tasks[n].config.regime,
                   "preserving": net.tasks[n].config.preserving, "dataset": net.tasks[n].config.dataset}
                  for n in net.task_names]
-        classes = {n: tuple(net.tasks[n].config.class_names or [str(i) for i in range(net.tasks[n].config.num_classes)])
-                   for n in net.task_names}
+        classes = {n: net.tasks[n].config.class_labels for n in net.task_names}
         return Served(net, version, _DeviceStage(pre, self.device), classes, tasks)
 
     async def watch(self) -> None:

@@ -38,3 +38,16 @@ def perturb(task, scale: float = 0.2, seed: int = 0) -> None:
     with torch.no_grad():
         for p in task.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def model_with_an_old_task(kind: str = "tiny"):
+    """A model with one trained-looking preserving task, an input, and every output before anything is added:
+    ``(model, x, before)`` for preservation checks."""
+    from continual_mem import MemoryViT
+
+    model = MemoryViT(make_backbone(kind))
+    perturb(model.add_task("old", 3))
+    x = images(model.backbone, n=3)
+    with torch.no_grad():
+        before = model(x)
+    return model, x, before

@@ -6,7 +6,7 @@ from continual_mem import MemoryViT, build_optimizer, train_step
 from continual_mem.accounting import task_cost
 from continual_mem.reference import reference_forward
 from continual_mem.state import export_task, import_task
-from helpers import images, make_backbone, perturb
+from helpers import images, make_backbone, model_with_an_old_task, perturb
 
 
 @pytest.mark.parametrize("kind", ["tiny", "dinov2", "qknorm"])
@@ -108,12 +108,7 @@ def test_registry_stores_adapter_tasks_beside_shared_ones(tmp_path):
 def test_adapters_inside_a_late_fork_branch_are_preserving(kind):
     """Adapters in a forked task's private branch: new ones change nothing (bit for bit against the same fork
     without adapters), trained ones match the oracle, and every other output stays bit-identical."""
-    bb = make_backbone(kind)
-    net = MemoryViT(bb)
-    perturb(net.add_task("old", 3))
-    x = images(bb, n=3)
-    with torch.no_grad():
-        before = net(x)
+    net, x, before = model_with_an_old_task(kind)
     plain = net.add_task("plain", 4, memory=2, fork_layers=2, fork_pool=1)
     perturb(plain, seed=1)
     t = net.add_task("fa", 4, memory=2, fork_layers=2, adapter_dim=3)

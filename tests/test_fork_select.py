@@ -6,17 +6,13 @@ from continual_mem import MemoryViT
 from continual_mem.accounting import task_cost
 from continual_mem.backbone import split_qkv
 from continual_mem.reference import reference_forward
-from helpers import images, make_backbone, perturb
+from helpers import make_backbone, model_with_an_old_task, perturb
 
 
 @pytest.mark.parametrize("kind", ["tiny", "dinov2"])
 def test_selection_is_exact_preserving_and_matches_the_oracle(kind):
-    bb = make_backbone(kind)
-    net = MemoryViT(bb)
-    perturb(net.add_task("old", 3))
-    x = images(bb, n=3)
-    with torch.no_grad():
-        before = net(x)
+    net, x, before = model_with_an_old_task(kind)
+    bb = net.backbone
     patches = bb.patch_embed.num_patches
     full = net.add_task("full", 4, memory=2, fork_layers=2)
     perturb(full, seed=1)
