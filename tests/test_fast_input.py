@@ -192,8 +192,9 @@ def test_prepare_interrupted_resumes_to_the_same_copy(reader, tmp_path, monkeypa
                             root=tmp_path / "a")
     assert not (out / "meta.json").exists()  # an unfinished copy is never read as data
     assert json.loads((out / "progress.json").read_text())["chunks"] == 5
-    with open(out / "pixels.u8", "ab") as f:
-        f.write(b"garbage a crash left behind")
+    for name in ("pixels.u8", "index.partial.i64"):  # a crash after writing, before recording the chunk
+        with open(out / name, "ab") as f:
+            f.write(b"garbage a crash left behind" * 8)
     resumed = _prepare(reader, tmp_path / "a")
     whole = _prepare(reader, tmp_path / "b")
     assert (resumed.root / "pixels.u8").read_bytes() == (whole.root / "pixels.u8").read_bytes()
