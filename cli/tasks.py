@@ -79,6 +79,9 @@ def add_task(
                                                          "most (instead of --fork-pool)")] = 0,
     fork_layers: Annotated[int, typer.Option(min=0, help="late fork: last K blocks on a private full-attention "
                                                          "branch (preserving; ~K/depth of a backbone pass)")] = 0,
+    fork_finetune: Annotated[bool, typer.Option(help="the late-fork branch fine-tunes its own copy of the last K "
+                                                     "blocks (at 0.03x the lr; preserving: the copy is private)")]
+        = False,
     steps: Annotated[int, typer.Option(min=1)] = 1000,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(min=0.0)] = 0.05,
@@ -112,7 +115,8 @@ def add_task(
             "progress": sys.stderr.isatty(),
             "train": dict(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,
                           adapter_dim=adapter_dim,
-                          fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool), fork_select=fork_select, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
+                          fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool), fork_select=fork_select,
+                          fork_finetune=fork_finetune, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                           data_root=data_root, download=download, seed=seed, max_train=max_train,
                           max_test=max_test, max_heldout=max_heldout, cuda_graph=cuda_graph, pipeline=pipeline,
                           on_bad_image=on_bad_value(on_bad_image), cache_dir=str(cache_dir) if cache_dir else None)}

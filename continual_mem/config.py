@@ -93,6 +93,9 @@ class TaskConfig:
         adapter_dim: Bottleneck width of the adapters: every block for the ``adapters`` / ``memory+adapters``
             regimes (the paper's Table 4 uses 5); the blocks of the private branch for a late-fork token task
             (preserving: the branch is the task's own); 0: none.
+        fork_finetune: Give the late-fork branch its own trainable copy of the backbone's last ``fork_layers``
+            blocks (surgical fine-tuning of the top blocks). Preserving: the branch is the task's own. The copy
+            trains at ``TrainConfig.finetune_lr_scale`` times the task's learning rate.
         fork_pool: Average-pool the patch grid entering the fork by ``(rows, cols)`` (an int ``p`` means
             ``(p, p)``; registers kept): the branch runs on ``rows * cols`` times fewer patch tokens, so a deeper
             fork costs what a shallow one did. ``(1, 1)``: no pooling.
@@ -114,6 +117,7 @@ class TaskConfig:
     fork_pool: tuple[int, int] = (1, 1)
     fork_select: int = 0
     adapter_dim: int = 0
+    fork_finetune: bool = False
     sees: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     dataset: str = ""
@@ -192,6 +196,9 @@ class TaskConfig:
             raise ValueError(f"task {self.name!r}: use fork_select or fork_pool, not both")
         if pool != (1, 1) and not self.fork_layers:
             raise ValueError(f"task {self.name!r}: fork_pool pools the late-fork branch; it needs fork_layers >= 1")
+        if self.fork_finetune and not self.fork_layers:
+            raise ValueError(f"task {self.name!r}: fork_finetune trains a copy of the late-fork branch's blocks; it "
+                             "needs fork_layers >= 1")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"task {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes"

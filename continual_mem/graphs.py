@@ -116,11 +116,11 @@ class GraphedTrainStep:
     ) -> None:
         if x.device.type != "cuda":
             raise ValueError("CUDA-graph training needs the model and batches on a CUDA device; turn cuda_graph off")
-        lr = optimizer.param_groups[0]["lr"]
-        if not (isinstance(lr, torch.Tensor) and lr.device.type == "cuda"):
+        self.lrs = [(g["lr"], g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
+        if not all(isinstance(lr, torch.Tensor) and lr.device.type == "cuda" for lr, _ in self.lrs):
             raise ValueError("CUDA-graph training needs the optimizer's lr as a CUDA tensor; build it with "
                              "build_optimizer(..., cuda_graph=True)")
-        self.model, self.task, self.optimizer, self.lr = model, task, optimizer, lr
+        self.model, self.task, self.optimizer = model, task, optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.autocast_dtype, self.max_grad_norm, self.label_smoothing = autocast_dtype, max_grad_norm, label_smoothing
         self.static_x, self.static_y = x.clone(), y.clone()
@@ -128,8 +128,9 @@ class GraphedTrainStep:
         saved = [p.detach().clone() for p in self.params]
         buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for p in self.params]
         saved_buffers = [None if b is None else b.clone() for b in buffers]
-        saved_lr = lr.clone()
-        lr.zero_()
+        saved_lrs = [lr.clone() for lr, _ in self.lrs]
+        for lr, _ in self.lrs:
+            lr.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -147,7 +148,8 @@ class GraphedTrainStep:
                     buf.zero_()  # SGD's first step from a zero buffer equals its first step without one (dampening 0)
                 else:
                     buf.copy_(b)
-            lr.copy_(saved_lr)
+            for (lr, _), saved_lr in zip(self.lrs, saved_lrs):
+                lr.copy_(saved_lr)
         optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates .grad from the graph's pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
@@ -165,7 +167,8 @@ class GraphedTrainStep:
                              f"{tuple(x.shape)} {x.dtype}; every training batch must have the same shape")
         self.static_x.copy_(x)
         self.static_y.copy_(y)
-        self.lr.fill_(lr)
+        for tensor, scale in self.lrs:
+            tensor.fill_(lr * scale)
         self.graph.replay()
         # replay rewrites the parameters without bumping their version counters: drop cached memory K/V
         self.model.invalidate_cache()

@@ -105,6 +105,7 @@ class MemoryViT(nn.Module):
         fork_layers: int = 0,
         fork_pool: int | tuple[int, int] = 1,
         fork_select: int = 0,
+        fork_finetune: bool = False,
         adapter_dim: int | None = None,
         class_names: Sequence[str] = (),
         dataset: str = "",
@@ -128,6 +129,7 @@ class MemoryViT(nn.Module):
             fork_pool: Average-pool the patch grid where the fork starts, ``p`` or ``(rows, cols)`` (cheaper, deeper
                 forks).
             fork_select: Keep only this many patches in the fork branch, those the class token attends to most.
+            fork_finetune: The fork branch runs the task's own trainable copy of the last ``fork_layers`` blocks.
             adapter_dim: Adapter bottleneck width (``adapters`` / ``memory+adapters``; default 5, the paper's).
             class_names: Optional class names.
             dataset: Optional dataset name.
@@ -156,6 +158,7 @@ class MemoryViT(nn.Module):
             fork_layers=fork_layers,
             fork_pool=fork_pool,
             fork_select=fork_select,
+            fork_finetune=fork_finetune,
             adapter_dim=adapter_dim,
             sees=sees,
             class_names=tuple(class_names),
@@ -381,7 +384,7 @@ class MemoryViT(nn.Module):
         attends to it and its outputs are dropped."""
         B, keep = h.shape[0], h.shape[1]
         for i in range(start, self.depth):
-            blk = self.backbone.blocks[i]
+            blk = task.block_at(i, self.backbone)
             mem = task.memory_at(i) if task.memory is not None else None
             pair = task.adapters_at(i)
             run = blk if pair is None else functools.partial(adapted_block, blk, *pair)

@@ -48,11 +48,20 @@ def reference_forward(model: MemoryViT, x: torch.Tensor) -> dict[str, torch.Tens
         forked = frozenset(j for j, fork in forks.items() if i >= fork)
         mask = build_attention_mask(layer_layout, modes, forked).to(x.device)
         # a forked task's adapters act on its branch rows (its tokens and private patches) from its fork block on
-        adapted = [(torch.tensor([p for p, spec in enumerate(layer_layout) if spec.task == j and spec.kind in
-                                  ("task", "private")], device=x.device), pair)
-                   for j, t in enumerate(token_tasks) if j in forked and (pair := t.adapters_at(i)) is not None]
+        rows = {j: torch.tensor([p for p, spec in enumerate(layer_layout) if spec.task == j and spec.kind in
+                                 ("task", "private")], device=x.device) for j in forked}
+        own = {j for j in forked if token_tasks[j].blocks is not None}  # branches with their own fine-tuned blocks
+        adapted = [(rows[j], pair) for j, t in enumerate(token_tasks)
+                   if j in forked and j not in own and (pair := t.adapters_at(i)) is not None]
         seq = torch.cat(mems, dim=1)
-        h = (blk(seq, attn_mask=mask) if not adapted else _block_with_row_adapters(blk, seq, mask, adapted))[:, :keep]
+        new = blk(seq, attn_mask=mask) if not adapted else _block_with_row_adapters(blk, seq, mask, adapted)
+        for j in own:  # the whole sequence through the task's copy; the mask confines its rows to its own keys
+            t = token_tasks[j]
+            copy, pair = t.block_at(i, bb), t.adapters_at(i)
+            mine = copy(seq, attn_mask=mask) if pair is None else _block_with_row_adapters(copy, seq, mask,
+                                                                                            [(rows[j], pair)])
+            new[:, rows[j]] = mine[:, rows[j]]
+        h = new[:, :keep]
     h = bb.norm(h)
 
     out = {ORIGINAL: bb.forward_head(h[:, :N])}

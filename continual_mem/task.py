@@ -25,6 +25,8 @@ class TaskModule(nn.Module):
         input_memory: ``(1, m_in, D)`` memory injected once at the input and propagated, or None.
         adapters: Two :class:`Adapter` per adapted block (after attention, after the MLP), or None; every block
             for the adapter regimes, the late-fork branch's blocks for a forked token task.
+        blocks: Trainable copy of the backbone's last ``fork_layers`` blocks, run by the late-fork branch
+            (``fork_finetune``), or None.
         backbone: Trainable copy of the backbone (``full`` regime only), or None.
         head: Linear classifier on the pooled final token state.
     """
@@ -59,6 +61,9 @@ class TaskModule(nn.Module):
         if self.adapter_to_slot:
             self.adapters = nn.ModuleList(Adapter(dim, config.adapter_dim, **factory)
                                           for _ in range(2 * len(self.adapter_to_slot)))
+        self.blocks: nn.ModuleList | None = None
+        if config.fork_finetune:
+            self.blocks = nn.ModuleList(copy.deepcopy(backbone.blocks[depth - config.fork_layers:]))
         self.backbone: VisionTransformer | None = None
         if config.regime == "full":
             self.backbone = copy.deepcopy(backbone)
@@ -69,6 +74,12 @@ class TaskModule(nn.Module):
     @property
     def name(self) -> str:
         return self.config.name
+
+    def block_at(self, layer: int, backbone: VisionTransformer) -> nn.Module:
+        """The block the task's branch runs at ``layer``: its own fine-tuned copy, else the backbone's."""
+        if self.blocks is None:
+            return backbone.blocks[layer]
+        return self.blocks[layer - (len(backbone.blocks) - len(self.blocks))]
 
     def adapters_at(self, layer: int) -> tuple[nn.Module, nn.Module] | None:
         """The adapters after attention and after the MLP at block ``layer``, or None."""

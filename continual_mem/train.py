@@ -73,6 +73,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     cuda_graph: bool = False
+    finetune_lr_scale: float = 0.03
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):
@@ -80,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.finetune_lr_scale <= 0:
+            raise ValueError(f"finetune_lr_scale must be > 0, got {self.finetune_lr_scale}")
         if self.warmup_steps is None:
             self.warmup_steps = max(1, self.steps // 20)
         if not 0 <= self.warmup_steps <= self.steps:
@@ -112,20 +115,34 @@ def build_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     cuda_graph: bool = False,
+    finetune_lr_scale: float = 0.03,
 ) -> torch.optim.Optimizer:
     """SGD with momentum (the paper's optimizer) over ``task``'s parameters only.
 
-    Everything else in the model (backbone, other tasks) is set to ``requires_grad=False``. With ``cuda_graph``
-    the learning rate is a tensor on the parameters' device and the update is the fused kernel, so a captured
-    step can be replayed at any scheduled learning rate.
+    Everything else in the model (backbone, other tasks) is set to ``requires_grad=False``. A late-fork task's
+    fine-tuned copy of pretrained blocks (``fork_finetune``) is its own parameter group at ``finetune_lr_scale``
+    times the rate (pretrained weights need far smaller steps than new tokens; each group's ``lr_scale`` says
+    so). With ``cuda_graph`` each group's learning rate is a tensor on the parameters' device and the update is
+    the fused kernel, so a captured step can be replayed at any scheduled learning rate.
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     params = model.trainable_parameters(task)
+    copied = model.tasks[task].blocks
+    slow = {id(p) for p in copied.parameters()} if copied is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0}]
+    if slow:
+        groups.append({"params": [p for p in params if id(p) in slow], "lr_scale": finetune_lr_scale})
+    for g in groups:
+        g["lr"] = (torch.tensor(lr * g["lr_scale"], dtype=torch.float32, device=params[0].device) if cuda_graph
+                   else lr * g["lr_scale"])
     if cuda_graph:
-        lr_t = torch.tensor(lr, dtype=torch.float32, device=params[0].device)
-        return torch.optim.SGD(params, lr=lr_t, momentum=momentum, weight_decay=weight_decay, fused=True)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay, fused=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _all_params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for g in opt.param_groups for p in g["params"]]
 
 
 def train_step(
@@ -219,7 +236,7 @@ def _save_checkpoint(model, task, opt, step, best, history, config) -> None:
     tensors_path, meta_path = _checkpoint_paths(config)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"task.{k}": v.detach().cpu().contiguous() for k, v in model.tasks[task].state_dict().items()}
-    for i, p in enumerate(opt.param_groups[0]["params"]):
+    for i, p in enumerate(_all_params(opt)):
         buf = opt.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
@@ -246,7 +263,7 @@ def _load_checkpoint(model, task, opt, config) -> tuple[int, dict, list[dict]] |
     module = model.tasks[task]
     device = next(module.parameters()).device
     module.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
-    for i, p in enumerate(opt.param_groups[0]["params"]):
+    for i, p in enumerate(_all_params(opt)):
         if f"momentum.{i}" in tensors:
             opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(device)
     best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
@@ -279,8 +296,8 @@ def fit(
     if config.cuda_graph and (device.type != "cuda" or shard.world > 1):
         raise ValueError("cuda_graph needs one CUDA device and a single process (not DDP); turn it off")
     opt = build_optimizer(model, task, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                          cuda_graph=config.cuda_graph)
-    params = opt.param_groups[0]["params"]
+                          cuda_graph=config.cuda_graph, finetune_lr_scale=config.finetune_lr_scale)
+    params = _all_params(opt)
     graphed = None
     forward = model
     if shard.world > 1:
@@ -314,7 +331,7 @@ def fit(
             loss = graphed(x, y, lr_at(step, config))
         else:
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, config)
+                group["lr"] = lr_at(step, config) * group.get("lr_scale", 1.0)
             loss = train_step(forward, task, x, y, opt, max_grad_norm=config.max_grad_norm,
                               label_smoothing=config.label_smoothing, autocast_dtype=_autocast_dtype(config, device))
         seen += len(y) * shard.world

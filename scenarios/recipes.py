@@ -166,6 +166,7 @@ def train_on_dataset(
     cuda_graph: bool = False,
     fork_select: int = 0,
     adapter_dim: int | None = None,
+    fork_finetune: bool = False,
     pipeline: Pipeline = "auto",
     on_bad_image: OnBad = "skip",
     cache_dir: str | None = None,
@@ -176,7 +177,7 @@ def train_on_dataset(
     with torch.random.fork_rng(devices=[]):  # the task's initial state follows ``seed`` (the same on every rank)
         torch.manual_seed(seed)
         net.add_task(name, data.num_classes, regime=regime, mode=mode, memory=memory, layers=layers,
-                     adapter_dim=adapter_dim, fork_select=fork_select,
+                     adapter_dim=adapter_dim, fork_select=fork_select, fork_finetune=fork_finetune,
                      task_tokens=task_tokens, fork_layers=fork_layers, fork_pool=fork_pool, class_names=data.class_names, dataset=dataset)
     net.to(device)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
