@@ -77,6 +77,7 @@ CONFIGS: dict[str, dict] = {
     "fork-k6-a8": dict(regime="masked-memory", memory=5, fork_layers=6, adapter_dim=8),
     "fork-k6-p1x2-a8": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=(1, 2), adapter_dim=8),
     # preserving surgical fine-tuning: the branch trains its own copy of the last k blocks (at 0.03x the rate)
+    "fork-k1-ft": dict(regime="masked-memory", memory=5, fork_layers=1, fork_finetune=True),
     "fork-k2-ft": dict(regime="masked-memory", memory=5, fork_layers=2, fork_finetune=True),
     "fork-k3-ft": dict(regime="masked-memory", memory=5, fork_layers=3, fork_finetune=True),
     "fork-k4-ft": dict(regime="masked-memory", memory=5, fork_layers=4, fork_finetune=True),

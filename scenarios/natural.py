@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SIDE = 224  # stored square side (px), the input size of the paper's models
 TEST_SHARE = 0.25
-JPEG_QUALITY = 90
+JPEG_QUALITY = 80
 MAX_PIXELS = 25_000_000  # a few clip-art files are posters of 100M+ pixels: left out rather than decoded
 
 
