@@ -99,3 +99,13 @@ def test_registry_and_bundle_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x)["ft"], net(x)["ft"])
     assert reg.verify().ok
+
+
+def test_full_fine_tuning_trains_its_backbone_copy_at_the_scaled_rate_and_its_head_at_the_full_one():
+    net = MemoryViT(make_backbone("tiny"))
+    t = net.add_task("f", 3, regime="full")
+    opt = build_optimizer(net, "f", lr=0.3)
+    copy = {id(p) for p in t.backbone.parameters()}
+    assert [g["lr"] for g in opt.param_groups] == [0.3, pytest.approx(0.009)]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == copy
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in t.head.parameters()}
