@@ -17,6 +17,8 @@ def serve(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     max_batch: Annotated[int, typer.Option(min=1, help="images per model pass at most")] = 64,
     max_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a batch waits to fill")] = 5.0,
+    cuda_graphs: Annotated[bool, typer.Option(help="on CUDA, replay each pass as a CUDA graph per batch-size "
+                                                   "bucket (powers of two)")] = True,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="larger request bodies get HTTP 413")] = 20.0,
     max_pixels: Annotated[int, typer.Option(min=1, help="larger images get HTTP 413")] = 40_000_000,
     poll_s: Annotated[float, typer.Option(min=0.0, help="how often to look for registry changes (0: never)")] = 1.0,
@@ -32,7 +34,7 @@ def serve(
         raise ValueError(f"serving needs the serve extra ({exc}): pip install 'continual-mem[serve]'") from None
     registry()  # refuses a missing registry here, not inside the server's start-up
     settings = ServeSettings(registry=state.registry, model=state.model, device=pick_device(device),
-                             max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             max_batch=max_batch, max_wait_ms=max_wait_ms, cuda_graphs=cuda_graphs,
                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                              poll_interval_s=poll_s, amp=amp)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")

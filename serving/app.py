@@ -110,7 +110,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         holder.current = await asyncio.to_thread(holder.load)
         metrics.version.set(holder.current.version)
         batcher = Batcher(holder, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                          amp=settings.amp)
+                          amp=settings.amp, cuda_graphs=settings.cuda_graphs)
         app.state.settings, app.state.metrics, app.state.holder, app.state.batcher = settings, metrics, holder, batcher
         app.state.decoders = decoders
         workers = [asyncio.create_task(batcher.run()), asyncio.create_task(holder.watch())]

@@ -25,12 +25,21 @@ class Answer:
     served: Served = field(repr=False)
 
 
+def bucket_for(n: int, max_batch: int) -> int:
+    """The batch size a pass of ``n`` images runs at: the next power of two, capped at ``max_batch`` (so a few
+    graphs cover every size, and a fixed image meets the same kernels whatever else shares its batch bucket)."""
+    if not 1 <= n <= max_batch:
+        raise ValueError(f"need 1 <= n <= max_batch, got n={n}, max_batch={max_batch}")
+    return min(1 << (n - 1).bit_length(), max_batch)
+
+
 class Batcher:
     def __init__(self, holder: ModelHolder, metrics: Metrics, *, max_batch: int, max_wait_ms: float,
-                 amp: bool) -> None:
+                 amp: bool, cuda_graphs: bool = True) -> None:
         self.holder, self.metrics = holder, metrics
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
         self.amp = amp and holder.device.type == "cuda"
+        self.graphs = cuda_graphs and holder.device.type == "cuda"
         self.queue: asyncio.Queue = asyncio.Queue()
         self.passes = 0
 
@@ -74,7 +83,24 @@ class Batcher:
         """One pass: pad the images into a batch, crop and normalise on the device, every task's logits."""
         canvas, hw = pad_batch(images, pin=self.holder.device.type == "cuda")
         x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = served.net(x, original=False)
-        cpu = {name: t.float().cpu() for name, t in out.items()}
+        if self.graphs:
+            out = self._replay(served, x)
+        else:
+            with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = served.net(x, original=False)
+        cpu = {name: t[: len(images)].float().cpu() for name, t in out.items() if name in served.classes}
         return [{name: t[i] for name, t in cpu.items()} for i in range(len(images))]
+
+    def _replay(self, served: Served, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The pass as a CUDA graph at ``x``'s bucket (rows padded with copies of the last image); eager Python
+        launches hundreds of small kernels per pass, which starves the event loop's threads of the GIL."""
+        from continual_mem.graphs import GraphedForward
+
+        bucket = bucket_for(len(x), self.max_batch)
+        if bucket > len(x):
+            x = torch.cat([x, x[-1:].expand(bucket - len(x), *x.shape[1:])])
+        graph = served.graphs.get(bucket)
+        if graph is None:
+            graph = served.graphs[bucket] = GraphedForward(
+                served.net, x, tasks=served.net.task_names, autocast_dtype=torch.bfloat16 if self.amp else None)
+        return graph(x)

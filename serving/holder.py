@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ class Served:
     stage: _DeviceStage
     classes: dict[str, tuple[str, ...]]
     tasks: list[dict]
+    graphs: dict = field(default_factory=dict)  # bucket -> GraphedForward, captured by the batch worker only
 
 
 class ModelHolder:

@@ -17,6 +17,8 @@ class ServeSettings:
         poll_interval_s: How often the registry is asked whether the model changed (0: never).
         amp: bf16 autocast on CUDA (the answers are bit-stable for a fixed batch shape and dtype).
         top_k: Default number of classes returned per task.
+        cuda_graphs: On CUDA, replay the pass as a CUDA graph per batch-size bucket (powers of two up to
+            ``max_batch``; a batch is padded to its bucket), captured on first use for each loaded model.
     """
 
     registry: str
@@ -29,6 +31,7 @@ class ServeSettings:
     poll_interval_s: float = 1.0
     amp: bool = True
     top_k: int = 5
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

@@ -16,7 +16,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")]
 
 REGIMES = [("masked-memory", {"memory": 3}), ("head+cls", {}), ("head", {}), ("memory", {"memory": 2}),
-           ("masked-memory", {"memory": 2, "fork_layers": 2})]
+           ("masked-memory", {"memory": 2, "fork_layers": 2}),
+           # two optimizer groups (the copied blocks at lr x finetune_lr_scale), each with its own lr tensor
+           ("masked-memory", {"memory": 2, "fork_layers": 2, "fork_finetune": True}), ("full", {})]
 
 
 def _model() -> MemoryViT:
@@ -47,11 +49,11 @@ def test_graphed_step_equals_eager_steps(regime, kwargs):
         assert torch.equal(v, before[k]), f"capture changed {k}"
     for i, (x, y) in enumerate(batches):
         for group in opt_e.param_groups:
-            group["lr"] = lr_at(i, cfg)
+            group["lr"] = lr_at(i, cfg) * group["lr_scale"]
         loss = torch.nn.functional.cross_entropy(eager(x, tasks=["new"], original=False)["new"], y)
         opt_e.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(opt_e.param_groups[0]["params"], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt_e.param_groups for p in g["params"]], 1.0)
         opt_e.step()
         loss_g = step(x, y, lr_at(i, cfg))
         torch.testing.assert_close(loss_g, loss.detach(), atol=1e-5, rtol=1e-5)

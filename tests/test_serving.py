@@ -187,3 +187,38 @@ def test_settings_are_validated():
         ServeSettings(registry="x.db", max_batch=0)
     with pytest.raises(ValueError, match="device"):
         ServeSettings(registry="x.db", device="tpu")
+
+
+def test_batch_buckets_are_powers_of_two_up_to_max_batch():
+    from serving.batcher import bucket_for
+
+    assert [bucket_for(n, 64) for n in (1, 2, 3, 4, 5, 17, 33, 64)] == [1, 2, 4, 4, 8, 32, 64, 64]
+    assert [bucket_for(n, 48) for n in (33, 48)] == [48, 48]
+    with pytest.raises(ValueError, match="1 <= n <= max_batch"):
+        bucket_for(65, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+def test_graph_buckets_answer_what_the_eager_pass_does_at_the_same_shape(registry):
+    """The served pass replayed from a CUDA graph at its bucket (padded rows) gives the eager pass's bits there,
+    and the original head is not returned as a task."""
+    import torch
+
+    from serving.batcher import Batcher
+    from serving.holder import ModelHolder
+    from serving.metrics import Metrics
+
+    reg, _ = registry
+    settings = ServeSettings(registry=reg.url, device="cuda", poll_interval_s=0)
+    holder = ModelHolder(settings)
+    served = holder.current = holder.load()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(3)]
+    graphed = Batcher(holder, Metrics(), max_batch=8, max_wait_ms=1, amp=True)._forward(served, images)
+    assert list(served.graphs) == [4] and set(graphed[0]) == {"a", "b"}
+    eager = Batcher(holder, Metrics(), max_batch=8, max_wait_ms=1, amp=True, cuda_graphs=False)
+    padded = eager._forward(served, images + [images[-1]])
+    for g, e in zip(graphed, padded):
+        for task in ("a", "b"):
+            assert torch.equal(g[task], e[task])
