@@ -71,8 +71,9 @@ def analyze(
     out_dir: Annotated[Path, typer.Option("--out")] = Path("analysis"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Memory-attention analysis (paper App. B): per layer and head, how much attention goes to memory."""
-    from continual_mem.analysis import memory_attention, plot
+    """Memory-attention analysis (paper App. B): per layer and head, how much attention goes to memory; for
+    propagated-memory regimes also the 2x2 read / write / memory / normal block map per layer (TASK.blocks.png)."""
+    from continual_mem.analysis import memory_attention, plot, plot_block_map
     from scenarios import datasets
     from scenarios.pipeline import Preprocess
     from scenarios.recipes import sources
@@ -89,6 +90,8 @@ def analyze(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{task}.json").write_text(json.dumps(result, indent=2))
     plot(result, out_dir / f"{task}.png")
+    if "block_map" in result:  # propagated memory: read / write / memory processing / normal attention per layer
+        plot_block_map(result, out_dir / f"{task}.blocks.png")
     emit(result, as_json, lambda r: out.print(table(
         f"task {task}: attention to memory on {r['images']} held-out images (plots: {out_dir}/{task}.png)",
         ["layer", "fraction >= 0.5 (mean over heads)", "mean mass"],

@@ -66,7 +66,8 @@ def add_task(
     name: Annotated[str, typer.Option(help="task name [default: from the dataset]")] = "",
     mode: Annotated[str, typer.Option(help="concatenation | extension")] = "concatenation",
     regime: Annotated[str, typer.Option(help="masked-memory | head+cls | head (single pass); memory | full | "
-                                             "input-memory | hybrid | adapters | memory+adapters (own pass)")] = \
+                                             "input-memory | hybrid | adapters | memory+adapters | mem-ctrl | "
+                                             "mem-bottleneck (own pass)")] = \
         "masked-memory",
     adapter_dim: Annotated[int | None, typer.Option(min=1, help="adapter bottleneck width [default 5 for adapter "
                                                                "regimes]")] = None,

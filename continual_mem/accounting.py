@@ -97,7 +97,8 @@ def task_cost(model: MemoryViT, name: str) -> Cost:
         base = n + c.input_memory
         for i in range(model.depth):
             seq = base + (c.memory if i in task.layer_to_slot else 0)
-            flops += _block_flops(d, a, hidden, seq, seq)
+            # mem-ctrl: the controller copy runs the whole block too (only its memory rows are kept)
+            flops += _block_flops(d, a, hidden, seq, seq) * (2 if c.regime == "mem-ctrl" else 1)
             if task.adapters_at(i) is not None:
                 flops += _adapter_flops(seq, d, c.adapter_dim)
     return Cost(name, c.regime, params, flops, batch, c.preserving)

@@ -3,21 +3,27 @@
 For a task with memory, on a batch of images: per layer and head, the fraction of query tokens whose attention
 mass on the task's memory is >= 0.5, the mean mass, and the attention mass between blocks of the sequence
 (``processing``: tokens -> tokens, ``read``: tokens -> memory, ``write``: propagated memory -> tokens,
-``memory``: propagated memory -> memory; a block exists only where the regime has it).
+``memory``: propagated memory -> memory; a block exists only where the regime has it). For propagated-memory
+regimes (``input-memory``, ``hybrid``, ``mem-ctrl``, ``mem-bottleneck``) ``block_map`` gives that 2×2 split per
+layer (the Memory Transformer paper's analysis): rows are the queries (sequence, memory), columns the keys; each
+row sums to 1. ``mem-ctrl``'s memory rows come from its controller blocks, ``mem-bottleneck``'s are masked.
 """
 from __future__ import annotations
 
 import torch
 
+from types import SimpleNamespace
+
 from .backbone import capture_qkv, split_qkv
 from .masking import TokenSpec, build_attention_mask
-from .model import MemoryViT
+from .model import MemoryViT, bottleneck_mask
 
 
-def _attention_probs(model: MemoryViT, qkv: list[torch.Tensor], masks: dict[int, torch.Tensor] | None = None):
+def _attention_probs(model: MemoryViT, qkv: list[torch.Tensor], masks: dict[int, torch.Tensor] | None = None,
+                     blocks=None):
     """Each block's attention probabilities ``(B, H, L, L)`` from its recorded qkv output."""
     probs: dict[int, torch.Tensor] = {}
-    for i, (blk, out) in enumerate(zip(model.backbone.blocks, qkv)):
+    for i, (blk, out) in enumerate(zip(blocks if blocks is not None else model.backbone.blocks, qkv)):
         q, k, _ = split_qkv(blk.attn, out)
         s = (q * blk.attn.scale) @ k.transpose(-2, -1)
         if masks is not None and i in masks:
@@ -68,14 +74,26 @@ def memory_attention(model: MemoryViT, task: str, images: torch.Tensor) -> dict:
     else:
         N = model.embed(images[:1]).shape[1]
         m_in = c.input_memory
-        with capture_qkv(model.backbone) as qkv:
+        controllers = t.controllers if c.regime == "mem-ctrl" else None
+        with capture_qkv(model.backbone) as qkv, \
+                capture_qkv(SimpleNamespace(blocks=controllers or [])) as ctrl_qkv:
             model.separate_pass(t, images)
-        probs = _attention_probs(model, qkv)
+        masks = ({i: bottleneck_mask(N, m_in) for i in range(depth)} if c.regime == "mem-bottleneck" else None)
+        probs = _attention_probs(model, qkv, masks)
+        ctrl_probs = _attention_probs(model, ctrl_qkv, blocks=controllers) if controllers is not None else None
         for i in range(depth):
             keep = N + m_in
             L = probs[i].shape[-1]
             mem_cols = list(range(N, keep)) + list(range(keep, L))  # propagated + per-layer memory
             per_layer.append((probs[i], list(range(N)), mem_cols, list(range(N, keep))))
+        block_map = []
+        for i in range(depth):
+            seq_p = probs[i]
+            mem_p = ctrl_probs[i] if ctrl_probs is not None else probs[i]  # who computes the memory rows
+            keep = N + m_in
+            read = float(seq_p[:, :, :N, N:].sum(-1).mean())
+            memory = float(mem_p[:, :, N:keep, N:].sum(-1).mean())
+            block_map.append({"processing": 1.0 - read, "read": read, "write": 1.0 - memory, "memory": memory})
     frac, mass = [], []
     blocks = {"processing": 0.0, "read": 0.0, "write": 0.0, "memory": 0.0}
     for p, rows, cols, write_rows in per_layer:
@@ -93,8 +111,37 @@ def memory_attention(model: MemoryViT, task: str, images: torch.Tensor) -> dict:
         if write_rows:
             blocks["write"] += float(p[:, :, write_rows][..., token_cols].sum(-1).mean()) / depth
             blocks["memory"] += float(p[:, :, write_rows][..., cols].sum(-1).mean()) / depth
-    return {"task": task, "regime": c.regime, "images": B, "fraction_ge_half": frac, "mean_memory_mass": mass,
-            "blocks": {k: v for k, v in blocks.items() if v or k in ("processing", "read")}}
+    result = {"task": task, "regime": c.regime, "images": B, "fraction_ge_half": frac, "mean_memory_mass": mass,
+              "blocks": {k: v for k, v in blocks.items() if v or k in ("processing", "read")}}
+    if not c.has_tokens:
+        result["block_map"] = block_map
+    return result
+
+
+def plot_block_map(result: dict, path) -> None:
+    """One 2×2 panel per layer: queries (sequence, memory) × keys (sequence, memory), attention mass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = result["block_map"]
+    fig, axes = plt.subplots(1, len(maps), figsize=(1.25 * len(maps) + 1, 1.9), squeeze=False)
+    for i, (ax, m) in enumerate(zip(axes[0], maps)):
+        grid = [[m["processing"], m["read"]], [m["write"], m["memory"]]]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        for r in range(2):
+            for col in range(2):
+                ax.text(col, r, f"{grid[r][col]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if grid[r][col] < 0.6 else "black")
+        ax.set_xticks([0, 1], ["seq", "mem"], fontsize=6)
+        ax.set_yticks([0, 1], ["seq", "mem"] if i == 0 else ["", ""], fontsize=6)
+        ax.set_title(f"layer {i}", fontsize=7)
+    fig.suptitle(f"task {result['task']} ({result['regime']}): attention mass, queries (rows) x keys (columns); "
+                 "read = seq->mem, write = mem->seq", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def plot(result: dict, path) -> None:

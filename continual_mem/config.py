@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
 Regime = Literal["head", "head+cls", "masked-memory", "memory", "full", "input-memory", "hybrid", "adapters",
-                 "memory+adapters"]
+                 "memory+adapters", "mem-ctrl", "mem-bottleneck"]
 Mode = Literal["concatenation", "extension"]
 
 REGIMES: tuple[str, ...] = get_args(Regime)
@@ -21,7 +21,11 @@ LAYER_MEMORY_REGIMES: frozenset[str] = frozenset({"masked-memory", "memory", "hy
 # Regimes with bottleneck adapters after attention and MLP in every block (Houlsby et al. 2019; own pass).
 ADAPTER_REGIMES: frozenset[str] = frozenset({"adapters", "memory+adapters"})
 # Regimes with memory injected once at the input and propagated like ordinary tokens (Burtsev et al.).
-INPUT_MEMORY_REGIMES: frozenset[str] = frozenset({"input-memory", "hybrid"})
+INPUT_MEMORY_REGIMES: frozenset[str] = frozenset({"input-memory", "hybrid", "mem-ctrl", "mem-bottleneck"})
+# The Memory Transformer's ablations (Burtsev et al. 2020), on propagated input memory, own pass: ``mem-ctrl``
+# updates the memory with a dedicated trainable copy of each block (the controller), the sequence with the frozen
+# block; ``mem-bottleneck`` lets sequence tokens attend only to memory (no token-to-token attention), memory to all.
+MEMORY_TRANSFORMER_REGIMES: frozenset[str] = frozenset({"mem-ctrl", "mem-bottleneck"})
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 RESERVED_NAMES: frozenset[str] = frozenset({"original"})

@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
-from .config import TaskConfig, parse_layers
+from .config import MEMORY_TRANSFORMER_REGIMES, TaskConfig, parse_layers
 from .layers import adapted_block, group_block, memory_kv, task_block
 from .masking import visible_tasks
 from .task import TaskModule
@@ -118,7 +118,9 @@ class MemoryViT(nn.Module):
             regime: ``head``, ``head+cls``, ``masked-memory`` (preserving, single pass), ``memory`` (full
                 attention to memory, paper's best accuracy, own pass), ``full`` (fine-tuned copy),
                 ``input-memory`` / ``hybrid`` (memory propagated from the input, Burtsev et al.), ``adapters`` /
-                ``memory+adapters`` (Houlsby bottleneck adapters in every block, alone or with memory; own pass).
+                ``memory+adapters`` (Houlsby bottleneck adapters in every block, alone or with memory; own pass),
+                ``mem-ctrl`` / ``mem-bottleneck`` (the Memory Transformer's ablations on propagated memory; own
+                pass).
             mode: ``concatenation`` or ``extension`` (token regimes only).
             memory: Memory tokens per layer (default 5 for memory regimes, 0 otherwise).
             layers: Which blocks get memory: ``all``, ``last:k``, ``first:k`` or indices.
@@ -442,6 +444,19 @@ class MemoryViT(nn.Module):
         bb = backbone or self.backbone
         return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
 
+    def _memory_transformer(self, task: TaskModule, h: torch.Tensor, n_seq: int) -> torch.Tensor:
+        """Burtsev et al.'s ablations on ``h = [sequence (n_seq tokens), propagated memory]``, timm's blocks.
+        ``mem-bottleneck``: sequence rows attend only to memory, memory rows to everything. ``mem-ctrl``: the
+        frozen block updates the sequence (which reads the memory), the task's controller copy the memory."""
+        if task.config.regime == "mem-bottleneck":
+            mask = bottleneck_mask(n_seq, h.shape[1] - n_seq, h.device)
+            for blk in self.backbone.blocks:
+                h = blk(h, attn_mask=mask)
+            return h
+        for blk, ctrl in zip(self.backbone.blocks, task.controllers):
+            h = torch.cat([blk(h)[:, :n_seq], ctrl(h)[:, n_seq:]], dim=1)
+        return h
+
     def separate_pass(self, task: TaskModule, x: torch.Tensor) -> torch.Tensor:
         """Logits of a non-preserving task, from a pass of its own through timm's blocks."""
         c = task.config
@@ -457,6 +472,9 @@ class MemoryViT(nn.Module):
         h = torch.cat([task.tokens.expand(B, -1, -1), h[:, 1:]], dim=1)
         if task.input_memory is not None:  # propagated memory: ordinary tokens from here on
             h = torch.cat([h, task.input_memory.expand(B, -1, -1)], dim=1)
+        if c.regime in MEMORY_TRANSFORMER_REGIMES:
+            h = bb.norm(self._memory_transformer(task, h, h.shape[1] - c.input_memory))
+            return task.head(bb.fc_norm(h[:, : c.task_tokens].mean(dim=1)))
         h = bb.norm(self._blocks_with_memory(task, h, 0))
         return task.head(bb.fc_norm(h[:, : c.task_tokens].mean(dim=1)))
 
@@ -525,3 +543,12 @@ class MemoryViT(nn.Module):
                 results = {task.name: logits}
             out.update({k: v for k, v in results.items() if k in names})
         return out
+
+
+def bottleneck_mask(n_seq: int, n_mem: int, device=None) -> torch.Tensor:
+    """MemBottleneck's boolean mask (True = may attend), rows are queries: sequence -> memory only, memory -> all."""
+    n = n_seq + n_mem
+    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+    mask[:, n_seq:] = True
+    mask[n_seq:, :] = True
+    return mask

@@ -27,6 +27,7 @@ class TaskModule(nn.Module):
             for the adapter regimes, the late-fork branch's blocks for a forked token task.
         blocks: Trainable copy of the backbone's last ``fork_layers`` blocks, run by the late-fork branch
             (``fork_finetune``), or None.
+        controllers: Trainable copy of every block that updates the propagated memory (``mem-ctrl``), or None.
         backbone: Trainable copy of the backbone (``full`` regime only), or None.
         head: Linear classifier on the pooled final token state.
     """
@@ -64,6 +65,9 @@ class TaskModule(nn.Module):
         self.blocks: nn.ModuleList | None = None
         if config.fork_finetune:
             self.blocks = nn.ModuleList(copy.deepcopy(backbone.blocks[depth - config.fork_layers:]))
+        self.controllers: nn.ModuleList | None = None
+        if config.regime == "mem-ctrl":  # one trainable copy of each block updates the memory (MemCtrl)
+            self.controllers = nn.ModuleList(copy.deepcopy(backbone.blocks))
         self.backbone: VisionTransformer | None = None
         if config.regime == "full":
             self.backbone = copy.deepcopy(backbone)

@@ -131,7 +131,7 @@ def build_optimizer(
     params = model.trainable_parameters(task)
     module = model.tasks[task]
     # pretrained copies: a late fork's fine-tuned blocks, the ``full`` regime's whole backbone
-    copies = [m for m in (module.blocks, module.backbone) if m is not None]
+    copies = [m for m in (module.blocks, module.backbone, module.controllers) if m is not None]
     slow = {id(p) for m in copies for p in m.parameters()}
     groups = [{"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0}]
     if slow:
