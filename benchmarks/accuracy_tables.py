@@ -76,6 +76,10 @@ CONFIGS: dict[str, dict] = {
     # preserving: adapters inside the late-fork branch only
     "fork-k6-a8": dict(regime="masked-memory", memory=5, fork_layers=6, adapter_dim=8),
     "fork-k6-p1x2-a8": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=(1, 2), adapter_dim=8),
+    # the Memory Transformer's ablations on propagated input memory (own pass)
+    "input-memory-m5": dict(regime="input-memory", input_memory=5),
+    "mem-ctrl-m5": dict(regime="mem-ctrl", input_memory=5),
+    "mem-bottleneck-m5": dict(regime="mem-bottleneck", input_memory=5),
     # preserving surgical fine-tuning: the branch trains its own copy of the last k blocks (at 0.03x the rate)
     "fork-k1-ft": dict(regime="masked-memory", memory=5, fork_layers=1, fork_finetune=True),
     "fork-k2-ft": dict(regime="masked-memory", memory=5, fork_layers=2, fork_finetune=True),

@@ -73,3 +73,19 @@ def test_training_moves_only_the_task_and_costs_are_counted():
     assert torch.equal(out[ORIGINAL], before[ORIGINAL]) and torch.equal(out["old"], before["old"])
     ctrl, bottleneck = task_cost(net, "c"), task_cost(net, "b")
     assert ctrl.flops > 1.9 * bottleneck.flops and ctrl.params > bottleneck.params
+
+
+def test_registry_round_trip_keeps_them_out_of_the_shared_pass(tmp_path):
+    from registry_helpers import grow, new_registry
+
+    reg, net = new_registry(tmp_path / "r.db")
+    grow(reg, net, "shared", 1)
+    grow(reg, net, "c", 2, regime="mem-ctrl")
+    report = grow(reg, net, "b", 3, regime="mem-bottleneck")
+    assert {c.name: c.status for c in report.tasks} == {"shared": "equal", "c": "equal", "b": "new"}
+    loaded = reg.load()
+    assert loaded.separate_pass_tasks == ["c", "b"]
+    x = images(loaded.backbone, n=2)
+    with torch.no_grad():
+        for name in ("c", "b"):
+            assert torch.equal(loaded(x)[name], net(x)[name])
