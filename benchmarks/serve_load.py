@@ -87,30 +87,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: int) -> dict:
-    """``args.requests`` requests from ``args.clients`` clients; a probe every 20 ms; a live add at half-way."""
+def _client_proc(url: str, requests: int, clients: int, images_per_request: int, image: bytes, sent) -> dict:
+    """One load process: ``clients`` concurrent connections sending ``requests`` requests (a Python HTTP client
+    tops out near 100 requests/s per process at 64 connections, so the load is spread over processes)."""
     import httpx
 
-    from registry import Registry
-
+    files = [("files", (f"img{i}.jpg", image, "image/jpeg")) for i in range(images_per_request)]
     latencies, errors, versions = [], [], set()
-    done = 0
-    files = [("files", (f"img{i}.jpg", image, "image/jpeg")) for i in range(args.images_per_request)]
-    old = [f"task{i}" for i in range(k)]
-    probes: list[dict] = []
-    added_at = None
-    stop = asyncio.Event()
+    left = requests
 
     async def client(c: httpx.AsyncClient):
-        nonlocal done, added_at
-        while done < args.requests:
-            done += 1
-            if args.live_add and added_at is None and done >= args.requests // 2:
-                added_at = time.perf_counter()
-                # another "process" changes the registry: the server must pick it up between batches
-                reg = Registry(reg_path)
-                net = reg.load()
-                await asyncio.to_thread(add_task, reg, net, f"task{k}", seed=1000, memory=args.memory)
+        nonlocal left
+        while left > 0:
+            left -= 1
             t0 = time.perf_counter()
             try:
                 r = await c.post(f"{url}/predict", files=files)
@@ -121,6 +110,54 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             except httpx.HTTPError as exc:
                 errors.append(repr(exc))
             latencies.append(time.perf_counter() - t0)
+            with sent.get_lock():
+                sent.value += 1
+
+    async def main():
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(limits=limits, timeout=120) as c:
+            await asyncio.gather(*(client(c) for _ in range(clients)))
+
+    asyncio.run(main())
+    return {"latencies": latencies, "errors": errors, "versions": sorted(versions)}
+
+
+_SENT = None
+
+
+def _init_sent(sent) -> None:
+    global _SENT
+    _SENT = sent
+
+
+def _noop() -> None:
+    return None
+
+
+def _client_in_worker(url: str, requests: int, clients: int, images_per_request: int, image: bytes) -> dict:
+    return _client_proc(url, requests, clients, images_per_request, image, _SENT)
+
+
+def _shares(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: int) -> dict:
+    """``args.requests`` requests from ``args.clients`` connections spread over ``args.client_procs`` processes; a
+    probe every 20 ms and the live add (at half of the requests) from this process."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import httpx
+
+    from registry import Registry
+
+    old = [f"task{i}" for i in range(k)]
+    probes: list[dict] = []
+    stop = asyncio.Event()
+    procs = max(1, min(args.client_procs, args.clients))
+    ctx = mp.get_context("spawn")
+    sent = ctx.Value("l", 0)
 
     async def prober(c: httpx.AsyncClient):
         while not stop.is_set():
@@ -130,21 +167,39 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
                 probes.append(r.json())
             await asyncio.sleep(0.02)
 
-    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as c:
+    async def live_add():
+        while sent.value < args.requests // 2:
+            await asyncio.sleep(0.005)
+        # another "process" changes the registry: the server must pick it up between batches
+        reg = Registry(reg_path)
+        net = reg.load()
+        await asyncio.to_thread(add_task, reg, net, f"task{k}", seed=1000, memory=args.memory)
+
+    async with httpx.AsyncClient(timeout=120) as c:
         alone_before = (await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
                                      files=[("files", ("probe.jpg", probe, "image/jpeg"))])).json()
-        probe_task = asyncio.create_task(prober(c))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(c) for _ in range(args.clients)))
-        wall = time.perf_counter() - t0
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(procs, mp_context=ctx, initializer=_init_sent, initargs=(sent,)) as pool:
+            await asyncio.gather(*(loop.run_in_executor(pool, _noop) for _ in range(procs)))  # started, warm
+            probe_task = asyncio.create_task(prober(c))
+            adder = asyncio.create_task(live_add()) if args.live_add else None
+            t0 = time.perf_counter()
+            parts = await asyncio.gather(*(
+                loop.run_in_executor(pool, _client_in_worker, url, r, n, args.images_per_request, image)
+                for r, n in zip(_shares(args.requests, procs), _shares(args.clients, procs))))
+            wall = time.perf_counter() - t0
         stop.set()
         await probe_task
+        if adder is not None:
+            await adder
         health = (await c.get(f"{url}/health")).json()
         metrics = {line.split()[0]: float(line.split()[1]) for line in (await c.get(f"{url}/metrics")).text.splitlines()
                    if line.startswith("continual_mem_pass_seconds_") and " " in line and "{" not in line}
         alone_after = (await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
                                     files=[("files", ("probe.jpg", probe, "image/jpeg"))])).json()
+    latencies = [v for p in parts for v in p["latencies"]]
+    errors = [e for p in parts for e in p["errors"]]
+    versions = {v for p in parts for v in p["versions"]}
     first = {t: a["top"][0]["index"] for t, a in alone_before["results"][0]["tasks"].items()}
     changed = sum(1 for p in probes for t, a in p["results"][0]["tasks"].items() if a["top"][0]["index"] != first[t])
     bits = all(alone_after["results"][0]["tasks"][t]["logits"] == alone_before["results"][0]["tasks"][t]["logits"]
@@ -177,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--no-live-add", dest="live_add", action="store_false")
+    p.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                   help="load-generator processes sharing --clients (one Python client process saturates near "
+                        "100 requests/s)")
     args = common.resolve(p.parse_args(argv))
     args.img_size = args.img_size or 224
     w, h = (int(v) for v in args.upload_size.split("x"))
