@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 from .backbone import capture_qkv, split_qkv
 from .masking import TokenSpec, build_attention_mask
-from .model import MemoryViT, bottleneck_mask
+from .branches import bottleneck_mask
+from .model import MemoryViT
 
 
 def _attention_probs(model: MemoryViT, qkv: list[torch.Tensor], masks: dict[int, torch.Tensor] | None = None,
