@@ -11,6 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 from .backbone import split_qkv
+from .kernels import group_attention
 
 
 def memory_kv(blk: Block, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,19 +102,16 @@ def group_block(
     """
     attn = blk.attn
     B, L, _ = tokens.shape
-    n, H, hd, N = L // slots, attn.num_heads, attn.head_dim, shared_k.shape[2]
+    n, H, hd = L // slots, attn.num_heads, attn.head_dim
     h = blk.norm1(tokens)
     q, k, v = split_qkv(attn, attn.qkv(h))  # (B, H, slots * n, hd)
     q = q * attn.scale
-    shared = (q @ shared_k.transpose(-2, -1)).view(B, H, slots, n, N)
     own_k, own_v = k.view(B, H, slots, n, hd), v.view(B, H, slots, n, hd)
     if memory_k is not None:
         m = memory_k.shape[2] // slots
         own_k = torch.cat([own_k, memory_k.view(1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
         own_v = torch.cat([own_v, memory_v.view(1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
-    private = q.view(B, H, slots, n, hd) @ own_k.transpose(-2, -1)  # (B, H, slots, n, n + m)
-    p = torch.cat([shared, private], dim=-1).softmax(dim=-1).to(v.dtype)
-    out = p[..., :N].reshape(B, H, L, N) @ shared_v + (p[..., N:] @ own_v).reshape(B, H, L, hd)
+    out = group_attention(q.view(B, H, slots, n, hd), shared_k, shared_v, own_k, own_v)  # (B, H, L, hd)
     return _finish(blk, tokens, h, out), k, v
 
 

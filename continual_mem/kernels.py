@@ -1,0 +1,127 @@
+"""Group attention of the fast path: each slot's few queries against [the backbone's K/V, read in place ‖ the slot's
+own token and memory K/V], as one PyTorch expression (every device) or one fused Triton kernel (opt-in, CUDA).
+
+The Triton kernel runs one program per (image, head, slot): an online softmax over the shared keys in blocks, then
+over the slot's private keys, accumulating in float32. Its launch grid and every program's work depend on the
+group's capacity, never on which slots are filled or how many groups exist, so the exactness rule of
+:func:`~continual_mem.layers.group_block` holds for it too. It is selected only where asked
+(``CONTINUAL_MEM_ATTENTION=triton``) and the input is on a CUDA device; its numerics differ from the PyTorch
+expression (compared with ``allclose``, like the oracle). It has been checked in Triton's interpreter on the CPU
+(``TRITON_INTERPRET=1``), not yet timed on a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV = "CONTINUAL_MEM_ATTENTION"
+
+
+def use_triton(device: torch.device, requested: str | None = None) -> bool:
+    """Policy: the Triton kernel only when asked for (``triton``) and the tensors live on CUDA, or when Triton's
+    interpreter is on (``TRITON_INTERPRET=1``, for CPU tests); PyTorch otherwise."""
+    requested = (requested if requested is not None else os.environ.get(ENV, "torch")).lower()
+    if requested not in ("torch", "triton"):
+        raise ValueError(f"{ENV} must be torch or triton, got {requested!r}")
+    if requested != "triton":
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpret:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def group_attention_torch(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor, own_k: torch.Tensor,
+                          own_v: torch.Tensor) -> torch.Tensor:
+    """``q``: ``(B, H, S, n, hd)`` scaled queries; ``shared_*``: ``(B, H, N, hd)``; ``own_*``: ``(B, H, S, P, hd)``.
+    Returns ``(B, H, S * n, hd)``."""
+    B, H, S, n, hd = q.shape
+    N = shared_k.shape[2]
+    shared = (q.reshape(B, H, S * n, hd) @ shared_k.transpose(-2, -1)).view(B, H, S, n, N)
+    private = q @ own_k.transpose(-2, -1)  # (B, H, S, n, P)
+    p = torch.cat([shared, private], dim=-1).softmax(dim=-1).to(shared_v.dtype)
+    return p[..., :N].reshape(B, H, S * n, N) @ shared_v + (p[..., N:] @ own_v).reshape(B, H, S * n, hd)
+
+
+def group_attention(q, shared_k, shared_v, own_k, own_v) -> torch.Tensor:
+    """:func:`group_attention_torch` or the Triton kernel, by :func:`use_triton`."""
+    if use_triton(q.device):
+        return group_attention_triton(q, shared_k, shared_v, own_k, own_v)
+    return group_attention_torch(q, shared_k, shared_v, own_k, own_v)
+
+
+def group_attention_triton(q, shared_k, shared_v, own_k, own_v) -> torch.Tensor:
+    import triton
+
+    B, H, S, n, hd = q.shape
+    N, P = shared_k.shape[2], own_k.shape[3]
+    q_, sk, sv = q.contiguous(), shared_k.contiguous(), shared_v.contiguous()
+    ok, ov = own_k.contiguous(), own_v.contiguous()
+    out = torch.empty(B, H, S, n, hd, device=q.device, dtype=shared_v.dtype)
+    _kernel()[(B * H, S)](
+        q_, sk, sv, ok, ov, out, S, N, P,
+        N_Q=n, HD=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_N=64, BLOCK_P=max(16, triton.next_power_of_2(P)))
+    return out.view(B, H, S * n, hd)
+
+
+_COMPILED = None
+
+
+def _kernel():
+    """The Triton kernel, defined on first use (importing this module never needs Triton)."""
+    global _COMPILED
+    if _COMPILED is not None:
+        return _COMPILED
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def group_attn(q_ptr, sk_ptr, sv_ptr, ok_ptr, ov_ptr, out_ptr, S, N, P,
+                   N_Q: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+        bh = tl.program_id(0)
+        slot = tl.program_id(1)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HD
+        shared_base = bh * N * HD
+        own_base = (bh * S + slot) * P * HD
+        for r in range(N_Q):
+            row = (bh * S + slot) * N_Q + r
+            qv = tl.load(q_ptr + row * HD + d, mask=dmask, other=0.0).to(tl.float32)
+            m_i = tl.full([], -float("inf"), tl.float32)
+            l_i = tl.full([], 0.0, tl.float32)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                keys = start + tl.arange(0, BLOCK_N)
+                kmask = keys < N
+                offs = shared_base + keys[:, None] * HD + d[None, :]
+                kk = tl.load(sk_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                s = tl.sum(kk * qv[None, :], axis=1)
+                s = tl.where(kmask, s, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new)
+                vv = tl.load(sv_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                m_i = m_new
+            keys = tl.arange(0, BLOCK_P)
+            kmask = keys < P
+            offs = own_base + keys[:, None] * HD + d[None, :]
+            kk = tl.load(ok_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            s = tl.where(kmask, tl.sum(kk * qv[None, :], axis=1), -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            vv = tl.load(ov_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            tl.store(out_ptr + row * HD + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dmask)
+
+    _COMPILED = group_attn
+    return _COMPILED

@@ -1,0 +1,75 @@
+"""The fused Triton group-attention kernel, run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set
+before Triton is imported, so in a child process): it matches the PyTorch expression (allclose) and keeps the
+exactness rule (adding a task to a group leaves the old outputs' bits equal)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from continual_mem.kernels import ENV, use_triton
+
+pytest.importorskip("triton", reason="Triton is not installed (it ships with torch's CUDA wheels)")
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, torch
+from continual_mem import ORIGINAL, MemoryViT, kernels
+from continual_mem.kernels import group_attention_torch, group_attention_triton
+from helpers import images, make_backbone, perturb
+
+report = {"kernel": []}
+for n, hd, N, P in [(1, 16, 37, 6), (2, 12, 70, 7), (1, 8, 130, 1)]:
+    g = torch.Generator().manual_seed(n + N)
+    q, ok, ov = (torch.randn(2, 3, 4, n if i == 0 else P, hd, generator=g) for i in range(3))
+    sk, sv = (torch.randn(2, 3, N, hd, generator=g) for _ in range(2))
+    diff = (group_attention_triton(q, sk, sv, ok, ov) - group_attention_torch(q, sk, sv, ok, ov)).abs().max()
+    report["kernel"].append(float(diff))
+assert kernels.use_triton(torch.device("cpu"))
+bb = make_backbone("tiny")
+net = MemoryViT(bb, group_size=4)
+x = images(bb, n=2)
+perturb(net.add_task("a", 3, memory=2), seed=1)
+with torch.no_grad():
+    before = net(x)
+perturb(net.add_task("b", 4, memory=2), seed=2)  # fills the next slot of the same group
+with torch.no_grad():
+    after = net(x)
+report["old_equal"] = all(torch.equal(after[k], before[k]) for k in (ORIGINAL, "a"))
+from continual_mem.reference import reference_forward
+ref = reference_forward(net, x)
+report["vs_oracle"] = max(float((after[k] - ref[k]).abs().max()) for k in ("a", "b"))
+import os
+os.environ[kernels.ENV] = "torch"
+with torch.no_grad():
+    plain = net(x)
+report["vs_torch"] = max(float((after[k] - plain[k]).abs().max()) for k in ("a", "b"))
+report["kernel_used"] = kernels._COMPILED is not None
+print("REPORT" + json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_kernel_in_the_interpreter_matches_pytorch_and_keeps_old_bits():
+    env = {**os.environ, "TRITON_INTERPRET": "1", ENV: "triton",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    assert report["kernel_used"]
+    assert max(report["kernel"]) < 1e-5
+    assert report["old_equal"]
+    assert report["vs_torch"] < 1e-4 and report["vs_oracle"] < 1e-4
+
+
+def test_policy(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not use_triton(torch.device("cpu"), "triton")  # no CUDA, no interpreter: PyTorch
+    assert not use_triton(torch.device("cuda"), "torch")
+    monkeypatch.delenv(ENV, raising=False)
+    assert not use_triton(torch.device("cuda"))  # opt-in: the default is PyTorch
+    with pytest.raises(ValueError, match="must be torch or triton"):
+        use_triton(torch.device("cpu"), "cuda")
