@@ -9,6 +9,7 @@ computation reuse); and the reference full-sequence masked forward (the test ora
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-reference", action="store_true", help="skip the reference masked forward")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variant (GPU only)")
     p.add_argument("--group-size", type=int, default=4, help="MemoryViT group_size (task group capacity)")
+    p.add_argument("--triton", action="store_true", help="also time the CUDA-graph pass with the fused Triton group "
+                                                      "attention (continual_mem.kernels), side by side")
     p.add_argument("--compile", action="store_true", help="torch.compile the task path (MemoryViT.compile_task_path)")
     args = common.resolve(p.parse_args(argv))
     ks = [int(k) for k in args.tasks.split(",")]
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     add("backbone only", 0, base_s, 1.0)
     use_graph = args.device.startswith("cuda") and not args.no_graph
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
-    previous: dict[str, dict[str, torch.Tensor]] = {"eager": {}, "graph": {}}  # outputs before the last additions
+    previous: dict[str, dict[str, torch.Tensor]] = {"eager": {}, "graph": {}, "triton": {}}  # before the additions
     exact: dict[str, bool] = {}
     for k in ks:
         while len(model.task_names) < k:
@@ -76,6 +79,19 @@ def main(argv: list[str] | None = None) -> dict:
             out = graphed(x)
             exact[f"graph K={k}"] = all(torch.equal(out[n], v) for n, v in previous["graph"].items())
             previous["graph"] = out
+            if args.triton:  # the same graph with the fused kernel in every group block
+                from continual_mem import kernels
+
+                os.environ[kernels.ENV] = "triton"
+                try:
+                    fused = GraphedForward(model, x, autocast_dtype=dtype)
+                    add("single pass, CUDA graph, Triton attention", k, common.median_seconds(lambda: fused(x), args),
+                        bound)
+                    out = fused(x)
+                finally:
+                    os.environ[kernels.ENV] = "torch"
+                exact[f"triton K={k}"] = all(torch.equal(out[n], v) for n, v in previous["triton"].items())
+                previous["triton"] = out
         if not args.no_separate:  # each task alone: one backbone pass per task, no grouping
             solo = MemoryViT(bb, group_size=1)
             solo.tasks = model.tasks
