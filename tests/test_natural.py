@@ -129,3 +129,20 @@ def test_cli_build_dataset(tmp_path):
     res = CliRunner().invoke(app, ["build-dataset", "all", "--data-root", str(tmp_path), "--package-file", str(deb)])
     assert res.exit_code != 0 and "one package" in res.output
     assert "tuxpaint" in datasets.catalog()
+
+
+def test_fetch_uses_the_registry_client_and_names_the_fix_without_it(tmp_path, monkeypatch):
+    src = natural.SOURCES["emoji-apple"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "npm"  # stands in for `npm pack PKG@VERSION`: writes the tarball into the working folder
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > args.txt\nprintf tgz > {src.file_name}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    got = natural.fetch(src, tmp_path / "cache")
+    assert got.read_bytes() == b"tgz" and (tmp_path / "cache" / "args.txt").read_text().split() == [
+        "pack", f"{src.package}@{src.version}"]
+    assert natural.fetch(src, tmp_path / "cache") == got  # cached: not fetched twice
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(natural.NaturalDataError, match="apt-get not found; run `apt-get download"):
+        natural.fetch(natural.SOURCES["tuxpaint"], tmp_path / "cache")
