@@ -44,7 +44,7 @@ def memory_attention(model: MemoryViT, task: str, images: torch.Tensor) -> dict:
     if forked:
         raise ValueError(f"memory analysis does not cover late-fork tasks ({forked}); analyse a model without them")
     depth, B = model.depth, images.shape[0]
-    per_layer = []  # (query rows, memory cols, write rows) per layer
+    per_layer = []  # (probabilities, query rows, memory cols, write rows, probabilities of the write rows) per layer
     if c.has_tokens:
         from .reference import reference_forward
 
@@ -71,7 +71,7 @@ def memory_attention(model: MemoryViT, task: str, images: torch.Tensor) -> dict:
             reference_forward(model, images)
         probs = _attention_probs(model, qkv, masks)
         for i in range(depth):
-            per_layer.append((probs[i], rows, cols.get(i, []), []))
+            per_layer.append((probs[i], rows, cols.get(i, []), [], probs[i]))
     else:
         N = model.embed(images[:1]).shape[1]
         m_in = c.input_memory
@@ -82,39 +82,39 @@ def memory_attention(model: MemoryViT, task: str, images: torch.Tensor) -> dict:
         masks = ({i: bottleneck_mask(N, m_in) for i in range(depth)} if c.regime == "mem-bottleneck" else None)
         probs = _attention_probs(model, qkv, masks)
         ctrl_probs = _attention_probs(model, ctrl_qkv, blocks=controllers) if controllers is not None else None
+        keep = N + m_in
         for i in range(depth):
-            keep = N + m_in
             L = probs[i].shape[-1]
             mem_cols = list(range(N, keep)) + list(range(keep, L))  # propagated + per-layer memory
-            per_layer.append((probs[i], list(range(N)), mem_cols, list(range(N, keep))))
-        block_map = []
-        for i in range(depth):
-            seq_p = probs[i]
-            mem_p = ctrl_probs[i] if ctrl_probs is not None else probs[i]  # who computes the memory rows
-            keep = N + m_in
-            read = float(seq_p[:, :, :N, N:].sum(-1).mean())
-            memory = float(mem_p[:, :, N:keep, N:].sum(-1).mean())
-            block_map.append({"processing": 1.0 - read, "read": read, "write": 1.0 - memory, "memory": memory})
-    frac, mass = [], []
+            # the memory rows' attention is whoever computes them: the controller for mem-ctrl
+            write_probs = ctrl_probs[i] if ctrl_probs is not None else probs[i]
+            per_layer.append((probs[i], list(range(N)), mem_cols, list(range(N, keep)), write_probs))
+    frac, mass, block_map = [], [], []
     blocks = {"processing": 0.0, "read": 0.0, "write": 0.0, "memory": 0.0}
-    for p, rows, cols, write_rows in per_layer:
+    for p, rows, cols, write_rows, write_p in per_layer:
+        read = 0.0
         if cols:
             on_mem = p[:, :, rows][..., cols].sum(-1)  # (B, H, queries)
             frac.append((on_mem >= 0.5).float().mean(dim=(0, 2)).tolist())
             mass.append(on_mem.mean(dim=(0, 2)).tolist())
-            blocks["read"] += float(on_mem.mean()) / depth
+            read = float(on_mem.mean())
         else:
             heads = p.shape[1]
             frac.append([0.0] * heads)
             mass.append([0.0] * heads)
         token_cols = [x for x in range(p.shape[-1]) if x not in set(cols)]
-        blocks["processing"] += float(p[:, :, rows][..., token_cols].sum(-1).mean()) / depth
-        if write_rows:
-            blocks["write"] += float(p[:, :, write_rows][..., token_cols].sum(-1).mean()) / depth
-            blocks["memory"] += float(p[:, :, write_rows][..., cols].sum(-1).mean()) / depth
+        layer = {"processing": float(p[:, :, rows][..., token_cols].sum(-1).mean()), "read": read}
+        if write_rows:  # propagated memory: its rows' attention too, the per-layer 2x2 block map
+            layer["write"] = float(write_p[:, :, write_rows][..., token_cols].sum(-1).mean())
+            layer["memory"] = float(write_p[:, :, write_rows][..., cols].sum(-1).mean())
+            block_map.append(layer)
+        blocks["processing"] += layer["processing"] / depth
+        blocks["read"] += read / depth
+        blocks["write"] += layer.get("write", 0.0) / depth
+        blocks["memory"] += layer.get("memory", 0.0) / depth
     result = {"task": task, "regime": c.regime, "images": B, "fraction_ge_half": frac, "mean_memory_mass": mass,
               "blocks": {k: v for k, v in blocks.items() if v or k in ("processing", "read")}}
-    if not c.has_tokens:
+    if block_map:
         result["block_map"] = block_map
     return result
 

@@ -8,18 +8,19 @@ from continual_mem.analysis import memory_attention, plot_block_map
 from helpers import images, make_backbone, model_with_an_old_task, perturb
 
 
-def _twins(net, regime):
+def _twins(regime):
+    """A DINOv2-shaped model with an ``input-memory`` task ``base`` and a ``regime`` task ``t`` holding the same
+    token, memory and head; and two images."""
+    net = MemoryViT(make_backbone("dinov2"))
     base = net.add_task("base", 3, regime="input-memory")
     perturb(base, seed=1)
     t = net.add_task("t", 3, regime=regime)
     t.load_state_dict({**t.state_dict(), **base.state_dict()})
-    return base, t
+    return net, t, images(net.backbone, n=2)
 
 
 def test_a_fresh_controller_is_input_memory_bit_for_bit_and_a_trained_one_is_not():
-    net = MemoryViT(make_backbone("dinov2"))
-    _, t = _twins(net, "mem-ctrl")
-    x = images(net.backbone, n=2)
+    net, t, x = _twins("mem-ctrl")
     with torch.no_grad():
         out = net(x)
     assert torch.equal(out["t"], out["base"])
@@ -30,9 +31,7 @@ def test_a_fresh_controller_is_input_memory_bit_for_bit_and_a_trained_one_is_not
 
 
 def test_bottleneck_sequence_reads_only_memory():
-    net = MemoryViT(make_backbone("dinov2"))
-    _, t = _twins(net, "mem-bottleneck")
-    x = images(net.backbone, n=2)
+    net, t, x = _twins("mem-bottleneck")
     with torch.no_grad():
         out = net(x)
     assert not torch.equal(out["t"], out["base"])
@@ -42,18 +41,21 @@ def test_bottleneck_sequence_reads_only_memory():
         assert 0.0 < layer["memory"] < 1.0
     plain = memory_attention(net, "base", x)["block_map"]
     assert all(0.0 < m["read"] < 1.0 for m in plain)
+    perturb(net.add_task("mem", 3, regime="memory", memory=2), seed=4)  # per-layer memory only: nothing writes
+    assert "block_map" not in memory_attention(net, "mem", x)
 
 
 def test_block_map_of_mem_ctrl_reads_memory_rows_from_the_controller(tmp_path):
-    net = MemoryViT(make_backbone("dinov2"))
-    base, t = _twins(net, "mem-ctrl")
-    x = images(net.backbone, n=2)
+    net, t, x = _twins("mem-ctrl")
     same = memory_attention(net, "t", x)["block_map"]
     assert same == memory_attention(net, "base", x)["block_map"]  # a fresh controller attends as the block does
     with torch.no_grad():
         t.controllers[1].attn.qkv.weight.mul_(3.0)
-    moved = memory_attention(net, "t", x)["block_map"]
+    result = memory_attention(net, "t", x)
+    moved = result["block_map"]
     assert moved[0] == same[0] and moved[1]["memory"] != same[1]["memory"]
+    # the summary over layers is made of the same rows: the controller's, not the discarded frozen-block ones
+    assert result["blocks"]["memory"] == pytest.approx(sum(m["memory"] for m in moved) / len(moved))
     assert moved[1]["read"] == same[1]["read"]  # the sequence rows are still the frozen block's
     plot_block_map({"task": "t", "regime": "mem-ctrl", "block_map": moved}, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 0
