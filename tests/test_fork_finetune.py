@@ -68,8 +68,9 @@ def test_training_moves_only_the_task_and_the_copy_at_its_smaller_rate():
 
 def test_the_fine_tuned_copy_costs_what_the_plain_fork_costs_and_counts_its_parameters():
     net = MemoryViT(make_backbone("tiny"))
-    plain = task_cost(net, net.add_task("p", 3, fork_layers=2) and "p")
-    ft = task_cost(net, net.add_task("f", 3, fork_layers=2, fork_finetune=True) and "f")
+    net.add_task("p", 3, fork_layers=2)
+    net.add_task("f", 3, fork_layers=2, fork_finetune=True)
+    plain, ft = task_cost(net, "p"), task_cost(net, "f")
     block = sum(p.numel() for p in net.backbone.blocks[-1].parameters())
     assert ft.flops == plain.flops and ft.params == plain.params + 2 * block
 
