@@ -79,6 +79,11 @@ class TaskModule(nn.Module):
     def name(self) -> str:
         return self.config.name
 
+    def pretrained_copies(self) -> list[nn.Module]:
+        """The task's copies of pretrained backbone weights (fine-tuned fork blocks, MemCtrl controllers, the
+        ``full`` regime's backbone): they train at a smaller rate than the task's new parameters."""
+        return [m for m in (self.blocks, self.controllers, self.backbone) if m is not None]
+
     def block_at(self, layer: int, backbone: VisionTransformer) -> nn.Module:
         """The block the task's branch runs at ``layer``: its own fine-tuned copy, else the backbone's."""
         if self.blocks is None:

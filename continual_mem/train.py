@@ -119,20 +119,17 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """SGD with momentum (the paper's optimizer) over ``task``'s parameters only.
 
-    Everything else in the model (backbone, other tasks) is set to ``requires_grad=False``. A task's copies of
-    pretrained weights (a late fork's fine-tuned blocks, ``fork_finetune``; the ``full`` regime's backbone) are
-    their own parameter group at ``finetune_lr_scale`` times the rate: pretrained weights need far smaller steps
-    than a new head or new tokens, and one rate for both either leaves the head untrained or wrecks the backbone
-    (each group's ``lr_scale`` says which). With ``cuda_graph`` each group's learning rate is a tensor on the parameters' device and the update is
+    Everything else in the model (backbone, other tasks) is set to ``requires_grad=False``. The task's copies of
+    pretrained weights (:meth:`TaskModule.pretrained_copies`) are their own parameter group at
+    ``finetune_lr_scale`` times the rate: pretrained weights need far smaller steps than a new head or new tokens,
+    and one rate for both either leaves the head untrained or wrecks the backbone (each group's ``lr_scale`` says
+    which). With ``cuda_graph`` each group's learning rate is a tensor on the parameters' device and the update is
     the fused kernel, so a captured step can be replayed at any scheduled learning rate.
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     params = model.trainable_parameters(task)
-    module = model.tasks[task]
-    # pretrained copies: a late fork's fine-tuned blocks, the ``full`` regime's whole backbone
-    copies = [m for m in (module.blocks, module.backbone, module.controllers) if m is not None]
-    slow = {id(p) for m in copies for p in m.parameters()}
+    slow = {id(p) for m in model.tasks[task].pretrained_copies() for p in m.parameters()}
     groups = [{"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0}]
     if slow:
         groups.append({"params": [p for p in params if id(p) in slow], "lr_scale": finetune_lr_scale})
