@@ -46,7 +46,7 @@ class TrainConfig:
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         warmup_steps: Linear warm-up steps (default 5% of ``steps``).
-        max_grad_norm: Gradient clipping norm (None: off).
+        max_grad_norm: Gradient clipping norm, per optimizer group (None: off).
         label_smoothing: Cross-entropy label smoothing (off by default, as the paper).
         eval_every: Evaluate on the held-out split every this many steps (and at the end).
         patience: Stop after this many evaluations without improvement (None: never).
@@ -177,9 +177,18 @@ def train_step(
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     loss.backward()
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+        clip_grad_norm_per_group(optimizer, max_grad_norm)
     optimizer.step()
     return loss.detach()
+
+
+def clip_grad_norm_per_group(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip each optimizer group's gradient norm to ``max_norm`` on its own. One global norm would couple the groups:
+    a copy of pretrained blocks has a gradient norm 3-6x a new head's (DINOv2 S/14, measured), so a global clip
+    shrinks the head's step by as much and full fine-tuning ends up with a head trained far less than head-only at
+    the same rate. With one group (every token regime) this is the usual global clip."""
+    for group in optimizer.param_groups:
+        torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -20,7 +20,7 @@ from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch.utils.data import Dataset
 
 from continual_mem import MemoryViT
-from continual_mem.train import TrainConfig, lr_at
+from continual_mem.train import TrainConfig, clip_grad_norm_per_group, lr_at
 
 from .datasets import ImageSet, TaskData, load
 from .pipeline import DeviceImages, Preprocess
@@ -235,8 +235,7 @@ class PaperRecipePlugin(SupervisedPlugin):
 
     def after_backward(self, strategy, *args, **kwargs) -> None:
         if self.max_grad_norm is not None:
-            params = [p for g in strategy.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            clip_grad_norm_per_group(strategy.optimizer, self.max_grad_norm)
 
     def after_training_iteration(self, strategy, *args, **kwargs) -> None:
         self.iteration += 1

@@ -7,7 +7,7 @@ import torch
 
 from continual_mem import MemoryViT
 from continual_mem.graphs import GraphedForward, GraphedTrainStep
-from continual_mem.train import TrainConfig, build_optimizer, fit, lr_at
+from continual_mem.train import TrainConfig, build_optimizer, clip_grad_norm_per_group, fit, lr_at
 from helpers import make_backbone, perturb
 from scenarios.datasets import ImageSet
 from scenarios.pipeline import DeviceImages, Preprocess
@@ -53,7 +53,7 @@ def test_graphed_step_equals_eager_steps(regime, kwargs):
         loss = torch.nn.functional.cross_entropy(eager(x, tasks=["new"], original=False)["new"], y)
         opt_e.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt_e.param_groups for p in g["params"]], 1.0)
+        clip_grad_norm_per_group(opt_e, 1.0)
         opt_e.step()
         loss_g = step(x, y, lr_at(i, cfg))
         torch.testing.assert_close(loss_g, loss.detach(), atol=1e-5, rtol=1e-5)

@@ -16,7 +16,8 @@ pytest.importorskip("triton", reason="Triton is not installed (it ships with tor
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import json, torch
+import json, sys, torch
+dev = torch.device(sys.argv[1])
 from continual_mem import ORIGINAL, MemoryViT, kernels
 from continual_mem.kernels import group_attention_torch, group_attention_triton
 from helpers import images, make_backbone, perturb
@@ -24,18 +25,20 @@ from helpers import images, make_backbone, perturb
 report = {"kernel": []}
 for n, hd, N, P in [(1, 16, 37, 6), (2, 12, 70, 7), (1, 8, 130, 1)]:
     g = torch.Generator().manual_seed(n + N)
-    q, ok, ov = (torch.randn(2, 3, 4, n if i == 0 else P, hd, generator=g) for i in range(3))
-    sk, sv = (torch.randn(2, 3, N, hd, generator=g) for _ in range(2))
+    q, ok, ov = (torch.randn(2, 3, 4, n if i == 0 else P, hd, generator=g).to(dev) for i in range(3))
+    sk, sv = (torch.randn(2, 3, N, hd, generator=g).to(dev) for _ in range(2))
     diff = (group_attention_triton(q, sk, sv, ok, ov) - group_attention_torch(q, sk, sv, ok, ov)).abs().max()
     report["kernel"].append(float(diff))
-assert kernels.use_triton(torch.device("cpu"))
+assert kernels.use_triton(dev)
 bb = make_backbone("tiny")
 net = MemoryViT(bb, group_size=4)
-x = images(bb, n=2)
+x = images(bb, n=2).to(dev)
 perturb(net.add_task("a", 3, memory=2), seed=1)
+net.to(dev)
 with torch.no_grad():
     before = net(x)
 perturb(net.add_task("b", 4, memory=2), seed=2)  # fills the next slot of the same group
+net.to(dev)
 with torch.no_grad():
     after = net(x)
 report["old_equal"] = all(torch.equal(after[k], before[k]) for k in (ORIGINAL, "a"))
@@ -47,23 +50,38 @@ os.environ[kernels.ENV] = "torch"
 with torch.no_grad():
     plain = net(x)
 report["vs_torch"] = max(float((after[k] - plain[k]).abs().max()) for k in ("a", "b"))
-import sys
 report["kernel_used"] = "continual_mem._triton_kernels" in sys.modules
 print("REPORT" + json.dumps(report))
 """
 
 
-@pytest.mark.slow
-def test_kernel_in_the_interpreter_matches_pytorch_and_keeps_old_bits():
-    env = {**os.environ, "TRITON_INTERPRET": "1", ENV: "triton",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
+def _child(device: str, interpret: bool) -> dict:
+    env = {**os.environ, ENV: "triton", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-c", CHILD, device], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    return json.loads(done.stdout.split("REPORT", 1)[1])
+
+
+def _check(report: dict) -> None:
     assert report["kernel_used"]
     assert max(report["kernel"]) < 1e-5
     assert report["old_equal"]
     assert report["vs_torch"] < 1e-4 and report["vs_oracle"] < 1e-4
+
+
+@pytest.mark.slow
+def test_kernel_in_the_interpreter_matches_pytorch_and_keeps_old_bits():
+    _check(_child("cpu", interpret=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
+def test_compiled_kernel_on_the_gpu_matches_pytorch_and_keeps_old_bits():
+    # the same checks, the kernel compiled for the GPU (the CPU run above only interprets it)
+    _check(_child("cuda", interpret=False))
 
 
 def test_policy(monkeypatch):

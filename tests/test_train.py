@@ -137,3 +137,25 @@ def test_cuda_graph_needs_a_gpu(setup):
     model, train, val = setup
     with pytest.raises(ValueError, match="cuda_graph needs one CUDA device"):
         fit(model, "quad", train, val, TrainConfig(steps=2, batch_size=8, cuda_graph=True), progress=False)
+
+
+def test_clipping_is_per_group_so_a_backbone_copy_does_not_shrink_the_head_step():
+    # full fine-tuning's first step moves its head exactly as head-only's does: the backbone copy's far larger
+    # gradient has its own clipping budget (one global norm shrank the head's step several times over)
+    from continual_mem.train import build_optimizer, train_step
+
+    bb = make_backbone()
+    x, y = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2])
+    heads = {}
+    for regime in ("head", "full"):
+        model = MemoryViT(bb)
+        task = model.add_task("t", 3, regime=regime)
+        with torch.no_grad():
+            task.head.weight.copy_(torch.linspace(-1, 1, task.head.weight.numel()).view_as(task.head.weight))
+        opt = build_optimizer(model, "t", lr=0.5)
+        assert len(opt.param_groups) == (2 if regime == "full" else 1)
+        before = task.head.weight.detach().clone()
+        train_step(model.train(), "t", x, y, opt, max_grad_norm=0.01)
+        heads[regime] = task.head.weight.detach() - before
+    assert heads["head"].abs().sum() > 0
+    torch.testing.assert_close(heads["full"], heads["head"])
