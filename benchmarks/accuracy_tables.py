@@ -87,7 +87,17 @@ CONFIGS: dict[str, dict] = {
     "fork-k4-ft": dict(regime="masked-memory", memory=5, fork_layers=4, fork_finetune=True),
     "fork-k6-s128-ft": dict(regime="masked-memory", memory=5, fork_layers=6, fork_select=128, fork_finetune=True),
     "fork-k6-p1x2-ft": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=(1, 2), fork_finetune=True),
+    # LP-FT (TrainConfig.probe_fraction): the first half of the steps trains only the head (and tokens), then the
+    # pretrained copies join on a schedule of their own
+    "full-lpft": dict(regime="full", probe_fraction=0.5),
+    # layer-wise rate decay (TrainConfig.layer_decay, timm's rule): the patch embedding, which carries most of SGD's
+    # gradient norm on a small weight, moves least
+    "full-ld75": dict(regime="full", layer_decay=0.75),
+    "full-ld75-lpft": dict(regime="full", layer_decay=0.75, probe_fraction=0.5),
+    "fork-k2-ft-ld75": dict(regime="masked-memory", memory=5, fork_layers=2, fork_finetune=True, layer_decay=0.75),
+    "fork-k3-ft-ld75": dict(regime="masked-memory", memory=5, fork_layers=3, fork_finetune=True, layer_decay=0.75),
 }
+TRAIN_KEYS = ("probe_fraction", "finetune_lr_scale", "layer_decay")  # TrainConfig fields a configuration may set
 # learning-rate grids (scenarios.protocol.parse_grid): log-spaced, two decades; full fine-tuning ten times lower
 # full fine-tuning shares it: its backbone copy trains at TrainConfig.finetune_lr_scale (0.03) times the rate
 GRID = "0.01:1:5"
@@ -113,7 +123,7 @@ def _backbone(args):
 
 
 def _add(model: MemoryViT, name: str, config: str, num_classes: int):
-    kw = dict(CONFIGS[config])
+    kw = {k: v for k, v in CONFIGS[config].items() if k not in TRAIN_KEYS}
     if kw.get("fork_layers") == "all":
         kw["fork_layers"] = model.depth
     return model.add_task(name, num_classes, **kw)
@@ -191,7 +201,8 @@ def run_dataset(spec: str, bb, args) -> dict:
             _add(model, "task", config, data.num_classes)
             model.to(args.device)
             cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=seed,
-                              eval_every=max(1, args.steps // 4), cuda_graph=args.cuda_graph)
+                              eval_every=max(1, args.steps // 4), cuda_graph=args.cuda_graph,
+                              **{k: v for k, v in CONFIGS[config].items() if k in TRAIN_KEYS})
             res = fit(model, "task", train, held, cfg, progress=False)
             acc = evaluate(model, test, ["task"], batch_size=256)["task"]
             run = {"dataset": data.name, "config": config, "seed": seed, "lr": lr,

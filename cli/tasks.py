@@ -83,6 +83,12 @@ def add_task(
     fork_finetune: Annotated[bool, typer.Option(help="the late-fork branch fine-tunes its own copy of the last K "
                                                      "blocks (at 0.03x the lr; preserving: the copy is private)")]
         = False,
+    finetune_lr_scale: Annotated[float, typer.Option(help="rate of the task's copies of pretrained weights "
+                                                          "(full, --fork-finetune) over --lr")] = 0.03,
+    layer_decay: Annotated[float | None, typer.Option(help="timm's layer-wise rate decay for those copies, e.g. "
+                                                           "0.75 (the patch embedding moves least)")] = None,
+    probe_fraction: Annotated[float, typer.Option(help="LP-FT: the first this fraction of the steps trains only "
+                                                       "the new parameters, then the copies join")] = 0.0,
     steps: Annotated[int, typer.Option(min=1)] = 1000,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(min=0.0)] = 0.05,
@@ -117,7 +123,8 @@ def add_task(
             "train": dict(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,
                           adapter_dim=adapter_dim,
                           fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool), fork_select=fork_select,
-                          fork_finetune=fork_finetune, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
+                          fork_finetune=fork_finetune, finetune_lr_scale=finetune_lr_scale,
+                          layer_decay=layer_decay, probe_fraction=probe_fraction, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                           data_root=data_root, download=download, seed=seed, max_train=max_train,
                           max_test=max_test, max_heldout=max_heldout, cuda_graph=cuda_graph, pipeline=pipeline,
                           on_bad_image=on_bad_value(on_bad_image), cache_dir=str(cache_dir) if cache_dir else None)}

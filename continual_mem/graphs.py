@@ -160,15 +160,19 @@ class GraphedTrainStep:
                           max_grad_norm=self.max_grad_norm, label_smoothing=self.label_smoothing,
                           autocast_dtype=self.autocast_dtype, zero_grad=zero_grad)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
-        """One step on ``(x, y)`` at learning rate ``lr``; returns the loss (a tensor: reading it syncs)."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float | list[float]) -> torch.Tensor:
+        """One step on ``(x, y)`` at learning rate ``lr`` (each group at ``lr`` times its ``lr_scale``), or at one
+        rate per optimizer group; returns the loss (a tensor: reading it syncs)."""
         if x.shape != self.static_x.shape or x.dtype != self.static_x.dtype or y.shape != self.static_y.shape:
             raise ValueError(f"captured for batches {tuple(self.static_x.shape)} {self.static_x.dtype}, got "
                              f"{tuple(x.shape)} {x.dtype}; every training batch must have the same shape")
         self.static_x.copy_(x)
         self.static_y.copy_(y)
-        for tensor, scale in self.lrs:
-            tensor.fill_(lr * scale)
+        rates = [lr * scale for _, scale in self.lrs] if isinstance(lr, (int, float)) else lr
+        if len(rates) != len(self.lrs):
+            raise ValueError(f"{len(rates)} learning rates for {len(self.lrs)} optimizer groups")
+        for (tensor, _), rate in zip(self.lrs, rates):
+            tensor.fill_(rate)
         self.graph.replay()
         # replay rewrites the parameters without bumping their version counters: drop cached memory K/V
         self.model.invalidate_cache()

@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .model import MemoryViT
+from .task import TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ class TrainConfig:
         checkpoint_dir: Where checkpoints go (required when ``checkpoint_every > 0``).
         cuda_graph: Capture the training step as a CUDA graph and replay it (one GPU, fixed batch shape; see
             :class:`~continual_mem.graphs.GraphedTrainStep`). Same maths as the eager step.
+        finetune_lr_scale: A task's copies of pretrained weights (``full``, fine-tuned forks, MemCtrl controllers)
+            train at this times the rate.
+        probe_fraction: LP-FT (Kumar et al., ICLR 2022): the first this fraction of the steps trains only the task's
+            new parameters (head, tokens, memory); its copies of pretrained weights start after, with their own
+            warm-up and cosine decay over the steps left. A copy fine-tuned under a freshly initialised head is
+            pulled by that head's noise.
+        layer_decay: Layer-wise rate decay for the copies (timm's ``layer_decay``; None: off): block ``i`` of ``D``
+            trains at ``layer_decay ** (D - i)`` times their rate, the patch embedding least.
     """
 
     steps: int = 1000
@@ -74,6 +83,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     cuda_graph: bool = False
     finetune_lr_scale: float = 0.03
+    probe_fraction: float = 0.0
+    layer_decay: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):
@@ -83,6 +94,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.finetune_lr_scale <= 0:
             raise ValueError(f"finetune_lr_scale must be > 0, got {self.finetune_lr_scale}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0.0 <= self.probe_fraction < 1.0:
+            raise ValueError(f"probe_fraction must be in [0, 1), got {self.probe_fraction}")
         if self.warmup_steps is None:
             self.warmup_steps = max(1, self.steps // 20)
         if not 0 <= self.warmup_steps <= self.steps:
@@ -116,6 +131,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     cuda_graph: bool = False,
     finetune_lr_scale: float = 0.03,
+    layer_decay: float | None = None,
 ) -> torch.optim.Optimizer:
     """SGD with momentum (the paper's optimizer) over ``task``'s parameters only.
 
@@ -123,16 +139,24 @@ def build_optimizer(
     pretrained weights (:meth:`TaskModule.pretrained_copies`) are their own parameter group at
     ``finetune_lr_scale`` times the rate: pretrained weights need far smaller steps than a new head or new tokens,
     and one rate for both either leaves the head untrained or wrecks the backbone (each group's ``lr_scale`` says
-    which). With ``cuda_graph`` each group's learning rate is a tensor on the parameters' device and the update is
-    the fused kernel, so a captured step can be replayed at any scheduled learning rate.
+    which). With ``layer_decay`` the copies' rate also shrinks by that factor per layer below the top, timm's
+    layer-wise decay (:func:`layer_decay_scales`). With ``cuda_graph`` each group's learning rate is a tensor on the
+    parameters' device and the update is the fused kernel, so a captured step can be replayed at any scheduled
+    learning rate. Gradients are clipped per ``clip_group`` (new parameters; pretrained copies).
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     params = model.trainable_parameters(task)
-    slow = {id(p) for m in model.tasks[task].pretrained_copies() for p in m.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0}]
-    if slow:
-        groups.append({"params": [p for p in params if id(p) in slow], "lr_scale": finetune_lr_scale})
+    if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    module = model.tasks[task]
+    slow = {id(p) for m in module.pretrained_copies() for p in m.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0, "clip_group": "new"}]
+    scales = (layer_decay_scales(module, model.depth, layer_decay) if layer_decay is not None
+              else dict.fromkeys(slow, 1.0))
+    for scale in sorted({scales[i] for i in slow}, reverse=True):
+        groups.append({"params": [p for p in params if id(p) in slow and scales[id(p)] == scale],
+                       "lr_scale": finetune_lr_scale * scale, "clip_group": "pretrained"})
     for g in groups:
         g["lr"] = (torch.tensor(lr * g["lr_scale"], dtype=torch.float32, device=params[0].device) if cuda_graph
                    else lr * g["lr_scale"])
@@ -182,13 +206,51 @@ def train_step(
     return loss.detach()
 
 
+def layer_decay_scales(task: TaskModule, depth: int, decay: float) -> dict[int, float]:
+    """``id(parameter) -> decay ** (depth - layer)`` for a task's copies of pretrained weights, layers counted as
+    timm's layer-wise decay counts them (0 the patch embedding, ``i + 1`` block ``i``; the final norm goes with the
+    last block), so the embedding moves least. SGD's step is not normalised per parameter, and DINOv2 S/14's patch embedding
+    carries most of the gradient norm (26 of 30) on a weight of norm 3: without decay it is the first thing
+    fine-tuning wrecks."""
+    from timm.optim import param_groups_layer_decay
+
+    scales: dict[int, float] = {}
+    if task.backbone is not None:  # full: a whole timm ViT, timm's own layer map
+        for group in param_groups_layer_decay(task.backbone, weight_decay=0.0, layer_decay=decay):
+            scales.update(dict.fromkeys((id(p) for p in group["params"]), group["lr_scale"]))
+    for blocks in (task.blocks, task.controllers):  # the last len(blocks) blocks of the backbone
+        if blocks is not None:
+            for j, block in enumerate(blocks):
+                layer = depth - len(blocks) + j + 1
+                scales.update(dict.fromkeys((id(p) for p in block.parameters()), decay ** (depth + 1 - layer)))
+    return scales
+
+
+def group_lr(step: int, config: TrainConfig, lr_scale: float) -> float:
+    """The rate of one optimizer group at ``step``: new parameters (``lr_scale`` 1) follow :func:`lr_at`; copies of
+    pretrained weights train at ``lr_scale`` times the rate, from the end of the probe phase on
+    (``config.probe_fraction``) with a schedule of their own over the steps left."""
+    probe = int(config.probe_fraction * config.steps)
+    if lr_scale == 1.0 or probe == 0:
+        return lr_at(step, config) * lr_scale
+    if step < probe:
+        return 0.0
+    rest = config.steps - probe
+    tail = replace(config, steps=rest, probe_fraction=0.0, warmup_steps=max(1, rest // 20))
+    return lr_at(step - probe, tail) * lr_scale
+
+
 def clip_grad_norm_per_group(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-    """Clip each optimizer group's gradient norm to ``max_norm`` on its own. One global norm would couple the groups:
+    """Clip each optimizer group's gradient norm (groups sharing a ``clip_group`` key together) to ``max_norm`` on
+    its own. One global norm would couple the groups:
     a copy of pretrained blocks has a gradient norm 3-6x a new head's (DINOv2 S/14, measured), so a global clip
     shrinks the head's step by as much and full fine-tuning ends up with a head trained far less than head-only at
     the same rate. With one group (every token regime) this is the usual global clip."""
-    for group in optimizer.param_groups:
-        torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
+    clip: dict[object, list[torch.Tensor]] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        clip.setdefault(group.get("clip_group", i), []).extend(group["params"])
+    for params in clip.values():
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -305,7 +367,8 @@ def fit(
     if config.cuda_graph and (device.type != "cuda" or shard.world > 1):
         raise ValueError("cuda_graph needs one CUDA device and a single process (not DDP); turn it off")
     opt = build_optimizer(model, task, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                          cuda_graph=config.cuda_graph, finetune_lr_scale=config.finetune_lr_scale)
+                          cuda_graph=config.cuda_graph, finetune_lr_scale=config.finetune_lr_scale,
+                          layer_decay=config.layer_decay)
     params = _all_params(opt)
     graphed = None
     forward = model
@@ -329,7 +392,15 @@ def fit(
     bar = _progress(progress and shard.main, task, config.steps, start)
     loss_value = float("nan")
     done = start
+    probe_end = int(config.probe_fraction * config.steps)
     for step in range(start, config.steps):
+        if step == probe_end > 0:  # the copies start from rest, not from momentum gathered under the probe's head
+            for group in opt.param_groups:
+                if group.get("lr_scale", 1.0) != 1.0:
+                    for p in group["params"]:
+                        buf = opt.state.get(p, {}).get("momentum_buffer")
+                        if buf is not None:
+                            buf.zero_()
         x, y = train.train_batch(step, config.batch_size, config.seed, **batch_args)
         if config.cuda_graph:
             if graphed is None:
@@ -337,10 +408,10 @@ def fit(
 
                 graphed = GraphedTrainStep(model, task, opt, x, y, autocast_dtype=_autocast_dtype(config, device),
                                            max_grad_norm=config.max_grad_norm, label_smoothing=config.label_smoothing)
-            loss = graphed(x, y, lr_at(step, config))
+            loss = graphed(x, y, [group_lr(step, config, g.get("lr_scale", 1.0)) for g in opt.param_groups])
         else:
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, config) * group.get("lr_scale", 1.0)
+                group["lr"] = group_lr(step, config, group.get("lr_scale", 1.0))
             loss = train_step(forward, task, x, y, opt, max_grad_norm=config.max_grad_norm,
                               label_smoothing=config.label_smoothing, autocast_dtype=_autocast_dtype(config, device))
         seen += len(y) * shard.world

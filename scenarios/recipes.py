@@ -170,6 +170,9 @@ def train_on_dataset(
     pipeline: Pipeline = "auto",
     on_bad_image: OnBad = "skip",
     cache_dir: str | None = None,
+    finetune_lr_scale: float = 0.03,
+    layer_decay: float | None = None,
+    probe_fraction: float = 0.0,
 ) -> dict:
     """Load ``dataset``, add task ``name`` to ``net``, train it on 95% of the train split (best state on the
     held-out 5%), evaluate it on the test split; return its metrics. ``net`` ends on the CPU."""
@@ -185,7 +188,8 @@ def train_on_dataset(
                                  max_heldout=max_heldout, pipeline=pipeline, on_bad_image=on_bad_image,
                                  cache_dir=cache_dir, progress=progress)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=max(1, steps // 4),
-                      cuda_graph=cuda_graph)
+                      cuda_graph=cuda_graph, finetune_lr_scale=finetune_lr_scale, layer_decay=layer_decay,
+                      probe_fraction=probe_fraction)
     if lr_sweep:
         lrs = [float(v) for v in lr_sweep.split(",")]
         result, _ = sweep(net, name, train, held, cfg, lrs, progress=progress)

@@ -84,6 +84,10 @@ def test_add_task_json_and_user_errors(db, tmp_path):
     user_error(cm(db, "add-task", "digits", "--name", "x", "--fork-layers", "2", "--fork-pool", "3", *FAST),
                "does not divide the 2x2 patch grid")
     user_error(cm(db, "add-task", "digits", "--name", "x", "--fork-pool", "2", *FAST), "needs fork_layers")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--regime", "full", "--layer-decay", "0", *FAST),
+               "layer_decay must be in (0, 1]")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--regime", "full", "--probe-fraction", "1", *FAST),
+               "probe_fraction must be in [0, 1)")
     assert snapshot(Registry(db)) == before
 
 

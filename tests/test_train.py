@@ -159,3 +159,59 @@ def test_clipping_is_per_group_so_a_backbone_copy_does_not_shrink_the_head_step(
         heads[regime] = task.head.weight.detach() - before
     assert heads["head"].abs().sum() > 0
     torch.testing.assert_close(heads["full"], heads["head"])
+
+
+def test_probe_phase_trains_new_parameters_first_then_the_copies_on_their_own_schedule(monkeypatch):
+    # LP-FT: during the probe only the head's group has a rate; the backbone copy starts after it, warms up and
+    # decays to zero by the last step
+    from continual_mem import train as train_mod
+    from continual_mem.train import group_lr
+
+    cfg = TrainConfig(steps=200, lr=0.2, probe_fraction=0.5, finetune_lr_scale=0.1)
+    copies = [group_lr(s, cfg, 0.1) for s in range(200)]
+    assert copies[:100] == [0.0] * 100 and all(r > 0 for r in copies[100:])
+    assert max(copies) == pytest.approx(0.02) and copies[100] < copies[102] < copies[104] and copies[-1] < 1e-3
+    assert [group_lr(s, cfg, 1.0) for s in range(200)] == [lr_at(s, cfg) for s in range(200)]
+    plain = TrainConfig(steps=40, lr=0.2, finetune_lr_scale=0.1)
+    assert group_lr(3, plain, 0.1) == pytest.approx(0.1 * lr_at(3, plain))
+
+    seen = []
+    step = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", lambda model, task, x, y, opt, **kw: (
+        seen.append([g["lr"] for g in opt.param_groups]), step(model, task, x, y, opt, **kw))[1])
+    model = MemoryViT(make_backbone("tiny"))
+    model.add_task("t", 4, regime="full")
+    fit(model, "t", DeviceImages(quadrant_data(16, 0), PRE), None,
+        TrainConfig(steps=4, batch_size=4, lr=0.1, probe_fraction=0.5), progress=False)
+    assert [s[1] for s in seen[:2]] == [0.0, 0.0] and seen[2][1] > 0 and all(s[0] > 0 for s in seen)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0])
+def test_probe_fraction_is_validated(fraction):
+    with pytest.raises(ValueError, match="probe_fraction"):
+        TrainConfig(probe_fraction=fraction)
+
+
+def test_layer_decay_follows_timm_and_forks_share_the_full_copys_rates():
+    # timm's layer-wise decay for the full copy (patch embedding least, final norm most); a fine-tuned fork's
+    # copy of block i trains at exactly the rate the full copy gives block i
+    from continual_mem.train import build_optimizer
+
+    model = MemoryViT(make_backbone("tiny"))
+    full = model.add_task("full", 3, regime="full")
+    fork = model.add_task("fork", 3, memory=2, fork_layers=2, fork_finetune=True)
+    rates = {}
+    for name in ("full", "fork"):
+        opt = build_optimizer(model, name, lr=1.0, finetune_lr_scale=0.1, layer_decay=0.5)
+        rates[name] = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+        assert {g["clip_group"] for g in opt.param_groups} == {"new", "pretrained"}
+    d = model.depth
+    assert rates["full"][id(full.backbone.patch_embed.proj.weight)] == pytest.approx(0.1 * 0.5 ** (d + 1))
+    assert rates["full"][id(full.backbone.norm.weight)] == pytest.approx(0.1 * 0.5)  # timm: with the last block
+    assert rates["full"][id(full.head.weight)] == 1.0
+    for j, block in enumerate(fork.blocks):
+        i = d - len(fork.blocks) + j
+        assert rates["fork"][id(block.mlp.fc1.weight)] == pytest.approx(0.1 * 0.5 ** (d - i))
+        assert rates["fork"][id(block.mlp.fc1.weight)] == rates["full"][id(full.backbone.blocks[i].mlp.fc1.weight)]
+    with pytest.raises(ValueError, match="layer_decay"):
+        TrainConfig(layer_decay=0.0)
