@@ -66,7 +66,8 @@ CONFIGS: dict[str, dict] = {
     "memory-m5": dict(regime="memory", memory=5),
     "memory-m10": dict(regime="memory", memory=10),
     "memory-m20": dict(regime="memory", memory=20),
-    "full": dict(regime="full"),
+    "full": dict(regime="full"),  # TrainConfig's default recipe for full: layer decay 0.75 (= full-ld75)
+    "full-no-decay": dict(regime="full", layer_decay=1.0),
     # the paper's Table 4: Houlsby adapters (bottleneck 5) alone and combined with memory
     "adapters-d5": dict(regime="adapters", adapter_dim=5),
     "memory-m5-adapters-d5": dict(regime="memory+adapters", memory=5, adapter_dim=5),

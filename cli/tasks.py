@@ -85,8 +85,9 @@ def add_task(
         = False,
     finetune_lr_scale: Annotated[float, typer.Option(help="rate of the task's copies of pretrained weights "
                                                           "(full, --fork-finetune) over --lr")] = 0.03,
-    layer_decay: Annotated[float | None, typer.Option(help="timm's layer-wise rate decay for those copies, e.g. "
-                                                           "0.75 (the patch embedding moves least)")] = None,
+    layer_decay: Annotated[float | None, typer.Option(help="timm's layer-wise rate decay for those copies (the "
+                                                           "patch embedding moves least); default 0.75 for full, "
+                                                           "1 = off")] = None,
     probe_fraction: Annotated[float, typer.Option(help="LP-FT: the first this fraction of the steps trains only "
                                                        "the new parameters, then the copies join")] = 0.0,
     steps: Annotated[int, typer.Option(min=1)] = 1000,

@@ -215,3 +215,20 @@ def test_layer_decay_follows_timm_and_forks_share_the_full_copys_rates():
         assert rates["fork"][id(block.mlp.fc1.weight)] == rates["full"][id(full.backbone.blocks[i].mlp.fc1.weight)]
     with pytest.raises(ValueError, match="layer_decay"):
         TrainConfig(layer_decay=0.0)
+
+
+def test_full_fine_tuning_gets_layer_decay_by_default(monkeypatch):
+    from continual_mem import train as train_mod
+    from continual_mem.train import default_layer_decay
+
+    assert default_layer_decay("full") == 0.75 and default_layer_decay("masked-memory") is None
+    seen = []
+    build = train_mod.build_optimizer
+    monkeypatch.setattr(train_mod, "build_optimizer", lambda *a, **kw: (seen.append(kw["layer_decay"]), build(*a, **kw))[1])
+    model = MemoryViT(make_backbone("tiny"))
+    model.add_task("f", 4, regime="full")
+    model.add_task("k", 4, memory=2, fork_layers=1, fork_finetune=True)
+    src = DeviceImages(quadrant_data(8, 0), PRE)
+    for name, decay in (("f", None), ("k", None), ("f", 1.0)):
+        fit(model, name, src, None, TrainConfig(steps=1, batch_size=4, lr=0.1, layer_decay=decay), progress=False)
+    assert seen == [0.75, None, 1.0]
