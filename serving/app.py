@@ -8,21 +8,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
-import io
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from scenarios.decode import MAX_ASPECT, SHORT_SIDE, BadImage, decode_shrunk, host_cores
-
 from .batcher import Batcher
+from .decoding import Decoders, use_processes
 from .holder import ModelHolder
 from .metrics import Metrics
 from .settings import ServeSettings
@@ -48,24 +43,6 @@ class ImageAnswer(BaseModel):
 class PredictResponse(BaseModel):
     model_version: int
     results: list[ImageAnswer]
-
-
-def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
-    """An upload as an ``(H, W, 3)`` uint8 array shrunk to the serving short side; HTTP 400 / 413 with one line
-    for what is not an image or too large (the size is read from the header, before decoding)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Exception:  # noqa: BLE001 - PIL raises many types
-        raise HTTPException(400, f"{name}: not an image (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
-    if w * h > max_pixels:
-        raise HTTPException(413, f"{name}: {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
-    try:
-        return decode_shrunk(data, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)
-    except BadImage as exc:
-        raise HTTPException(400, f"{name}: cannot decode the image ({exc})") from None
 
 
 async def _uploads(request: Request, limit: int) -> list[tuple[str, bytes]]:
@@ -102,15 +79,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         metrics = Metrics()
         if settings.device.startswith("cuda"):
-            # the model runs on the GPU; on the host, requests decode in parallel threads, one core each (torch's
+            # the model runs on the GPU; on the host, requests decode in parallel, one core each (torch's
             # intra-op pool per calling thread would put cores x threads workers on the cores)
             torch.set_num_threads(1)
-        decoders = ThreadPoolExecutor(max_workers=host_cores(), thread_name_prefix="decode")
+        decoders = Decoders(processes=use_processes(settings.decode_workers, settings.device))
+        await decoders.start()
         holder = ModelHolder(settings)
         holder.current = await asyncio.to_thread(holder.load)
         metrics.version.set(holder.current.version)
         batcher = Batcher(holder, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                           amp=settings.amp, cuda_graphs=settings.cuda_graphs)
+        await asyncio.to_thread(batcher.warm, holder.current)  # every bucket's graph before the first request
         app.state.settings, app.state.metrics, app.state.holder, app.state.batcher = settings, metrics, holder, batcher
         app.state.decoders = decoders
         workers = [asyncio.create_task(batcher.run()), asyncio.create_task(holder.watch())]
@@ -119,7 +98,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         finally:
             for w in workers:
                 w.cancel()
-            decoders.shutdown(wait=False, cancel_futures=True)
+            decoders.shutdown()
 
     app = FastAPI(title="continual-mem", lifespan=lifespan)
 
@@ -151,9 +130,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if k < 1:
             raise HTTPException(400, "top_k must be >= 1")
         files = await _uploads(request, st.max_upload_bytes)
-        loop = asyncio.get_running_loop()
-        images = await asyncio.gather(*(loop.run_in_executor(request.app.state.decoders, functools.partial(
-            decode_upload, data, name=name, max_pixels=st.max_pixels)) for name, data in files))
+        images = await asyncio.gather(*(request.app.state.decoders.decode(data, name=name, max_pixels=st.max_pixels)
+                                        for name, data in files))
         answers = await asyncio.gather(*(request.app.state.batcher.submit(img) for img in images))
         results, version = [], answers[0].version
         for (name, _), answer in zip(files, answers):

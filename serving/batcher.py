@@ -79,6 +79,16 @@ class Batcher:
                 if not fut.done():
                     fut.set_result(Answer(logits, served.version, served))
 
+    def warm(self, served: Served) -> None:
+        """Capture every bucket's graph for ``served`` now (a capture takes a few eager passes; a request that
+        met one would wait for it). Runs before the batch worker starts, so nothing else uses the device."""
+        if not self.graphs:
+            return
+        side = served.stage.pre.img_size
+        blank = np.zeros((side, side, 3), dtype=np.uint8)
+        for bucket in sorted({bucket_for(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
+            self._forward(served, [blank] * bucket)
+
     def _forward(self, served: Served, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         """One pass: pad the images into a batch, crop and normalise on the device, every task's logits."""
         canvas, hw = pad_batch(images, pin=self.holder.device.type == "cuda")

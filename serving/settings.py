@@ -18,7 +18,9 @@ class ServeSettings:
         amp: bf16 autocast on CUDA (the answers are bit-stable for a fixed batch shape and dtype).
         top_k: Default number of classes returned per task.
         cuda_graphs: On CUDA, replay the pass as a CUDA graph per batch-size bucket (powers of two up to
-            ``max_batch``; a batch is padded to its bucket), captured on first use for each loaded model.
+            ``max_batch``; a batch is padded to its bucket), captured at start-up for the first model and on
+            first use for each model loaded later.
+        decode_workers: ``processes``, ``threads`` or ``auto`` (processes on CUDA; see :mod:`serving.decoding`).
     """
 
     registry: str
@@ -32,6 +34,7 @@ class ServeSettings:
     amp: bool = True
     top_k: int = 5
     cuda_graphs: bool = True
+    decode_workers: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -44,5 +47,7 @@ class ServeSettings:
             raise ValueError(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.decode_workers not in ("auto", "threads", "processes"):
+            raise ValueError(f"decode_workers must be auto, threads or processes, got {self.decode_workers!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")

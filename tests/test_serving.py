@@ -158,9 +158,11 @@ def _wait_for(c: TestClient, cond, timeout: float = 20.0) -> None:
     raise AssertionError("the server did not pick up the change")
 
 
-def test_bad_requests_get_one_line_4xx(registry):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_bad_requests_get_one_line_4xx(registry, workers):
+    # the same answers whether uploads decode in threads or in worker processes (errors cross the boundary)
     reg, _ = registry
-    with client(reg, max_upload_bytes=50_000, max_pixels=100_000) as c:
+    with client(reg, max_upload_bytes=50_000, max_pixels=100_000, decode_workers=workers) as c:
         def detail(r, code):
             assert r.status_code == code, r.text
             d = r.json()["detail"]
@@ -182,7 +184,23 @@ def test_bad_requests_get_one_line_4xx(registry):
         assert predict(c, png(2)).status_code == 200  # still serving
 
 
+def test_decoding_in_processes_gives_the_threads_answers(registry):
+    from serving.decoding import use_processes
+
+    assert use_processes("auto", "cuda:0") and not use_processes("auto", "cpu")
+    assert use_processes("processes", "cpu") and not use_processes("threads", "cuda")
+    reg, _ = registry
+    answers = []
+    for workers in ("threads", "processes"):
+        with client(reg, decode_workers=workers) as c:
+            assert c.app.state.decoders.processes == (workers == "processes")
+            answers.append(predict(c, png(3), logits="true").json()["results"])
+    assert answers[0] == answers[1]
+
+
 def test_settings_are_validated():
+    with pytest.raises(ValueError, match="decode_workers"):
+        ServeSettings(registry="x", decode_workers="fibers")
     with pytest.raises(ValueError, match="max_batch"):
         ServeSettings(registry="x.db", max_batch=0)
     with pytest.raises(ValueError, match="device"):
