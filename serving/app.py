@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -78,10 +79,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         metrics = Metrics()
+        switch = sys.getswitchinterval()
         if settings.device.startswith("cuda"):
             # the model runs on the GPU; on the host, requests decode in parallel, one core each (torch's
             # intra-op pool per calling thread would put cores x threads workers on the cores)
             torch.set_num_threads(1)
+            sys.setswitchinterval(settings.switch_interval_ms / 1e3)  # see ServeSettings.switch_interval_ms
         decoders = Decoders(processes=use_processes(settings.decode_workers, settings.device))
         await decoders.start()
         holder = ModelHolder(settings)
@@ -99,6 +102,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             for w in workers:
                 w.cancel()
             decoders.shutdown()
+            sys.setswitchinterval(switch)
 
     app = FastAPI(title="continual-mem", lifespan=lifespan)
 

@@ -199,6 +199,8 @@ def test_decoding_in_processes_gives_the_threads_answers(registry):
 
 
 def test_settings_are_validated():
+    with pytest.raises(ValueError, match="switch_interval_ms"):
+        ServeSettings(registry="x", switch_interval_ms=0)
     with pytest.raises(ValueError, match="decode_workers"):
         ServeSettings(registry="x", decode_workers="fibers")
     with pytest.raises(ValueError, match="max_batch"):
