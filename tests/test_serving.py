@@ -242,3 +242,13 @@ def test_graph_buckets_answer_what_the_eager_pass_does_at_the_same_shape(registr
     for g, e in zip(graphed, padded):
         for task in ("a", "b"):
             assert torch.equal(g[task], e[task])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+def test_every_bucket_is_captured_at_start_up_and_decoding_runs_in_processes(registry):
+    reg, _ = registry
+    with client(reg, device="cuda", max_batch=8) as c:
+        assert sorted(c.app.state.holder.current.graphs) == [1, 2, 4, 8]
+        assert c.app.state.decoders.processes  # auto on CUDA
+        assert predict(c, png(0)).status_code == 200
