@@ -10,6 +10,7 @@ SHARDS=$1
 TARBALL=${2:-${OUT:-/tmp}/natural.tgz}
 ROOT=${ROOT:-/tmp/natural-data}
 OUTD=${OUTD:-/tmp/natural-results}
+rm -rf "$OUTD"  # a warm machine keeps /tmp between calls: the tarball must hold this run's results only
 mkdir -p "$ROOT" "$OUTD"
 [ -n "${SUITE:-}" ] && tar xzf "$SUITE" -C "$ROOT"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
