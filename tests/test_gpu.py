@@ -90,7 +90,9 @@ def test_graph_training_preserves_old_tasks_and_stale_graphs_refuse():
         forward(x)
 
 
-def test_fit_with_cuda_graph_matches_eager_fit():
+@pytest.mark.parametrize("regime", ["masked-memory", "full"])
+def test_fit_with_cuda_graph_matches_eager_fit(regime):
+    # full: several rate groups (layer decay), a probe phase whose copies sit at rate 0, momentum reset after it
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (96,), generator=g)
     imgs = (torch.randint(0, 40, (96, 1, 16, 16), generator=g) + (labels * 60).view(-1, 1, 1, 1)).clamp(0, 255)
@@ -100,11 +102,12 @@ def test_fit_with_cuda_graph_matches_eager_fit():
     for graph in (False, True):
         torch.manual_seed(0)
         model = _model()
-        model.add_task("new", 4, memory=2)
+        model.add_task("new", 4, **({"memory": 2} if regime == "masked-memory" else {"regime": "full"}))
         model.cuda()
         src = DeviceImages(data, pre, "cuda")
+        extra = {} if regime == "masked-memory" else {"probe_fraction": 0.25, "layer_decay": 0.5}
         result = fit(model, "new", src, src, TrainConfig(steps=12, batch_size=16, lr=0.05, eval_every=4, amp="off",
-                                                         cuda_graph=graph), progress=False)
+                                                         cuda_graph=graph, **extra), progress=False)
         runs[graph] = (result, model.tasks["new"].state_dict())
     assert runs[True][0].best_step == runs[False][0].best_step
     for k, v in runs[False][1].items():
