@@ -25,6 +25,8 @@ def serve(
     amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA")] = True,
     decode_workers: Annotated[str, typer.Option(help="auto | threads | processes: where uploads are decoded "
                                                      "(auto: processes on CUDA)")] = "auto",
+    switch_interval_ms: Annotated[float, typer.Option(min=0.001, help="on CUDA, the interpreter's GIL switch "
+                                                                 "interval while serving (Python's default: 5)")] = 0.2,
     keep_alive_s: Annotated[float, typer.Option(min=1.0, help="how long an idle client connection stays open "
                                                            "(uvicorn's default of 5 s races with clients that "
                                                            "reuse pooled connections)")] = 75.0,
@@ -41,7 +43,8 @@ def serve(
     settings = ServeSettings(registry=state.registry, model=state.model, device=pick_device(device),
                              max_batch=max_batch, max_wait_ms=max_wait_ms, cuda_graphs=cuda_graphs,
                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
-                             poll_interval_s=poll_s, amp=amp, decode_workers=decode_workers)
+                             poll_interval_s=poll_s, amp=amp, decode_workers=decode_workers,
+                             switch_interval_ms=switch_interval_ms)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s)
 
 
