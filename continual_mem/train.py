@@ -209,7 +209,7 @@ def train_step(
 
 def default_layer_decay(regime: str) -> float | None:
     """0.75 for ``full`` (a whole backbone copy, patch embedding included: without decay SGD wrecks it and full
-    fine-tuning lands 4-10 points below head-only on the natural-image suite; with it, 1.5-5.6 points above); off
+    fine-tuning lands 4-10 points below head-only on the natural-image suite; with it, 1.4-5.6 points above); off
     for copies of the top blocks only (fine-tuned forks, measured without it)."""
     return 0.75 if regime == "full" else None
 
