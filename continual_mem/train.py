@@ -143,7 +143,7 @@ def build_optimizer(
     which). With ``layer_decay`` the copies' rate also shrinks by that factor per layer below the top, timm's
     layer-wise decay (:func:`layer_decay_scales`). With ``cuda_graph`` each group's learning rate is a tensor on the
     parameters' device and the update is the fused kernel, so a captured step can be replayed at any scheduled
-    learning rate. Gradients are clipped per ``clip_group`` (new parameters; pretrained copies).
+    learning rate. Each group's ``kind`` (``new`` or ``pretrained``) decides its clipping budget and probe phase.
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
@@ -152,12 +152,12 @@ def build_optimizer(
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     module = model.tasks[task]
     slow = {id(p) for m in module.pretrained_copies() for p in m.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0, "clip_group": "new"}]
+    groups = [{"params": [p for p in params if id(p) not in slow], "lr_scale": 1.0, "kind": "new"}]
     scales = (layer_decay_scales(module, model.depth, layer_decay) if layer_decay is not None
               else dict.fromkeys(slow, 1.0))
     for scale in sorted({scales[i] for i in slow}, reverse=True):
         groups.append({"params": [p for p in params if id(p) in slow and scales[id(p)] == scale],
-                       "lr_scale": finetune_lr_scale * scale, "clip_group": "pretrained"})
+                       "lr_scale": finetune_lr_scale * scale, "kind": "pretrained"})
     for g in groups:
         g["lr"] = (torch.tensor(lr * g["lr_scale"], dtype=torch.float32, device=params[0].device) if cuda_graph
                    else lr * g["lr_scale"])
@@ -215,11 +215,11 @@ def default_layer_decay(regime: str) -> float | None:
 
 
 def layer_decay_scales(task: TaskModule, depth: int, decay: float) -> dict[int, float]:
-    """``id(parameter) -> decay ** (depth - layer)`` for a task's copies of pretrained weights, layers counted as
-    timm's layer-wise decay counts them (0 the patch embedding, ``i + 1`` block ``i``; the final norm goes with the
-    last block), so the embedding moves least. SGD's step is not normalised per parameter, and DINOv2 S/14's patch embedding
-    carries most of the gradient norm (26 of 30) on a weight of norm 3: without decay it is the first thing
-    fine-tuning wrecks."""
+    """``id(parameter) -> decay ** (depth + 1 - layer)`` for a task's copies of pretrained weights, layers counted
+    as timm's layer-wise decay counts them (0 the patch embedding, ``i + 1`` block ``i``; the final norm goes with
+    the last block), so the embedding moves least. SGD's step is not normalised per parameter, and DINOv2 S/14's
+    patch embedding carries most of the gradient norm (26 of 30) on a weight of norm 3: without decay it is the
+    first thing fine-tuning wrecks."""
     from timm.optim import param_groups_layer_decay
 
     scales: dict[int, float] = {}
@@ -234,12 +234,12 @@ def layer_decay_scales(task: TaskModule, depth: int, decay: float) -> dict[int, 
     return scales
 
 
-def group_lr(step: int, config: TrainConfig, lr_scale: float) -> float:
-    """The rate of one optimizer group at ``step``: new parameters (``lr_scale`` 1) follow :func:`lr_at`; copies of
-    pretrained weights train at ``lr_scale`` times the rate, from the end of the probe phase on
-    (``config.probe_fraction``) with a schedule of their own over the steps left."""
+def group_lr(step: int, config: TrainConfig, lr_scale: float, *, pretrained: bool) -> float:
+    """The rate of one optimizer group at ``step``: ``lr_scale`` times :func:`lr_at`; a group of copies of pretrained
+    weights (``pretrained``) starts at the end of the probe phase (``config.probe_fraction``) instead, with a
+    schedule of its own over the steps left."""
     probe = int(config.probe_fraction * config.steps)
-    if lr_scale == 1.0 or probe == 0:
+    if not pretrained or probe == 0:
         return lr_at(step, config) * lr_scale
     if step < probe:
         return 0.0
@@ -249,14 +249,14 @@ def group_lr(step: int, config: TrainConfig, lr_scale: float) -> float:
 
 
 def clip_grad_norm_per_group(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-    """Clip each optimizer group's gradient norm (groups sharing a ``clip_group`` key together) to ``max_norm`` on
-    its own. One global norm would couple the groups:
+    """Clip each optimizer group's gradient norm (groups of the same ``kind`` together) to ``max_norm`` on its
+    own. One global norm would couple the groups:
     a copy of pretrained blocks has a gradient norm 3-6x a new head's (DINOv2 S/14, measured), so a global clip
     shrinks the head's step by as much and full fine-tuning ends up with a head trained far less than head-only at
     the same rate. With one group (every token regime) this is the usual global clip."""
     clip: dict[object, list[torch.Tensor]] = {}
     for i, group in enumerate(optimizer.param_groups):
-        clip.setdefault(group.get("clip_group", i), []).extend(group["params"])
+        clip.setdefault(group.get("kind", i), []).extend(group["params"])
     for params in clip.values():
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
@@ -405,7 +405,7 @@ def fit(
     for step in range(start, config.steps):
         if step == probe_end > 0:  # the copies start from rest, not from momentum gathered under the probe's head
             for group in opt.param_groups:
-                if group.get("lr_scale", 1.0) != 1.0:
+                if group["kind"] == "pretrained":
                     for p in group["params"]:
                         buf = opt.state.get(p, {}).get("momentum_buffer")
                         if buf is not None:
@@ -417,10 +417,11 @@ def fit(
 
                 graphed = GraphedTrainStep(model, task, opt, x, y, autocast_dtype=_autocast_dtype(config, device),
                                            max_grad_norm=config.max_grad_norm, label_smoothing=config.label_smoothing)
-            loss = graphed(x, y, [group_lr(step, config, g.get("lr_scale", 1.0)) for g in opt.param_groups])
+            loss = graphed(x, y, [group_lr(step, config, g["lr_scale"], pretrained=g["kind"] == "pretrained")
+                                  for g in opt.param_groups])
         else:
             for group in opt.param_groups:
-                group["lr"] = group_lr(step, config, group.get("lr_scale", 1.0))
+                group["lr"] = group_lr(step, config, group["lr_scale"], pretrained=group["kind"] == "pretrained")
             loss = train_step(forward, task, x, y, opt, max_grad_norm=config.max_grad_norm,
                               label_smoothing=config.label_smoothing, autocast_dtype=_autocast_dtype(config, device))
         seen += len(y) * shard.world

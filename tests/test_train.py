@@ -168,12 +168,14 @@ def test_probe_phase_trains_new_parameters_first_then_the_copies_on_their_own_sc
     from continual_mem.train import group_lr
 
     cfg = TrainConfig(steps=200, lr=0.2, probe_fraction=0.5, finetune_lr_scale=0.1)
-    copies = [group_lr(s, cfg, 0.1) for s in range(200)]
+    copies = [group_lr(s, cfg, 0.1, pretrained=True) for s in range(200)]
     assert copies[:100] == [0.0] * 100 and all(r > 0 for r in copies[100:])
     assert max(copies) == pytest.approx(0.02) and copies[100] < copies[102] < copies[104] and copies[-1] < 1e-3
-    assert [group_lr(s, cfg, 1.0) for s in range(200)] == [lr_at(s, cfg) for s in range(200)]
+    assert [group_lr(s, cfg, 1.0, pretrained=False) for s in range(200)] == [lr_at(s, cfg) for s in range(200)]
+    # the kind decides, not the scale: copies at the full rate still wait for the probe to end
+    assert group_lr(3, cfg, 1.0, pretrained=True) == 0.0
     plain = TrainConfig(steps=40, lr=0.2, finetune_lr_scale=0.1)
-    assert group_lr(3, plain, 0.1) == pytest.approx(0.1 * lr_at(3, plain))
+    assert group_lr(3, plain, 0.1, pretrained=True) == pytest.approx(0.1 * lr_at(3, plain))
 
     seen = []
     step = train_mod.train_step
@@ -204,7 +206,7 @@ def test_layer_decay_follows_timm_and_forks_share_the_full_copys_rates():
     for name in ("full", "fork"):
         opt = build_optimizer(model, name, lr=1.0, finetune_lr_scale=0.1, layer_decay=0.5)
         rates[name] = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
-        assert {g["clip_group"] for g in opt.param_groups} == {"new", "pretrained"}
+        assert {g["kind"] for g in opt.param_groups} == {"new", "pretrained"}
     d = model.depth
     assert rates["full"][id(full.backbone.patch_embed.proj.weight)] == pytest.approx(0.1 * 0.5 ** (d + 1))
     assert rates["full"][id(full.backbone.norm.weight)] == pytest.approx(0.1 * 0.5)  # timm: with the last block
