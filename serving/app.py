@@ -73,6 +73,15 @@ async def _uploads(request: Request, limit: int) -> list[tuple[str, bytes]]:
     return files
 
 
+async def _watch_loop_lag(metrics: Metrics, period_s: float = 0.05) -> None:
+    """How late the event loop wakes from a short sleep: the time a callback waits behind others or for the GIL."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period_s)
+        metrics.loop_lag_seconds.observe(max(0.0, loop.time() - t0 - period_s))
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     """A server of ``settings.model`` in ``settings.registry`` (see :class:`ServeSettings`)."""
 
@@ -85,7 +94,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             # intra-op pool per calling thread would put cores x threads workers on the cores)
             torch.set_num_threads(1)
             sys.setswitchinterval(settings.switch_interval_ms / 1e3)  # see ServeSettings.switch_interval_ms
-        decoders = Decoders(processes=use_processes(settings.decode_workers, settings.device))
+        decoders = Decoders(processes=use_processes(settings.decode_workers, settings.device),
+                            on_decoded=metrics.decode_seconds.observe)
         await decoders.start()
         holder = ModelHolder(settings)
         holder.current = await asyncio.to_thread(holder.load)
@@ -95,7 +105,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         await asyncio.to_thread(batcher.warm, holder.current)  # every bucket's graph before the first request
         app.state.settings, app.state.metrics, app.state.holder, app.state.batcher = settings, metrics, holder, batcher
         app.state.decoders = decoders
-        workers = [asyncio.create_task(batcher.run()), asyncio.create_task(holder.watch())]
+        workers = [asyncio.create_task(batcher.run()), asyncio.create_task(holder.watch()),
+                   asyncio.create_task(_watch_loop_lag(metrics))]
         try:
             yield
         finally:

@@ -87,18 +87,30 @@ class Batcher:
         side = served.stage.pre.img_size
         blank = np.zeros((side, side, 3), dtype=np.uint8)
         for bucket in sorted({bucket_for(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
-            self._forward(served, [blank] * bucket)
+            self._forward(served, [blank] * bucket, observe=False)
 
-    def _forward(self, served: Served, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+    def _forward(self, served: Served, images: list[np.ndarray], *,
+                 observe: bool = True) -> list[dict[str, torch.Tensor]]:
         """One pass: pad the images into a batch, crop and normalise on the device, every task's logits."""
-        canvas, hw = pad_batch(images, pin=self.holder.device.type == "cuda")
+        t0 = time.perf_counter()
+        cuda = self.holder.device.type == "cuda"
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda and observe else None
+        if events:
+            events[0].record()
+        canvas, hw = pad_batch(images, pin=cuda)
         x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
         if self.graphs:
             out = self._replay(served, x)
         else:
             with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = served.net(x, original=False)
+        if events:
+            events[1].record()
         cpu = {name: t[: len(images)].float().cpu() for name, t in out.items() if name in served.classes}
+        if observe:
+            if events:
+                self.metrics.pass_device_seconds.observe(events[0].elapsed_time(events[1]) / 1e3)
+            self.metrics.pass_thread_seconds.observe(time.perf_counter() - t0)
         return [{name: t[i] for name, t in cpu.items()} for i in range(len(images))]
 
     def _replay(self, served: Served, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import io
 import multiprocessing
+import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Literal
 
@@ -47,10 +49,11 @@ def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
 
 
 def _decode_in_worker(data: bytes, name: str, max_pixels: int) -> tuple:
-    """:func:`decode_upload` in a worker process: the array, or the HTTP status and message (plain values cross the
-    process boundary; the exception is raised again in the server)."""
+    """:func:`decode_upload` in a worker: the array and the seconds it took, or the HTTP status and message (plain
+    values cross the process boundary; the exception is raised again in the server)."""
+    t0 = time.perf_counter()
     try:
-        return ("ok", decode_upload(data, name=name, max_pixels=max_pixels))
+        return ("ok", decode_upload(data, name=name, max_pixels=max_pixels), time.perf_counter() - t0)
     except HTTPException as exc:
         return ("error", exc.status_code, exc.detail)
 
@@ -68,8 +71,9 @@ def _ready() -> int:
 class Decoders:
     """The pool that decodes uploads (see the module's docstring)."""
 
-    def __init__(self, *, processes: bool, workers: int | None = None) -> None:
-        self.processes = processes
+    def __init__(self, *, processes: bool, workers: int | None = None,
+                 on_decoded: Callable[[float], None] | None = None) -> None:
+        self.processes, self.on_decoded = processes, on_decoded
         self.workers = workers or host_cores()
         self.pool: Executor = (
             ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
@@ -86,6 +90,8 @@ class Decoders:
         result = await loop.run_in_executor(self.pool, _decode_in_worker, data, name, max_pixels)
         if result[0] == "error":
             raise HTTPException(result[1], result[2])
+        if self.on_decoded is not None:
+            self.on_decoded(result[2])
         return result[1]
 
     def shutdown(self) -> None:

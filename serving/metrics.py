@@ -17,6 +17,20 @@ class Metrics:
         self.pass_seconds = Histogram("continual_mem_pass_seconds", "wall time of one model pass (crop, forward, "
                                       "logits to the host)", buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1),
                                       registry=r)
+        # where a pass's wall time goes: its thread's own time (host work, GIL waits included), and on CUDA the
+        # GPU's time between two events around it; the rest of pass_seconds is the hand-back to the event loop
+        self.pass_thread_seconds = Histogram("continual_mem_pass_thread_seconds", "time of one pass inside the batch "
+                                             "worker's thread", buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1),
+                                             registry=r)
+        self.pass_device_seconds = Histogram("continual_mem_pass_device_seconds", "GPU time of one pass (CUDA "
+                                             "events; CUDA only)", buckets=(.001, .002, .005, .01, .02, .05, .1),
+                                             registry=r)
+        self.decode_seconds = Histogram("continual_mem_decode_seconds", "time to decode and shrink one upload, in "
+                                        "its decoding worker", buckets=(.001, .002, .005, .01, .02, .05, .1, .5),
+                                        registry=r)
+        self.loop_lag_seconds = Histogram("continual_mem_event_loop_lag_seconds", "how late a 50 ms timer of the "
+                                          "event loop fires (a busy loop, or one starved of the GIL)",
+                                          buckets=(.001, .002, .005, .01, .02, .05, .1, .5), registry=r)
         self.queue_depth = Gauge("continual_mem_queue_depth", "images waiting for a pass", registry=r)
         self.images = Counter("continual_mem_task_images", "images answered per task", ["task"], registry=r)
         self.version = Gauge("continual_mem_model_version", "registry version of the served model", registry=r)

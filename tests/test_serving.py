@@ -61,6 +61,11 @@ def test_contract(registry):
         assert 'continual_mem_requests_total{endpoint="/predict",status="200"} 4.0' in text
         assert "continual_mem_pass_seconds_count" in text
         assert "continual_mem_batch_size_bucket" in text and 'continual_mem_task_images_total{task="a"}' in text
+        counts = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if "_count " in line}
+        assert counts["continual_mem_decode_seconds_count"] == 5  # every upload, in its worker
+        assert counts["continual_mem_pass_thread_seconds_count"] == counts["continual_mem_pass_seconds_count"] > 0
+        assert counts["continual_mem_pass_device_seconds_count"] == 0  # CUDA only
+        assert "continual_mem_event_loop_lag_seconds_count" in counts
 
 
 def test_answers_match_the_model_offline(registry):
@@ -252,3 +257,5 @@ def test_every_bucket_is_captured_at_start_up_and_decoding_runs_in_processes(reg
         assert sorted(c.app.state.holder.current.graphs) == [1, 2, 4, 8]
         assert c.app.state.decoders.processes  # auto on CUDA
         assert predict(c, png(0)).status_code == 200
+        text = c.get("/metrics").text
+        assert "continual_mem_pass_device_seconds_count 1.0" in text  # the one request's pass, not the warm-up
