@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decode-workers", default="auto", choices=["auto", "threads", "processes"],
                    help="the server's --decode-workers")
     p.add_argument("--switch-interval-ms", type=float, default=0.2, help="the server's --switch-interval-ms")
+    p.add_argument("--workers", type=int, default=1, help="the server's --workers (processes sharing the port)")
     p.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                    help="load-generator processes sharing --clients (one Python client process saturates near "
                         "100 requests/s)")
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                 [sys.executable, "-m", "cli", "--registry", str(reg_path), "serve", "--port", str(port),
                  "--device", args.device, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                  "--poll-s", "0.2", "--decode-workers", args.decode_workers,
-                 "--switch-interval-ms", str(args.switch_interval_ms)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                 "--switch-interval-ms", str(args.switch_interval_ms), "--workers", str(args.workers)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
             try:
                 url = f"http://127.0.0.1:{port}"
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     env.update({"img_size": args.img_size, "clients": args.clients, "requests": args.requests,
                 "images_per_request": args.images_per_request, "upload": args.upload_size,
                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "live_add": args.live_add,
-                "decode_workers": args.decode_workers, "switch_interval_ms": args.switch_interval_ms})
+                "decode_workers": args.decode_workers, "switch_interval_ms": args.switch_interval_ms,
+                "server_workers": args.workers})
     result = {"environment": env, "results": rows}
     common.report(result, f"serve load, {args.model} {args.img_size}px, {args.clients} clients, {env['device']}",
                   ["K", "served img/s", "offline img/s", "ratio", "p50/p99 ms", "pass ms wall/thr/gpu",

@@ -25,6 +25,8 @@ def serve(
     amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA")] = True,
     decode_workers: Annotated[str, typer.Option(help="auto | threads | processes: where uploads are decoded "
                                                      "(auto: processes on CUDA)")] = "auto",
+    workers: Annotated[int, typer.Option(min=1, help="server processes sharing the port, each with its own copy "
+                                                     "of the model, batcher and decoding pool")] = 1,
     switch_interval_ms: Annotated[float, typer.Option(min=0.001, help="on CUDA, the interpreter's GIL switch "
                                                                  "interval while serving (Python's default: 5)")] = 0.2,
     keep_alive_s: Annotated[float, typer.Option(min=1.0, help="how long an idle client connection stays open "
@@ -44,8 +46,30 @@ def serve(
                              max_batch=max_batch, max_wait_ms=max_wait_ms, cuda_graphs=cuda_graphs,
                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                              poll_interval_s=poll_s, amp=amp, decode_workers=decode_workers,
-                             switch_interval_ms=switch_interval_ms)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s)
+                             switch_interval_ms=switch_interval_ms, workers=workers)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s)
+        return
+    _serve_workers(settings, host=host, port=port, keep_alive_s=keep_alive_s)
+
+
+def _serve_workers(settings, *, host: str, port: int, keep_alive_s: float) -> None:
+    """uvicorn's worker processes, each building the app from the settings in the environment; their metrics meet
+    in a temporary folder (prometheus_client's multiprocess mode), removed at exit."""
+    import dataclasses
+    import json
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from serving.app import SETTINGS_ENV
+
+    with tempfile.TemporaryDirectory(prefix="continual-mem-metrics-") as shared:
+        os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+        uvicorn.run("serving.app:create_app_from_env", factory=True, workers=settings.workers, host=host,
+                    port=port, log_level="info", timeout_keep_alive=keep_alive_s)
 
 
 @app.command("export-onnx")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
+import os
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -16,6 +18,8 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+
+from scenarios.decode import host_cores
 
 from .batcher import Batcher
 from .decoding import Decoders, use_processes
@@ -82,6 +86,15 @@ async def _watch_loop_lag(metrics: Metrics, period_s: float = 0.05) -> None:
         metrics.loop_lag_seconds.observe(max(0.0, loop.time() - t0 - period_s))
 
 
+SETTINGS_ENV = "CONTINUAL_MEM_SERVE_SETTINGS"
+
+
+def create_app_from_env() -> FastAPI:
+    """The app of the settings in ``$CONTINUAL_MEM_SERVE_SETTINGS`` (JSON): what each ``serve --workers N`` process
+    builds (uvicorn's worker processes import the app by name)."""
+    return create_app(ServeSettings(**json.loads(os.environ[SETTINGS_ENV])))
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     """A server of ``settings.model`` in ``settings.registry`` (see :class:`ServeSettings`)."""
 
@@ -95,7 +108,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             torch.set_num_threads(1)
             sys.setswitchinterval(settings.switch_interval_ms / 1e3)  # see ServeSettings.switch_interval_ms
         decoders = Decoders(processes=use_processes(settings.decode_workers, settings.device),
-                            on_decoded=metrics.decode_seconds.observe)
+                            workers=max(1, host_cores() // settings.workers), on_decoded=metrics.decode_seconds.observe)
         await decoders.start()
         holder = ModelHolder(settings)
         holder.current = await asyncio.to_thread(holder.load)

@@ -1,5 +1,9 @@
-"""Prometheus metrics of one app (its own registry, so several apps in one process do not collide)."""
+"""Prometheus metrics of one app (its own registry, so several apps in one process do not collide). Under
+``serve --workers N`` each worker process writes its values to ``PROMETHEUS_MULTIPROC_DIR`` and a scrape of any worker
+adds them up (prometheus_client's multiprocess mode)."""
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -31,10 +35,20 @@ class Metrics:
         self.loop_lag_seconds = Histogram("continual_mem_event_loop_lag_seconds", "how late a 50 ms timer of the "
                                           "event loop fires (a busy loop, or one starved of the GIL)",
                                           buckets=(.001, .002, .005, .01, .02, .05, .1, .5), registry=r)
-        self.queue_depth = Gauge("continual_mem_queue_depth", "images waiting for a pass", registry=r)
+        self.queue_depth = Gauge("continual_mem_queue_depth", "images waiting for a pass", registry=r,
+                                 multiprocess_mode="livesum")
         self.images = Counter("continual_mem_task_images", "images answered per task", ["task"], registry=r)
-        self.version = Gauge("continual_mem_model_version", "registry version of the served model", registry=r)
-        self.swaps = Gauge("continual_mem_model_swaps", "models swapped in since start", registry=r)
+        self.version = Gauge("continual_mem_model_version", "registry version of the served model", registry=r,
+                             multiprocess_mode="livemin")  # the oldest model a worker still serves
+        self.swaps = Gauge("continual_mem_model_swaps", "models swapped in since start", registry=r,
+                           multiprocess_mode="livemax")
 
     def text(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not shared:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker, path=shared)
+        return generate_latest(every_worker)

@@ -21,6 +21,7 @@ class ServeSettings:
             ``max_batch``; a batch is padded to its bucket), captured at start-up for the first model and on
             first use for each model loaded later.
         decode_workers: ``processes``, ``threads`` or ``auto`` (processes on CUDA; see :mod:`serving.decoding`).
+        workers: Server processes sharing the port (``serve --workers``); each decodes on its share of the cores.
         switch_interval_ms: On CUDA, the interpreter's GIL switch interval while serving (Python's default is
             5 ms). The batch worker takes the GIL back several times per pass, and each time it can wait a whole
             interval while the event loop parses HTTP. ``benchmarks/gil_handoff.py`` reproduces this: a pass with
@@ -40,6 +41,7 @@ class ServeSettings:
     cuda_graphs: bool = True
     decode_workers: str = "auto"
     switch_interval_ms: float = 0.2
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -52,6 +54,8 @@ class ServeSettings:
             raise ValueError(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.switch_interval_ms <= 0:
             raise ValueError(f"switch_interval_ms must be > 0, got {self.switch_interval_ms}")
         if self.decode_workers not in ("auto", "threads", "processes"):

@@ -259,3 +259,53 @@ def test_every_bucket_is_captured_at_start_up_and_decoding_runs_in_processes(reg
         assert predict(c, png(0)).status_code == 200
         text = c.get("/metrics").text
         assert "continual_mem_pass_device_seconds_count 1.0" in text  # the one request's pass, not the warm-up
+
+
+@pytest.mark.slow
+def test_several_worker_processes_share_the_port_and_their_metrics(registry, tmp_path):
+    # serve --workers 2: every request answered, the same image gets the same bits from whichever worker, and a
+    # scrape of any worker counts the requests of both (prometheus_client's multiprocess mode)
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    reg, _ = registry
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--registry", reg.url, "serve", "--port", str(port), "--workers", "2",
+         "--device", "cpu", "--poll-s", "0"], cwd=root, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.1)
+        answers = []
+        for _ in range(8):  # new connections: the kernel spreads them over the workers
+            with httpx.Client(timeout=30) as c:
+                r = c.post(f"{url}/predict", files=[("files", ("x.png", png(4), "image/png"))],
+                           params={"logits": "true"})
+                assert r.status_code == 200, r.text
+                answers.append(r.json()["results"])
+        assert all(a == answers[0] for a in answers)
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        assert 'continual_mem_requests_total{endpoint="/predict",status="200"} 8.0' in text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    text = (tmp_path / "server.log").read_text()
+    assert "Started parent process" in text and text.count("Started server process") == 2
