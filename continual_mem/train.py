@@ -411,17 +411,18 @@ def fit(
                         if buf is not None:
                             buf.zero_()
         x, y = train.train_batch(step, config.batch_size, config.seed, **batch_args)
+        # one schedule per kind of parameter, each group at its own scale of it (group_lr is linear in the scale)
+        rates = {kind: group_lr(step, config, 1.0, pretrained=kind == "pretrained") for kind in ("new", "pretrained")}
         if config.cuda_graph:
             if graphed is None:
                 from .graphs import GraphedTrainStep
 
                 graphed = GraphedTrainStep(model, task, opt, x, y, autocast_dtype=_autocast_dtype(config, device),
                                            max_grad_norm=config.max_grad_norm, label_smoothing=config.label_smoothing)
-            loss = graphed(x, y, [group_lr(step, config, g["lr_scale"], pretrained=g["kind"] == "pretrained")
-                                  for g in opt.param_groups])
+            loss = graphed(x, y, [rates[g["kind"]] * g["lr_scale"] for g in opt.param_groups])
         else:
             for group in opt.param_groups:
-                group["lr"] = group_lr(step, config, group["lr_scale"], pretrained=group["kind"] == "pretrained")
+                group["lr"] = rates[group["kind"]] * group["lr_scale"]
             loss = train_step(forward, task, x, y, opt, max_grad_norm=config.max_grad_norm,
                               label_smoothing=config.label_smoothing, autocast_dtype=_autocast_dtype(config, device))
         seen += len(y) * shard.world
