@@ -14,6 +14,15 @@ def online(acc, m_i, l_i, s, vv):
 
 
 @triton.jit
+def fold(acc, m_i, l_i, qv, k_ptr, v_ptr, offs, kmask, dmask):
+    """Scores of ``qv`` against the keys at ``offs`` (rows ``kmask``), folded with their values by :func:`online`."""
+    kk = tl.load(k_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    s = tl.where(kmask, tl.sum(kk * qv[None, :], axis=1), -float("inf"))
+    vv = tl.load(v_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    return online(acc, m_i, l_i, s, vv)
+
+
+@triton.jit
 def group_attn(q_ptr, sk_ptr, sv_ptr, ok_ptr, ov_ptr, out_ptr, S, N, P,
                N_Q: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_P: tl.constexpr):
@@ -31,17 +40,9 @@ def group_attn(q_ptr, sk_ptr, sv_ptr, ok_ptr, ov_ptr, out_ptr, S, N, P,
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            kmask = keys < N
-            offs = shared_base + keys[:, None] * HD + d[None, :]
-            kk = tl.load(sk_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            s = tl.where(kmask, tl.sum(kk * qv[None, :], axis=1), -float("inf"))
-            vv = tl.load(sv_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            acc, m_i, l_i = online(acc, m_i, l_i, s, vv)
+            acc, m_i, l_i = fold(acc, m_i, l_i, qv, sk_ptr, sv_ptr, shared_base + keys[:, None] * HD + d[None, :],
+                                 keys < N, dmask)
         keys = tl.arange(0, BLOCK_P)
-        kmask = keys < P
-        offs = own_base + keys[:, None] * HD + d[None, :]
-        kk = tl.load(ok_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        s = tl.where(kmask, tl.sum(kk * qv[None, :], axis=1), -float("inf"))
-        vv = tl.load(ov_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc, m_i, l_i = online(acc, m_i, l_i, s, vv)
+        acc, m_i, l_i = fold(acc, m_i, l_i, qv, ok_ptr, ov_ptr, own_base + keys[:, None] * HD + d[None, :],
+                             keys < P, dmask)
         tl.store(out_ptr + row * HD + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dmask)
