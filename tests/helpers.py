@@ -51,3 +51,26 @@ def model_with_an_old_task(kind: str = "tiny"):
     with torch.no_grad():
         before = model(x)
     return model, x, before
+
+
+def check_private_addition(net, x, before, name: str, own) -> tuple[dict, dict]:
+    """Task ``name`` is a late fork plus private parameters (``own(key)`` picks them: adapters, a fine-tuned copy of
+    the fork's blocks) beside ``net``'s trained task ``plain`` with the same fork. Fresh, it computes ``plain``'s
+    bits; perturbed, it matches the oracle and differs from ``plain``; the original and the old task stay
+    bit-identical throughout. Returns the perturbed outputs and the oracle's."""
+    from continual_mem.reference import reference_forward
+
+    task = net.tasks[name]
+    task.load_state_dict({**net.tasks["plain"].state_dict(), **{k: v for k, v in task.state_dict().items() if own(k)}})
+    with torch.no_grad():
+        out = net(x)
+    assert torch.equal(out[name], out["plain"])
+    perturb(task, seed=2)
+    with torch.no_grad():
+        out = net(x)
+        ref = reference_forward(net, x)
+    assert not torch.equal(out[name], out["plain"])
+    torch.testing.assert_close(out[name], ref[name], rtol=1e-4, atol=1e-4)
+    for key in ("original", "old"):
+        assert torch.equal(out[key], before[key])
+    return out, ref
