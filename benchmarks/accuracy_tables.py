@@ -99,8 +99,8 @@ CONFIGS: dict[str, dict] = {
     "fork-k3-ft-ld75": dict(regime="masked-memory", memory=5, fork_layers=3, fork_finetune=True, layer_decay=0.75),
 }
 TRAIN_KEYS = ("probe_fraction", "finetune_lr_scale", "layer_decay")  # TrainConfig fields a configuration may set
-# learning-rate grids (scenarios.protocol.parse_grid): log-spaced, two decades; full fine-tuning ten times lower
-# full fine-tuning shares it: its backbone copy trains at TrainConfig.finetune_lr_scale (0.03) times the rate
+# learning-rate grid (scenarios.protocol.parse_grid): log-spaced, two decades; full fine-tuning shares it (its
+# backbone copy trains at TrainConfig.finetune_lr_scale times the rate, with layer-wise decay)
 GRID = "0.01:1:5"
 DINOV2 = "vit_small_patch14_dinov2"
 SAVED = ("masked-m10", "memory-m5")  # task states kept for the concatenation experiments
@@ -123,8 +123,14 @@ def _backbone(args):
     return bb.to(args.device)
 
 
+def _split(config: str) -> tuple[dict, dict]:
+    """A configuration's ``add_task`` keywords and its ``TrainConfig`` keywords."""
+    kw = CONFIGS[config]
+    return ({k: v for k, v in kw.items() if k not in TRAIN_KEYS}, {k: v for k, v in kw.items() if k in TRAIN_KEYS})
+
+
 def _add(model: MemoryViT, name: str, config: str, num_classes: int):
-    kw = {k: v for k, v in CONFIGS[config].items() if k not in TRAIN_KEYS}
+    kw = _split(config)[0]
     if kw.get("fork_layers") == "all":
         kw["fork_layers"] = model.depth
     return model.add_task(name, num_classes, **kw)
@@ -203,7 +209,7 @@ def run_dataset(spec: str, bb, args) -> dict:
             model.to(args.device)
             cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=seed,
                               eval_every=max(1, args.steps // 4), cuda_graph=args.cuda_graph,
-                              **{k: v for k, v in CONFIGS[config].items() if k in TRAIN_KEYS})
+                              **_split(config)[1])
             res = fit(model, "task", train, held, cfg, progress=False)
             acc = evaluate(model, test, ["task"], batch_size=256)["task"]
             run = {"dataset": data.name, "config": config, "seed": seed, "lr": lr,

@@ -125,7 +125,8 @@ def add_task(
                           adapter_dim=adapter_dim,
                           fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool), fork_select=fork_select,
                           fork_finetune=fork_finetune, finetune_lr_scale=finetune_lr_scale,
-                          layer_decay=layer_decay, probe_fraction=probe_fraction, steps=steps, batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
+                          layer_decay=layer_decay, probe_fraction=probe_fraction, steps=steps,
+                          batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
                           data_root=data_root, download=download, seed=seed, max_train=max_train,
                           max_test=max_test, max_heldout=max_heldout, cuda_graph=cuda_graph, pipeline=pipeline,
                           on_bad_image=on_bad_value(on_bad_image), cache_dir=str(cache_dir) if cache_dir else None)}

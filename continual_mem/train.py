@@ -412,7 +412,8 @@ def fit(
                             buf.zero_()
         x, y = train.train_batch(step, config.batch_size, config.seed, **batch_args)
         # one schedule per kind of parameter, each group at its own scale of it (group_lr is linear in the scale)
-        rates = {kind: group_lr(step, config, 1.0, pretrained=kind == "pretrained") for kind in ("new", "pretrained")}
+        rates = {kind: group_lr(step, config, 1.0, pretrained=kind == "pretrained")
+                 for kind in ("new", "pretrained")}
         if config.cuda_graph:
             if graphed is None:
                 from .graphs import GraphedTrainStep

@@ -108,7 +108,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             torch.set_num_threads(1)
             sys.setswitchinterval(settings.switch_interval_ms / 1e3)  # see ServeSettings.switch_interval_ms
         decoders = Decoders(processes=use_processes(settings.decode_workers, settings.device),
-                            workers=max(1, host_cores() // settings.workers), on_decoded=metrics.decode_seconds.observe)
+                            workers=max(1, host_cores() // settings.workers),
+                            on_decoded=metrics.decode_seconds.observe)
         await decoders.start()
         holder = ModelHolder(settings)
         holder.current = await asyncio.to_thread(holder.load)
