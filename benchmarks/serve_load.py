@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-live-add", dest="live_add", action="store_false")
     p.add_argument("--decode-workers", default="auto", choices=["auto", "threads", "processes"],
                    help="the server's --decode-workers")
+    p.add_argument("--jpeg-decode", default="auto", choices=["auto", "device", "host"],
+                   help="the server's --jpeg-decode (auto: nvJPEG inside the pass on CUDA)")
     p.add_argument("--switch-interval-ms", type=float, default=0.2, help="the server's --switch-interval-ms")
     p.add_argument("--workers", type=int, default=1, help="the server's --workers (processes sharing the port)")
     p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
             server = subprocess.Popen(
                 [sys.executable, "-m", "cli", "--registry", str(reg_path), "serve", "--port", str(port),
                  "--device", args.device, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                 "--poll-s", "0.2", "--decode-workers", args.decode_workers,
+                 "--poll-s", "0.2", "--decode-workers", args.decode_workers, "--jpeg-decode", args.jpeg_decode,
                  "--switch-interval-ms", str(args.switch_interval_ms), "--workers", str(args.workers)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
             try:
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     env.update({"img_size": args.img_size, "clients": args.clients, "requests": args.requests,
                 "images_per_request": args.images_per_request, "upload": args.upload_size,
                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "live_add": args.live_add,
-                "decode_workers": args.decode_workers, "switch_interval_ms": args.switch_interval_ms,
+                "decode_workers": args.decode_workers, "jpeg_decode": args.jpeg_decode, "switch_interval_ms": args.switch_interval_ms,
                 "server_workers": args.workers})
     result = {"environment": env, "results": rows}
     common.report(result, f"serve load, {args.model} {args.img_size}px, {args.clients} clients, {env['device']}",

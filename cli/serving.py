@@ -25,6 +25,9 @@ def serve(
     amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA")] = True,
     decode_workers: Annotated[str, typer.Option(help="auto | threads | processes: where uploads are decoded "
                                                      "(auto: processes on CUDA)")] = "auto",
+    jpeg_decode: Annotated[str, typer.Option(help="auto | device | host: where complete JPEG uploads are decoded "
+                                                  "(device: inside the pass, nvJPEG on CUDA; auto: device on "
+                                                  "CUDA)")] = "auto",
     workers: Annotated[int, typer.Option(min=1, help="server processes sharing the port, each with its own copy "
                                                      "of the model, batcher and decoding pool")] = 1,
     switch_interval_ms: Annotated[float, typer.Option(min=0.001, help="on CUDA, the interpreter's GIL switch "
@@ -45,7 +48,7 @@ def serve(
     settings = ServeSettings(registry=state.registry, model=state.model, device=pick_device(device),
                              max_batch=max_batch, max_wait_ms=max_wait_ms, cuda_graphs=cuda_graphs,
                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
-                             poll_interval_s=poll_s, amp=amp, decode_workers=decode_workers,
+                             poll_interval_s=poll_s, amp=amp, decode_workers=decode_workers, jpeg_decode=jpeg_decode,
                              switch_interval_ms=switch_interval_ms, workers=workers)
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s)

@@ -75,6 +75,24 @@ class _DeviceStage:
         canvas, hw, labels = self.upload(canvas, hw, labels)
         return self._finish(canvas.permute(0, 3, 1, 2).contiguous(), hw, labels, train=train, g=g, n=n, lo=lo)
 
+    def from_images(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Images already on the device, ``(3, h, w)`` uint8 each (decoded there, e.g. by nvJPEG), laid out as a
+        padded batch the way :func:`pad_batch` and :func:`~scenarios.prepared.place` do on the host (last row and
+        column repeated once), then cropped and normalised for evaluation."""
+        H = _round_up(max(int(im.shape[1]) for im in images))
+        W = _round_up(max(int(im.shape[2]) for im in images))
+        canvas = torch.empty((len(images), 3, H, W), dtype=torch.uint8, device=self.device)
+        for k, im in enumerate(images):
+            h, w = im.shape[1:]
+            canvas[k, :, :h, :w] = im
+            if h < H:
+                canvas[k, :, h, :w] = im[:, h - 1]
+            if w < W:
+                canvas[k, :, :h + 1, w] = canvas[k, :, :h + 1, w - 1]
+        hw = torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.int64, device=self.device)
+        labels = torch.zeros(len(images), dtype=torch.int64, device=self.device)
+        return self._finish(canvas, hw, labels, train=False, g=None, n=None, lo=0)[0]
+
     def from_flat(self, flat: torch.Tensor, meta: torch.Tensor, labels: torch.Tensor, canvas: tuple[int, int], *,
                   train: bool, g: torch.Generator | None = None, n: int | None = None,
                   lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,9 @@
-"""Dynamic batching: request handlers enqueue decoded images and await; one worker task owns the device, gathers
-up to ``max_batch`` images (waiting at most ``max_wait_ms`` after the first), runs one pass for every task and
-hands each request its rows."""
+"""Dynamic batching: request handlers enqueue images and await; one worker task owns the device, gathers up to
+``max_batch`` images (waiting at most ``max_wait_ms`` after the first), runs one pass for every task and hands each
+request its rows.
+
+An image is either decoded already (an ``(H, W, 3)`` uint8 array from the host decoders) or, with
+``device_decode``, the bytes of a JPEG that the pass decodes on the model's device (:mod:`serving.device_decode`)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from scenarios.decode import MAX_ASPECT, SHORT_SIDE, BadImage
 from scenarios.streaming import pad_batch
 
+from .device_decode import decode_jpegs
 from .holder import ModelHolder, Served
 from .metrics import Metrics
 
@@ -35,16 +40,18 @@ def bucket_for(n: int, max_batch: int) -> int:
 
 class Batcher:
     def __init__(self, holder: ModelHolder, metrics: Metrics, *, max_batch: int, max_wait_ms: float,
-                 amp: bool, cuda_graphs: bool = True) -> None:
+                 amp: bool, cuda_graphs: bool = True, device_decode: bool = False) -> None:
         self.holder, self.metrics = holder, metrics
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
         self.amp = amp and holder.device.type == "cuda"
         self.graphs = cuda_graphs and holder.device.type == "cuda"
+        self.device_decode = device_decode
         self.queue: asyncio.Queue = asyncio.Queue()
         self.passes = 0
 
-    async def submit(self, image: np.ndarray) -> Answer:
-        """``image``: ``(H, W, 3)`` uint8, already shrunk (see :func:`serving.app.decode_upload`)."""
+    async def submit(self, image: np.ndarray | bytes) -> Answer:
+        """``image``: ``(H, W, 3)`` uint8 already shrunk (:func:`serving.decoding.decode_upload`), or with
+        ``device_decode`` a complete JPEG's bytes; :class:`BadImage` if the pass cannot decode it."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((image, future))
         self.metrics.queue_depth.set(self.queue.qsize())
@@ -55,6 +62,11 @@ class Batcher:
             batch = [await self.queue.get()]
             deadline = time.monotonic() + self.max_wait
             while len(batch) < self.max_batch:
+                try:  # what queued up during the last pass, without a timer each
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     break
@@ -76,30 +88,48 @@ class Batcher:
             self.metrics.pass_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(len(batch))
             for (_, fut), logits in zip(batch, rows):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(logits, BadImage):
+                    fut.set_exception(logits)
+                else:
                     fut.set_result(Answer(logits, served.version, served))
 
     def warm(self, served: Served) -> None:
         """Capture every bucket's graph for ``served`` now (a capture takes a few eager passes; a request that
-        met one would wait for it). Runs before the batch worker starts, so nothing else uses the device."""
-        if not self.graphs:
+        met one would wait for it) and start the device's JPEG decoder. Runs before the batch worker starts, so
+        nothing else uses the device."""
+        if not (self.graphs or self.device_decode):
             return
         side = served.stage.pre.img_size
-        blank = np.zeros((side, side, 3), dtype=np.uint8)
-        for bucket in sorted({bucket_for(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
+        blank: np.ndarray | bytes = np.zeros((side, side, 3), dtype=np.uint8)
+        if self.device_decode:  # also starts the decoder (nvJPEG's first call sets up its state)
+            from torchvision.io import encode_jpeg
+
+            blank = encode_jpeg(torch.zeros((3, side, side), dtype=torch.uint8)).numpy().tobytes()
+        buckets = {bucket_for(n, self.max_batch) for n in range(1, self.max_batch + 1)} if self.graphs else {1}
+        for bucket in sorted(buckets):
             self._forward(served, [blank] * bucket, observe=False)
 
-    def _forward(self, served: Served, images: list[np.ndarray], *,
-                 observe: bool = True) -> list[dict[str, np.ndarray]]:
-        """One pass: pad the images into a batch, crop and normalise on the device, every task's logits (one
-        copy to the host for all tasks: a copy per task is a synchronisation per task)."""
+    def _forward(self, served: Served, images: list[np.ndarray | bytes], *,
+                 observe: bool = True) -> list[dict[str, np.ndarray] | BadImage]:
+        """One pass: the images as one batch on the device (decoding the JPEGs there with ``device_decode``),
+        cropped and normalised, every task's logits; one copy to the host for all tasks (a copy per task is a
+        synchronisation per task). An image that cannot be decoded gets its :class:`BadImage` instead of logits
+        and leaves the others' pass as it is."""
         t0 = time.perf_counter()
         cuda = self.holder.device.type == "cuda"
         events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda and observe else None
         if events:
             events[0].record()
-        canvas, hw = pad_batch(images, pin=cuda)
-        x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
+        if self.device_decode:
+            x, bad = self._on_device(served, images, observe=observe)
+            if x is None:
+                return bad
+        else:
+            bad = [None] * len(images)
+            canvas, hw = pad_batch(images, pin=cuda)
+            x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
         if self.graphs:
             out = self._replay(served, x)
         else:
@@ -108,13 +138,46 @@ class Batcher:
         if events:
             events[1].record()
         names = [name for name in out if name in served.classes]
-        host = torch.cat([out[name][: len(images)].float() for name in names], dim=1).cpu().numpy()
+        logits = torch.cat([out[name][: len(x)].float() for name in names], dim=1)
+        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=cuda)
+        host.copy_(logits, non_blocking=cuda)
+        if cuda:  # wait without spinning a core (a plain synchronise spins for the whole pass)
+            done = torch.cuda.Event(blocking=True)
+            done.record()
+            done.synchronize()
         bounds = np.cumsum([0] + [out[name].shape[1] for name in names])
         if observe:
             if events:
                 self.metrics.pass_device_seconds.observe(events[0].elapsed_time(events[1]) / 1e3)
             self.metrics.pass_thread_seconds.observe(time.perf_counter() - t0)
-        return [{name: row[a:b] for name, a, b in zip(names, bounds[:-1], bounds[1:])} for row in host]
+        rows = iter(host.numpy())
+        answers: list[dict[str, np.ndarray] | BadImage] = []
+        for why in bad:
+            if why is not None:
+                answers.append(why)
+                continue
+            row = next(rows)
+            answers.append({name: row[lo:hi] for name, lo, hi in zip(names, bounds[:-1], bounds[1:])})
+        return answers
+
+    def _on_device(self, served: Served, images: list[np.ndarray | bytes], *,
+                   observe: bool) -> tuple[torch.Tensor | None, list[BadImage | None]]:
+        """The batch decoded and laid out on the device: JPEG bytes through one batched decode, host-decoded
+        arrays uploaded as they are. Returns the model input of the good images (``None`` if there is none) and,
+        per image, ``None`` or why it could not be decoded."""
+        device = self.holder.device
+        jpegs = [i for i, im in enumerate(images) if isinstance(im, (bytes, bytearray))]
+        decoded = dict(zip(jpegs, decode_jpegs([images[i] for i in jpegs], device=device, short_side=SHORT_SIDE,
+                                               max_aspect=MAX_ASPECT))) if jpegs else {}
+        tensors, bad = [], []
+        for i, im in enumerate(images):
+            t = decoded[i] if i in decoded else torch.from_numpy(im).permute(2, 0, 1).to(device, non_blocking=True)
+            bad.append(t if isinstance(t, BadImage) else None)
+            if not isinstance(t, BadImage):
+                tensors.append(t)
+        if observe:
+            self.metrics.device_decoded.inc(len(jpegs))
+        return (served.stage.from_images(tensors) if tensors else None), bad
 
     def _replay(self, served: Served, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The pass as a CUDA graph at ``x``'s bucket (rows padded with copies of the last image); eager Python

@@ -30,9 +30,9 @@ def use_processes(workers: DecodeWorkers, device: str) -> bool:
     return workers == "processes" or (workers == "auto" and device.startswith("cuda"))
 
 
-def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
-    """An upload as an ``(H, W, 3)`` uint8 array shrunk to the serving short side; HTTP 400 / 413 with one line
-    for what is not an image or too large (the size is read from the header, before decoding)."""
+def check_header(data: bytes, *, name: str, max_pixels: int) -> None:
+    """HTTP 400 / 413 with one line for an upload that is not an image or too large, read from its header
+    alone (PIL parses the markers up to the size, tens of microseconds; nothing is decoded)."""
     from PIL import Image
 
     try:
@@ -42,6 +42,12 @@ def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
         raise HTTPException(400, f"{name}: not an image (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
     if w * h > max_pixels:
         raise HTTPException(413, f"{name}: {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
+
+
+def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
+    """An upload as an ``(H, W, 3)`` uint8 array shrunk to the serving short side; HTTP 400 / 413 with one line
+    for what is not an image or too large (the size is read from the header, before decoding)."""
+    check_header(data, name=name, max_pixels=max_pixels)
     try:
         return decode_shrunk(data, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)
     except BadImage as exc:

@@ -32,6 +32,8 @@ class Metrics:
         self.decode_seconds = Histogram("continual_mem_decode_seconds", "time to decode and shrink one upload, in "
                                         "its decoding worker", buckets=(.001, .002, .005, .01, .02, .05, .1, .5),
                                         registry=r)
+        self.device_decoded = Counter("continual_mem_device_decoded_images", "uploads decoded on the model's device "
+                                      "inside the pass (nvJPEG on CUDA); the rest decode on the host", registry=r)
         self.loop_lag_seconds = Histogram("continual_mem_event_loop_lag_seconds", "how late a 50 ms timer of the "
                                           "event loop fires (a busy loop, or one starved of the GIL)",
                                           buckets=(.001, .002, .005, .01, .02, .05, .1, .5), registry=r)

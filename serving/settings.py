@@ -21,6 +21,9 @@ class ServeSettings:
             ``max_batch``; a batch is padded to its bucket), captured at start-up for the first model and on
             first use for each model loaded later.
         decode_workers: ``processes``, ``threads`` or ``auto`` (processes on CUDA; see :mod:`serving.decoding`).
+        jpeg_decode: Where complete JPEG uploads are decoded: ``device`` (inside the pass, on the model's device:
+            nvJPEG on CUDA; see :mod:`serving.device_decode`), ``host`` (by the decode workers, like every other
+            format), or ``auto`` (device on CUDA, host on the CPU).
         workers: Server processes sharing the port (``serve --workers``); each decodes on its share of the cores.
         switch_interval_ms: On CUDA, the interpreter's GIL switch interval while serving (Python's default is
             5 ms). The batch worker takes the GIL back several times per pass, and each time it can wait a whole
@@ -40,6 +43,7 @@ class ServeSettings:
     top_k: int = 5
     cuda_graphs: bool = True
     decode_workers: str = "auto"
+    jpeg_decode: str = "auto"
     switch_interval_ms: float = 0.2
     workers: int = 1
 
@@ -60,5 +64,12 @@ class ServeSettings:
             raise ValueError(f"switch_interval_ms must be > 0, got {self.switch_interval_ms}")
         if self.decode_workers not in ("auto", "threads", "processes"):
             raise ValueError(f"decode_workers must be auto, threads or processes, got {self.decode_workers!r}")
+        if self.jpeg_decode not in ("auto", "device", "host"):
+            raise ValueError(f"jpeg_decode must be auto, device or host, got {self.jpeg_decode!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def device_decode(self) -> bool:
+        """Whether JPEGs are decoded inside the pass (see ``jpeg_decode``)."""
+        return self.jpeg_decode == "device" or (self.jpeg_decode == "auto" and self.device.startswith("cuda"))

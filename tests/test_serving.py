@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from registry_helpers import grow, new_registry  # noqa: E402
+from scenarios.decode import MAX_ASPECT, SHORT_SIDE  # noqa: E402
 from serving import ServeSettings, create_app  # noqa: E402
 
 
@@ -51,6 +52,28 @@ def test_top_probabilities_are_torch_softmax_and_topk():
     assert idx == ref_idx.tolist()
     np.testing.assert_allclose(p, ref_p.numpy(), rtol=1e-6)
     assert top_probabilities(row[:3], 5)[1] == np.argsort(-row[:3]).tolist()  # k beyond the classes: all of them
+
+
+def test_jpegs_decoded_in_the_pass_get_the_host_paths_answers(registry):
+    # --jpeg-decode device (nvJPEG on CUDA; libjpeg-turbo inside the pass here) against the host's decode workers:
+    # the same logits bit for bit, PNGs still decoded on the host, and a JPEG whose header reads but whose data
+    # cannot be decoded gets the same one-line 400 either way
+    from test_device_decode import bogus_huffman, jpeg
+
+    reg, _ = registry
+    uploads = [jpeg(0), jpeg(1, (700, 200)), png(3)]
+    answers, in_pass = {}, {}
+    for mode in ("host", "device"):
+        with client(reg, jpeg_decode=mode) as c:
+            answers[mode] = [predict(c, u, logits="true").json()["results"][0]["tasks"] for u in uploads]
+            bad = predict(c, bogus_huffman(jpeg(0)))
+            assert bad.status_code == 400, bad.text
+            assert bad.json()["detail"] == "img0.png: cannot decode the image (Bogus Huffman table definition)"
+            assert predict(c, uploads[0]).status_code == 200  # and the server goes on
+            in_pass[mode] = [float(line.split()[1]) for line in c.get("/metrics").text.splitlines()
+                             if line.startswith("continual_mem_device_decoded_images_total")][0]
+    assert answers["device"] == answers["host"]
+    assert in_pass == {"host": 0.0, "device": 4.0}  # three good JPEGs and the bad one; never the PNG
 
 
 def test_contract(registry):
@@ -278,6 +301,32 @@ def test_every_bucket_is_captured_at_start_up_and_decoding_runs_in_processes(reg
         assert predict(c, png(0)).status_code == 200
         text = c.get("/metrics").text
         assert "continual_mem_pass_device_seconds_count 1.0" in text  # the one request's pass, not the warm-up
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+def test_jpegs_are_decoded_by_nvjpeg_inside_the_pass_on_cuda(registry):
+    # auto on CUDA: complete JPEGs go to the batch as bytes; nvJPEG's pixels are libjpeg-turbo's within a few
+    # levels (its IDCT differs), the same upload gets the same bits every time, a bad file fails only itself
+    import torch
+
+    from serving.device_decode import decode_jpegs
+    from test_device_decode import bogus_huffman, jpeg
+
+    files = [jpeg(0), jpeg(1, (700, 200))]
+    on_gpu = decode_jpegs(files, device=torch.device("cuda"), short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)
+    on_host = decode_jpegs(files, device=torch.device("cpu"), short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)
+    for g, h in zip(on_gpu, on_host):
+        assert g.is_cuda and g.shape == h.shape
+        assert (g.cpu().int() - h.int()).abs().float().mean() < 2.0
+    reg, _ = registry
+    with client(reg, device="cuda", max_batch=8) as c:
+        first = predict(c, files[0], logits="true").json()["results"][0]["tasks"]
+        bad = predict(c, bogus_huffman(files[0]))
+        assert bad.status_code == 400 and "cannot decode the image" in bad.json()["detail"], bad.text
+        assert predict(c, files[0], logits="true").json()["results"][0]["tasks"] == first
+        text = c.get("/metrics").text
+        assert "continual_mem_device_decoded_images_total 3.0" in text, text
 
 
 @pytest.mark.slow

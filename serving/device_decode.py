@@ -1,0 +1,50 @@
+"""JPEG uploads decoded on the GPU: nvJPEG through ``torchvision.io.decode_jpeg``, one batched call per pass.
+
+Why: decoding a 500x375 JPEG costs ~3 ms of a host core on an H100 host (libjpeg-turbo, measured by
+``benchmarks/data_throughput.py``), so serving ~2,000 images/s would need six cores for decoding alone, plus the
+pickling that carries each decoded image back from a worker process. nvJPEG decodes the same files at ~13,700
+images/s on the GPU. The event loop only reads an upload's header (format, size) and hands the bytes to the batch.
+
+Only complete baseline/progressive JPEGs go this way (:func:`device_decodable`); anything else (PNG, WebP, a file
+cut short) is decoded on the host as before, which also names the problem of a bad file.
+"""
+from __future__ import annotations
+
+import torch
+
+from scenarios.decode import BadImage, shrink
+
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+
+
+def device_decodable(data: bytes) -> bool:
+    """A JPEG that ends with its end-of-image marker (a truncated one goes to the host decoder, which names the
+    problem; nvJPEG may fill in the missing part instead)."""
+    return data[:3] == JPEG_START and data[-2:] == JPEG_END
+
+
+def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,
+                 max_aspect: float) -> list[torch.Tensor | BadImage]:
+    """Each JPEG as a ``(3, h, w)`` uint8 tensor on ``device``, shrunk as the host path shrinks it
+    (:func:`scenarios.decode.shrink`), or the :class:`BadImage` that says why it could not be decoded. One batched
+    nvJPEG call; if it fails, each file alone, so one bad file fails only its own request."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    try:
+        decoded: list = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        decoded = []
+        for d in data:
+            try:
+                decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as exc:
+                decoded.append(BadImage(str(exc).splitlines()[0].split(", ", 2)[-1]))
+    return [img if isinstance(img, BadImage) else _shrunk(img, short_side=short_side, max_aspect=max_aspect)
+            for img in decoded]
+
+
+def _shrunk(img: torch.Tensor, *, short_side: int, max_aspect: float) -> torch.Tensor | BadImage:
+    if img.shape[1] == 0 or img.shape[2] == 0:
+        return BadImage("empty image")
+    return shrink(img, short_side=short_side, max_aspect=max_aspect)

@@ -1,0 +1,69 @@
+"""JPEG uploads decoded inside the served pass (nvJPEG on CUDA): the same images, laid out the same way, as the host
+path; a bad file fails only itself."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scenarios.decode import MAX_ASPECT, SHORT_SIDE, BadImage, decode_shrunk
+from scenarios.pipeline import Preprocess
+from scenarios.streaming import _DeviceStage, pad_batch
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
+
+from serving.device_decode import decode_jpegs, device_decodable  # noqa: E402
+
+
+def jpeg(seed: int, size=(300, 400)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def bogus_huffman(data: bytes) -> bytes:
+    """A JPEG whose header reads fine (size, format) but whose Huffman table cannot be used."""
+    b = bytearray(data)
+    i = b.index(b"\xff\xc4")
+    b[i + 5:i + 21] = b"\xff" * 16
+    return bytes(b)
+
+
+def test_decoded_in_the_pass_is_the_host_decoders_image():
+    files = [jpeg(0), jpeg(1, (700, 200)), jpeg(2, (120, 90))]  # shrunk, aspect-capped, left as is
+    got = decode_jpegs(files, device=torch.device("cpu"), short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)
+    for data, img in zip(files, got):
+        assert np.array_equal(img.permute(1, 2, 0).numpy(),
+                              decode_shrunk(data, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT))
+
+
+def test_a_bad_file_fails_alone_with_the_decoders_reason():
+    good = jpeg(0)
+    got = decode_jpegs([good, bogus_huffman(good), good], device=torch.device("cpu"), short_side=SHORT_SIDE,
+                       max_aspect=MAX_ASPECT)
+    assert isinstance(got[1], BadImage) and "Huffman" in str(got[1])
+    assert torch.equal(got[0], got[2])
+
+
+def test_only_complete_jpegs_are_decoded_in_the_pass():
+    data = jpeg(0)
+    assert device_decodable(data)
+    assert not device_decodable(data[:-100])  # cut short: the host decoder names the problem
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    assert not device_decodable(png.getvalue())
+
+
+def test_images_laid_out_on_the_device_are_the_host_batch_bit_for_bit():
+    import timm
+
+    bb = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 50), (70, 33), (64, 64)]]
+    canvas, hw = pad_batch(images)
+    for augment in ("inception", "flip"):  # timm's centre crop; the whole image, whose resize reads the edge
+        stage = _DeviceStage(Preprocess.for_backbone(bb, augment), torch.device("cpu"))
+        host, _ = stage(canvas, hw, torch.zeros(3, dtype=torch.int64), train=False)
+        assert torch.equal(stage.from_images([torch.from_numpy(a).permute(2, 0, 1) for a in images]), host)
