@@ -13,7 +13,7 @@ for setting in $SETTINGS; do
   jpeg=${jpeg:-auto}
   for ipr in ${IPR:-1 8}; do
     python3 benchmarks/serve_load.py --device cuda --tasks 1,10 --requests $((4000 / ipr)) --clients 64 \
-      --client-procs 4 --images-per-request $ipr --iters 10 --switch-interval-ms "$ms" --workers "$workers" \
+      --client-procs 4 --images-per-request $ipr --switch-interval-ms "$ms" --workers "$workers" \
       --jpeg-decode "$jpeg" --json-out "$OUTDIR/serve_sw${ms}_w${workers}_${jpeg}_ipr${ipr}.json" 2>&1 | tail -4
   done
 done

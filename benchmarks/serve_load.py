@@ -117,14 +117,18 @@ def _client_proc(url: str, requests: int, clients: int, images_per_request: int,
             with sent.get_lock():
                 sent.value += 1
 
+    span = []
+
     async def main():
         connector = aiohttp.TCPConnector(limit=clients)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+            span.append(time.perf_counter())  # CLOCK_MONOTONIC: comparable across this host's processes
             await asyncio.gather(*(client(session) for _ in range(clients)))
+            span.append(time.perf_counter())
 
     asyncio.run(main())
     return {"latencies": latencies, "errors": errors, "versions": sorted(versions),
-            "cpu_s": time.process_time() - cpu0}
+            "cpu_s": time.process_time() - cpu0, "first": span[0], "last": span[1]}
 
 
 def _tree_cpu_seconds(pid: int) -> float:
@@ -154,7 +158,7 @@ def _init_sent(sent) -> None:
 
 
 def _noop() -> None:
-    return None
+    import aiohttp  # noqa: F401 - imported before the clock starts
 
 
 def _client_in_worker(url: str, requests: int, clients: int, images_per_request: int, image: bytes) -> dict:
@@ -220,6 +224,10 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
                    if line.startswith("continual_mem_") and " " in line and "{" not in line}
         alone_after = (await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
                                     files=[("files", ("probe.jpg", probe, "image/jpeg"))])).json()
+    # the load's own span, from the first client's first request to the last one's answer (the processes'
+    # start-up is not the server's time); clients_waiting: the share of that span the connections spent waiting
+    # for an answer (1.0: the server is the limit; lower: the load generator left it idle)
+    outer, wall = wall, max(p["last"] for p in parts) - min(p["first"] for p in parts)
     latencies = [v for p in parts for v in p["latencies"]]
     errors = [e for p in parts for e in p["errors"]]
     versions = {v for p in parts for v in p["versions"]}
@@ -233,6 +241,7 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
         return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3
 
     return {"requests": len(latencies), "images": len(latencies) * args.images_per_request, "wall_s": wall,
+            "wall_with_client_start_s": outer, "clients_waiting": sum(latencies) / (args.clients * wall),
             "images_per_s": len(latencies) * args.images_per_request / wall, "requests_per_s": len(latencies) / wall,
             "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99), "mean_ms": statistics.mean(lat) * 1e3,
             "errors": len(errors), "first_errors": errors[:3], "versions_seen": sorted(versions),
@@ -317,12 +326,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"environment": env, "results": rows}
     common.report(result, f"serve load, {args.model} {args.img_size}px, {args.clients} clients, {env['device']}",
                   ["K", "served img/s", "offline img/s", "ratio", "p50/p99 ms", "pass ms wall/thr/gpu",
-                   "lag ms", "cpu ms/req server/client", "errors", "swaps", "probe changes", "bit-identical"],
+                   "lag ms", "cpu ms/req server/client", "clients waiting", "errors", "swaps", "probe changes", "bit-identical"],
                   [[str(r["tasks"]), f"{r['images_per_s']:,.0f}", f"{r['offline_images_per_s']:,.0f}",
                     f"{r['served_over_offline']:.2f}", f"{r['p50_ms']:.0f}/{r['p99_ms']:.0f}",
                     f"{r['mean_pass_ms']:.1f}/{r['mean_pass_thread_ms']:.1f}/{r['mean_pass_device_ms']:.1f}",
                     f"{r['mean_loop_lag_ms']:.1f}",
-                    f"{r['server_cpu_ms_per_request']:.2f}/{r['client_cpu_ms_per_request']:.2f}", str(r["errors"]), str(r["swaps"]), str(r["probe_top1_changes"]),
+                    f"{r['server_cpu_ms_per_request']:.2f}/{r['client_cpu_ms_per_request']:.2f}",
+                    f"{r['clients_waiting']:.2f}", str(r["errors"]), str(r["swaps"]), str(r["probe_top1_changes"]),
                     str(r["probe_alone_bit_identical_after_add"])] for r in rows], args.json_out)
     return result
 
