@@ -170,6 +170,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         batcher = Batcher(holder, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                           amp=settings.amp, cuda_graphs=settings.cuda_graphs, device_decode=settings.device_decode)
         await asyncio.to_thread(batcher.warm, holder.current)  # every bucket's graph before the first request
+        holder.prepare = batcher.warm  # and before each later model is swapped in (captured beside the live one)
         app.state.settings, app.state.metrics, app.state.holder, app.state.batcher = settings, metrics, holder, batcher
         app.state.decoders = decoders
         workers = [asyncio.create_task(batcher.run()), asyncio.create_task(holder.watch()),

@@ -97,8 +97,9 @@ class Batcher:
 
     def warm(self, served: Served) -> None:
         """Capture every bucket's graph for ``served`` now (a capture takes a few eager passes; a request that
-        met one would wait for it) and start the device's JPEG decoder. Runs before the batch worker starts, so
-        nothing else uses the device."""
+        met one would wait for it) and start the device's JPEG decoder. At start-up this runs before the batch
+        worker starts; for a model loaded later, in the loader's thread while the worker serves the current model
+        (captures are thread-local, and the two models share no graph, stage or buffer)."""
         if not (self.graphs or self.device_decode):
             return
         side = served.stage.pre.img_size

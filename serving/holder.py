@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,9 @@ class ModelHolder:
         self.device = torch.device(settings.device)
         self.current: Served | None = None
         self.swaps = 0
+        # run on a freshly loaded model before it is swapped in (the app's: capture its CUDA graphs), so the batch
+        # worker never stalls on a new model's first passes while requests wait
+        self.prepare: Callable[[Served], None] | None = None
 
     def load(self) -> Served:
         """The registry's model as it is now (version read before and after, so a change during the load is
@@ -55,6 +59,12 @@ class ModelHolder:
         classes = {n: net.tasks[n].config.class_labels for n in net.task_names}
         return Served(net, version, _DeviceStage(pre, self.device), classes, tasks)
 
+    def _load_prepared(self) -> Served:
+        fresh = self.load()
+        if self.prepare is not None:
+            self.prepare(fresh)
+        return fresh
+
     async def watch(self) -> None:
         """Poll the registry; load a changed model in a thread and swap it in."""
         interval = self.settings.poll_interval_s
@@ -63,7 +73,7 @@ class ModelHolder:
             try:
                 version = await asyncio.to_thread(self.registry.model_version, self.settings.model)
                 if self.current is not None and version != self.current.version:
-                    fresh = await asyncio.to_thread(self.load)
+                    fresh = await asyncio.to_thread(self._load_prepared)
                     old, self.current = self.current, fresh
                     self.swaps += 1
                     log.info("model %s: version %d -> %d (%d tasks)", self.settings.model, old.version,
