@@ -58,7 +58,7 @@ def test_jpegs_decoded_in_the_pass_get_the_host_paths_answers(registry):
     # --jpeg-decode device (nvJPEG on CUDA; libjpeg-turbo inside the pass here) against the host's decode workers:
     # the same logits bit for bit, PNGs still decoded on the host, and a JPEG whose header reads but whose data
     # cannot be decoded gets the same one-line 400 either way
-    from test_device_decode import bogus_huffman
+    from test_device_decode import bogus_huffman, jpeg
 
     reg, _ = registry
     uploads = [jpeg(0), jpeg(1, (700, 200)), png(3)]
