@@ -62,7 +62,12 @@ class ModelHolder:
     def _load_prepared(self) -> Served:
         fresh = self.load()
         if self.prepare is not None:
-            self.prepare(fresh)
+            try:
+                self.prepare(fresh)
+            except Exception:  # noqa: BLE001 - a model that could not be prepared ahead is prepared on first use
+                log.exception("preparing model %s version %d before the swap failed; its graphs will be captured "
+                              "on first use", self.settings.model, fresh.version)
+                fresh.graphs.clear()
         return fresh
 
     async def watch(self) -> None:

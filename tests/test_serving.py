@@ -216,6 +216,15 @@ def test_a_new_model_is_prepared_before_it_is_swapped_in(registry):
         fresh, serving_then = prepared[0]
         assert serving_then != fresh and holder.current.version == fresh
 
+        def broken(fresh):  # a failed preparation still swaps the model in (its graphs come on first use)
+            fresh.graphs["stale"] = object()
+            raise RuntimeError("capture failed")
+
+        holder.prepare = broken
+        grow(reg, net, "d", 4)
+        _wait_for(c, lambda h: h["tasks"] == 4)
+        assert holder.current.graphs == {} and predict(c, png(0)).status_code == 200
+
 
 def _wait_for(c: TestClient, cond, timeout: float = 20.0) -> None:
     t0 = time.monotonic()
