@@ -194,13 +194,27 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
                 probes.append(r.json())
             await asyncio.sleep(0.02)
 
+    added: dict = {}
+
     async def live_add():
-        while sent.value < args.requests // 2:
+        while sent.value < args.requests // 4:  # early: storing and verifying the task takes seconds
             await asyncio.sleep(0.005)
         # another "process" changes the registry: the server must pick it up between batches
         reg = Registry(reg_path)
-        net = reg.load()
+        net = await asyncio.to_thread(reg.load)
         await asyncio.to_thread(add_task, reg, net, f"task{k}", seed=1000, memory=args.memory)
+        added.update(version=reg.model_version(), at=time.perf_counter())
+
+    async def every_worker_swapped(c: httpx.AsyncClient, timeout: float = 120.0) -> float:
+        """Seconds until /tasks answers with the new task 16 times in a row (each worker process answers some)."""
+        t0, streak = time.perf_counter(), 0
+        while streak < 16 and time.perf_counter() - t0 < timeout:
+            tasks = (await c.get(f"{url}/tasks")).json()["tasks"]
+            streak = streak + 1 if len(tasks) == k + 1 else 0
+            await asyncio.sleep(0.01)
+        if streak < 16:
+            raise RuntimeError(f"the server did not pick up the added task within {timeout:.0f} s")
+        return time.perf_counter() - added["at"]
 
     async with httpx.AsyncClient(timeout=120) as c:
         alone_before = (await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
@@ -217,8 +231,10 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             wall, server_cpu = time.perf_counter() - t0, _tree_cpu_seconds(server_pid) - server_cpu0
         stop.set()
         await probe_task
+        swapped_after = None
         if adder is not None:
             await adder
+            swapped_after = await every_worker_swapped(c)  # the bit check below must see the new model
         health = (await c.get(f"{url}/health")).json()
         metrics = {line.split()[0]: float(line.split()[1]) for line in (await c.get(f"{url}/metrics")).text.splitlines()
                    if line.startswith("continual_mem_") and " " in line and "{" not in line}
@@ -245,6 +261,10 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             "images_per_s": len(latencies) * args.images_per_request / wall, "requests_per_s": len(latencies) / wall,
             "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99), "mean_ms": statistics.mean(lat) * 1e3,
             "errors": len(errors), "first_errors": errors[:3], "versions_seen": sorted(versions),
+            # whether clients got answers from the model with the added task while the load ran, and how long
+            # after the registry write every worker served it
+            "add_landed_during_load": bool(added) and added["version"] in versions,
+            "all_workers_swapped_s_after_add": swapped_after,
             "swaps": health["swaps"], "passes": health["passes"], "probes": len(probes),
             # where a pass's time goes (see serving.metrics): wall, its thread's share, the GPU's share; decoding
             # per upload; how late the event loop's timers fire
