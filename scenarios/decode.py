@@ -210,15 +210,16 @@ def _reason(torchvision_error: str, pil_error: str) -> str:
 
 def shrink(img: torch.Tensor, *, short_side: int | None, max_aspect: float) -> torch.Tensor:
     """Centre-crop the long side to at most ``max_aspect`` times the short one, then scale down (never up) so the
-    short side is at most ``short_side`` (antialiased bilinear on uint8)."""
+    short side is at most ``short_side`` (antialiased bilinear on uint8). ``img``: ``(3, H, W)``, or a batch
+    ``(B, 3, H, W)`` of images of one size."""
     from torchvision.transforms.v2 import functional as TF
 
-    _, h, w = img.shape
+    h, w = img.shape[-2:]
     short, long_ = min(h, w), max(h, w)
     cap = int(short * max_aspect)
     if long_ > cap:
         img = TF.center_crop(img, [h, cap] if w > h else [cap, w])
-        _, h, w = img.shape
+        h, w = img.shape[-2:]
     if short_side is not None and short > short_side:
         scale = short_side / short
         img = TF.resize(img, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)

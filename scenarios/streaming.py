@@ -82,13 +82,14 @@ class _DeviceStage:
         H = _round_up(max(int(im.shape[1]) for im in images))
         W = _round_up(max(int(im.shape[2]) for im in images))
         canvas = torch.empty((len(images), 3, H, W), dtype=torch.uint8, device=self.device)
-        for k, im in enumerate(images):
-            h, w = im.shape[1:]
-            canvas[k, :, :h, :w] = im
-            if h < H:
-                canvas[k, :, h, :w] = im[:, h - 1]
-            if w < W:
-                canvas[k, :, :h + 1, w] = canvas[k, :, :h + 1, w - 1]
+        # images of one size (the usual case) are laid out together: three copies, not three per image
+        groups = [(slice(None), torch.stack(images))] if len({im.shape for im in images}) == 1 else \
+            [(slice(k, k + 1), im[None]) for k, im in enumerate(images)]
+        for rows, group in groups:
+            h, w = group.shape[2:]
+            canvas[rows, :, :h, :w] = group
+            canvas[rows, :, h, :w] = group[:, :, h - 1]  # H, W > h, w always (_round_up)
+            canvas[rows, :, :h + 1, w] = canvas[rows, :, :h + 1, w - 1]
         hw = torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.int64, device=self.device)
         labels = torch.zeros(len(images), dtype=torch.int64, device=self.device)
         return self._finish(canvas, hw, labels, train=False, g=None, n=None, lo=0)[0]

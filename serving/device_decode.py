@@ -40,11 +40,24 @@ def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,
                 decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
             except RuntimeError as exc:
                 decoded.append(BadImage(str(exc).splitlines()[0].split(", ", 2)[-1]))
-    return [img if isinstance(img, BadImage) else _shrunk(img, short_side=short_side, max_aspect=max_aspect)
-            for img in decoded]
+    return shrink_by_size(decoded, short_side=short_side, max_aspect=max_aspect)
 
 
-def _shrunk(img: torch.Tensor, *, short_side: int, max_aspect: float) -> torch.Tensor | BadImage:
-    if img.shape[1] == 0 or img.shape[2] == 0:
-        return BadImage("empty image")
-    return shrink(img, short_side=short_side, max_aspect=max_aspect)
+def shrink_by_size(images: list[torch.Tensor | BadImage], *, short_side: int,
+                   max_aspect: float) -> list[torch.Tensor | BadImage]:
+    """:func:`scenarios.decode.shrink` for each image, one call per distinct size (uploads from one camera or
+    pipeline share a size; a call per image is a handful of kernel launches per image)."""
+    out = list(images)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        if not isinstance(img, BadImage):
+            by_size.setdefault(tuple(img.shape), []).append(i)
+    for size, members in by_size.items():
+        if size[1] == 0 or size[2] == 0:
+            for i in members:
+                out[i] = BadImage("empty image")
+            continue
+        batch = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
+        for i, img in zip(members, shrink(batch, short_side=short_side, max_aspect=max_aspect)):
+            out[i] = img
+    return out

@@ -61,9 +61,27 @@ def test_images_laid_out_on_the_device_are_the_host_batch_bit_for_bit():
 
     bb = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64)
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 50), (70, 33), (64, 64)]]
-    canvas, hw = pad_batch(images)
-    for augment in ("inception", "flip"):  # timm's centre crop; the whole image, whose resize reads the edge
-        stage = _DeviceStage(Preprocess.for_backbone(bb, augment), torch.device("cpu"))
-        host, _ = stage(canvas, hw, torch.zeros(3, dtype=torch.int64), train=False)
-        assert torch.equal(stage.from_images([torch.from_numpy(a).permute(2, 0, 1) for a in images]), host)
+    for sizes in ([(40, 50), (70, 33), (64, 64)], [(40, 50)] * 3):  # one by one; all of one size together
+        images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+        canvas, hw = pad_batch(images)
+        for augment in ("inception", "flip"):  # timm's centre crop; the whole image, whose resize reads the edge
+            stage = _DeviceStage(Preprocess.for_backbone(bb, augment), torch.device("cpu"))
+            host, _ = stage(canvas, hw, torch.zeros(3, dtype=torch.int64), train=False)
+            assert torch.equal(stage.from_images([torch.from_numpy(a).permute(2, 0, 1) for a in images]), host)
+
+
+def test_shrinking_images_of_one_size_together_gives_each_ones_bits():
+    from scenarios.decode import shrink
+    from serving.device_decode import shrink_by_size
+
+    rng = np.random.default_rng(0)
+    sizes = [(375, 500), (375, 500), (200, 700), (375, 500), (90, 120)]
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
+    images.insert(2, BadImage("left as it is"))
+    got = shrink_by_size(images, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)
+    assert got[2] is images[2]
+    for img, out in zip(images, got):
+        if not isinstance(img, BadImage):
+            assert torch.equal(out, shrink(img, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT))
+    assert [tuple(t.shape[1:]) for t in got if not isinstance(t, BadImage)] == [
+        (256, 341), (256, 341), (200, 400), (256, 341), (90, 120)]
