@@ -199,13 +199,18 @@ def _from_pil(im) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 
 
+def torchvision_reason(message: str) -> str:
+    """The reason in a torchvision decoding error (``decode_jpeg, file.cpp:171, Image is ... truncated``)."""
+    return message.splitlines()[0].split(", ", 2)[-1]
+
+
 def _reason(torchvision_error: str, pil_error: str) -> str:
-    """A short reason from torchvision's message (``decode_jpeg, file.cpp:171, Image is ... truncated``)."""
+    """A short reason when neither torchvision nor PIL could decode a file."""
     if "Unsupported image file" in torchvision_error:
         if "cannot identify image file" in pil_error:
             return "not an image file that torchvision or PIL can read"
         return f"not a JPEG, PNG, WebP or GIF file, and PIL cannot read it: {pil_error}"
-    return torchvision_error.splitlines()[0].split(", ", 2)[-1]
+    return torchvision_reason(torchvision_error)
 
 
 def shrink(img: torch.Tensor, *, short_side: int | None, max_aspect: float) -> torch.Tensor:

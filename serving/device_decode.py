@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from scenarios.decode import BadImage, shrink
+from scenarios.decode import BadImage, shrink, torchvision_reason
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
@@ -39,7 +39,7 @@ def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,
             try:
                 decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
             except RuntimeError as exc:
-                decoded.append(BadImage(str(exc).splitlines()[0].split(", ", 2)[-1]))
+                decoded.append(BadImage(torchvision_reason(str(exc))))
     return shrink_by_size(decoded, short_side=short_side, max_aspect=max_aspect)
 
 
