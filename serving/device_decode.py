@@ -57,7 +57,7 @@ def shrink_by_size(images: list[torch.Tensor | BadImage], *, short_side: int,
             for i in members:
                 out[i] = BadImage("empty image")
             continue
-        batch = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
+        batch = torch.stack([images[i] for i in members])
         for i, img in zip(members, shrink(batch, short_side=short_side, max_aspect=max_aspect)):
             out[i] = img
     return out

@@ -28,7 +28,9 @@ class Served:
     stage: _DeviceStage
     classes: dict[str, tuple[str, ...]]
     tasks: list[dict]
-    graphs: dict = field(default_factory=dict)  # bucket -> GraphedForward, captured by the batch worker only
+    # bucket -> GraphedForward: captured before the model serves (start-up, or the loader's thread before a swap),
+    # else by the batch worker on first use
+    graphs: dict = field(default_factory=dict)
 
 
 class ModelHolder:

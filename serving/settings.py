@@ -18,8 +18,8 @@ class ServeSettings:
         amp: bf16 autocast on CUDA (the answers are bit-stable for a fixed batch shape and dtype).
         top_k: Default number of classes returned per task.
         cuda_graphs: On CUDA, replay the pass as a CUDA graph per batch-size bucket (powers of two up to
-            ``max_batch``; a batch is padded to its bucket), captured at start-up for the first model and on
-            first use for each model loaded later.
+            ``max_batch``; a batch is padded to its bucket), captured at start-up for the first model and, for
+            each model loaded later, in the loader's thread before it is swapped in.
         decode_workers: ``processes``, ``threads`` or ``auto`` (processes on CUDA; see :mod:`serving.decoding`).
         jpeg_decode: Where complete JPEG uploads are decoded: ``device`` (inside the pass, on the model's device:
             nvJPEG on CUDA; see :mod:`serving.device_decode`), ``host`` (by the decode workers, like every other
