@@ -157,7 +157,7 @@ def _init_sent(sent) -> None:
     _SENT = sent
 
 
-def _noop() -> None:
+def _start_client() -> None:
     import aiohttp  # noqa: F401 - imported before the clock starts
 
 
@@ -171,7 +171,7 @@ def _shares(total: int, parts: int) -> list[int]:
 
 async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: int, server_pid: int) -> dict:
     """``args.requests`` requests from ``args.clients`` connections spread over ``args.client_procs`` processes; a
-    probe every 20 ms and the live add (at half of the requests) from this process."""
+    probe every 20 ms and the live add (from a quarter of the requests) from this process."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -186,10 +186,13 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
     ctx = mp.get_context("spawn")
     sent = ctx.Value("l", 0)
 
+    def send_probe(c: httpx.AsyncClient):
+        return c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
+                      files=[("files", ("probe.jpg", probe, "image/jpeg"))])
+
     async def prober(c: httpx.AsyncClient):
         while not stop.is_set():
-            r = await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
-                             files=[("files", ("probe.jpg", probe, "image/jpeg"))])
+            r = await send_probe(c)
             if r.status_code == 200:
                 probes.append(r.json())
             await asyncio.sleep(0.02)
@@ -217,11 +220,10 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
         return time.perf_counter() - added["at"]
 
     async with httpx.AsyncClient(timeout=120) as c:
-        alone_before = (await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
-                                     files=[("files", ("probe.jpg", probe, "image/jpeg"))])).json()
+        alone_before = (await send_probe(c)).json()
         loop = asyncio.get_running_loop()
         with ProcessPoolExecutor(procs, mp_context=ctx, initializer=_init_sent, initargs=(sent,)) as pool:
-            await asyncio.gather(*(loop.run_in_executor(pool, _noop) for _ in range(procs)))  # started, warm
+            await asyncio.gather(*(loop.run_in_executor(pool, _start_client) for _ in range(procs)))  # started, warm
             probe_task = asyncio.create_task(prober(c))
             adder = asyncio.create_task(live_add()) if args.live_add else None
             t0, server_cpu0 = time.perf_counter(), _tree_cpu_seconds(server_pid)
@@ -238,8 +240,7 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
         health = (await c.get(f"{url}/health")).json()
         metrics = {line.split()[0]: float(line.split()[1]) for line in (await c.get(f"{url}/metrics")).text.splitlines()
                    if line.startswith("continual_mem_") and " " in line and "{" not in line}
-        alone_after = (await c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
-                                    files=[("files", ("probe.jpg", probe, "image/jpeg"))])).json()
+        alone_after = (await send_probe(c)).json()
     # the load's own span, from the first client's first request to the last one's answer (the processes'
     # start-up is not the server's time); clients_waiting: the share of that span the connections spent waiting
     # for an answer (1.0: the server is the limit; lower: the load generator left it idle)
