@@ -234,18 +234,18 @@ def layer_decay_scales(task: TaskModule, depth: int, decay: float) -> dict[int, 
     return scales
 
 
-def group_lr(step: int, config: TrainConfig, lr_scale: float, *, pretrained: bool) -> float:
-    """The rate of one optimizer group at ``step``: ``lr_scale`` times :func:`lr_at`; a group of copies of pretrained
-    weights (``pretrained``) starts at the end of the probe phase (``config.probe_fraction``) instead, with a
-    schedule of its own over the steps left."""
+def group_lr(step: int, config: TrainConfig, *, pretrained: bool) -> float:
+    """The schedule of one kind of optimizer group at ``step`` (each group runs at its ``lr_scale`` times it):
+    :func:`lr_at`; for copies of pretrained weights (``pretrained``) it starts at the end of the probe phase
+    (``config.probe_fraction``) instead, with a warm-up and decay of its own over the steps left."""
     probe = int(config.probe_fraction * config.steps)
     if not pretrained or probe == 0:
-        return lr_at(step, config) * lr_scale
+        return lr_at(step, config)
     if step < probe:
         return 0.0
     rest = config.steps - probe
     tail = replace(config, steps=rest, probe_fraction=0.0, warmup_steps=max(1, rest // 20))
-    return lr_at(step - probe, tail) * lr_scale
+    return lr_at(step - probe, tail)
 
 
 def clip_grad_norm_per_group(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
@@ -411,9 +411,8 @@ def fit(
                         if buf is not None:
                             buf.zero_()
         x, y = train.train_batch(step, config.batch_size, config.seed, **batch_args)
-        # one schedule per kind of parameter, each group at its own scale of it (group_lr is linear in the scale)
-        rates = {kind: group_lr(step, config, 1.0, pretrained=kind == "pretrained")
-                 for kind in ("new", "pretrained")}
+        # one schedule per kind of parameter, each group at its own scale of it
+        rates = {kind: group_lr(step, config, pretrained=kind == "pretrained") for kind in ("new", "pretrained")}
         if config.cuda_graph:
             if graphed is None:
                 from .graphs import GraphedTrainStep

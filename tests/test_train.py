@@ -168,14 +168,14 @@ def test_probe_phase_trains_new_parameters_first_then_the_copies_on_their_own_sc
     from continual_mem.train import group_lr
 
     cfg = TrainConfig(steps=200, lr=0.2, probe_fraction=0.5, finetune_lr_scale=0.1)
-    copies = [group_lr(s, cfg, 0.1, pretrained=True) for s in range(200)]
+    copies = [0.1 * group_lr(s, cfg, pretrained=True) for s in range(200)]
     assert copies[:100] == [0.0] * 100 and all(r > 0 for r in copies[100:])
     assert max(copies) == pytest.approx(0.02) and copies[100] < copies[102] < copies[104] and copies[-1] < 1e-3
-    assert [group_lr(s, cfg, 1.0, pretrained=False) for s in range(200)] == [lr_at(s, cfg) for s in range(200)]
-    # the kind decides, not the scale: copies at the full rate still wait for the probe to end
-    assert group_lr(3, cfg, 1.0, pretrained=True) == 0.0
+    assert [group_lr(s, cfg, pretrained=False) for s in range(200)] == [lr_at(s, cfg) for s in range(200)]
+    # the kind decides: copies wait for the probe to end
+    assert group_lr(3, cfg, pretrained=True) == 0.0
     plain = TrainConfig(steps=40, lr=0.2, finetune_lr_scale=0.1)
-    assert group_lr(3, plain, 0.1, pretrained=True) == pytest.approx(0.1 * lr_at(3, plain))
+    assert 0.1 * group_lr(3, plain, pretrained=True) == pytest.approx(0.1 * lr_at(3, plain))
 
     seen = []
     step = train_mod.train_step
