@@ -68,7 +68,6 @@ class PrivatePasses:
             h = run(h) if mem is None else run(torch.cat([h, mem.expand(B, -1, -1)], dim=1))[:, :keep]
         return h
 
-
     def _memory_transformer(self, task: TaskModule, h: torch.Tensor, n_seq: int) -> torch.Tensor:
         """Burtsev et al.'s ablations on ``h = [sequence (n_seq tokens), propagated memory]``, timm's blocks.
         ``mem-bottleneck``: sequence rows attend only to memory, memory rows to everything. ``mem-ctrl``: the
@@ -98,10 +97,10 @@ class PrivatePasses:
         if task.input_memory is not None:  # propagated memory: ordinary tokens from here on
             h = torch.cat([h, task.input_memory.expand(B, -1, -1)], dim=1)
         if c.regime in MEMORY_TRANSFORMER_REGIMES:
-            h = bb.norm(self._memory_transformer(task, h, h.shape[1] - c.input_memory))
-            return task.head(bb.fc_norm(h[:, : c.task_tokens].mean(dim=1)))
-        h = bb.norm(self._blocks_with_memory(task, h, 0))
-        return task.head(bb.fc_norm(h[:, : c.task_tokens].mean(dim=1)))
+            h = self._memory_transformer(task, h, h.shape[1] - c.input_memory)
+        else:
+            h = self._blocks_with_memory(task, h, 0)
+        return task.head(bb.fc_norm(bb.norm(h)[:, : c.task_tokens].mean(dim=1)))
 
 
 def bottleneck_mask(n_seq: int, n_mem: int, device=None) -> torch.Tensor:

@@ -6,8 +6,9 @@ over the slot's private keys, accumulating in float32. Its launch grid and every
 group's capacity, never on which slots are filled or how many groups exist, so the exactness rule of
 :func:`~continual_mem.layers.group_block` holds for it too. It is selected only where asked
 (``CONTINUAL_MEM_ATTENTION=triton``) and the input is on a CUDA device; its numerics differ from the PyTorch
-expression (compared with ``allclose``, like the oracle). It has been checked in Triton's interpreter on the CPU
-(``TRITON_INTERPRET=1``), not yet timed on a GPU.
+expression (compared with ``allclose``, like the oracle). It is checked in Triton's interpreter on the CPU
+(``TRITON_INTERPRET=1``) and compiled on an H100 (``pytest -m gpu``); timed there, it gains nothing over the
+PyTorch expression (README, "Fused group attention").
 """
 from __future__ import annotations
 
