@@ -88,19 +88,25 @@ def free_port() -> int:
 
 
 def _client_proc(url: str, requests: int, clients: int, images_per_request: int, image: bytes, sent) -> dict:
-    """One load process: ``clients`` concurrent connections sending ``requests`` requests. aiohttp, not httpx:
+    """One load process: ``clients`` concurrent connections, each sending its next request as soon as it has an
+    answer, until the load processes together have sent ``requests`` (one shared count: a process whose
+    connections are answered faster sends more, so every connection stays busy to the end). aiohttp, not httpx:
     httpx spends ~6 ms of CPU per multipart request (measured on this project's CPU host: 173 requests/s from
     one process; aiohttp 2,300 at 0.36 ms), so an httpx load generator measures itself, not the server."""
     import aiohttp
 
     latencies, errors, versions = [], [], set()
-    left = requests
     cpu0 = time.process_time()
 
+    def claim() -> bool:
+        with sent.get_lock():
+            if sent.value >= requests:
+                return False
+            sent.value += 1
+            return True
+
     async def client(session: aiohttp.ClientSession):
-        nonlocal left
-        while left > 0:
-            left -= 1
+        while claim():
             form = aiohttp.FormData()
             for i in range(images_per_request):
                 form.add_field("files", image, filename=f"img{i}.jpg", content_type="image/jpeg")
@@ -114,8 +120,6 @@ def _client_proc(url: str, requests: int, clients: int, images_per_request: int,
             except aiohttp.ClientError as exc:
                 errors.append(repr(exc))
             latencies.append(time.perf_counter() - t0)
-            with sent.get_lock():
-                sent.value += 1
 
     span = []
 
@@ -202,6 +206,9 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
     async def live_add():
         while sent.value < args.requests // 4:  # early: storing and verifying the task takes seconds
             await asyncio.sleep(0.005)
+        # the adder stands for a trainer on another machine: its CPU verification passes get a few cores, not
+        # every core of the host the server and the clients run on
+        torch.set_num_threads(args.adder_threads)
         # another "process" changes the registry: the server must pick it up between batches
         reg = Registry(reg_path)
         net = await asyncio.to_thread(reg.load)
@@ -228,8 +235,8 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             adder = asyncio.create_task(live_add()) if args.live_add else None
             t0, server_cpu0 = time.perf_counter(), _tree_cpu_seconds(server_pid)
             parts = await asyncio.gather(*(
-                loop.run_in_executor(pool, _client_in_worker, url, r, n, args.images_per_request, image)
-                for r, n in zip(_shares(args.requests, procs), _shares(args.clients, procs))))
+                loop.run_in_executor(pool, _client_in_worker, url, args.requests, n, args.images_per_request, image)
+                for n in _shares(args.clients, procs)))
             wall, server_cpu = time.perf_counter() - t0, _tree_cpu_seconds(server_pid) - server_cpu0
         stop.set()
         await probe_task
@@ -296,12 +303,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--no-live-add", dest="live_add", action="store_false")
+    p.add_argument("--adder-threads", type=int, default=2, help="CPU threads of the process that adds the task")
     p.add_argument("--decode-workers", default="auto", choices=["auto", "threads", "processes"],
                    help="the server's --decode-workers")
     p.add_argument("--jpeg-decode", default="auto", choices=["auto", "device", "host"],
                    help="the server's --jpeg-decode (auto: nvJPEG inside the pass on CUDA)")
     p.add_argument("--switch-interval-ms", type=float, default=0.2, help="the server's --switch-interval-ms")
     p.add_argument("--workers", type=int, default=1, help="the server's --workers (processes sharing the port)")
+    p.add_argument("--no-shared-model", dest="shared_model", action="store_false",
+                   help="with --workers > 1, a model per server process (the server's --no-shared-model)")
     p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
                    help="load-generator processes sharing --clients (each one core's worth of aiohttp)")
     args = common.resolve(p.parse_args(argv))
@@ -323,7 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
                 [sys.executable, "-m", "cli", "--registry", str(reg_path), "serve", "--port", str(port),
                  "--device", args.device, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                  "--poll-s", "0.2", "--decode-workers", args.decode_workers, "--jpeg-decode", args.jpeg_decode,
-                 "--switch-interval-ms", str(args.switch_interval_ms), "--workers", str(args.workers)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                 "--switch-interval-ms", str(args.switch_interval_ms), "--workers", str(args.workers),
+                 "--shared-model" if args.shared_model else "--no-shared-model"], cwd=ROOT, stdout=log,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
             try:
                 url = f"http://127.0.0.1:{port}"
@@ -342,8 +354,9 @@ def main(argv: list[str] | None = None) -> dict:
     env.update({"img_size": args.img_size, "clients": args.clients, "requests": args.requests,
                 "images_per_request": args.images_per_request, "upload": args.upload_size,
                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "live_add": args.live_add,
+                "adder_threads": args.adder_threads,
                 "decode_workers": args.decode_workers, "jpeg_decode": args.jpeg_decode, "switch_interval_ms": args.switch_interval_ms,
-                "server_workers": args.workers})
+                "server_workers": args.workers, "shared_model": args.shared_model})
     result = {"environment": env, "results": rows}
     common.report(result, f"serve load, {args.model} {args.img_size}px, {args.clients} clients, {env['device']}",
                   ["K", "served img/s", "offline img/s", "ratio", "p50/p99 ms", "pass ms wall/thr/gpu",

@@ -28,8 +28,11 @@ def serve(
     jpeg_decode: Annotated[str, typer.Option(help="auto | device | host: where complete JPEG uploads are decoded "
                                                   "(device: inside the pass, nvJPEG on CUDA; auto: device on "
                                                   "CUDA)")] = "auto",
-    workers: Annotated[int, typer.Option(min=1, help="server processes sharing the port, each with its own copy "
-                                                     "of the model, batcher and decoding pool")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="HTTP server processes sharing the port, each with its own "
+                                                     "decoding pool")] = 1,
+    shared_model: Annotated[bool, typer.Option(help="with --workers > 1: one model process batches every HTTP "
+                                                    "process's images (--no-shared-model: a model per "
+                                                    "process)")] = True,
     switch_interval_ms: Annotated[float, typer.Option(min=0.001, help="on CUDA, the interpreter's GIL switch "
                                                                  "interval while serving (Python's default: 5)")] = 0.2,
     keep_alive_s: Annotated[float, typer.Option(min=1.0, help="how long an idle client connection stays open "
@@ -49,16 +52,17 @@ def serve(
                              max_batch=max_batch, max_wait_ms=max_wait_ms, cuda_graphs=cuda_graphs,
                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                              poll_interval_s=poll_s, amp=amp, decode_workers=decode_workers, jpeg_decode=jpeg_decode,
-                             switch_interval_ms=switch_interval_ms, workers=workers)
-    if workers == 1:
+                             switch_interval_ms=switch_interval_ms, workers=workers, shared_model=shared_model)
+    if workers == 1:  # the model in the server's own process
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s)
         return
     _serve_workers(settings, host=host, port=port, keep_alive_s=keep_alive_s)
 
 
 def _serve_workers(settings, *, host: str, port: int, keep_alive_s: float) -> None:
-    """uvicorn's worker processes, each building the app from the settings in the environment; their metrics meet
-    in a temporary folder (prometheus_client's multiprocess mode), removed at exit."""
+    """uvicorn's worker processes, each building the app from the settings in the environment, in front of one
+    model process (``settings.shared_model``) that they reach on a Unix socket; their metrics meet in a temporary
+    folder (prometheus_client's multiprocess mode). Both go at exit, the model process with them."""
     import dataclasses
     import json
     import os
@@ -68,11 +72,57 @@ def _serve_workers(settings, *, host: str, port: int, keep_alive_s: float) -> No
 
     from serving.app import SETTINGS_ENV
 
-    with tempfile.TemporaryDirectory(prefix="continual-mem-metrics-") as shared:
-        os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
+    with tempfile.TemporaryDirectory(prefix="continual-mem-serve-") as shared:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
-        uvicorn.run("serving.app:create_app_from_env", factory=True, workers=settings.workers, host=host,
-                    port=port, log_level="info", timeout_keep_alive=keep_alive_s)
+        stop_model = None
+        if settings.shared_model:
+            settings = dataclasses.replace(settings, model_socket=os.path.join(shared, "model.sock"))
+            stop_model = _start_model_process(settings)
+        os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
+        try:
+            uvicorn.run("serving.app:create_app_from_env", factory=True, workers=settings.workers, host=host,
+                        port=port, log_level="info", timeout_keep_alive=keep_alive_s)
+        finally:
+            if stop_model is not None:
+                stop_model()
+
+
+def _start_model_process(settings):
+    """Start the shared model process and wait until it is ready (model loaded, graphs captured, socket
+    listening); if it exits on its own, the server stops too (its HTTP processes could only answer 503). Returns
+    the function that stops it."""
+    import dataclasses
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from serving.engine import run_model_process
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=run_model_process, args=(dataclasses.asdict(settings), settings.model_socket, ready),
+                       name="continual-mem-model", daemon=True)
+    proc.start()
+    while not ready.wait(0.2):
+        if not proc.is_alive():
+            raise ValueError(f"the model process exited with code {proc.exitcode} before it was ready; its "
+                             "error is above")
+
+    stopping = threading.Event()
+
+    def stop_when_it_exits() -> None:
+        proc.join()
+        if not stopping.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop() -> None:
+        stopping.set()
+        proc.terminate()
+        proc.join(timeout=30)
+
+    threading.Thread(target=stop_when_it_exits, daemon=True).start()
+    return stop
 
 
 @app.command("export-onnx")

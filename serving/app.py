@@ -15,17 +15,16 @@ import time
 from contextlib import asynccontextmanager
 
 import numpy as np
-import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from scenarios.decode import BadImage, host_cores
 
-from .batcher import Answer, Batcher
+from .batcher import Answer
 from .decoding import Decoders, check_header, use_processes
 from .device_decode import device_decodable
-from .holder import ModelHolder
+from .engine import LocalModel, ModelClient, ModelUnavailable, server_process_setup
 from .metrics import Metrics
 from .settings import ServeSettings
 
@@ -98,7 +97,7 @@ async def _answer(state, name: str, data: bytes) -> Answer:
     else:
         image = await state.decoders.decode(data, name=name, max_pixels=settings.max_pixels)
     try:
-        return await state.batcher.submit(image)
+        return await state.model.submit(image)
     except BadImage as exc:
         raise HTTPException(400, f"{name}: cannot decode the image ({exc})") from None
 
@@ -153,33 +152,25 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        metrics = Metrics()
+        metrics = Metrics(owns_model=not settings.model_socket)
         switch = sys.getswitchinterval()
-        if settings.device.startswith("cuda"):
-            # the model runs on the GPU; on the host, requests decode in parallel, one core each (torch's
-            # intra-op pool per calling thread would put cores x threads workers on the cores)
-            torch.set_num_threads(1)
-            sys.setswitchinterval(settings.switch_interval_ms / 1e3)  # see ServeSettings.switch_interval_ms
+        server_process_setup(settings)
         decoders = Decoders(processes=use_processes(settings.decode_workers, settings.device),
                             workers=max(1, host_cores() // settings.workers),
                             on_decoded=metrics.decode_seconds.observe)
         await decoders.start()
-        holder = ModelHolder(settings)
-        holder.current = await asyncio.to_thread(holder.load)
-        metrics.version.set(holder.current.version)
-        batcher = Batcher(holder, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                          amp=settings.amp, cuda_graphs=settings.cuda_graphs, device_decode=settings.device_decode)
-        await asyncio.to_thread(batcher.warm, holder.current)  # every bucket's graph before the first request
-        holder.prepare = batcher.warm  # and before each later model is swapped in (captured beside the live one)
-        app.state.settings, app.state.metrics, app.state.holder, app.state.batcher = settings, metrics, holder, batcher
+        model = ModelClient(settings.model_socket) if settings.model_socket else LocalModel(settings, metrics)
+        await model.start()
+        app.state.settings, app.state.metrics, app.state.model = settings, metrics, model
         app.state.decoders = decoders
-        workers = [asyncio.create_task(batcher.run()), asyncio.create_task(holder.watch()),
-                   asyncio.create_task(_watch_loop_lag(metrics))]
+        if isinstance(model, LocalModel):
+            app.state.holder, app.state.batcher = model.holder, model.batcher
+        lag = asyncio.create_task(_watch_loop_lag(metrics))
         try:
             yield
         finally:
-            for w in workers:
-                w.cancel()
+            lag.cancel()
+            await model.stop()
             decoders.shutdown()
             sys.setswitchinterval(switch)
 
@@ -190,13 +181,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def one_line(request: Request, exc: HTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
+    @app.exception_handler(ModelUnavailable)
+    async def no_model(request: Request, exc: ModelUnavailable):
+        return JSONResponse({"detail": f"{exc}; restart the server"}, status_code=503)
+
     @app.post("/predict", response_model=PredictResponse, response_model_by_alias=True)
     async def predict(request: Request, tasks: str = "", top_k: int | None = None,
                       logits: bool = False) -> PredictResponse:
         st: ServeSettings = request.app.state.settings
-        holder: ModelHolder = request.app.state.holder
         wanted = [t for t in tasks.split(",") if t] if tasks else None
-        known = holder.current.classes
+        known = request.app.state.model.current.classes
         unknown = [t for t in wanted or [] if t not in known]
         if unknown:
             raise HTTPException(404, f"unknown task {unknown[0]!r}; known tasks: {', '.join(known) or 'none'}")
@@ -224,23 +218,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/tasks")
     async def list_tasks(request: Request) -> dict:
-        served = request.app.state.holder.current
-        return {"model_version": served.version, "tasks": served.tasks}
+        current = request.app.state.model.current
+        return {"model_version": current.version, "tasks": current.tasks}
 
     @app.get("/health")
     async def health(request: Request) -> dict:
-        holder: ModelHolder = request.app.state.holder
-        request.app.state.metrics.version.set(holder.current.version)
-        request.app.state.metrics.swaps.set(holder.swaps)
-        return {"status": "ok", "model_version": holder.current.version, "tasks": len(holder.current.tasks),
-                "device": str(holder.device), "swaps": holder.swaps, "passes": request.app.state.batcher.passes}
+        return {"status": "ok", **await request.app.state.model.status()}
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        holder: ModelHolder = request.app.state.holder
-        m: Metrics = request.app.state.metrics
-        m.version.set(holder.current.version)
-        m.swaps.set(holder.swaps)
-        return Response(m.text(), media_type="text/plain; version=0.0.4")
+        return Response(request.app.state.metrics.text(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -23,7 +23,9 @@ from .metrics import Metrics
 
 @dataclass
 class Answer:
-    """One image's logits for every task (host float32 rows) and the model version that computed them."""
+    """One image's logits for every task (host float32 rows), the model version that computed them, and that
+    model's class names (``served.classes``: a :class:`Served`, or its :class:`~serving.engine.ModelView` on the
+    HTTP side of a shared model process)."""
 
     logits: dict[str, np.ndarray]
     version: int
@@ -78,7 +80,7 @@ class Batcher:
             served = self.holder.current  # one model per batch: a swap lands between batches
             t0 = time.perf_counter()
             try:
-                rows = await asyncio.to_thread(self._forward, served, [img for img, _ in batch])
+                rows = await asyncio.to_thread(self._forward_in_turn, served, [img for img, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
                 for _, fut in batch:
                     if not fut.done():
@@ -94,6 +96,10 @@ class Batcher:
                     fut.set_exception(logits)
                 else:
                     fut.set_result(Answer(logits, served.version, served))
+
+    def _forward_in_turn(self, served: Served, images: list[np.ndarray | bytes]) -> list:
+        with self.holder.cpu_turns:  # on the CPU, never beside a model load (see ModelHolder.cpu_turns)
+            return self._forward(served, images)
 
     def warm(self, served: Served) -> None:
         """Capture every bucket's graph for ``served`` now (a capture takes a few eager passes; a request that

@@ -4,7 +4,9 @@ request is answered by exactly one model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +47,12 @@ class ModelHolder:
         # run on a freshly loaded model before it is swapped in (the app's: capture its CUDA graphs), so the batch
         # worker never stalls on a new model's first passes while requests wait
         self.prepare: Callable[[Served], None] | None = None
+        # called with each model right after it is swapped in (metrics, the shared model process's announcements)
+        self.on_swap: list[Callable[[Served], None]] = []
+        # On the CPU a pass and a model load run torch ops in two threads of one process, and a pass's float32
+        # bits then depend on how the cores were shared (seen: an old task's logits changed during a load). So
+        # on the CPU the two take turns; on CUDA the load runs beside the passes (their bits are the GPU's).
+        self.cpu_turns = threading.Lock() if self.device.type == "cpu" else contextlib.nullcontext()
 
     def load(self) -> Served:
         """The registry's model as it is now (version read before and after, so a change during the load is
@@ -62,14 +70,15 @@ class ModelHolder:
         return Served(net, version, _DeviceStage(pre, self.device), classes, tasks)
 
     def _load_prepared(self) -> Served:
-        fresh = self.load()
-        if self.prepare is not None:
-            try:
-                self.prepare(fresh)
-            except Exception:  # noqa: BLE001 - a model that could not be prepared ahead is prepared on first use
-                log.exception("preparing model %s version %d before the swap failed; its graphs will be captured "
-                              "on first use", self.settings.model, fresh.version)
-                fresh.graphs.clear()
+        with self.cpu_turns:
+            fresh = self.load()
+            if self.prepare is not None:
+                try:
+                    self.prepare(fresh)
+                except Exception:  # noqa: BLE001 - a model that could not be prepared ahead is prepared on first use
+                    log.exception("preparing model %s version %d before the swap failed; its graphs will be "
+                                  "captured on first use", self.settings.model, fresh.version)
+                    fresh.graphs.clear()
         return fresh
 
     async def watch(self) -> None:
@@ -83,6 +92,8 @@ class ModelHolder:
                     fresh = await asyncio.to_thread(self._load_prepared)
                     old, self.current = self.current, fresh
                     self.swaps += 1
+                    for hook in self.on_swap:
+                        hook(fresh)
                     log.info("model %s: version %d -> %d (%d tasks)", self.settings.model, old.version,
                              fresh.version, len(fresh.tasks))
             except Exception:  # noqa: BLE001 - a failed reload keeps serving the model in hand

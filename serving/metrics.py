@@ -9,7 +9,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """``owns_model``: this process holds the model (the model's version and swaps are its to report; an HTTP process
+    in front of a shared model process leaves them to it, so a multiprocess gauge does not read 0 there)."""
+
+    def __init__(self, *, owns_model: bool = True) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("continual_mem_requests", "HTTP requests by endpoint and status",
@@ -40,6 +43,9 @@ class Metrics:
         self.queue_depth = Gauge("continual_mem_queue_depth", "images waiting for a pass", registry=r,
                                  multiprocess_mode="livesum")
         self.images = Counter("continual_mem_task_images", "images answered per task", ["task"], registry=r)
+        self.version = self.swaps = None
+        if not owns_model:
+            return
         self.version = Gauge("continual_mem_model_version", "registry version of the served model", registry=r,
                              multiprocess_mode="livemin")  # the oldest model a worker still serves
         self.swaps = Gauge("continual_mem_model_swaps", "models swapped in since start", registry=r,

@@ -24,7 +24,12 @@ class ServeSettings:
         jpeg_decode: Where complete JPEG uploads are decoded: ``device`` (inside the pass, on the model's device:
             nvJPEG on CUDA; see :mod:`serving.device_decode`), ``host`` (by the decode workers, like every other
             format), or ``auto`` (device on CUDA, host on the CPU).
-        workers: Server processes sharing the port (``serve --workers``); each decodes on its share of the cores.
+        workers: HTTP server processes sharing the port (``serve --workers``); each parses and decodes on its share
+            of the cores.
+        shared_model: With ``workers > 1``, one model process batches the images of every HTTP process (one CUDA
+            context, full batches; see :mod:`serving.engine`); ``False``: each HTTP process loads its own model.
+        model_socket: The shared model process's Unix socket, set by ``serve`` for its HTTP processes (empty: the
+            model runs in the app's process).
         switch_interval_ms: On CUDA, the interpreter's GIL switch interval while serving (Python's default is
             5 ms). The batch worker takes the GIL back several times per pass, and each time it can wait a whole
             interval while the event loop parses HTTP. ``benchmarks/gil_handoff.py`` reproduces this: a pass with
@@ -46,6 +51,8 @@ class ServeSettings:
     jpeg_decode: str = "auto"
     switch_interval_ms: float = 0.2
     workers: int = 1
+    shared_model: bool = True
+    model_socket: str = ""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

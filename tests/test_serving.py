@@ -437,9 +437,13 @@ def test_several_worker_processes_share_the_port_and_their_metrics(registry, tmp
         assert all(a == answers[0] for a in answers)
         text = httpx.get(f"{url}/metrics", timeout=5).text
         assert 'continual_mem_requests_total{endpoint="/predict",status="200"} 8.0' in text
+        # the version comes from the one model process (an HTTP process reporting 0 would win the "livemin")
+        version = httpx.get(f"{url}/tasks", timeout=5).json()["model_version"]
+        assert f"continual_mem_model_version {version:.1f}" in text
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
     text = (tmp_path / "server.log").read_text()
     assert "Started parent process" in text and text.count("Started server process") == 2
+    assert text.count("model process: serving default") == 1  # one model for both HTTP processes
