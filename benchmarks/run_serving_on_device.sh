@@ -4,16 +4,18 @@
 # (default "1 8"); the serve extra (uvloop, httptools, aiohttp included) travels as wheels in .whl (the device README).
 #   [IPR="1 8"] benchmarks/run_serving_on_device.sh ["0.2:1 0.2:4 0.2:4:host"] [OUTDIR=$OUT]
 set -u
-SETTINGS=${1:-0.2:1 0.2:4 0.2:4:host}
+SETTINGS=${1:-0.2:1 0.2:4 0.2:4:auto:per-worker}
 OUTDIR=${2:-${OUT:-/tmp}}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 for setting in $SETTINGS; do
-  IFS=: read -r ms workers jpeg <<< "$setting"
-  jpeg=${jpeg:-auto}
+  IFS=: read -r ms workers jpeg model <<< "$setting"
+  jpeg=${jpeg:-auto} model=${model:-shared}
+  flag=--shared-model; [ "$model" = per-worker ] && flag=--no-shared-model
   for ipr in ${IPR:-1 8}; do
-    python3 benchmarks/serve_load.py --device cuda --tasks 1,10 --requests $((4000 / ipr)) --clients 64 \
+    python3 benchmarks/serve_load.py --device cuda --tasks 1,10 --requests $((${REQ:-8000} / ipr)) --clients 64 \
       --client-procs 4 --images-per-request $ipr --switch-interval-ms "$ms" --workers "$workers" \
-      --jpeg-decode "$jpeg" --json-out "$OUTDIR/serve_sw${ms}_w${workers}_${jpeg}_ipr${ipr}.json" 2>&1 | tail -4
+      --jpeg-decode "$jpeg" $flag ${EXTRA:-} --json-out "$OUTDIR/serve_sw${ms}_w${workers}_${jpeg}_${model}_ipr${ipr}.json" \
+      2>&1 | tail -4
   done
 done
