@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Serving load tests on a GPU host, side by side in one call: each "INTERVAL:WORKERS[:JPEG]" setting (the server's
-# --switch-interval-ms, --workers and --jpeg-decode, default auto) at K = 1 and 10, with IPR images per request
-# (default "1 8"); the serve extra (uvloop, httptools, aiohttp included) travels as wheels in .whl (the device README).
-#   [IPR="1 8"] benchmarks/run_serving_on_device.sh ["0.2:1 0.2:4 0.2:4:host"] [OUTDIR=$OUT]
+# Serving load tests on a GPU host, side by side in one call: each "INTERVAL:WORKERS[:JPEG[:MODEL]]" setting (the
+# server's --switch-interval-ms, --workers, --jpeg-decode (default auto) and MODEL shared (default) or per-worker)
+# at K = 1 and 10, REQ requests (default 8000) of IPR images (default "1 8"), EXTRA arguments for serve_load (e.g.
+# --no-live-add); the serve extra (uvloop, httptools, aiohttp included) travels as wheels in .whl (the device README).
+#   [IPR="1 8"] [REQ=8000] [EXTRA=...] benchmarks/run_serving_on_device.sh ["0.2:4 0.2:4:host"] [OUTDIR=$OUT]
 set -u
 SETTINGS=${1:-0.2:1 0.2:4 0.2:4:auto:per-worker}
 OUTDIR=${2:-${OUT:-/tmp}}

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--no-live-add", dest="live_add", action="store_false")
-    p.add_argument("--adder-threads", type=int, default=2, help="CPU threads of the process that adds the task")
+    p.add_argument("--adder-threads", type=int, default=4, help="CPU threads of the process that adds the task")
     p.add_argument("--decode-workers", default="auto", choices=["auto", "threads", "processes"],
                    help="the server's --decode-workers")
     p.add_argument("--jpeg-decode", default="auto", choices=["auto", "device", "host"],
@@ -326,7 +326,10 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             reg_path = Path(tmp) / "serve.db"
             build_registry(reg_path, args, k)
-            offline = offline_rate(reg_path, args, decoded)
+            # twice, the faster counts: the first measurement of a call has come out up to 2x slower on the H100
+            # host (2,067 against 3,931 img/s for the same K = 1 pass), and a slow baseline flatters the ratio
+            offline_runs = [offline_rate(reg_path, args, decoded) for _ in range(2)]
+            offline = max(offline_runs)
             port = free_port()
             log = open(Path(tmp) / "server.log", "w")
             server = subprocess.Popen(
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
                 server.terminate()
                 server.wait(timeout=30)
                 log.close()
-        result.update({"tasks": k, "offline_images_per_s": offline,
+        result.update({"tasks": k, "offline_images_per_s": offline, "offline_runs_images_per_s": offline_runs,
                        "served_over_offline": result["images_per_s"] / offline})
         rows.append(result)
         print(f"K={k}: served {result['images_per_s']:.0f} img/s, offline {offline:.0f}, p99 {result['p99_ms']:.0f} ms, "
