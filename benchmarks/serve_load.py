@@ -286,6 +286,19 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             "probe_top1_changes": changed, "probe_alone_bit_identical_after_add": bits}
 
 
+def _profile(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling every process of the server (HTTP and model processes) for the first seconds of the load,
+    as collapsed stacks (one line per stack and its sample count, idle stacks included)."""
+    import shutil
+
+    if shutil.which("py-spy") is None:
+        raise SystemExit("--profile-server needs py-spy: pip install py-spy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--idle",
+                             "--format", "raw", "--duration", "4", "--rate", "200", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
 def _mean_ms(metrics: dict[str, float], histogram: str) -> float:
     return 1e3 * metrics.get(f"{histogram}_sum", 0.0) / max(1.0, metrics.get(f"{histogram}_count", 0.0))
 
@@ -310,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the server's --jpeg-decode (auto: nvJPEG inside the pass on CUDA)")
     p.add_argument("--switch-interval-ms", type=float, default=0.2, help="the server's --switch-interval-ms")
     p.add_argument("--workers", type=int, default=1, help="the server's --workers (processes sharing the port)")
+    p.add_argument("--profile-server", type=Path, default=None,
+                   help="folder for py-spy profiles of the server's processes during the load (collapsed stacks)")
     p.add_argument("--no-shared-model", dest="shared_model", action="store_false",
                    help="with --workers > 1, a model per server process (the server's --no-shared-model)")
     p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
@@ -343,7 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 url = f"http://127.0.0.1:{port}"
                 _wait_up(url, server, Path(tmp) / "server.log")
+                spy = _profile(server.pid, args.profile_server / f"server_k{k}.txt") if args.profile_server else None
                 result = asyncio.run(load(url, args, image, probe, reg_path, k, server.pid))
+                if spy is not None:
+                    spy.wait(timeout=60)
             finally:
                 server.terminate()
                 server.wait(timeout=30)
