@@ -173,7 +173,8 @@ def _shares(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: int, server_pid: int) -> dict:
+async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: int, server_pid: int,
+               on_load=None) -> dict:
     """``args.requests`` requests from ``args.clients`` connections spread over ``args.client_procs`` processes; a
     probe every 20 ms and the live add (from a quarter of the requests) from this process."""
     import multiprocessing as mp
@@ -234,9 +235,13 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             probe_task = asyncio.create_task(prober(c))
             adder = asyncio.create_task(live_add()) if args.live_add else None
             t0, server_cpu0 = time.perf_counter(), _tree_cpu_seconds(server_pid)
-            parts = await asyncio.gather(*(
+            clients = asyncio.gather(*(
                 loop.run_in_executor(pool, _client_in_worker, url, args.requests, n, args.images_per_request, image)
                 for n in _shares(args.clients, procs)))
+            if on_load is not None:  # once the load runs (the first second of a run profiled only idle workers)
+                await asyncio.sleep(0.5)
+                on_load()
+            parts = await clients
             wall, server_cpu = time.perf_counter() - t0, _tree_cpu_seconds(server_pid) - server_cpu0
         stop.set()
         await probe_task
@@ -295,7 +300,7 @@ def _profile(pid: int, out: Path) -> subprocess.Popen:
         raise SystemExit("--profile-server needs py-spy: pip install py-spy")
     out.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--idle",
-                             "--format", "raw", "--duration", "4", "--rate", "200", "--output", str(out)],
+                             "--format", "raw", "--duration", "2", "--rate", "200", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -358,9 +363,11 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 url = f"http://127.0.0.1:{port}"
                 _wait_up(url, server, Path(tmp) / "server.log")
-                spy = _profile(server.pid, args.profile_server / f"server_k{k}.txt") if args.profile_server else None
-                result = asyncio.run(load(url, args, image, probe, reg_path, k, server.pid))
-                if spy is not None:
+                spies: list[subprocess.Popen] = []
+                profile = (lambda: spies.append(_profile(server.pid, args.profile_server / f"server_k{k}.txt"))
+                           ) if args.profile_server else None
+                result = asyncio.run(load(url, args, image, probe, reg_path, k, server.pid, on_load=profile))
+                for spy in spies:
                     spy.wait(timeout=60)
             finally:
                 server.terminate()
