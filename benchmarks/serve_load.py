@@ -89,8 +89,10 @@ def free_port() -> int:
 
 def _client_proc(url: str, requests: int, clients: int, images_per_request: int, image: bytes, sent) -> dict:
     """One load process: ``clients`` concurrent connections, each sending its next request as soon as it has an
-    answer, until the load processes together have sent ``requests`` (one shared count: a process whose
-    connections are answered faster sends more, so every connection stays busy to the end). aiohttp, not httpx:
+    answer, until the load processes together have sent ``requests`` and ``sent[1]`` is 0 (``sent``: a shared
+    array of the count and a hold that keeps the load going until a live add has reached the answers; one count
+    for all processes: a process whose connections are answered faster sends more, so every connection stays busy
+    to the end). aiohttp, not httpx:
     httpx spends ~6 ms of CPU per multipart request (measured on this project's CPU host: 173 requests/s from
     one process; aiohttp 2,300 at 0.36 ms), so an httpx load generator measures itself, not the server."""
     import aiohttp
@@ -100,9 +102,9 @@ def _client_proc(url: str, requests: int, clients: int, images_per_request: int,
 
     def claim() -> bool:
         with sent.get_lock():
-            if sent.value >= requests:
+            if sent[0] >= requests and not sent[1]:
                 return False
-            sent.value += 1
+            sent[0] += 1
             return True
 
     async def client(session: aiohttp.ClientSession):
@@ -189,23 +191,29 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
     stop = asyncio.Event()
     procs = max(1, min(args.client_procs, args.clients))
     ctx = mp.get_context("spawn")
-    sent = ctx.Value("l", 0)
+    sent = ctx.Array("l", [0, int(args.live_add)])  # requests sent; hold the load until the add is served
 
     def send_probe(c: httpx.AsyncClient):
         return c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
                       files=[("files", ("probe.jpg", probe, "image/jpeg"))])
 
-    async def prober(c: httpx.AsyncClient):
+    async def prober(c: httpx.AsyncClient, hold_limit_s: float = 300.0):
+        t0 = time.perf_counter()
         while not stop.is_set():
             r = await send_probe(c)
             if r.status_code == 200:
                 probes.append(r.json())
+                # the load goes on until the added task answers (it must land during the load, not after it)
+                served = added and probes[-1]["model_version"] >= added["version"]
+                if sent[1] and (served or time.perf_counter() - t0 > hold_limit_s):
+                    with sent.get_lock():
+                        sent[1] = 0
             await asyncio.sleep(0.02)
 
     added: dict = {}
 
     async def live_add():
-        while sent.value < args.requests // 4:  # early: storing and verifying the task takes seconds
+        while sent[0] < args.requests // 4:  # early: storing and verifying the task takes seconds
             await asyncio.sleep(0.005)
         # the adder stands for a trainer on another machine: its CPU verification passes get a few cores, not
         # every core of the host the server and the clients run on
