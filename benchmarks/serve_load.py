@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=1, help="the server's --workers (processes sharing the port)")
     p.add_argument("--profile-server", type=Path, default=None,
                    help="folder for py-spy profiles of the server's processes during the load (collapsed stacks)")
+    p.add_argument("--overlap-passes", default="auto", choices=["auto", "on", "off"],
+                   help="the server's --overlap-passes")
     p.add_argument("--no-shared-model", dest="shared_model", action="store_false",
                    help="with --workers > 1, a model per server process (the server's --no-shared-model)")
     p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "--device", args.device, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                  "--poll-s", "0.2", "--decode-workers", args.decode_workers, "--jpeg-decode", args.jpeg_decode,
                  "--switch-interval-ms", str(args.switch_interval_ms), "--workers", str(args.workers),
-                 "--shared-model" if args.shared_model else "--no-shared-model"], cwd=ROOT, stdout=log,
+                 "--shared-model" if args.shared_model else "--no-shared-model",
+                 "--overlap-passes", args.overlap_passes], cwd=ROOT, stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
             try:
@@ -392,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "live_add": args.live_add,
                 "adder_threads": args.adder_threads,
                 "decode_workers": args.decode_workers, "jpeg_decode": args.jpeg_decode, "switch_interval_ms": args.switch_interval_ms,
-                "server_workers": args.workers, "shared_model": args.shared_model})
+                "server_workers": args.workers, "shared_model": args.shared_model,
+                "overlap_passes": args.overlap_passes})
     result = {"environment": env, "results": rows}
     common.report(result, f"serve load, {args.model} {args.img_size}px, {args.clients} clients, {env['device']}",
                   ["K", "served img/s", "offline img/s", "ratio", "p50/p99 ms", "pass ms wall/thr/gpu",

@@ -28,6 +28,8 @@ def serve(
     jpeg_decode: Annotated[str, typer.Option(help="auto | device | host: where complete JPEG uploads are decoded "
                                                   "(device: inside the pass, nvJPEG on CUDA; auto: device on "
                                                   "CUDA)")] = "auto",
+    overlap_passes: Annotated[str, typer.Option(help="auto | on | off: launch the next pass while the GPU runs "
+                                                     "the current one (auto: on CUDA)")] = "auto",
     workers: Annotated[int, typer.Option(min=1, help="HTTP server processes sharing the port, each with its own "
                                                      "decoding pool")] = 1,
     shared_model: Annotated[bool, typer.Option(help="with --workers > 1: one model process batches every HTTP "
@@ -52,6 +54,7 @@ def serve(
                              max_batch=max_batch, max_wait_ms=max_wait_ms, cuda_graphs=cuda_graphs,
                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                              poll_interval_s=poll_s, amp=amp, decode_workers=decode_workers, jpeg_decode=jpeg_decode,
+                             overlap_passes=overlap_passes,
                              switch_interval_ms=switch_interval_ms, workers=workers, shared_model=shared_model)
     if workers == 1:  # the model in the server's own process
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s)

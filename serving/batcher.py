@@ -32,6 +32,12 @@ class Answer:
     served: Served = field(repr=False)
 
 
+def _fail(batch: list, exc: Exception) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
 def bucket_for(n: int, max_batch: int) -> int:
     """The batch size a pass of ``n`` images runs at: the next power of two, capped at ``max_batch`` (so a few
     graphs cover every size, and a fixed image meets the same kernels whatever else shares its batch bucket)."""
@@ -40,14 +46,32 @@ def bucket_for(n: int, max_batch: int) -> int:
     return min(1 << (n - 1).bit_length(), max_batch)
 
 
+@dataclass
+class _Launched:
+    """A pass whose device work is queued: what reading its answers back needs."""
+
+    bad: list[BadImage | None]
+    host: torch.Tensor | None = None  # every task's logits, copied into pinned memory behind the pass
+    done: torch.cuda.Event | None = None  # recorded after that copy (CUDA)
+    events: list | None = None  # around the pass, for its GPU time
+    names: list[str] = field(default_factory=list)
+    bounds: np.ndarray | None = None
+    thread_s: float = 0.0
+
+
 class Batcher:
+    """``overlap``: launch a batch's pass before the previous pass's answers are read back, so the host prepares
+    one pass (decode inputs, layout, graph launch) while the GPU runs the other; at most two passes are in flight.
+    Answers do not change: each pass is the same kernels on the same stream, and its logits are copied out before
+    the next replay of its graph writes the same buffers."""
+
     def __init__(self, holder: ModelHolder, metrics: Metrics, *, max_batch: int, max_wait_ms: float,
-                 amp: bool, cuda_graphs: bool = True, device_decode: bool = False) -> None:
+                 amp: bool, cuda_graphs: bool = True, device_decode: bool = False, overlap: bool = False) -> None:
         self.holder, self.metrics = holder, metrics
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
         self.amp = amp and holder.device.type == "cuda"
         self.graphs = cuda_graphs and holder.device.type == "cuda"
-        self.device_decode = device_decode
+        self.device_decode, self.overlap = device_decode, overlap
         self.queue: asyncio.Queue = asyncio.Queue()
         self.passes = 0
 
@@ -59,47 +83,72 @@ class Batcher:
         self.metrics.queue_depth.set(self.queue.qsize())
         return await future
 
+    async def _gather(self, *, wait: bool) -> list:
+        """The next batch: the first queued image, what else is queued, and (``wait``) what arrives within
+        ``max_wait`` of the first, up to ``max_batch``. With a pass in flight there is no waiting: the GPU is busy,
+        and its answers are read back only after this batch is launched."""
+        batch = [await self.queue.get()]
+        deadline = time.monotonic() + (self.max_wait if wait else 0.0)
+        while len(batch) < self.max_batch:
+            try:  # what queued up during the last pass, without a timer each
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+            except asyncio.TimeoutError:
+                break
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return batch
+
     async def run(self) -> None:
+        ahead = None  # a launched pass whose answers are not read back yet (overlap)
         while True:
-            batch = [await self.queue.get()]
-            deadline = time.monotonic() + self.max_wait
-            while len(batch) < self.max_batch:
-                try:  # what queued up during the last pass, without a timer each
-                    batch.append(self.queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
-            self.metrics.queue_depth.set(self.queue.qsize())
+            if ahead is not None and self.queue.empty():
+                await self._deliver(*ahead)
+                ahead = None
+            batch = await self._gather(wait=ahead is None)
             served = self.holder.current  # one model per batch: a swap lands between batches
             t0 = time.perf_counter()
             try:
-                rows = await asyncio.to_thread(self._forward_in_turn, served, [img for img, _ in batch])
+                launched = await asyncio.to_thread(self._launch_in_turn, served, [img for img, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                _fail(batch, exc)
                 continue
-            self.passes += 1
-            self.metrics.pass_seconds.observe(time.perf_counter() - t0)
-            self.metrics.batch_size.observe(len(batch))
-            for (_, fut), logits in zip(batch, rows):
-                if fut.done():
-                    continue
-                if isinstance(logits, BadImage):
-                    fut.set_exception(logits)
-                else:
-                    fut.set_result(Answer(logits, served.version, served))
+            if ahead is not None:
+                await self._deliver(*ahead)
+                ahead = None
+            if self.overlap:
+                ahead = (batch, served, launched, t0)
+            else:
+                await self._deliver(batch, served, launched, t0)
 
-    def _forward_in_turn(self, served: Served, images: list[np.ndarray | bytes]) -> list:
+    async def _deliver(self, batch: list, served: Served, launched: _Launched, t0: float) -> None:
+        """Read a launched pass's answers back and hand each request its rows."""
+        try:
+            rows = (await asyncio.to_thread(self._finish, launched) if launched.done is not None
+                    else self._finish(launched))
+        except Exception as exc:  # noqa: BLE001
+            _fail(batch, exc)
+            return
+        self.passes += 1
+        self.metrics.pass_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_size.observe(len(batch))
+        for (_, fut), logits in zip(batch, rows):
+            if fut.done():
+                continue
+            if isinstance(logits, BadImage):
+                fut.set_exception(logits)
+            else:
+                fut.set_result(Answer(logits, served.version, served))
+
+    def _launch_in_turn(self, served: Served, images: list[np.ndarray | bytes]) -> _Launched:
         with self.holder.cpu_turns:  # on the CPU, never beside a model load (see ModelHolder.cpu_turns)
-            return self._forward(served, images)
+            return self._launch(served, images)
 
     def warm(self, served: Served) -> None:
         """Capture every bucket's graph for ``served`` now (a capture takes a few eager passes; a request that
@@ -120,10 +169,14 @@ class Batcher:
 
     def _forward(self, served: Served, images: list[np.ndarray | bytes], *,
                  observe: bool = True) -> list[dict[str, np.ndarray] | BadImage]:
-        """One pass: the images as one batch on the device (decoding the JPEGs there with ``device_decode``),
-        cropped and normalised, every task's logits; one copy to the host for all tasks (a copy per task is a
-        synchronisation per task). An image that cannot be decoded gets its :class:`BadImage` instead of logits
-        and leaves the others' pass as it is."""
+        """One pass, launched and read back (see :meth:`_launch` and :meth:`_finish`)."""
+        return self._finish(self._launch(served, images, observe=observe), observe=observe)
+
+    def _launch(self, served: Served, images: list[np.ndarray | bytes], *, observe: bool = True) -> _Launched:
+        """Queue one pass on the device: the images as one batch (decoding the JPEGs there with
+        ``device_decode``), cropped and normalised, every task's logits, and one copy of them all into pinned host
+        memory (a copy per task is a synchronisation per task). An image that cannot be decoded gets its
+        :class:`BadImage` instead of logits and leaves the others' pass as it is."""
         t0 = time.perf_counter()
         cuda = self.holder.device.type == "cuda"
         events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda and observe else None
@@ -132,7 +185,7 @@ class Batcher:
         if self.device_decode:
             x, bad = self._on_device(served, images, observe=observe)
             if x is None:
-                return bad
+                return _Launched(bad)
         else:
             bad = [None] * len(images)
             canvas, hw = pad_batch(images, pin=cuda)
@@ -148,18 +201,28 @@ class Batcher:
         logits = torch.cat([out[name][: len(x)].float() for name in names], dim=1)
         host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=cuda)
         host.copy_(logits, non_blocking=cuda)
-        if cuda:  # wait without spinning a core (a plain synchronise spins for the whole pass)
-            done = torch.cuda.Event(blocking=True)
+        done = None
+        if cuda:
+            done = torch.cuda.Event(blocking=True)  # waited on without spinning a core
             done.record()
-            done.synchronize()
         bounds = np.cumsum([0] + [out[name].shape[1] for name in names])
+        return _Launched(bad, host, done, events, names, bounds, time.perf_counter() - t0)
+
+    def _finish(self, launched: _Launched, *, observe: bool = True) -> list[dict[str, np.ndarray] | BadImage]:
+        """Wait for a launched pass's copy and split its logits into each image's rows, task by task."""
+        if launched.host is None:
+            return list(launched.bad)
+        t0 = time.perf_counter()
+        if launched.done is not None:
+            launched.done.synchronize()
         if observe:
-            if events:
-                self.metrics.pass_device_seconds.observe(events[0].elapsed_time(events[1]) / 1e3)
-            self.metrics.pass_thread_seconds.observe(time.perf_counter() - t0)
-        rows = iter(host.numpy())
+            if launched.events:
+                self.metrics.pass_device_seconds.observe(launched.events[0].elapsed_time(launched.events[1]) / 1e3)
+            self.metrics.pass_thread_seconds.observe(launched.thread_s + time.perf_counter() - t0)
+        names, bounds = launched.names, launched.bounds
+        rows = iter(launched.host.numpy())
         answers: list[dict[str, np.ndarray] | BadImage] = []
-        for why in bad:
+        for why in launched.bad:
             if why is not None:
                 answers.append(why)
                 continue

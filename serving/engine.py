@@ -65,7 +65,7 @@ class ModelView:
 
 def server_process_setup(settings: ServeSettings) -> None:
     """On CUDA: one intra-op thread (the model runs on the GPU; the host's cores decode and parse) and the GIL switch
-    interval of ``settings.switch_interval_ms``. Returns nothing; the old interval is the caller's to keep."""
+    interval of ``settings.switch_interval_ms`` (a caller that outlives the server restores the old one)."""
     if settings.device.startswith("cuda"):
         torch.set_num_threads(1)
         sys.setswitchinterval(settings.switch_interval_ms / 1e3)
@@ -86,7 +86,7 @@ class LocalModel:
         s, holder = self.settings, self.holder
         holder.current = await asyncio.to_thread(holder.load)
         self.batcher = Batcher(holder, self.metrics, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, amp=s.amp,
-                               cuda_graphs=s.cuda_graphs, device_decode=s.device_decode)
+                               cuda_graphs=s.cuda_graphs, device_decode=s.device_decode, overlap=s.overlap)
         await asyncio.to_thread(self.batcher.warm, holder.current)
         holder.prepare = self.batcher.warm
         self._note_swap(holder.current)
@@ -233,6 +233,8 @@ class ModelClient:
         if kind == "meta":
             view = ModelView(*message[1:])
             self._views[view.version] = view
+            for old in sorted(self._views)[:-8]:  # answers in flight belong to the last few versions at most
+                del self._views[old]
             if self.current is None or view.version >= self.current.version:
                 self.current = view
             return
@@ -240,7 +242,7 @@ class ModelClient:
         if fut is None or fut.done():
             return
         if kind == "answer":
-            fut.set_result(Answer(message[3], message[2], self._views[message[2]]))
+            fut.set_result(Answer(message[3], message[2], self._views.get(message[2], self.current)))
         elif kind == "status":
             fut.set_result(message[2])
         elif kind == "bad":

@@ -24,6 +24,10 @@ class ServeSettings:
         jpeg_decode: Where complete JPEG uploads are decoded: ``device`` (inside the pass, on the model's device:
             nvJPEG on CUDA; see :mod:`serving.device_decode`), ``host`` (by the decode workers, like every other
             format), or ``auto`` (device on CUDA, host on the CPU).
+        overlap_passes: ``auto`` (on CUDA), ``on`` or ``off``: launch a batch's pass before the previous pass's
+            answers are read back, so the host prepares one pass while the GPU runs the other (see
+            :class:`serving.batcher.Batcher`). On the CPU a pass is computed when it is launched, so overlapping
+            only delays the previous answers.
         workers: HTTP server processes sharing the port (``serve --workers``); each parses and decodes on its share
             of the cores.
         shared_model: With ``workers > 1``, one model process batches the images of every HTTP process (one CUDA
@@ -49,6 +53,7 @@ class ServeSettings:
     cuda_graphs: bool = True
     decode_workers: str = "auto"
     jpeg_decode: str = "auto"
+    overlap_passes: str = "auto"
     switch_interval_ms: float = 0.2
     workers: int = 1
     shared_model: bool = True
@@ -73,8 +78,15 @@ class ServeSettings:
             raise ValueError(f"decode_workers must be auto, threads or processes, got {self.decode_workers!r}")
         if self.jpeg_decode not in ("auto", "device", "host"):
             raise ValueError(f"jpeg_decode must be auto, device or host, got {self.jpeg_decode!r}")
+        if self.overlap_passes not in ("auto", "on", "off"):
+            raise ValueError(f"overlap_passes must be auto, on or off, got {self.overlap_passes!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def overlap(self) -> bool:
+        """Whether passes overlap (see ``overlap_passes``)."""
+        return self.overlap_passes == "on" or (self.overlap_passes == "auto" and self.device.startswith("cuda"))
 
     @property
     def device_decode(self) -> bool:

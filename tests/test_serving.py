@@ -156,6 +156,29 @@ def test_concurrent_requests_share_one_pass(registry):
         assert 'continual_mem_batch_size_bucket{le="4.0"} 1.0' in c.get("/metrics").text
 
 
+def test_overlapped_passes_hand_each_image_its_own_rows(registry):
+    # --overlap-passes on: a pass is launched before the previous one's answers are read back; with one image per
+    # pass and twelve concurrent requests, every image must still get exactly the logits it gets alone
+    reg, _ = registry
+    images = [png(i) for i in range(12)]
+    with client(reg, max_batch=1) as c:
+        alone = [predict(c, im, logits="true").json()["results"][0]["tasks"] for im in images]
+    with client(reg, max_batch=1, overlap_passes="on") as c:
+        assert c.app.state.batcher.overlap
+        got: dict[int, dict] = {}
+
+        def one(i):
+            got[i] = predict(c, images[i], logits="true").json()["results"][0]["tasks"]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(images))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [got[i] for i in range(len(images))] == alone
+        assert c.get("/health").json()["passes"] == len(images)
+
+
 def test_live_add_and_remove_keep_old_answers_bit_identical(registry):
     """Another process adds and removes tasks while requests flow: no request fails, every answer of an old task
     is the same bits before, during and after (CPU float32, one image per pass)."""
@@ -280,6 +303,9 @@ def test_settings_are_validated():
         ServeSettings(registry="x", switch_interval_ms=0)
     with pytest.raises(ValueError, match="decode_workers"):
         ServeSettings(registry="x", decode_workers="fibers")
+    with pytest.raises(ValueError, match="overlap_passes"):
+        ServeSettings(registry="x", overlap_passes="sometimes")
+    assert ServeSettings(registry="x", device="cuda").overlap and not ServeSettings(registry="x").overlap
     with pytest.raises(ValueError, match="max_batch"):
         ServeSettings(registry="x.db", max_batch=0)
     with pytest.raises(ValueError, match="device"):
