@@ -3,6 +3,7 @@ import base64
 import io
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -179,42 +180,50 @@ def test_overlapped_passes_hand_each_image_its_own_rows(registry):
         assert c.get("/health").json()["passes"] == len(images)
 
 
+@contextmanager
+def probing(c: TestClient, probe: bytes, tasks=("a", "b")):
+    """Send ``probe`` again and again from a thread while the body runs; yields (the model versions that answered,
+    the failures: a request that failed, or an old task whose logits differ from the first answer's)."""
+    first = predict(c, probe, logits="true").json()
+    base = {t: first["results"][0]["tasks"][t]["logits"] for t in tasks}
+    seen, failures, stop = [], [], threading.Event()
+
+    def flow():
+        while not stop.is_set():
+            r = predict(c, probe, logits="true")
+            if r.status_code != 200:
+                failures.append(r.text)
+                continue
+            body = r.json()
+            seen.append(body["model_version"])
+            failures.extend(f"task {t} changed at version {body['model_version']}" for t in tasks
+                            if body["results"][0]["tasks"][t]["logits"] != base[t])
+
+    worker = threading.Thread(target=flow)
+    worker.start()
+    try:
+        yield seen, failures
+    finally:
+        time.sleep(0.2)  # answers of the last model too
+        stop.set()
+        worker.join()
+
+
 def test_live_add_and_remove_keep_old_answers_bit_identical(registry):
     """Another process adds and removes tasks while requests flow: no request fails, every answer of an old task
     is the same bits before, during and after (CPU float32, one image per pass)."""
     reg, net = registry
-    probe = png(7)
     with client(reg, max_batch=1) as c:
-        first = predict(c, probe, logits="true").json()
-        base = {t: first["results"][0]["tasks"][t]["logits"] for t in ("a", "b")}
-        seen, stop, failures = [], threading.Event(), []
-
-        def flow():
-            while not stop.is_set():
-                r = predict(c, probe, logits="true")
-                if r.status_code != 200:
-                    failures.append(r.text)
-                    continue
-                body = r.json()
-                seen.append(body["model_version"])
-                for t in ("a", "b"):
-                    if body["results"][0]["tasks"][t]["logits"] != base[t]:
-                        failures.append(f"task {t} changed at version {body['model_version']}")
-
-        worker = threading.Thread(target=flow)
-        worker.start()
-        grow(reg, net, "c", 3, memory=3)
-        _wait_for(c, lambda h: h["tasks"] == 3)
-        grow(reg, net, "d", 4, layers="last:2")
-        _wait_for(c, lambda h: h["tasks"] == 4)
-        reg.remove_task("c")
-        _wait_for(c, lambda h: h["tasks"] == 3)
-        time.sleep(0.2)
-        stop.set()
-        worker.join()
+        with probing(c, png(7)) as (seen, failures):
+            grow(reg, net, "c", 3, memory=3)
+            _wait_for(c, lambda h: h["tasks"] == 3)
+            grow(reg, net, "d", 4, layers="last:2")
+            _wait_for(c, lambda h: h["tasks"] == 4)
+            reg.remove_task("c")
+            _wait_for(c, lambda h: h["tasks"] == 3)
         assert failures == []
         assert len(set(seen)) >= 3  # answers came from at least three models while it changed
-        now = predict(c, probe).json()["results"][0]["tasks"]
+        now = predict(c, png(7)).json()["results"][0]["tasks"]
         assert sorted(now) == ["a", "b", "d"]
         assert c.get("/health").json()["swaps"] == 3
 

@@ -2,7 +2,6 @@
 app's own process, live changes reach the HTTP side, bad images fail alone, a lost model process is a 503."""
 import dataclasses
 import multiprocessing
-import threading
 import time
 
 import pytest
@@ -15,7 +14,7 @@ from registry_helpers import grow, new_registry  # noqa: E402
 from serving import ServeSettings, create_app  # noqa: E402
 from serving.engine import run_model_process  # noqa: E402
 from test_device_decode import bogus_huffman, jpeg  # noqa: E402
-from test_serving import png, predict  # noqa: E402
+from test_serving import png, predict, probing  # noqa: E402
 
 
 def start_model_process(settings: ServeSettings, path: str):
@@ -68,32 +67,12 @@ def test_http_processes_get_the_answers_of_a_model_in_their_own_process(shared):
 
 def test_live_add_and_remove_reach_the_http_side_with_old_answers_bit_identical(shared):
     reg, net, settings, _ = shared
-    probe = jpeg(5)
     with TestClient(create_app(settings)) as c:
-        first = predict(c, probe, logits="true").json()
-        base = {t: first["results"][0]["tasks"][t]["logits"] for t in ("a", "b")}
-        seen, stop, failures = [], threading.Event(), []
-
-        def flow():
-            while not stop.is_set():
-                r = predict(c, probe, logits="true")
-                if r.status_code != 200:
-                    failures.append(r.text)
-                    continue
-                body = r.json()
-                seen.append(body["model_version"])
-                failures.extend(f"task {t} changed at version {body['model_version']}" for t in ("a", "b")
-                                if body["results"][0]["tasks"][t]["logits"] != base[t])
-
-        worker = threading.Thread(target=flow)
-        worker.start()
-        grow(reg, net, "c", 3, memory=3)
-        _wait_for_tasks(c, 3)
-        reg.remove_task("c")
-        _wait_for_tasks(c, 2)  # announced on the swap, without waiting for an answer of the new version
-        time.sleep(0.2)
-        stop.set()
-        worker.join()
+        with probing(c, jpeg(5)) as (seen, failures):
+            grow(reg, net, "c", 3, memory=3)
+            _wait_for_tasks(c, 3)
+            reg.remove_task("c")
+            _wait_for_tasks(c, 2)  # announced on the swap, without waiting for an answer of the new version
         assert failures == []
         assert len(set(seen)) >= 2
         assert c.get("/health").json()["swaps"] == 2
