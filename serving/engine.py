@@ -110,7 +110,8 @@ class LocalModel:
 
     async def status(self) -> dict:
         return {"model_version": self.holder.current.version, "tasks": len(self.holder.current.tasks),
-                "device": str(self.holder.device), "swaps": self.holder.swaps, "passes": self.batcher.passes}
+                "device": str(self.holder.device), "swaps": self.holder.swaps, "passes": self.batcher.passes,
+                "model_pid": os.getpid()}
 
 
 class _ModelProcess:

@@ -475,6 +475,11 @@ def test_several_worker_processes_share_the_port_and_their_metrics(registry, tmp
         # the version comes from the one model process (an HTTP process reporting 0 would win the "livemin")
         version = httpx.get(f"{url}/tasks", timeout=5).json()["model_version"]
         assert f"continual_mem_model_version {version:.1f}" in text
+        # a model process that dies takes the server down with it (its HTTP processes could only answer 503)
+        model_pid = httpx.get(f"{url}/health", timeout=5).json()["model_pid"]
+        assert model_pid != server.pid
+        os.kill(model_pid, 9)
+        server.wait(timeout=60)
     finally:
         server.terminate()
         server.wait(timeout=30)
