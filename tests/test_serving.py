@@ -157,14 +157,19 @@ def test_concurrent_requests_share_one_pass(registry):
         assert 'continual_mem_batch_size_bucket{le="4.0"} 1.0' in c.get("/metrics").text
 
 
-def test_overlapped_passes_hand_each_image_its_own_rows(registry):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")])])
+def test_overlapped_passes_hand_each_image_its_own_rows(registry, device):
     # --overlap-passes on: a pass is launched before the previous one's answers are read back; with one image per
-    # pass and twelve concurrent requests, every image must still get exactly the logits it gets alone
+    # pass and twelve concurrent requests, every image must still get exactly the logits it gets alone (on CUDA:
+    # graphs of bucket 1, JPEGs decoded by nvJPEG while the previous pass runs)
+    from test_device_decode import jpeg
+
     reg, _ = registry
-    images = [png(i) for i in range(12)]
-    with client(reg, max_batch=1) as c:
+    images = [png(i) if i % 2 else jpeg(i) for i in range(12)]
+    with client(reg, max_batch=1, device=device, overlap_passes="off") as c:
         alone = [predict(c, im, logits="true").json()["results"][0]["tasks"] for im in images]
-    with client(reg, max_batch=1, overlap_passes="on") as c:
+    with client(reg, max_batch=1, device=device, overlap_passes="on") as c:
         assert c.app.state.batcher.overlap
         got: dict[int, dict] = {}
 
