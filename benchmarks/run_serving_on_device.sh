@@ -17,7 +17,7 @@ for setting in $SETTINGS; do
   for ipr in ${IPR:-1 8}; do
     python3 benchmarks/serve_load.py --device cuda --tasks 1,10 --requests $((${REQ:-8000} / ipr)) --clients 64 \
       --client-procs 4 --images-per-request $ipr --switch-interval-ms "$ms" --workers "$workers" \
-      --jpeg-decode "$jpeg" $flag --overlap-passes "$overlap" ${EXTRA:-} \
+      --jpeg-decode "$jpeg" $flag --overlap-passes "$overlap" --registry-cache /tmp/serve-registries ${EXTRA:-} \
       --json-out "$OUTDIR/serve_sw${ms}_w${workers}_${jpeg}_${model}_overlap-${overlap}_ipr${ipr}.json" \
       2>&1 | tail -4
   done
