@@ -93,7 +93,7 @@ def _serve_workers(settings, *, host: str, port: int, keep_alive_s: float) -> No
 def _start_model_process(settings):
     """Start the shared model process and wait until it is ready (model loaded, graphs captured, socket
     listening); if it exits on its own, the server stops too (its HTTP processes could only answer 503). Returns
-    the function that stops it."""
+    the function that stops it, which raises if the model process had exited on its own."""
     import dataclasses
     import multiprocessing
     import os
@@ -112,17 +112,21 @@ def _start_model_process(settings):
             raise ValueError(f"the model process exited with code {proc.exitcode} before it was ready; its "
                              "error is above")
 
-    stopping = threading.Event()
+    stopping, died = threading.Event(), threading.Event()
 
     def stop_when_it_exits() -> None:
         proc.join()
         if not stopping.is_set():
+            died.set()
             os.kill(os.getpid(), signal.SIGTERM)
 
     def stop() -> None:
         stopping.set()
         proc.terminate()
         proc.join(timeout=30)
+        if died.is_set():
+            raise ValueError(f"the model process exited with code {proc.exitcode} while serving, so the server "
+                             "stopped; its error is above")
 
     threading.Thread(target=stop_when_it_exits, daemon=True).start()
     return stop

@@ -484,7 +484,7 @@ def test_several_worker_processes_share_the_port_and_their_metrics(registry, tmp
         model_pid = httpx.get(f"{url}/health", timeout=5).json()["model_pid"]
         assert model_pid != server.pid
         os.kill(model_pid, 9)
-        server.wait(timeout=60)
+        assert server.wait(timeout=60) != 0
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -492,3 +492,4 @@ def test_several_worker_processes_share_the_port_and_their_metrics(registry, tmp
     text = (tmp_path / "server.log").read_text()
     assert "Started parent process" in text and text.count("Started server process") == 2
     assert text.count("model process: serving default") == 1  # one model for both HTTP processes
+    assert "error: the model process exited with code -9 while serving" in text
