@@ -161,7 +161,10 @@ class _ModelProcess:
         if writer.is_closing():
             return
         write_message(writer, reply)
-        await writer.drain()
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass  # the HTTP process went away; its connection's reader ends it
 
 
 def run_model_process(settings: dict, path: str, ready) -> None:
@@ -256,8 +259,12 @@ class ModelClient:
             raise ModelUnavailable("the model process is gone")
         rid = next(self._ids)
         fut = self._waiting[rid] = asyncio.get_running_loop().create_future()
-        write_message(self._writer, (message[0], rid, *message[1:]))
-        await self._writer.drain()
+        try:
+            write_message(self._writer, (message[0], rid, *message[1:]))
+            await self._writer.drain()
+        except ConnectionError:
+            self._waiting.pop(rid, None)
+            raise ModelUnavailable("the model process is gone") from None
         return await fut
 
     async def submit(self, image: np.ndarray | bytes) -> Answer:
