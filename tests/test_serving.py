@@ -18,6 +18,17 @@ from scenarios.decode import MAX_ASPECT, SHORT_SIDE  # noqa: E402
 from serving import ServeSettings, create_app  # noqa: E402
 
 
+GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                                                reason="needs a CUDA device (run on a GPU host)")]
+
+
+def on_gpu(test):
+    """``pytest -m gpu`` selects it; skipped, saying why, without a CUDA device."""
+    for mark in GPU_ONLY:
+        test = mark(test)
+    return test
+
+
 def png(seed: int, size=(40, 30)) -> bytes:
     arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     out = io.BytesIO()
@@ -157,8 +168,7 @@ def test_concurrent_requests_share_one_pass(registry):
         assert 'continual_mem_batch_size_bucket{le="4.0"} 1.0' in c.get("/metrics").text
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")])])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU_ONLY)])
 def test_overlapped_passes_hand_each_image_its_own_rows(registry, device):
     # --overlap-passes on: a pass is launched before the previous one's answers are read back; with one image per
     # pass and twelve concurrent requests, every image must still get exactly the logits it gets alone (on CUDA:
@@ -335,13 +345,10 @@ def test_batch_buckets_are_powers_of_two_up_to_max_batch():
         bucket_for(65, 64)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+@on_gpu
 def test_graph_buckets_answer_what_the_eager_pass_does_at_the_same_shape(registry):
     """The served pass replayed from a CUDA graph at its bucket (padded rows) gives the eager pass's bits there,
     and the original head is not returned as a task."""
-    import torch
-
     from serving.batcher import Batcher
     from serving.holder import ModelHolder
     from serving.metrics import Metrics
@@ -361,8 +368,7 @@ def test_graph_buckets_answer_what_the_eager_pass_does_at_the_same_shape(registr
             assert np.array_equal(g[task], e[task])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+@on_gpu
 def test_every_bucket_is_captured_at_start_up_and_decoding_runs_in_processes(registry):
     reg, _ = registry
     with client(reg, device="cuda", max_batch=8) as c:
@@ -373,8 +379,7 @@ def test_every_bucket_is_captured_at_start_up_and_decoding_runs_in_processes(reg
         assert "continual_mem_pass_device_seconds_count 1.0" in text  # the one request's pass, not the warm-up
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+@on_gpu
 def test_jpegs_are_decoded_by_nvjpeg_inside_the_pass_on_cuda(registry):
     # auto on CUDA: complete JPEGs go to the batch as bytes; nvJPEG's pixels are libjpeg-turbo's within a few
     # levels (its IDCT differs), the same upload gets the same bits every time, a bad file fails only itself
@@ -403,8 +408,7 @@ def test_jpegs_are_decoded_by_nvjpeg_inside_the_pass_on_cuda(registry):
         assert "continual_mem_device_decoded_images_total 3.0" in text, text
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+@on_gpu
 def test_a_live_add_on_cuda_captures_the_new_graphs_beside_the_serving_ones(registry):
     # the new model's graphs are captured in the loader's thread while requests keep flowing through the old
     # model's; no request fails, the swapped-in model has every bucket, old tasks keep their bits
