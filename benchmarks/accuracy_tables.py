@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from table_configs import CONFIGS, TRAIN_KEYS  # noqa: E402
+from table_report import markdown, report  # noqa: E402
 from continual_mem import MemoryViT  # noqa: E402
 from continual_mem.accounting import backbone_flops, task_cost  # noqa: E402
 from continual_mem.backbone import create_backbone  # noqa: E402
@@ -37,68 +38,9 @@ from continual_mem.reference import unmasked_concatenation  # noqa: E402
 from continual_mem.train import TrainConfig, evaluate, fit  # noqa: E402
 from scenarios import datasets  # noqa: E402
 from scenarios.pipeline import Preprocess  # noqa: E402
-from scenarios.protocol import choose_lr, diverged, heldout_fraction, parse_grid  # noqa: E402
+from scenarios.protocol import diverged, final_runs, heldout_fraction, parse_grid  # noqa: E402
 from scenarios.recipes import sources  # noqa: E402
 
-# name -> add_task keyword arguments ("all" fork = depth: the paper's unmasked regime on a private branch)
-CONFIGS: dict[str, dict] = {
-    "head": dict(regime="head"),
-    "head+cls": dict(regime="head+cls"),
-    "head+cls-unmasked": dict(regime="head+cls", fork_layers="all"),
-    "masked-m5": dict(regime="masked-memory", memory=5),
-    "masked-m10": dict(regime="masked-memory", memory=10),
-    "masked-m5-tokens4": dict(regime="masked-memory", memory=5, task_tokens=4),
-    "fork-k1": dict(regime="masked-memory", memory=5, fork_layers=1),
-    "fork-k2": dict(regime="masked-memory", memory=5, fork_layers=2),
-    "fork-k4": dict(regime="masked-memory", memory=5, fork_layers=4),
-    "fork-k4-m1": dict(regime="masked-memory", memory=1, fork_layers=4),
-    "fork-k6": dict(regime="masked-memory", memory=5, fork_layers=6),
-    # pooled forks: the branch runs on the 2x2- (4x4-) average-pooled patch grid, so deeper forks fit the budget
-    "fork-k6-p2": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=2),
-    "fork-k8-p2": dict(regime="masked-memory", memory=5, fork_layers=8, fork_pool=2),
-    "fork-k12-p2": dict(regime="masked-memory", memory=5, fork_layers=12, fork_pool=2),
-    "fork-k12-p4": dict(regime="masked-memory", memory=5, fork_layers=12, fork_pool=4),
-    "fork-k6-p1x2": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=(1, 2)),
-    "fork-k7-p2": dict(regime="masked-memory", memory=5, fork_layers=7, fork_pool=2),
-    "fork-k7-p1x2": dict(regime="masked-memory", memory=5, fork_layers=7, fork_pool=(1, 2)),
-    "fork-k6-p2-m10": dict(regime="masked-memory", memory=10, fork_layers=6, fork_pool=2),
-    "memory-m1": dict(regime="memory", memory=1),
-    "memory-m5": dict(regime="memory", memory=5),
-    "memory-m10": dict(regime="memory", memory=10),
-    "memory-m20": dict(regime="memory", memory=20),
-    "full": dict(regime="full"),  # TrainConfig's default recipe for full: layer decay 0.75 (= full-ld75)
-    "full-no-decay": dict(regime="full", layer_decay=1.0),
-    # the paper's Table 4: Houlsby adapters (bottleneck 5) alone and combined with memory
-    "adapters-d5": dict(regime="adapters", adapter_dim=5),
-    "memory-m5-adapters-d5": dict(regime="memory+adapters", memory=5, adapter_dim=5),
-    # late forks on the patches the class token attends to most (EViT-style), at 224 px of 256 patches
-    "fork-k6-s128": dict(regime="masked-memory", memory=5, fork_layers=6, fork_select=128),
-    "fork-k8-s64": dict(regime="masked-memory", memory=5, fork_layers=8, fork_select=64),
-    # preserving: adapters inside the late-fork branch only
-    "fork-k6-a8": dict(regime="masked-memory", memory=5, fork_layers=6, adapter_dim=8),
-    "fork-k6-p1x2-a8": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=(1, 2), adapter_dim=8),
-    # the Memory Transformer's ablations on propagated input memory (own pass)
-    "input-memory-m5": dict(regime="input-memory", input_memory=5),
-    "mem-ctrl-m5": dict(regime="mem-ctrl", input_memory=5),
-    "mem-bottleneck-m5": dict(regime="mem-bottleneck", input_memory=5),
-    # preserving surgical fine-tuning: the branch trains its own copy of the last k blocks (at 0.03x the rate)
-    "fork-k1-ft": dict(regime="masked-memory", memory=5, fork_layers=1, fork_finetune=True),
-    "fork-k2-ft": dict(regime="masked-memory", memory=5, fork_layers=2, fork_finetune=True),
-    "fork-k3-ft": dict(regime="masked-memory", memory=5, fork_layers=3, fork_finetune=True),
-    "fork-k4-ft": dict(regime="masked-memory", memory=5, fork_layers=4, fork_finetune=True),
-    "fork-k6-s128-ft": dict(regime="masked-memory", memory=5, fork_layers=6, fork_select=128, fork_finetune=True),
-    "fork-k6-p1x2-ft": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=(1, 2), fork_finetune=True),
-    # LP-FT (TrainConfig.probe_fraction): the first half of the steps trains only the head (and tokens), then the
-    # pretrained copies join on a schedule of their own
-    "full-lpft": dict(regime="full", probe_fraction=0.5),
-    # layer-wise rate decay (TrainConfig.layer_decay, timm's rule): the patch embedding, which carries most of SGD's
-    # gradient norm on a small weight, moves least
-    "full-ld75": dict(regime="full", layer_decay=0.75),
-    "full-ld75-lpft": dict(regime="full", layer_decay=0.75, probe_fraction=0.5),
-    "fork-k2-ft-ld75": dict(regime="masked-memory", memory=5, fork_layers=2, fork_finetune=True, layer_decay=0.75),
-    "fork-k3-ft-ld75": dict(regime="masked-memory", memory=5, fork_layers=3, fork_finetune=True, layer_decay=0.75),
-}
-TRAIN_KEYS = ("probe_fraction", "finetune_lr_scale", "layer_decay")  # TrainConfig fields a configuration may set
 # learning-rate grid (scenarios.protocol.parse_grid): log-spaced, two decades; full fine-tuning shares it (its
 # backbone copy trains at TrainConfig.finetune_lr_scale times the rate, with layer-wise decay)
 GRID = "0.01:1:5"
@@ -183,6 +125,22 @@ def timing(bb, args) -> dict:
     return {"backbone_inference_ms": base, "batch": args.time_batch, "rows": rows}
 
 
+def summary_row(config: str, *, lr: float, grid, sweep: list[dict], finals: dict[int, dict], tried: list[float],
+                sweep_seeds: list[int], trainable_params: int, flop_ratio: float) -> dict:
+    """One configuration's table row from its sweep and final runs (also used to merge rate-sharded runs)."""
+    seeds = list(finals)
+    accs = [finals[s]["test_accuracy"] for s in seeds]
+    return {
+        "config": config, **CONFIGS[config],
+        "lr": lr, "grid": list(grid), "sweep_seeds": sweep_seeds, "rejected_lrs": tried,
+        "sweep": {g: statistics.mean(r["heldout_accuracy"] for r in sweep if r["lr"] == g) for g in grid},
+        "test_accuracy": accs, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "diverged_seeds": [s for s in seeds if finals[s]["diverged"]],
+        "trainable_params": trainable_params, "flop_ratio": flop_ratio,
+        "end_to_end_images_per_s": statistics.median(finals[s]["train_images_per_s"] for s in seeds),
+    }
+
+
 def run_dataset(spec: str, bb, args) -> dict:
     """Every configuration on one dataset: a learning-rate sweep over ``--sweep-seeds`` on a log-spaced grid, the
     rate picked by :func:`scenarios.protocol.choose_lr` (best mean held-out accuracy, never a rate that diverged),
@@ -198,6 +156,12 @@ def run_dataset(spec: str, bb, args) -> dict:
     sweep_seeds = [int(s) for s in args.sweep_seeds.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, runs = [], []
+
+    def save_partial() -> None:  # every finished run survives a process cut short
+        if args.out:
+            (args.out / f"{data.name}{args.tag}.partial.json").write_text(json.dumps({"rows": rows, "runs": runs},
+                                                                                      indent=1))
+
     for config in args.configs.split(","):
         grid = grids["full" if CONFIGS[config]["regime"] == "full" else "default"]
         states: dict[tuple[int, float], dict] = {}
@@ -218,18 +182,16 @@ def run_dataset(spec: str, bb, args) -> dict:
                    "train_images_per_s": res.images_per_s, "wall_time_s": res.wall_time_s}
             run["diverged"] = diverged(run, data.num_classes)
             runs.append(run)
+            save_partial()
             states[(seed, lr)] = {k: v.detach().cpu().clone() for k, v in model.tasks["task"].state_dict().items()}
             return run
 
         sweep = [train_one(seed, lr) for seed in sweep_seeds for lr in grid]
-        tried: list[float] = []
-        while True:
-            lr = choose_lr(sweep, data.num_classes, exclude=tried)
-            finals = {seed: next((r for r in sweep if r["seed"] == seed and r["lr"] == lr), None) or train_one(seed, lr)
-                      for seed in seeds}
-            if not any(r["diverged"] for r in finals.values()) or len(tried) + 1 >= len(grid):
-                break
-            tried.append(lr)  # a final seed diverged at this rate: take the next one
+
+        def get_run(seed: int, lr: float) -> dict:
+            return next((r for r in sweep if r["seed"] == seed and r["lr"] == lr), None) or train_one(seed, lr)
+
+        lr, finals, tried = final_runs(sweep, seeds, data.num_classes, get_run)
         for seed, r in finals.items():
             print(f"{data.name} {config} seed {seed}: lr {lr} test {r['test_accuracy']:.4f}"
                   + (" (diverged)" if r["diverged"] else ""), flush=True)
@@ -238,20 +200,11 @@ def run_dataset(spec: str, bb, args) -> dict:
                 save_file(states[(seed, lr)], str(args.out / f"{data.name}__{config}__s{seed}.safetensors"))
         first = MemoryViT(bb)
         _add(first, "task", config, data.num_classes)
-        accs = [finals[s]["test_accuracy"] for s in seeds]
-        rows.append({
-            "config": config, **{k: v for k, v in CONFIGS[config].items()},
-            "lr": lr, "grid": list(grid), "sweep_seeds": sweep_seeds, "rejected_lrs": tried,
-            "sweep": {g: statistics.mean(r["heldout_accuracy"] for r in sweep if r["lr"] == g) for g in grid},
-            "test_accuracy": accs, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "diverged_seeds": [s for s in seeds if finals[s]["diverged"]],
-            "trainable_params": sum(p.numel() for p in first.tasks["task"].parameters()),
-            "flop_ratio": task_cost(first, "task").flops / base_flops,
-            "end_to_end_images_per_s": statistics.median(finals[s]["train_images_per_s"] for s in seeds),
-        })
-        if args.out:  # partial results survive a run cut short
-            (args.out / f"{data.name}{args.tag}.partial.json").write_text(json.dumps({"rows": rows, "runs": runs},
-                                                                                      indent=1))
+        rows.append(summary_row(config, lr=lr, grid=grid, sweep=sweep, finals=finals, tried=tried,
+                                sweep_seeds=sweep_seeds,
+                                trainable_params=sum(p.numel() for p in first.tasks["task"].parameters()),
+                                flop_ratio=task_cost(first, "task").flops / base_flops))
+        save_partial()
     return {"dataset": data.name, "classes": data.num_classes, "train_images": len(train), "heldout_images": len(held),
             "heldout_share": share, "test_images": len(test), "rows": rows, "runs": runs}
 
@@ -301,92 +254,6 @@ def concatenation(specs: list[str], bb, args) -> dict:
             out["naive"].append(row_n)
             print(f"seed {seed}, {k} tasks: masked {row_m} | naive {row_n}", flush=True)
     return out
-
-
-def markdown(result: dict) -> str:
-    lines = [f"### {result['dataset']} ({result['train_images']} train / {result['test_images']} test)", "",
-             "| config | test acc (mean ± std) | lr | FLOPs / backbone | params |", "|---|---|---|---|---|"]
-    for r in result["rows"]:
-        mark = f" (diverged seeds: {r['diverged_seeds']})" if r.get("diverged_seeds") else ""
-        lines.append(f"| {r['config']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f}{mark} | {r['lr']} | "
-                     f"{r['flop_ratio']:.3f} | {r['trainable_params']:,} |")
-    return "\n".join(lines)
-
-
-def report(folders: list[Path]) -> str:
-    """One markdown table over datasets from result folders: per dataset the mean ± std over seeds (runs of the same
-    seed in several folders count once: they are the same run), the mean over datasets, the share of the head ->
-    memory-m10 gain it recovers (± one standard error over seeds), and the timing columns."""
-    acc: dict[tuple[str, str], dict[str, float]] = {}
-    flops: dict[str, float] = {}
-    names: list[str] = []
-    timing_rows: dict[str, dict] = {}
-    env = {}
-    for folder in folders:
-        for path in sorted(folder.glob("*.json")):
-            d = json.loads(path.read_text())
-            if "timing" in d:
-                timing_rows.update({r["config"]: r for r in d["timing"]["rows"]})
-            elif "rows" in d and "dataset" in d:
-                env = {k: d[k] for k in ("device", "img_size", "steps", "batch_size", "date") if k in d}
-                if d["dataset"] not in names:
-                    names.append(d["dataset"])
-                for r in d["rows"]:
-                    seeds = str(d["seeds"]).split(",")
-                    acc.setdefault((r["config"], d["dataset"]), {}).update(zip(seeds, r["test_accuracy"]))
-                    flops[r["config"]] = r["flop_ratio"]
-
-    def stats(config: str) -> tuple[float, float] | None:
-        """Mean over datasets and its standard error (seed spread within each dataset)."""
-        cells = [list(acc[(config, n)].values()) for n in names if (config, n) in acc]
-        if len(cells) != len(names):
-            return None
-        mean = statistics.mean(statistics.mean(c) for c in cells)
-        se = math.sqrt(sum((statistics.stdev(c) / math.sqrt(len(c))) ** 2 if len(c) > 1 else 0.0 for c in cells))
-        return mean, se / len(cells)
-
-    base, top = stats("head"), stats("memory-m10")
-    head = ("| config | " + " | ".join(names) + " | mean | gain recovered | seeds | FLOPs / backbone | "
-            "measured cost / backbone | train img/s |")
-    lines = [f"{env}", "", head, "|" + "---|" * (len(names) + 7)]
-    for c in [c for c in CONFIGS if any(k[0] == c for k in acc)]:
-        cells = []
-        for n in names:
-            v = list(acc.get((c, n), {}).values())
-            cells.append(f"{100 * statistics.mean(v):.2f} ± {100 * (statistics.stdev(v) if len(v) > 1 else 0):.2f}"
-                         if v else "-")
-        m = stats(c)
-        gain = "-"
-        if m and base and top and top[0] > base[0]:
-            span = top[0] - base[0]
-            r = (m[0] - base[0]) / span
-            se = math.sqrt((m[1] / span) ** 2 + (base[1] * (m[0] - top[0]) / span ** 2) ** 2
-                           + (top[1] * (m[0] - base[0]) / span ** 2) ** 2)
-            gain = f"{100 * r:.0f}% ± {100 * se:.0f}"
-        seeds = sorted({s for n in names for s in acc.get((c, n), {})}, key=int)
-        t = timing_rows.get(c, {})
-        cost = f"{t['measured_cost_ratio']:.3f}" if t else "-"
-        ips = f"{t['train_images_per_s']:,.0f}" if t else "-"
-        mean = f"{100 * m[0]:.2f}" if m else "-"
-        lines.append(f"| {c} | " + " | ".join(cells) + f" | {mean} | {gain} | {','.join(seeds)} | {flops[c]:.3f} | "
-                     f"{cost} | {ips} |")
-    lines += ["", "Share of the head -> memory-m10 gain recovered, per dataset (the goal asks for every one):", "",
-              "| config | " + " | ".join(names) + " | worst |", "|" + "---|" * (len(names) + 2)]
-    for c in [c for c in CONFIGS if any(k[0] == c for k in acc)]:
-        shares = [gain_share(acc, c, n) for n in names]
-        worst = min((v for v in shares if v is not None), default=None)
-        lines.append(f"| {c} | " + " | ".join("-" if v is None else f"{100 * v:.0f}%" for v in shares)
-                     + f" | {'-' if worst is None else f'{100 * worst:.0f}%'} |")
-    return "\n".join(lines)
-
-
-def gain_share(acc: dict, config: str, dataset: str) -> float | None:
-    """``(config - head) / (memory-m10 - head)`` on one dataset's seed means; None without all three or gain."""
-    means = {c: statistics.mean(acc[(c, dataset)].values()) for c in (config, "head", "memory-m10")
-             if acc.get((c, dataset))}
-    if len(means) < 3 or means["memory-m10"] <= means["head"]:
-        return None
-    return (means[config] - means["head"]) / (means["memory-m10"] - means["head"])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -68,3 +68,18 @@ def choose_lr(sweep: Sequence[dict], num_classes: int, *, exclude: Sequence[floa
     stable = {lr: runs for lr, runs in by_lr.items() if not any(diverged(r, num_classes) for r in runs)}
     pool = stable or by_lr
     return max(sorted(pool), key=lambda lr: statistics.mean(r["heldout_accuracy"] for r in pool[lr]))
+
+
+def final_runs(sweep: Sequence[dict], seeds: Sequence[int], num_classes: int, get_run) -> tuple[float, dict, list]:
+    """The chosen rate, its run for every final seed, and the rates rejected on the way: :func:`choose_lr` picks a
+    rate; if a final seed diverges there, the next rate is taken (never a diverged seed as a result unless every
+    rate diverged). ``get_run(seed, lr)`` returns that run (a sweep run, a new one trained on demand, or one read
+    from a shard)."""
+    grid_size = len({r["lr"] for r in sweep})
+    tried: list[float] = []
+    while True:
+        lr = choose_lr(sweep, num_classes, exclude=tried)
+        finals = {seed: get_run(seed, lr) for seed in seeds}
+        if not any(diverged(r, num_classes) for r in finals.values()) or len(tried) + 1 >= grid_size:
+            return lr, finals, tried
+        tried.append(lr)
