@@ -13,7 +13,7 @@ export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 for setting in $SETTINGS; do
   IFS=: read -r ms workers jpeg model overlap <<< "$setting"
   jpeg=${jpeg:-auto} model=${model:-shared} overlap=${overlap:-auto}
-  flag=--shared-model; [ "$model" = per-worker ] && flag=--no-shared-model
+  flag=; [ "$model" = per-worker ] && flag=--no-shared-model
   for ipr in ${IPR:-1 8}; do
     python3 benchmarks/serve_load.py --device cuda --tasks 1,10 --requests $((${REQ:-8000} / ipr)) --clients 64 \
       --client-procs 4 --images-per-request $ipr --switch-interval-ms "$ms" --workers "$workers" \
