@@ -5,44 +5,61 @@ import triton.language as tl
 
 
 @triton.jit
-def online(acc, m_i, l_i, s, vv):
-    """Fold one block of scores ``s`` and values ``vv`` into the running max, sum and output."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+def _dot(a, b, IEEE: tl.constexpr):
+    # float32 inputs: full precision (the default would round them to TF32); bf16/fp16 inputs: the tensor cores
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _online(acc, m_i, l_i, s, vv, IEEE: tl.constexpr):
+    """Fold a block of scores ``s`` ``(M, K)`` and values ``vv`` ``(K, D)`` into every row's running max, sum and
+    output (rows are independent: a row's result never depends on another row's scores)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new)
-    return acc * alpha + tl.sum(p[:, None] * vv, axis=0), m_new, l_i * alpha + tl.sum(p, axis=0)
+    p = tl.exp(s - m_new[:, None])
+    acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
+    return acc, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
-def fold(acc, m_i, l_i, qv, k_ptr, v_ptr, offs, kmask, dmask):
-    """Scores of ``qv`` against the keys at ``offs`` (rows ``kmask``), folded with their values by :func:`online`."""
-    kk = tl.load(k_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    s = tl.where(kmask, tl.sum(kk * qv[None, :], axis=1), -float("inf"))
-    vv = tl.load(v_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    return online(acc, m_i, l_i, s, vv)
-
-
-@triton.jit
-def group_attn(q_ptr, sk_ptr, sv_ptr, ok_ptr, ov_ptr, out_ptr, S, N, P,
-               N_Q: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_P: tl.constexpr):
-    bh = tl.program_id(0)
-    slot = tl.program_id(1)
+def group_attn(q_ptr, sk_ptr, sv_ptr, ok_ptr, ov_ptr, out_ptr, H, N, ROWS, PRIV,
+               q_sb, q_sh, q_sr, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sr,
+               N_Q: tl.constexpr, P: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, IEEE: tl.constexpr):
+    """One program per (image, head) for a whole group: its ``ROWS = slots * N_Q`` query rows read each block of
+    the backbone's keys and values once (in place, any row stride), then each row attends to its own slot's
+    ``P`` private keys (block-diagonal mask over the group's ``PRIV = slots * P``)."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
+    rmask = rows < ROWS
     dmask = d < HD
-    shared_base = bh * N * HD
-    own_base = (bh * S + slot) * P * HD
-    for r in range(N_Q):
-        row = (bh * S + slot) * N_Q + r
-        qv = tl.load(q_ptr + row * HD + d, mask=dmask, other=0.0).to(tl.float32)
-        m_i = tl.full([], -float("inf"), tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            acc, m_i, l_i = fold(acc, m_i, l_i, qv, sk_ptr, sv_ptr, shared_base + keys[:, None] * HD + d[None, :],
-                                 keys < N, dmask)
-        keys = tl.arange(0, BLOCK_P)
-        acc, m_i, l_i = fold(acc, m_i, l_i, qv, ok_ptr, ov_ptr, own_base + keys[:, None] * HD + d[None, :],
-                             keys < P, dmask)
-        tl.store(out_ptr + row * HD + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dmask)
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sr + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        kmask = keys < N
+        tile = kmask[:, None] & dmask[None, :]
+        kk = tl.load(sk_ptr + b * k_sb + h * k_sh + keys[:, None] * k_sn + d[None, :], mask=tile, other=0.0)
+        s = tl.where(kmask[None, :], _dot(q, tl.trans(kk), IEEE), -float("inf"))
+        vv = tl.load(sv_ptr + b * v_sb + h * v_sh + keys[:, None] * v_sn + d[None, :], mask=tile, other=0.0)
+        acc, m_i, l_i = _online(acc, m_i, l_i, s, vv, IEEE)
+    cols = tl.arange(0, BLOCK_P)
+    cmask = cols < PRIV
+    tile = cmask[:, None] & dmask[None, :]
+    own = pid * PRIV * HD + cols[:, None] * HD + d[None, :]  # own_k/own_v: contiguous (B, H, slots, P, hd)
+    kk = tl.load(ok_ptr + own, mask=tile, other=0.0)
+    mine = ((rows[:, None] // N_Q) == (cols[None, :] // P)) & cmask[None, :]
+    s = tl.where(mine, _dot(q, tl.trans(kk), IEEE), -float("inf"))
+    vv = tl.load(ov_ptr + own, mask=tile, other=0.0)
+    acc, m_i, l_i = _online(acc, m_i, l_i, s, vv, IEEE)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sr + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])

@@ -1,10 +1,13 @@
 """Group attention of the fast path: each slot's few queries against [the backbone's K/V, read in place ‖ the slot's
 own token and memory K/V], as one PyTorch expression (every device) or one fused Triton kernel (opt-in, CUDA).
 
-The Triton kernel runs one program per (image, head, slot): an online softmax over the shared keys in blocks, then
-over the slot's private keys, accumulating in float32. Its launch grid and every program's work depend on the
-group's capacity, never on which slots are filled or how many groups exist, so the exactness rule of
-:func:`~continual_mem.layers.group_block` holds for it too. It is selected only where asked
+The Triton kernel runs one program per (image, head) for a whole group: every slot's query rows read each block of
+the backbone's keys and values once (in place, from timm's qkv output, no copy), with an online softmax over them
+and then over each slot's own private keys (a block-diagonal mask), accumulating in float32. Rows are independent
+(a row's result never depends on another row's queries or keys), and the launch grid and every program's work
+depend on the group's capacity, never on which slots are filled or how many groups exist, so the exactness rule of
+:func:`~continual_mem.layers.group_block` holds for it too. The first version (one program per slot, each reading
+the whole K/V) read it ``slots`` times per group and gained nothing over PyTorch on an H100. It is selected only where asked
 (``CONTINUAL_MEM_ATTENTION=triton``) and the input is on a CUDA device; its numerics differ from the PyTorch
 expression (compared with ``allclose``, like the oracle). It is checked in Triton's interpreter on the CPU
 (``TRITON_INTERPRET=1``) and compiled on an H100 (``pytest -m gpu``); timed there, it gains nothing over the
@@ -57,17 +60,25 @@ def group_attention(q, shared_k, shared_v, own_k, own_v) -> torch.Tensor:
 
 
 def group_attention_triton(q, shared_k, shared_v, own_k, own_v) -> torch.Tensor:
+    """The fused kernel: one program per (image, head) for the whole group. The backbone's K/V are read in place
+    (any row stride: a view of timm's qkv output needs no copy); the output is laid out ``(B, S * n, H, hd)`` so
+    the block's head merge that follows is a view."""
     import triton
 
     B, H, S, n, hd = q.shape
     N, P = shared_k.shape[2], own_k.shape[3]
-    q_, sk, sv = q.contiguous(), shared_k.contiguous(), shared_v.contiguous()
+    q_ = q.reshape(B, H, S * n, hd)
+    q_, sk, sv = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_, shared_k, shared_v))
     ok, ov = own_k.contiguous(), own_v.contiguous()
-    out = torch.empty(B, H, S, n, hd, device=q.device, dtype=shared_v.dtype)
-    _kernel()[(B * H, S)](
-        q_, sk, sv, ok, ov, out, S, N, P,
-        N_Q=n, HD=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_N=64, BLOCK_P=max(16, triton.next_power_of_2(P)))
-    return out.view(B, H, S * n, hd)
+    out = torch.empty(B, S * n, H, hd, device=q.device, dtype=shared_v.dtype)
+    rows, priv = S * n, S * P
+    _kernel()[(B * H,)](
+        q_, sk, sv, ok, ov, out, H, N, rows, priv,
+        q_.stride(0), q_.stride(1), q_.stride(2), sk.stride(0), sk.stride(1), sk.stride(2),
+        sv.stride(0), sv.stride(1), sv.stride(2), out.stride(0), out.stride(2), out.stride(1),
+        N_Q=n, P=P, HD=hd, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_D=max(16, triton.next_power_of_2(hd)),
+        BLOCK_N=64, BLOCK_P=max(16, triton.next_power_of_2(priv)), IEEE=q.dtype == torch.float32)
+    return out.permute(0, 2, 1, 3)
 
 
 def _kernel():

@@ -12,6 +12,7 @@ from torch import nn
 from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from .branches import PrivatePasses
 from .config import TaskConfig, parse_layers
+from .kernels import use_triton
 from .layers import group_block, memory_kv, task_block
 from .masking import visible_tasks
 from .task import TaskModule
@@ -428,10 +429,11 @@ class MemoryViT(PrivatePasses, nn.Module):
                 if any(self.tasks[n].config.regime == "head" for n in shared):
                     pre_logits = bb.forward_head(feats, pre_logits=True)
                 if any(self.tasks[n].config.has_tokens for n in shared):
+                    in_place = use_triton(x.device)  # the fused kernel reads timm's qkv output with its strides
                     for blk, t in zip(bb.blocks, qkv):
                         _, k, v = split_qkv(blk.attn, t)
-                        # one contiguous copy per layer, shared by every task (not one per task)
-                        backbone_kv.append((k.contiguous(), v.contiguous()))
+                        # else one contiguous copy per layer, shared by every task (not one per task)
+                        backbone_kv.append((k, v) if in_place else (k.contiguous(), v.contiguous()))
         readers = {s for n in needed for s in self.tasks[n].config.sees}
         token_kv: dict[str, list] = {}
         mem_kv: dict = {}
