@@ -24,13 +24,31 @@ def _online(acc, m_i, l_i, s, vv, IEEE: tl.constexpr):
 
 
 @triton.jit
-def group_attn(q_ptr, sk_ptr, sv_ptr, ok_ptr, ov_ptr, out_ptr, H, N, ROWS, PRIV,
-               q_sb, q_sh, q_sr, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sr,
-               N_Q: tl.constexpr, P: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, IEEE: tl.constexpr):
-    """One program per (image, head) for a whole group: its ``ROWS = slots * N_Q`` query rows read each block of
-    the backbone's keys and values once (in place, any row stride), then each row attends to its own slot's
-    ``P`` private keys (block-diagonal mask over the group's ``PRIV = slots * P``)."""
+def _private(acc, m_i, l_i, q, rows, k_ptr, v_ptr, base, s_r, COUNT, PER, N_Q: tl.constexpr, BLOCK: tl.constexpr,
+             d, dmask, IEEE: tl.constexpr):
+    """Fold ``COUNT`` private keys (``PER`` per slot, row stride ``s_r`` from ``base``) in; a row sees only its own
+    slot's (a block-diagonal mask)."""
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < COUNT
+    tile = cmask[:, None] & dmask[None, :]
+    offs = base + cols[:, None] * s_r + d[None, :]
+    kk = tl.load(k_ptr + offs, mask=tile, other=0.0)
+    mine = ((rows[:, None] // N_Q) == (cols[None, :] // PER)) & cmask[None, :]
+    s = tl.where(mine, _dot(q, tl.trans(kk), IEEE), -float("inf"))
+    vv = tl.load(v_ptr + offs, mask=tile, other=0.0)
+    return _online(acc, m_i, l_i, s, vv, IEEE)
+
+
+@triton.jit
+def group_attn(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, mk_ptr, mv_ptr, out_ptr, scale, H, N, ROWS, MEM,
+               q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, sk_sb, sk_sh, sk_sn, sv_sb, sv_sh, sv_sn, m_sh, m_sr,
+               o_sb, o_sh, o_sr,
+               N_Q: tl.constexpr, M_PER: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MEM: tl.constexpr, IEEE: tl.constexpr):
+    """One program per (image, head) for a whole group: its ``ROWS = slots * N_Q`` query rows (scaled here) read
+    each block of the backbone's keys and values once (in place, any row stride), then each row attends to its own
+    slot's token keys (the group's qkv, in place) and memory keys (``M_PER`` per slot, image-independent; none when
+    ``MEM`` is 0)."""
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -40,6 +58,7 @@ def group_attn(q_ptr, sk_ptr, sv_ptr, ok_ptr, ov_ptr, out_ptr, H, N, ROWS, PRIV,
     dmask = d < HD
     q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sr + d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -47,19 +66,15 @@ def group_attn(q_ptr, sk_ptr, sv_ptr, ok_ptr, ov_ptr, out_ptr, H, N, ROWS, PRIV,
         keys = start + tl.arange(0, BLOCK_N)
         kmask = keys < N
         tile = kmask[:, None] & dmask[None, :]
-        kk = tl.load(sk_ptr + b * k_sb + h * k_sh + keys[:, None] * k_sn + d[None, :], mask=tile, other=0.0)
+        kk = tl.load(sk_ptr + b * sk_sb + h * sk_sh + keys[:, None] * sk_sn + d[None, :], mask=tile, other=0.0)
         s = tl.where(kmask[None, :], _dot(q, tl.trans(kk), IEEE), -float("inf"))
-        vv = tl.load(sv_ptr + b * v_sb + h * v_sh + keys[:, None] * v_sn + d[None, :], mask=tile, other=0.0)
+        vv = tl.load(sv_ptr + b * sv_sb + h * sv_sh + keys[:, None] * sv_sn + d[None, :], mask=tile, other=0.0)
         acc, m_i, l_i = _online(acc, m_i, l_i, s, vv, IEEE)
-    cols = tl.arange(0, BLOCK_P)
-    cmask = cols < PRIV
-    tile = cmask[:, None] & dmask[None, :]
-    own = pid * PRIV * HD + cols[:, None] * HD + d[None, :]  # own_k/own_v: contiguous (B, H, slots, P, hd)
-    kk = tl.load(ok_ptr + own, mask=tile, other=0.0)
-    mine = ((rows[:, None] // N_Q) == (cols[None, :] // P)) & cmask[None, :]
-    s = tl.where(mine, _dot(q, tl.trans(kk), IEEE), -float("inf"))
-    vv = tl.load(ov_ptr + own, mask=tile, other=0.0)
-    acc, m_i, l_i = _online(acc, m_i, l_i, s, vv, IEEE)
+    acc, m_i, l_i = _private(acc, m_i, l_i, q, rows, k_ptr, v_ptr, b * k_sb + h * k_sh, k_sr, ROWS, N_Q, N_Q,
+                             BLOCK_M, d, dmask, IEEE)
+    if BLOCK_MEM > 0:
+        acc, m_i, l_i = _private(acc, m_i, l_i, q, rows, mk_ptr, mv_ptr, h * m_sh, m_sr, MEM, M_PER, N_Q,
+                                 BLOCK_MEM, d, dmask, IEEE)
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sr + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])

@@ -3,15 +3,15 @@ own token and memory K/V], as one PyTorch expression (every device) or one fused
 
 The Triton kernel runs one program per (image, head) for a whole group: every slot's query rows read each block of
 the backbone's keys and values once (in place, from timm's qkv output, no copy), with an online softmax over them
-and then over each slot's own private keys (a block-diagonal mask), accumulating in float32. Rows are independent
-(a row's result never depends on another row's queries or keys), and the launch grid and every program's work
-depend on the group's capacity, never on which slots are filled or how many groups exist, so the exactness rule of
-:func:`~continual_mem.layers.group_block` holds for it too. The first version (one program per slot, each reading
-the whole K/V) read it ``slots`` times per group and gained nothing over PyTorch on an H100. It is selected only where asked
-(``CONTINUAL_MEM_ATTENTION=triton``) and the input is on a CUDA device; its numerics differ from the PyTorch
-expression (compared with ``allclose``, like the oracle). It is checked in Triton's interpreter on the CPU
-(``TRITON_INTERPRET=1``) and compiled on an H100 (``pytest -m gpu``); timed there, it gains nothing over the
-PyTorch expression (README, "Fused group attention").
+and then over each slot's own token and memory keys (block-diagonal masks; read in place too, memory never
+expanded to the batch), accumulating in float32. Rows are independent (a row's result never depends on another
+row's queries or keys), and the launch grid and every program's work depend on the group's capacity, never on which
+slots are filled or how many groups exist, so the exactness rule of :func:`~continual_mem.layers.group_block` holds
+for it too. It is selected only where asked (``CONTINUAL_MEM_ATTENTION=triton``) and the input is on a CUDA device;
+its numerics differ from the PyTorch expression (compared with ``allclose``, like the oracle). It is checked in
+Triton's interpreter on the CPU (``TRITON_INTERPRET=1``) and compiled on an H100 (``pytest -m gpu``). An earlier
+version, one program per slot, read the backbone's K/V once per slot and gained nothing; this one is timed in the
+README ("Fused group attention").
 """
 from __future__ import annotations
 
@@ -52,33 +52,40 @@ def group_attention_torch(q: torch.Tensor, shared_k: torch.Tensor, shared_v: tor
     return p[..., :N].reshape(B, H, S * n, N) @ shared_v + (p[..., N:] @ own_v).reshape(B, H, S * n, hd)
 
 
-def group_attention(q, shared_k, shared_v, own_k, own_v) -> torch.Tensor:
-    """:func:`group_attention_torch` or the Triton kernel, by :func:`use_triton`."""
-    if use_triton(q.device):
-        return group_attention_triton(q, shared_k, shared_v, own_k, own_v)
-    return group_attention_torch(q, shared_k, shared_v, own_k, own_v)
+def group_attention_triton(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor, tok_k: torch.Tensor,
+                           tok_v: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, *,
+                           slots: int, scale: float) -> torch.Tensor:
+    """The fused kernel: one program per (image, head) for the whole group.
 
-
-def group_attention_triton(q, shared_k, shared_v, own_k, own_v) -> torch.Tensor:
-    """The fused kernel: one program per (image, head) for the whole group. The backbone's K/V are read in place
-    (any row stride: a view of timm's qkv output needs no copy); the output is laid out ``(B, S * n, H, hd)`` so
-    the block's head merge that follows is a view."""
+    ``q``, ``tok_k``, ``tok_v``: the group's unscaled queries and its tokens' keys and values, ``(B, H, S * n, hd)``
+    (views of the block's qkv output); ``shared_*``: the backbone's ``(B, H, N, hd)``; ``mem_*``: every slot's
+    memory keys and values ``(1, H, S * m, hd)``, or None. Inputs are read in place with their strides (last
+    dimension contiguous), so no concatenation, scaling or K/V copy runs before the kernel; the output is laid
+    out ``(B, S * n, H, hd)`` so the block's head merge after it is a view. Returns ``(B, H, S * n, hd)``."""
     import triton
 
-    B, H, S, n, hd = q.shape
-    N, P = shared_k.shape[2], own_k.shape[3]
-    q_ = q.reshape(B, H, S * n, hd)
-    q_, sk, sv = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_, shared_k, shared_v))
-    ok, ov = own_k.contiguous(), own_v.contiguous()
-    out = torch.empty(B, S * n, H, hd, device=q.device, dtype=shared_v.dtype)
-    rows, priv = S * n, S * P
+    B, H, rows, hd = q.shape
+    N = shared_k.shape[2]
+    q, sk, sv = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, shared_k, shared_v))
+    tok_k, tok_v = _same_layout(tok_k, tok_v)
+    mem = 0 if mem_k is None else mem_k.shape[2]
+    mem_k, mem_v = _same_layout(mem_k, mem_v) if mem else (tok_k, tok_v)  # unread without memory
+    out = torch.empty(B, rows, H, hd, device=q.device, dtype=shared_v.dtype)
     _kernel()[(B * H,)](
-        q_, sk, sv, ok, ov, out, H, N, rows, priv,
-        q_.stride(0), q_.stride(1), q_.stride(2), sk.stride(0), sk.stride(1), sk.stride(2),
-        sv.stride(0), sv.stride(1), sv.stride(2), out.stride(0), out.stride(2), out.stride(1),
-        N_Q=n, P=P, HD=hd, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_D=max(16, triton.next_power_of_2(hd)),
-        BLOCK_N=64, BLOCK_P=max(16, triton.next_power_of_2(priv)), IEEE=q.dtype == torch.float32)
+        q, tok_k, tok_v, sk, sv, mem_k, mem_v, out, scale, H, N, rows, mem,
+        *q.stride()[:3], *tok_k.stride()[:3], *sk.stride()[:3], *sv.stride()[:3], *mem_k.stride()[1:3],
+        out.stride(0), out.stride(2), out.stride(1),
+        N_Q=rows // slots, M_PER=max(1, mem // slots), HD=hd, BLOCK_M=max(16, triton.next_power_of_2(rows)),
+        BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=64,
+        BLOCK_MEM=max(16, triton.next_power_of_2(mem)) if mem else 0, IEEE=q.dtype == torch.float32)
     return out.permute(0, 2, 1, 3)
+
+
+def _same_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values the kernel can address with one set of strides (views of one qkv output already are)."""
+    if k.stride(-1) == 1 and k.stride() == v.stride():
+        return k, v
+    return k.contiguous(), v.contiguous()
 
 
 def _kernel():

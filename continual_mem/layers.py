@@ -11,7 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 from .backbone import split_qkv
-from .kernels import group_attention
+from .kernels import group_attention_torch, group_attention_triton, use_triton
 
 
 def memory_kv(blk: Block, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +105,16 @@ def group_block(
     n, H, hd = L // slots, attn.num_heads, attn.head_dim
     h = blk.norm1(tokens)
     q, k, v = split_qkv(attn, attn.qkv(h))  # (B, H, slots * n, hd)
+    if use_triton(tokens.device):  # scaling and every K/V read in place, inside the kernel
+        out = group_attention_triton(q, shared_k, shared_v, k, v, memory_k, memory_v, slots=slots, scale=attn.scale)
+        return _finish(blk, tokens, h, out), k, v
     q = q * attn.scale
     own_k, own_v = k.view(B, H, slots, n, hd), v.view(B, H, slots, n, hd)
     if memory_k is not None:
         m = memory_k.shape[2] // slots
         own_k = torch.cat([own_k, memory_k.view(1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
         own_v = torch.cat([own_v, memory_v.view(1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
-    out = group_attention(q.view(B, H, slots, n, hd), shared_k, shared_v, own_k, own_v)  # (B, H, L, hd)
+    out = group_attention_torch(q.view(B, H, slots, n, hd), shared_k, shared_v, own_k, own_v)  # (B, H, L, hd)
     return _finish(blk, tokens, h, out), k, v
 
 

@@ -23,12 +23,21 @@ from continual_mem.kernels import group_attention_torch, group_attention_triton
 from helpers import images, make_backbone, perturb
 
 report = {"kernel": []}
-for n, hd, N, P in [(1, 16, 37, 6), (2, 12, 70, 7), (1, 8, 130, 1)]:
+B, H, S, scale = 2, 3, 4, 0.37
+for n, hd, N, m in [(1, 16, 37, 5), (2, 12, 70, 6), (1, 8, 130, 0)]:
     g = torch.Generator().manual_seed(n + N)
-    q, ok, ov = (torch.randn(2, 3, 4, n if i == 0 else P, hd, generator=g).to(dev) for i in range(3))
-    sk, sv = (torch.randn(2, 3, N, hd, generator=g).to(dev) for _ in range(2))
-    diff = (group_attention_triton(q, sk, sv, ok, ov) - group_attention_torch(q, sk, sv, ok, ov)).abs().max()
-    report["kernel"].append(float(diff))
+    # every input a strided view of a qkv output laid out as timm's, as the model passes them
+    q, tk, tv = torch.randn(B, S * n, 3, H, hd, generator=g).to(dev).permute(2, 0, 3, 1, 4).unbind(0)
+    _, sk, sv = torch.randn(B, N, 3, H, hd, generator=g).to(dev).permute(2, 0, 3, 1, 4).unbind(0)
+    mk = mv = None
+    own_k, own_v = tk.reshape(B, H, S, n, hd), tv.reshape(B, H, S, n, hd)
+    if m:
+        _, mk, mv = torch.randn(1, S * m, 3, H, hd, generator=g).to(dev).permute(2, 0, 3, 1, 4).unbind(0)
+        own_k = torch.cat([own_k, mk.reshape(1, H, S, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
+        own_v = torch.cat([own_v, mv.reshape(1, H, S, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
+    want = group_attention_torch((q * scale).reshape(B, H, S, n, hd), sk, sv, own_k, own_v)
+    got = group_attention_triton(q, sk, sv, tk, tv, mk, mv, slots=S, scale=scale)
+    report["kernel"].append(float((got - want).abs().max()))
 assert kernels.use_triton(dev)
 bb = make_backbone("tiny")
 net = MemoryViT(bb, group_size=4)
