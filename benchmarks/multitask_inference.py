@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from continual_mem import MemoryViT, cost_table  # noqa: E402
+from continual_mem import MemoryViT, cost_table, kernels  # noqa: E402
 from continual_mem.graphs import GraphedForward  # noqa: E402
 from continual_mem.reference import reference_forward  # noqa: E402
 
@@ -31,11 +31,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variant (GPU only)")
     p.add_argument("--group-size", type=int, default=4, help="MemoryViT group_size (task group capacity)")
     p.add_argument("--triton", action="store_true", help="also time the CUDA-graph pass with the fused Triton group "
-                                                      "attention (continual_mem.kernels), side by side")
+                                                      "attention (continual_mem.kernels, the default on CUDA), side by "
+                                                      "side with the PyTorch expression")
     p.add_argument("--compile", action="store_true", help="torch.compile the task path (MemoryViT.compile_task_path)")
     args = common.resolve(p.parse_args(argv))
     ks = [int(k) for k in args.tasks.split(",")]
 
+    # every variant but the Triton one runs the PyTorch expression (the kernel is the default on CUDA otherwise)
+    os.environ[kernels.ENV] = "torch"
     bb = common.create(args)
     model = MemoryViT(bb, group_size=args.group_size)
     if args.compile:
@@ -80,8 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
             exact[f"graph K={k}"] = all(torch.equal(out[n], v) for n, v in previous["graph"].items())
             previous["graph"] = out
             if args.triton:  # the same graph with the fused kernel in every group block
-                from continual_mem import kernels
-
                 os.environ[kernels.ENV] = "triton"
                 try:
                     fused = GraphedForward(model, x, autocast_dtype=dtype)

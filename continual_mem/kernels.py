@@ -1,5 +1,5 @@
 """Group attention of the fast path: each slot's few queries against [the backbone's K/V, read in place ‖ the slot's
-own token and memory K/V], as one PyTorch expression (every device) or one fused Triton kernel (opt-in, CUDA).
+own token and memory K/V], as one PyTorch expression (every device) or one fused Triton kernel (CUDA, by default).
 
 The Triton kernel runs one program per (image, head) for a whole group: every slot's query rows read each block of
 the backbone's keys and values once (in place, from timm's qkv output, no copy), with an online softmax over them
@@ -7,11 +7,11 @@ and then over each slot's own token and memory keys (block-diagonal masks; read 
 expanded to the batch), accumulating in float32. Rows are independent (a row's result never depends on another
 row's queries or keys), and the launch grid and every program's work depend on the group's capacity, never on which
 slots are filled or how many groups exist, so the exactness rule of :func:`~continual_mem.layers.group_block` holds
-for it too. It is selected only where asked (``CONTINUAL_MEM_ATTENTION=triton``) and the input is on a CUDA device;
-its numerics differ from the PyTorch expression (compared with ``allclose``, like the oracle). It is checked in
-Triton's interpreter on the CPU (``TRITON_INTERPRET=1``) and compiled on an H100 (``pytest -m gpu``). An earlier
-version, one program per slot, read the backbone's K/V once per slot and gained nothing; this one is timed in the
-README ("Fused group attention").
+for it too. It is the default on CUDA wherever Triton imports (``CONTINUAL_MEM_ATTENTION=torch`` turns it off); the
+PyTorch expression serves the CPU and GPUs without Triton. Their numerics differ (compared with ``allclose``, like
+the oracle); each is bit-stable as tasks are added. It is checked in Triton's interpreter on the CPU
+(``TRITON_INTERPRET=1``) and compiled on an H100 (``pytest -m gpu``). An earlier version, one program per slot, read
+the backbone's K/V once per slot and gained nothing; this one is timed in the README ("Fused group attention").
 """
 from __future__ import annotations
 
@@ -23,17 +23,18 @@ ENV = "CONTINUAL_MEM_ATTENTION"
 
 
 def use_triton(device: torch.device, requested: str | None = None) -> bool:
-    """Policy: the Triton kernel only when asked for (``triton``) and the tensors live on CUDA, or when Triton's
-    interpreter is on (``TRITON_INTERPRET=1``, for CPU tests); PyTorch otherwise."""
-    requested = (requested if requested is not None else os.environ.get(ENV, "torch")).lower()
-    if requested not in ("torch", "triton"):
-        raise ValueError(f"{ENV} must be torch or triton, got {requested!r}")
-    if requested != "triton":
+    """Policy (``CONTINUAL_MEM_ATTENTION``): ``auto`` (default) takes the Triton kernel on CUDA when Triton imports
+    and PyTorch elsewhere; ``torch`` never takes it; ``triton`` takes it on CUDA or under Triton's interpreter
+    (``TRITON_INTERPRET=1``, for CPU tests)."""
+    requested = (requested if requested is not None else os.environ.get(ENV, "auto")).lower()
+    if requested not in ("auto", "torch", "triton"):
+        raise ValueError(f"{ENV} must be auto, torch or triton, got {requested!r}")
+    if requested == "torch":
         return False
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = requested == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not interpret:
         return False
-    try:
+    try:  # a dictionary lookup once imported (no functools.cache: torch.compile traces this function)
         import triton  # noqa: F401
     except ImportError:
         return False

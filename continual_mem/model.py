@@ -384,6 +384,22 @@ class MemoryViT(PrivatePasses, nn.Module):
         pooled = bb.fc_norm(bb.norm(tokens).view(B, G, n, D).mean(dim=2))  # (B, G, D)
         return {t.name: t.head(pooled[:, s]) for s, t in enumerate(tasks) if t is not None}
 
+    def _kv_in_place(self, device: torch.device, needed: Sequence[str]) -> bool:
+        """Whether the backbone's K/V may stay views of timm's qkv output: only when the fused kernel reads every
+        one of them (in-place, any stride). The per-task path (training, or a task outside a group) wants one
+        contiguous copy per layer, shared by every task, not a copy per task inside each matmul."""
+        if not use_triton(device):
+            return False
+        wanted = set(needed)
+        for unit in self.plan():
+            members = [self.tasks[n] for n in unit.names if n is not None]
+            if not wanted.intersection(unit.names) or not any(t.config.has_tokens for t in members):
+                continue
+            training = torch.is_grad_enabled() and any(p.requires_grad for t in members for p in t.parameters())
+            if unit.kind != "group" or training:
+                return False
+        return True
+
     def pool_tokens(self, tokens: torch.Tensor, task: TaskModule) -> torch.Tensor:
         """Final norm, average over the task's tokens, fc_norm, head: ``(B, n, D) -> (B, classes)``."""
         bb = self.backbone
@@ -429,7 +445,7 @@ class MemoryViT(PrivatePasses, nn.Module):
                 if any(self.tasks[n].config.regime == "head" for n in shared):
                     pre_logits = bb.forward_head(feats, pre_logits=True)
                 if any(self.tasks[n].config.has_tokens for n in shared):
-                    in_place = use_triton(x.device)  # the fused kernel reads timm's qkv output with its strides
+                    in_place = self._kv_in_place(x.device, needed)
                     for blk, t in zip(bb.blocks, qkv):
                         _, k, v = split_qkv(blk.attn, t)
                         # else one contiguous copy per layer, shared by every task (not one per task)

@@ -96,9 +96,38 @@ def test_compiled_kernel_on_the_gpu_matches_pytorch_and_keeps_old_bits():
 
 def test_policy(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(ENV, raising=False)
+    assert use_triton(torch.device("cuda"))  # the default on CUDA, where Triton imports
+    assert not use_triton(torch.device("cpu"))  # PyTorch on the CPU
     assert not use_triton(torch.device("cpu"), "triton")  # no CUDA, no interpreter: PyTorch
     assert not use_triton(torch.device("cuda"), "torch")
-    monkeypatch.delenv(ENV, raising=False)
-    assert not use_triton(torch.device("cuda"))  # opt-in: the default is PyTorch
-    with pytest.raises(ValueError, match="must be torch or triton"):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_triton(torch.device("cpu"), "triton") and not use_triton(torch.device("cpu"))  # interpreter: asked only
+    monkeypatch.setitem(sys.modules, "triton", None)  # a GPU without Triton: PyTorch, selected automatically
+    assert not use_triton(torch.device("cuda"))
+    with pytest.raises(ValueError, match="must be auto, torch or triton"):
         use_triton(torch.device("cpu"), "cuda")
+
+
+def test_backbone_kv_stays_in_place_only_when_the_kernel_reads_all_of_it(monkeypatch):
+    """Views of timm's qkv output are kept only when every consumer is the fused kernel; the per-task path
+    (training, extension tasks) gets one contiguous copy per layer."""
+    from continual_mem import MemoryViT
+    from helpers import make_backbone
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(ENV, "triton")
+    net = MemoryViT(make_backbone("tiny"), group_size=4)
+    net.add_task("a", 3, memory=2)
+    net.add_task("b", 3, memory=2)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        assert net._kv_in_place(cpu, ["a", "b"])
+    assert not net._kv_in_place(cpu, ["a"])  # grad on, a's parameters train: the per-task path
+    net.add_task("c", 3, memory=2, mode="extension")
+    with torch.no_grad():
+        assert net._kv_in_place(cpu, ["a"]) and not net._kv_in_place(cpu, ["a", "c"])
+    monkeypatch.setenv(ENV, "torch")
+    with torch.no_grad():
+        assert not net._kv_in_place(cpu, ["a", "b"])
