@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def heldout_fraction(n_train: int, *, min_images: int = 500, base: float = 0.05, cap: float = 0.2) -> float:
@@ -70,7 +70,8 @@ def choose_lr(sweep: Sequence[dict], num_classes: int, *, exclude: Sequence[floa
     return max(sorted(pool), key=lambda lr: statistics.mean(r["heldout_accuracy"] for r in pool[lr]))
 
 
-def final_runs(sweep: Sequence[dict], seeds: Sequence[int], num_classes: int, get_run) -> tuple[float, dict, list]:
+def final_runs(sweep: Sequence[dict], seeds: Sequence[int], num_classes: int,
+               get_run: Callable[[int, float], dict]) -> tuple[float, dict[int, dict], list[float]]:
     """The chosen rate, its run for every final seed, and the rates rejected on the way: :func:`choose_lr` picks a
     rate; if a final seed diverges there, the next rate is taken (never a diverged seed as a result unless every
     rate diverged). ``get_run(seed, lr)`` returns that run (a sweep run, a new one trained on demand, or one read
