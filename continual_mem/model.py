@@ -384,21 +384,25 @@ class MemoryViT(PrivatePasses, nn.Module):
         pooled = bb.fc_norm(bb.norm(tokens).view(B, G, n, D).mean(dim=2))  # (B, G, D)
         return {t.name: t.head(pooled[:, s]) for s, t in enumerate(tasks) if t is not None}
 
-    def _kv_in_place(self, device: torch.device, needed: Sequence[str]) -> bool:
+    def _units(self, wanted: set[str]) -> list[tuple[Unit, list[TaskModule]]]:
+        """The plan's units that hold a wanted task, each with its tasks."""
+        return [(u, [self.tasks[n] for n in u.names if n is not None]) for u in self.plan()
+                if wanted.intersection(u.names)]
+
+    @staticmethod
+    def _trains(members: Sequence[TaskModule]) -> bool:
+        """Whether this call trains one of a unit's tasks (a group then runs them on the per-task path)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for t in members for p in t.parameters())
+
+    def _kv_in_place(self, device: torch.device, units: Sequence[tuple[Unit, list[TaskModule]]]) -> bool:
         """Whether the backbone's K/V may stay views of timm's qkv output: only when the fused kernel reads every
         one of them (in-place, any stride). The per-task path (training, or a task outside a group) wants one
-        contiguous copy per layer, shared by every task, not a copy per task inside each matmul."""
+        contiguous copy per layer, shared by every task, not a copy per task inside each matmul. ``units``: the
+        plan's units this call runs, each with its tasks."""
         if not use_triton(device):
             return False
-        wanted = set(needed)
-        for unit in self.plan():
-            members = [self.tasks[n] for n in unit.names if n is not None]
-            if not wanted.intersection(unit.names) or not any(t.config.has_tokens for t in members):
-                continue
-            training = torch.is_grad_enabled() and any(p.requires_grad for t in members for p in t.parameters())
-            if unit.kind != "group" or training:
-                return False
-        return True
+        return all(unit.kind == "group" and not self._trains(members)
+                   for unit, members in units if any(t.config.has_tokens for t in members))
 
     def pool_tokens(self, tokens: torch.Tensor, task: TaskModule) -> torch.Tensor:
         """Final norm, average over the task's tokens, fc_norm, head: ``(B, n, D) -> (B, classes)``."""
@@ -430,12 +434,15 @@ class MemoryViT(PrivatePasses, nn.Module):
             raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
         needed = self._closure(names)
         shared = [n for n in needed if self.tasks[n].config.preserving]
+        wanted = set(needed)
+        units = self._units(wanted)
         out: dict[str, torch.Tensor] = {}
         bb = self.backbone
         backbone_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         pre_logits = None
         forks = {self.depth - self.tasks[n].config.fork_layers for n in shared if self.tasks[n].config.fork_layers}
         block_inputs: dict[int, torch.Tensor] = {}
+        in_place = self._kv_in_place(x.device, units)  # here: it asks whether grad is on, off in the block below
         if original or shared:
             # Patches never attend to task tokens, so the shared backbone needs no autograd graph at all.
             with torch.no_grad(), capture_qkv(bb) as qkv, capture_block_inputs(bb, forks) as block_inputs:
@@ -445,7 +452,6 @@ class MemoryViT(PrivatePasses, nn.Module):
                 if any(self.tasks[n].config.regime == "head" for n in shared):
                     pre_logits = bb.forward_head(feats, pre_logits=True)
                 if any(self.tasks[n].config.has_tokens for n in shared):
-                    in_place = self._kv_in_place(x.device, needed)
                     for blk, t in zip(bb.blocks, qkv):
                         _, k, v = split_qkv(blk.attn, t)
                         # else one contiguous copy per layer, shared by every task (not one per task)
@@ -453,12 +459,8 @@ class MemoryViT(PrivatePasses, nn.Module):
         readers = {s for n in needed for s in self.tasks[n].config.sees}
         token_kv: dict[str, list] = {}
         mem_kv: dict = {}
-        wanted = set(needed)
-        for unit in self.plan():
-            if not wanted.intersection(unit.names):
-                continue
-            members = [self.tasks[n] for n in unit.names if n is not None]
-            training = torch.is_grad_enabled() and any(p.requires_grad for t in members for p in t.parameters())
+        for unit, members in units:
+            training = self._trains(members)
             if unit.kind == "group" and not training:
                 results = self._group(unit.names, backbone_kv, token_kv, mem_kv, readers)
             elif unit.kind == "group":  # a task is training: run just the requested ones, no idle slots

@@ -122,12 +122,39 @@ def test_backbone_kv_stays_in_place_only_when_the_kernel_reads_all_of_it(monkeyp
     net.add_task("a", 3, memory=2)
     net.add_task("b", 3, memory=2)
     cpu = torch.device("cpu")
+
+    def in_place(*names: str) -> bool:
+        return net._kv_in_place(cpu, net._units(set(names)))
+
     with torch.no_grad():
-        assert net._kv_in_place(cpu, ["a", "b"])
-    assert not net._kv_in_place(cpu, ["a"])  # grad on, a's parameters train: the per-task path
+        assert in_place("a", "b")
+    assert not in_place("a")  # grad on, a's parameters train: the per-task path
     net.add_task("c", 3, memory=2, mode="extension")
     with torch.no_grad():
-        assert net._kv_in_place(cpu, ["a"]) and not net._kv_in_place(cpu, ["a", "c"])
+        assert in_place("a") and not in_place("a", "c")
     monkeypatch.setenv(ENV, "torch")
     with torch.no_grad():
-        assert not net._kv_in_place(cpu, ["a", "b"])
+        assert not in_place("a", "b")
+
+
+def test_a_training_forward_gets_contiguous_backbone_kv(monkeypatch):
+    # the decision is taken outside the backbone's no-grad block, where a task's training is still visible
+    from continual_mem import MemoryViT
+    from helpers import images, make_backbone
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(ENV, "triton")
+    bb = make_backbone("tiny")
+    net = MemoryViT(bb, group_size=4)
+    net.add_task("a", 3, memory=2)
+    seen = []
+    token_task = MemoryViT._token_task
+
+    def spy(self, task, backbone_kv, *args):
+        seen.append(all(k.is_contiguous() and v.is_contiguous() for k, v in backbone_kv))
+        return token_task(self, task, backbone_kv, *args)
+
+    monkeypatch.setattr(MemoryViT, "_token_task", spy)
+    net(images(bb, n=2), tasks=["a"]).get("a").sum().backward()
+    assert seen == [True]
