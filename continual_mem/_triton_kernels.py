@@ -24,40 +24,57 @@ def _online(acc, m_i, l_i, s, vv, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _private(acc, m_i, l_i, q, rows, k_ptr, v_ptr, base, s_r, COUNT, PER, N_Q: tl.constexpr, BLOCK: tl.constexpr,
-             d, dmask, IEEE: tl.constexpr):
-    """Fold ``COUNT`` private keys (``PER`` per slot, row stride ``s_r`` from ``base``) in; a row sees only its own
-    slot's (a block-diagonal mask)."""
-    cols = tl.arange(0, BLOCK)
-    cmask = cols < COUNT
-    tile = cmask[:, None] & dmask[None, :]
-    offs = base + cols[:, None] * s_r + d[None, :]
-    kk = tl.load(k_ptr + offs, mask=tile, other=0.0)
-    mine = ((rows[:, None] // N_Q) == (cols[None, :] // PER)) & cmask[None, :]
-    s = tl.where(mine, _dot(q, tl.trans(kk), IEEE), -float("inf"))
-    vv = tl.load(v_ptr + offs, mask=tile, other=0.0)
-    return _online(acc, m_i, l_i, s, vv, IEEE)
+def _load_rows(k_ptr, v_ptr, offs, mask, d, dmask):
+    """Keys and values at row offsets ``offs`` (masked rows read as zeros)."""
+    tile = mask[:, None] & dmask[None, :]
+    at = offs[:, None] + d[None, :]
+    return tl.load(k_ptr + at, mask=tile, other=0.0), tl.load(v_ptr + at, mask=tile, other=0.0)
 
 
 @triton.jit
-def group_attn(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, mk_ptr, mv_ptr, out_ptr, scale, H, N, ROWS, MEM,
-               q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, sk_sb, sk_sh, sk_sn, sv_sb, sv_sh, sv_sn, m_sh, m_sr,
-               o_sb, o_sh, o_sr,
-               N_Q: tl.constexpr, M_PER: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MEM: tl.constexpr, IEEE: tl.constexpr):
-    """One program per (image, head) for a whole group: its ``ROWS = slots * N_Q`` query rows (scaled here) read
-    each block of the backbone's keys and values once (in place, any row stride), then each row attends to its own
-    slot's token keys (the group's qkv, in place) and memory keys (``M_PER`` per slot, image-independent; none when
-    ``MEM`` is 0)."""
+def _private(acc, m_i, l_i, q, rows, kk, vv, COUNT, PER, N_Q: tl.constexpr, BLOCK: tl.constexpr,
+             IEEE: tl.constexpr):
+    """Fold ``COUNT`` private keys (``PER`` per slot, loaded by :func:`_load_rows`) in; a row sees only its own
+    slot's (a block-diagonal mask: every other key's weight is exactly zero)."""
+    cols = tl.arange(0, BLOCK)
+    mine = ((rows[:, None] // N_Q) == (cols[None, :] // PER)) & (cols < COUNT)[None, :]
+    s = tl.where(mine, _dot(q, tl.trans(kk), IEEE), -float("inf"))
+    return _online(acc, m_i, l_i, s, vv, IEEE)
+
+
+@triton.jit(do_not_specialize=["GROUPS", "q_sg", "k_sg", "o_sg"])
+def group_attn(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, mk_ptr, mv_ptr, out_ptr, scale, H, N, GROUPS, MEM,
+               q_sg, q_sb, q_sh, q_sr, k_sg, k_sb, k_sh, k_sr, sk_sb, sk_sh, sk_sn, sv_sb, sv_sh, sv_sn, m_sh, m_sr,
+               o_sg, o_sb, o_sh, o_sr,
+               L: tl.constexpr, PACK: tl.constexpr, N_Q: tl.constexpr, M_PER: tl.constexpr, HD: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MEM: tl.constexpr,
+               IEEE: tl.constexpr):
+    """One program per (image, head, pack of ``PACK`` groups); a group is ``L = slots * N_Q`` query rows, groups lie
+    ``q_sg``/``k_sg``/``o_sg`` apart, and each has ``MEM`` memory rows (``M_PER`` per slot, image-independent, group
+    after group; none when ``MEM`` is 0). The pack's rows (scaled here) read each block of the backbone's keys and
+    values once (in place, any row stride), then each row attends to its own slot's token keys (the groups' qkv, in
+    place) and memory keys. A pack's tile sizes are fixed by ``PACK``; a group missing from the last pack is masked
+    out, and masked keys weigh exactly zero, so a group's bits never depend on ``GROUPS`` (which only sizes the
+    grid and is never specialised on)."""
     pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
+    packs = tl.cdiv(GROUPS, PACK)
+    pack = pid % packs
+    b = pid // packs // H
+    h = pid // packs % H
+    present = tl.minimum(PACK, GROUPS - pack * PACK)  # groups in this pack
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    rmask = rows < ROWS
+    rmask = rows < present * L
     dmask = d < HD
-    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sr + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    group = pack * PACK + rows // L
+    q_at = b * q_sb + h * q_sh + group * q_sg + rows % L * q_sr
+    q = tl.load(q_ptr + q_at[:, None] + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    # every private key and value is loaded up front: their latency overlaps the backbone's loop
+    tk, tv = _load_rows(k_ptr, v_ptr, b * k_sb + h * k_sh + group * k_sg + rows % L * k_sr, rmask, d, dmask)
+    if BLOCK_MEM > 0:
+        mcols = tl.arange(0, BLOCK_MEM)
+        mk, mv = _load_rows(mk_ptr, mv_ptr, h * m_sh + (pack * PACK * MEM + mcols) * m_sr, mcols < present * MEM,
+                            d, dmask)
     q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -67,14 +84,41 @@ def group_attn(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, mk_ptr, mv_ptr, out_ptr, sca
         kmask = keys < N
         tile = kmask[:, None] & dmask[None, :]
         kk = tl.load(sk_ptr + b * sk_sb + h * sk_sh + keys[:, None] * sk_sn + d[None, :], mask=tile, other=0.0)
-        s = tl.where(kmask[None, :], _dot(q, tl.trans(kk), IEEE), -float("inf"))
         vv = tl.load(sv_ptr + b * sv_sb + h * sv_sh + keys[:, None] * sv_sn + d[None, :], mask=tile, other=0.0)
+        s = tl.where(kmask[None, :], _dot(q, tl.trans(kk), IEEE), -float("inf"))
         acc, m_i, l_i = _online(acc, m_i, l_i, s, vv, IEEE)
-    acc, m_i, l_i = _private(acc, m_i, l_i, q, rows, k_ptr, v_ptr, b * k_sb + h * k_sh, k_sr, ROWS, N_Q, N_Q,
-                             BLOCK_M, d, dmask, IEEE)
+    acc, m_i, l_i = _private(acc, m_i, l_i, q, rows, tk, tv, present * L, N_Q, N_Q, BLOCK_M, IEEE)
     if BLOCK_MEM > 0:
-        acc, m_i, l_i = _private(acc, m_i, l_i, q, rows, mk_ptr, mv_ptr, h * m_sh, m_sr, MEM, M_PER, N_Q,
-                                 BLOCK_MEM, d, dmask, IEEE)
+        acc, m_i, l_i = _private(acc, m_i, l_i, q, rows, mk, mv, present * MEM, M_PER, N_Q, BLOCK_MEM, IEEE)
     out = acc / l_i[:, None]
-    tl.store(out_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sr + d[None, :], out.to(out_ptr.dtype.element_ty),
+    o_at = b * o_sb + h * o_sh + group * o_sg + rows % L * o_sr
+    tl.store(out_ptr + o_at[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def add_layer_norm(x_ptr, delta_ptr, gamma_ptr, w_ptr, b_ptr, h_ptr, D, x_sg, h_sg, eps,
+                   HAS_DELTA: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per row (``program_id(1)``: the group, ``x_sg``/``h_sg`` apart; ``delta`` is laid out like
+    ``x``): ``x += gamma * delta`` in place (one rounding, from float32), then ``h = LayerNorm(x)``. A row's result
+    depends on that row alone, so any number of rows and groups may share a launch."""
+    row = tl.program_id(0)
+    g = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    at = g * x_sg + row * D + cols
+    x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        delta = tl.load(delta_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GAMMA:
+            delta = delta * tl.load(gamma_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        stream = (x + delta).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + at, stream, mask=mask)
+        x = stream.to(tl.float32)  # the norm reads the stream as stored
+    if HAS_NORM:
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(h_ptr + g * h_sg + row * D + cols, (xc * rstd * w + bias).to(h_ptr.dtype.element_ty), mask=mask)

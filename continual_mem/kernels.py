@@ -1,17 +1,20 @@
 """Group attention of the fast path: each slot's few queries against [the backbone's K/V, read in place ‖ the slot's
-own token and memory K/V], as one PyTorch expression (every device) or one fused Triton kernel (CUDA, by default).
+own token and memory K/V], as one PyTorch expression (every device) or one fused Triton kernel (CUDA, by default),
+plus the fused row kernel of the stacked path (residual add with layer scale, then layer norm).
 
-The Triton kernel runs one program per (image, head) for a whole group: every slot's query rows read each block of
-the backbone's keys and values once (in place, from timm's qkv output, no copy), with an online softmax over them
-and then over each slot's own token and memory keys (block-diagonal masks; read in place too, memory never
-expanded to the batch), accumulating in float32. Rows are independent (a row's result never depends on another
-row's queries or keys), and the launch grid and every program's work depend on the group's capacity, never on which
-slots are filled or how many groups exist, so the exactness rule of :func:`~continual_mem.layers.group_block` holds
-for it too. It is the default on CUDA wherever Triton imports (``CONTINUAL_MEM_ATTENTION=torch`` turns it off); the
-PyTorch expression serves the CPU and GPUs without Triton. Their numerics differ (compared with ``allclose``, like
-the oracle); each is bit-stable as tasks are added. It is checked in Triton's interpreter on the CPU
-(``TRITON_INTERPRET=1``) and compiled on an H100 (``pytest -m gpu``). An earlier version, one program per slot, read
-the backbone's K/V once per slot and gained nothing; this one is timed in the README ("Fused group attention").
+The Triton kernel runs one program per (image, head) for a group, or for a pack of groups on the stacked path
+(:mod:`continual_mem.stacked`): every query row reads each block of the backbone's keys and values once (in place,
+from timm's qkv output, no copy), with an online softmax over them and then over its slot's own token and memory
+keys (block-diagonal masks; read in place too, memory never expanded to the batch), accumulating in float32. Rows
+are independent (a row's result never depends on another row's queries or keys, masked keys weigh exactly zero),
+and every program's tiles depend on the group's capacity and the pack size, never on which slots are filled or how
+many groups exist, so the exactness rule of :func:`~continual_mem.layers.group_block` holds for it too. It is the
+default on CUDA wherever Triton imports (``CONTINUAL_MEM_ATTENTION=torch`` turns it off); the PyTorch expression
+serves the CPU and GPUs without Triton. Their numerics differ (compared with ``allclose``, like the oracle); each is
+bit-stable as tasks are added. It is checked in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``) and
+compiled on an H100 (``pytest -m gpu``). The kernel is bound by latency, not bytes or arithmetic: packing four
+groups into one 16-row tile and one or two warps per program halved its time on an H100
+(``benchmarks/attention_configs.py``).
 """
 from __future__ import annotations
 
@@ -72,14 +75,87 @@ def group_attention_triton(q: torch.Tensor, shared_k: torch.Tensor, shared_v: to
     mem = 0 if mem_k is None else mem_k.shape[2]
     mem_k, mem_v = _same_layout(mem_k, mem_v) if mem else (tok_k, tok_v)  # unread without memory
     out = torch.empty(B, rows, H, hd, device=q.device, dtype=shared_v.dtype)
-    _kernel()[(B * H,)](
-        q, tok_k, tok_v, sk, sv, mem_k, mem_v, out, scale, H, N, rows, mem,
-        *q.stride()[:3], *tok_k.stride()[:3], *sk.stride()[:3], *sv.stride()[:3], *mem_k.stride()[1:3],
-        out.stride(0), out.stride(2), out.stride(1),
-        N_Q=rows // slots, M_PER=max(1, mem // slots), HD=hd, BLOCK_M=max(16, triton.next_power_of_2(rows)),
-        BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=64,
-        BLOCK_MEM=max(16, triton.next_power_of_2(mem)) if mem else 0, IEEE=q.dtype == torch.float32)
+    _launch(q.unsqueeze(0), tok_k.unsqueeze(0), tok_v.unsqueeze(0), sk, sv, mem_k, mem_v,
+            out.permute(0, 2, 1, 3).unsqueeze(0), mem=mem, slots=slots, scale=scale, pack=1,
+            launch=attention_launch(rows, N))
     return out.permute(0, 2, 1, 3)
+
+
+def attention_launch(rows: int, keys: int) -> dict:
+    """Launch configuration of the group-attention kernel for ``rows`` query rows per program and ``keys`` backbone
+    keys (policy; shapes only, so it never changes with the number of groups). Tiny tiles want one warp: the
+    kernel is bound by latency, not arithmetic (``benchmarks/attention_configs.py``, H100)."""
+    if rows >= 16:  # a pack of groups (the stacked path)
+        return {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3 if keys > 64 else 2}
+    return {"BLOCK_N": 32, "num_warps": 1, "num_stages": 3}
+
+
+def pack_size(rows: int) -> int:
+    """Groups per program of the stacked launch (policy, by a group's query rows only): enough to fill the
+    16-row minimum of a tensor-core tile, so the backbone's K/V are read once for all of them."""
+    return max(1, 16 // rows)
+
+
+def stacked_attention_triton(qkv: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor,
+                             mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, out: torch.Tensor, *,
+                             slots: int, scale: float, pack: int | None = None, launch: dict | None = None) -> None:
+    """The fused kernel over several groups in one launch (:mod:`continual_mem.stacked`): one program per (image,
+    head, pack of groups); each program's tiles are fixed by ``pack`` (default :func:`pack_size`), so a group's
+    bits never depend on how many groups there are.
+
+    ``qkv``: the groups' qkv outputs ``(G, B, L, 3, H, hd)`` (groups any stride apart; ``L = slots * n``);
+    ``shared_*``: the backbone's ``(B, H, N, hd)``; ``mem_*``: every group's memory keys and values, group after
+    group, ``(1, H, G * slots * m, hd)``, or None; ``out``: ``(G, B, L, H, hd)``, written."""
+    G, B, L, _, H, hd = qkv.shape
+    if qkv.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("qkv and out need a contiguous last dimension")
+    sk, sv = (t if t.stride(-1) == 1 else t.contiguous() for t in (shared_k, shared_v))
+    q, k, v = qkv.unbind(3)  # (G, B, L, H, hd) each, one set of strides
+    mem = 0 if mem_k is None else mem_k.shape[2] // G
+    pack = pack or pack_size(L)
+    _launch(*(t.permute(0, 1, 3, 2, 4) for t in (q, k, v)), sk, sv, mem_k, mem_v, out.permute(0, 1, 3, 2, 4),
+            mem=mem, slots=slots, scale=scale, pack=pack, launch=launch or attention_launch(pack * L, sk.shape[2]))
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor,
+            mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, out: torch.Tensor, *, mem: int, slots: int,
+            scale: float, pack: int, launch: dict) -> None:
+    """``q``, ``k``, ``v`` (``k``'s strides), ``out``: ``(G, B, H, L, hd)`` views; ``mem``: memory rows per
+    group."""
+    import triton
+
+    G, B, H, L, hd = q.shape
+    if not mem:
+        mem_k, mem_v = sk, sv  # never read
+    _kernel()[(B * H * -(-G // pack),)](
+        q, k, v, sk, sv, mem_k, mem_v, out, scale, H, sk.shape[2], G, mem,
+        *q.stride()[:4], *k.stride()[:4], *sk.stride()[:3], *sv.stride()[:3], *mem_k.stride()[1:3],
+        *out.stride()[:4],
+        L=L, PACK=pack, N_Q=L // slots, M_PER=max(1, mem // slots), HD=hd,
+        BLOCK_M=max(16, triton.next_power_of_2(pack * L)), BLOCK_D=max(16, triton.next_power_of_2(hd)),
+        BLOCK_MEM=max(16, triton.next_power_of_2(pack * mem)) if mem else 0, IEEE=q.dtype == torch.float32, **launch)
+
+
+def add_layer_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gamma: torch.Tensor | None,
+                          norm: torch.nn.LayerNorm | None, h: torch.Tensor) -> None:
+    """Row-wise, every group in one launch: ``x += gamma * delta`` in place (when ``delta`` is given), then
+    ``h = norm(x)`` (when ``norm`` is given). ``x``, ``delta``, ``h``: ``(G, R, D)``, rows contiguous, ``x`` and
+    ``delta`` laid out alike."""
+    import triton
+
+    from ._triton_kernels import add_layer_norm
+
+    G, R, D = x.shape
+    if x.stride(1) != D or x.stride(2) != 1 or h.stride()[1:] != (D, 1):
+        raise ValueError("x and h need contiguous rows")
+    if delta is not None and delta.stride() != x.stride():
+        raise ValueError("delta must be laid out like x")
+    block = triton.next_power_of_2(D)
+    w, b, eps = (norm.weight, norm.bias, norm.eps) if norm is not None else (x, x, 0.0)
+    add_layer_norm[(R, G)](
+        x, delta if delta is not None else x, gamma if gamma is not None else x, w, b, h, D, x.stride(0),
+        h.stride(0), eps, HAS_DELTA=delta is not None, HAS_GAMMA=gamma is not None, HAS_NORM=norm is not None,
+        BLOCK_D=block, num_warps=4 if block <= 1024 else 8)
 
 
 def _same_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,11 @@ from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, sp
 from .branches import PrivatePasses
 from .config import TaskConfig, parse_layers
 from .kernels import use_triton
-from .layers import group_block, memory_kv, task_block
+from .layers import group_block, task_block
 from .masking import visible_tasks
+from .stacked import supported as stacking_supported
 from .task import TaskModule
+from .task_paths import TaskPaths
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class TaskError(ValueError):
     """A task operation cannot be done (duplicate name, unknown task, dependants, incompatible state)."""
 
 
-class MemoryViT(PrivatePasses, nn.Module):
+class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
     """A frozen timm ``VisionTransformer`` plus any number of tasks (paper: Sandler et al., CVPR 2022).
 
     ``forward(images)`` returns ``{"original": backbone logits, task_name: task logits, ...}``. The backbone
@@ -47,6 +49,11 @@ class MemoryViT(PrivatePasses, nn.Module):
         group_size: Capacity of a task group: concatenation-mode tasks of the same shape run ``group_size`` at a
             time in one set of kernels whose shapes never depend on how many slots are filled. Part of the
             model's identity (a task's bits depend on it); 1 runs every task on its own.
+
+    Attributes:
+        stack_groups: On CUDA with Triton, run every group of one shape in one set of launches per block
+            (:mod:`continual_mem.stacked`; default True). Set False for the per-group path. Either way a task's
+            bits never depend on the other tasks; the two paths' bits differ from each other.
     """
 
     def __init__(self, backbone: VisionTransformer, *, group_size: int = 4) -> None:
@@ -61,6 +68,7 @@ class MemoryViT(PrivatePasses, nn.Module):
         self._kv_cache: dict[tuple, tuple] = {}
         self._fingerprint: str | None = None
         self.generation = 0  # bumped by invalidate_cache(): writes that version counters do not see
+        self.stack_groups = True
 
     # ------------------------------------------------------------------ structure
     @property
@@ -213,7 +221,8 @@ class MemoryViT(PrivatePasses, nn.Module):
         del self.tasks[name]
         # per-task keys are (name, layer); group keys ("group", names, layer) go too: the group re-packs
         self._kv_cache = {k: v for k, v in self._kv_cache.items()
-                          if k[0] != name and not (k[0] == "group" and name in k[1])}
+                          if k[0] != name and not (k[0] == "group" and name in k[1])
+                          and not (k[0] == "stack" and any(name in u for u in k[1]))}
         return task
 
     def invalidate_cache(self) -> None:
@@ -280,110 +289,6 @@ class MemoryViT(PrivatePasses, nn.Module):
                 units.append(("task", [name]))
         return [Unit(kind, tuple(names)) for kind, names in units]
 
-    def _cached(self, key: tuple, params: list[nn.Parameter], compute, local: dict):
-        """``compute()`` once per forward, and across forwards while none of ``params`` trains or changes."""
-        if key in local:
-            return local[key]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            value = compute()
-        else:
-            dev = params[0].device.type
-            stamp = (tuple((p._version, id(p)) for p in params), params[0].device,
-                     torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-            hit = self._kv_cache.get(key)
-            if hit is None or hit[0] != stamp:
-                with torch.no_grad():
-                    hit = (stamp, compute())
-                self._kv_cache[key] = hit
-            value = hit[1]
-        local[key] = value
-        return value
-
-    def _memory_kv(self, task: TaskModule, layer: int, local: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Memory K/V of a single-path task at ``layer`` (image-independent)."""
-        mem = task.memory_at(layer)
-        if mem is None:
-            return None
-        return self._cached((task.name, layer), [task.memory],
-                            lambda: memory_kv(self.backbone.blocks[layer], task.memory_at(layer)), local)
-
-    def _token_task(
-        self,
-        task: TaskModule,
-        backbone_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        token_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
-        mem_kv: dict,
-        keep_kv: bool,
-        block_inputs: dict[int, torch.Tensor],
-    ) -> torch.Tensor:
-        """One task on the per-task path (extension-mode tasks, and any task while it trains): its tokens attend
-        to the backbone, itself, its memory and the tokens and memory of the earlier tasks it sees."""
-        B = backbone_kv[0][0].shape[0]
-        tokens = task.tokens.expand(B, -1, -1)  # (B, n, D)
-        own: list[tuple[torch.Tensor, torch.Tensor]] = []
-        fork = self.depth - task.config.fork_layers
-        for i, blk in enumerate(self.backbone.blocks):
-            if i >= fork:
-                return self._branch(task, tokens, block_inputs[fork], fork)
-            ks: list[torch.Tensor] = []
-            vs: list[torch.Tensor] = []
-            self._memory_kv(task, i, mem_kv)  # stored in mem_kv under (name, i)
-            for owner in (task.name, *task.config.sees):
-                if owner != task.name:
-                    tk, tv = token_kv[owner][i]
-                    ks.append(tk)
-                    vs.append(tv)
-                if (owner, i) in mem_kv:
-                    ks.append(mem_kv[(owner, i)][0])
-                    vs.append(mem_kv[(owner, i)][1])
-            tokens, k, v = self._task_block(blk, tokens, *backbone_kv[i], ks, vs)
-            if keep_kv:
-                own.append((k, v))
-        if keep_kv:
-            token_kv[task.name] = own
-        return self.pool_tokens(tokens, task)
-
-    def _group(
-        self,
-        names: tuple[str | None, ...],
-        backbone_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        token_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
-        mem_kv: dict,
-        keep_kv: set[str],
-    ) -> dict[str, torch.Tensor]:
-        """A fixed-capacity group of concatenation-mode tasks, in one set of kernels per block."""
-        tasks = [self.tasks[n] if n is not None else None for n in names]
-        first = next(t for t in tasks if t is not None)
-        c, G, D = first.config, len(names), self.backbone.embed_dim
-        n, m = c.task_tokens, c.memory
-        B = backbone_kv[0][0].shape[0]
-        ref = first.tokens
-        empty_tok = ref.new_zeros(1, n, D)
-        tokens = torch.cat([t.tokens if t is not None else empty_tok for t in tasks], dim=1).expand(B, -1, -1)
-        mem_params = [t.memory for t in tasks if t is not None and t.memory is not None]
-        keep = [(s, t.name) for s, t in enumerate(tasks) if t is not None and t.name in keep_kv]
-        kept: dict[str, list] = {name: [] for _, name in keep}
-        for i, blk in enumerate(self.backbone.blocks):
-            mk = mv = None
-            if i in first.layer_to_slot:
-                empty_mem = ref.new_zeros(m, D)
-
-                def stacked(i=i, blk=blk, empty_mem=empty_mem):
-                    mem = torch.cat([t.memory[t.layer_to_slot[i]] if t is not None else empty_mem for t in tasks])
-                    return memory_kv(blk, mem.unsqueeze(0))  # (1, H, G * m, hd)
-
-                mk, mv = self._cached(("group", names, i), mem_params, stacked, mem_kv)
-                for s, t in enumerate(tasks):
-                    if t is not None:
-                        mem_kv[(t.name, i)] = (mk[:, :, s * m:(s + 1) * m], mv[:, :, s * m:(s + 1) * m])
-            tokens, k, v = self._group_block(blk, tokens, *backbone_kv[i], mk, mv, G)
-            for s, name in keep:
-                kept[name].append((k[:, :, s * n:(s + 1) * n], v[:, :, s * n:(s + 1) * n]))
-        token_kv.update(kept)
-        bb = self.backbone
-        pooled = bb.fc_norm(bb.norm(tokens).view(B, G, n, D).mean(dim=2))  # (B, G, D)
-        return {t.name: t.head(pooled[:, s]) for s, t in enumerate(tasks) if t is not None}
-
     def _units(self, wanted: set[str]) -> list[tuple[Unit, list[TaskModule]]]:
         """The plan's units that hold a wanted task, each with its tasks."""
         return [(u, [self.tasks[n] for n in u.names if n is not None]) for u in self.plan()
@@ -403,11 +308,6 @@ class MemoryViT(PrivatePasses, nn.Module):
             return False
         return all(unit.kind == "group" and not self._trains(members)
                    for unit, members in units if any(t.config.has_tokens for t in members))
-
-    def pool_tokens(self, tokens: torch.Tensor, task: TaskModule) -> torch.Tensor:
-        """Final norm, average over the task's tokens, fc_norm, head: ``(B, n, D) -> (B, classes)``."""
-        bb = self.backbone
-        return task.head(bb.fc_norm(bb.norm(tokens).mean(dim=1)))
 
     def embed(self, x: torch.Tensor, backbone: VisionTransformer | None = None) -> torch.Tensor:
         """Block-0 input tokens ``(B, N, D)`` through timm's own embedding steps."""
@@ -429,6 +329,7 @@ class MemoryViT(PrivatePasses, nn.Module):
             original: Also return the backbone's own head output under ``"original"``.
         """
         names = self.task_names if tasks is None else list(tasks)
+        names_wanted = set(names)
         unknown = [n for n in names if n not in self.tasks]
         if unknown:
             raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
@@ -459,8 +360,15 @@ class MemoryViT(PrivatePasses, nn.Module):
         readers = {s for n in needed for s in self.tasks[n].config.sees}
         token_kv: dict[str, list] = {}
         mem_kv: dict = {}
+        stacks = self._stacks(units, x) if backbone_kv else {}
+        for names in stacks.values():  # groups read nothing but the backbone: they may run first
+            out.update({k: v for k, v in self._stack(names, backbone_kv, token_kv, mem_kv, readers).items()
+                        if k in names_wanted})
+        stacked_names = {n for group in stacks.values() for names in group for n in names}
         for unit, members in units:
             training = self._trains(members)
+            if unit.kind == "group" and stacked_names.intersection(unit.names):
+                continue
             if unit.kind == "group" and not training:
                 results = self._group(unit.names, backbone_kv, token_kv, mem_kv, readers)
             elif unit.kind == "group":  # a task is training: run just the requested ones, no idle slots
@@ -476,5 +384,19 @@ class MemoryViT(PrivatePasses, nn.Module):
                 else:
                     logits = self.separate_pass(task, x)
                 results = {task.name: logits}
-            out.update({k: v for k, v in results.items() if k in names})
+            out.update({k: v for k, v in results.items() if k in names_wanted})
+        return out
+
+    def _stacks(self, units: Sequence[tuple[Unit, list[TaskModule]]], x: torch.Tensor) -> dict[tuple, list]:
+        """The groups the stacked path runs, by shape (memory, layers, tokens): inference groups, when
+        :func:`~continual_mem.stacked.supported` holds and the task path is not compiled."""
+        if not self.stack_groups or self._group_block is not group_block:
+            return {}
+        groups = [(unit, members) for unit, members in units if unit.kind == "group" and not self._trains(members)]
+        if not groups or not stacking_supported(self.backbone, groups[0][1][0].tokens.dtype, x.device):
+            return {}
+        out: dict[tuple, list] = {}
+        for unit, members in groups:
+            c = members[0].config
+            out.setdefault((c.memory, c.layers, c.task_tokens), []).append(unit.names)
         return out

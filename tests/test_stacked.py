@@ -1,0 +1,123 @@
+"""The stacked path (every group of one shape in one set of launches per block): in Triton's interpreter on the CPU
+(a child process: ``TRITON_INTERPRET`` must be set before Triton is imported) and compiled on a GPU. Old outputs
+stay bit-identical as tasks fill groups and open new ones; results match the oracle and the per-group path."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from continual_mem import MemoryViT, stacked
+from continual_mem.kernels import ENV
+
+pytest.importorskip("triton", reason="Triton is not installed (it ships with torch's CUDA wheels)")
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, sys, torch
+dev = torch.device(sys.argv[1])
+from continual_mem import ORIGINAL, MemoryViT, stacked
+from continual_mem.reference import reference_forward
+from helpers import images, make_backbone, perturb
+
+calls = []
+run_blocks = stacked.run_blocks
+stacked.run_blocks = lambda bb, tokens, *a, **k: calls.append(tokens.shape[0]) or run_blocks(bb, tokens, *a, **k)
+bb = make_backbone("tiny")
+net = MemoryViT(bb, group_size=2)
+x = images(bb, n=3).to(dev)
+specs = [dict(memory=2), dict(memory=2), dict(memory=2, layers="last:1"), dict(memory=2), dict(memory=2),
+         dict(memory=2, task_tokens=2), dict(memory=2)]
+history = []
+for i, spec in enumerate(specs):
+    net.cpu()  # perturb draws on the CPU
+    perturb(net.add_task(f"t{i}", 3 + i, **spec), seed=i + 1)
+    net.to(dev)
+    with torch.inference_mode() if i % 2 else torch.no_grad():  # both: inference tensors have no view bases
+        history.append(net(x))
+report = {"stacks": calls[-3:]}  # the last forward: groups per shape
+report["old_equal"] = all(torch.equal(history[-1][k], out[k]) for out in history for k in out)
+ref = reference_forward(net, x)
+last = history[-1]
+report["vs_oracle"] = max(float((last[k] - ref[k]).abs().max()) for k in ref)
+net.stack_groups = False
+with torch.no_grad():
+    per = net(x)
+report["vs_per_group"] = max(float((last[k] - per[k]).abs().max()) for k in per)
+net.stack_groups = True
+net.cpu()
+perturb(net.add_task("ext", 5, memory=2, mode="extension"), seed=9)  # reads every group's token K/V
+net.to(dev)
+with torch.no_grad():
+    out = net(x)
+ref = reference_forward(net, x)
+report["ext_vs_oracle"] = float((out["ext"] - ref["ext"]).abs().max())
+report["old_equal_after_ext"] = all(torch.equal(out[k], last[k]) for k in last)
+print("REPORT" + json.dumps(report))
+"""
+
+
+def _child(device: str, interpret: bool) -> dict:
+    env = {**os.environ, ENV: "triton", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-c", CHILD, device], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.split("REPORT", 1)[1])
+
+
+def _check(report: dict) -> None:
+    # 7 tasks, capacity 2: shape A holds t0 t1 | t3 t4 | t6 (3 groups), shapes B (t2) and C (t5) one group each
+    assert sorted(report["stacks"]) == [1, 1, 3], report
+    assert report["old_equal"] and report["old_equal_after_ext"], report
+    assert report["vs_oracle"] < 1e-4 and report["vs_per_group"] < 1e-4 and report["ext_vs_oracle"] < 1e-4, report
+
+
+def test_stacked_groups_in_the_interpreter_keep_old_bits_and_match_the_oracle():
+    _check(_child("cpu", interpret=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
+def test_stacked_groups_on_the_gpu_keep_old_bits_and_match_the_oracle():
+    _check(_child("cuda", interpret=False))
+
+
+def test_supported_policy(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(ENV, "triton")
+    bb = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    cpu = torch.device("cpu")
+    assert stacked.supported(bb, torch.float32, cpu)
+    assert not stacked.supported(bb, torch.bfloat16, cpu)  # weights in another dtype: autocast-style mixing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not stacked.supported(bb, torch.float32, cpu)
+    monkeypatch.setenv(ENV, "torch")
+    assert not stacked.supported(bb, torch.float32, cpu)
+    monkeypatch.setenv(ENV, "triton")
+    bb.blocks[1].attn.q_norm = torch.nn.LayerNorm(bb.blocks[1].attn.head_dim)  # qk-norm: not reproduced
+    assert not stacked.supported(bb, torch.float32, cpu)
+    swiglu = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                               mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
+    assert not stacked.supported(swiglu, torch.float32, cpu)
+
+
+def test_group_buffer_aligns_every_group():
+    buf = stacked.group_buffer(3, 5, 7, torch.empty(0))
+    assert buf.shape == (3, 5, 7) and buf.stride() == (stacked.ALIGN, 7, 1)
+
+
+def test_the_stacked_path_is_not_taken_on_the_cpu_by_default(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(ENV, "auto")
+    bb = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    net = MemoryViT(bb, group_size=2)
+    net.add_task("a", 3)
+    monkeypatch.setattr(stacked, "run_blocks", lambda *a, **k: pytest.fail("stacked path on the CPU"))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32))
