@@ -122,3 +122,99 @@ def add_layer_norm(x_ptr, delta_ptr, gamma_ptr, w_ptr, b_ptr, h_ptr, D, x_sg, h_
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         bias = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(h_ptr + g * h_sg + row * D + cols, (xc * rstd * w + bias).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def task_attn_fwd(q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, out_ptr, lse_ptr, scale, H, N, NQ, P,
+                  q_sb, q_sh, q_sr, sk_sb, sk_sh, sk_sn, sv_sb, sv_sh, sv_sn, p_sb, p_sh, p_sr, o_sb, o_sh, o_sr,
+                  HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_P: tl.constexpr, IEEE: tl.constexpr):
+    """One task's ``NQ`` query rows of one (image, head) against [the backbone's ``N`` keys, in place ‖ the task's
+    ``P`` private keys] (every row sees every key); writes the output and each row's log-sum-exp for the
+    backward."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    rmask = rows < NQ
+    dmask = d < HD
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sr + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    pcols = tl.arange(0, BLOCK_P)
+    pk, pv = _load_rows(pk_ptr, pv_ptr, b * p_sb + h * p_sh + pcols * p_sr, pcols < P, d, dmask)
+    q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        kmask = keys < N
+        tile = kmask[:, None] & dmask[None, :]
+        kk = tl.load(sk_ptr + b * sk_sb + h * sk_sh + keys[:, None] * sk_sn + d[None, :], mask=tile, other=0.0)
+        vv = tl.load(sv_ptr + b * sv_sb + h * sv_sh + keys[:, None] * sv_sn + d[None, :], mask=tile, other=0.0)
+        s = tl.where(kmask[None, :], _dot(q, tl.trans(kk), IEEE), -float("inf"))
+        acc, m_i, l_i = _online(acc, m_i, l_i, s, vv, IEEE)
+    s = tl.where((pcols < P)[None, :], _dot(q, tl.trans(pk), IEEE), -float("inf"))
+    acc, m_i, l_i = _online(acc, m_i, l_i, s, pv, IEEE)
+    tl.store(out_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sr + d[None, :],
+             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + pid * BLOCK_M + rows, m_i + tl.log(l_i))
+
+
+@triton.jit
+def _grad_block(q, do, lse, delta, kk, vv, valid, scale, IEEE: tl.constexpr):
+    """Probabilities and score gradients of one key block: ``p``, ``ds`` (rows x keys, float32)."""
+    s = _dot(q, tl.trans(kk), IEEE)
+    p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(vv), IEEE)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def task_attn_bwd(q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, out_ptr, do_ptr, lse_ptr, dq_ptr, dpk_ptr, dpv_ptr,
+                  scale, H, N, NQ, P,
+                  q_sb, q_sh, q_sr, sk_sb, sk_sh, sk_sn, sv_sb, sv_sh, sv_sn, p_sb, p_sh, p_sr, o_sb, o_sh, o_sr,
+                  do_sb, do_sh, do_sr,
+                  HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_P: tl.constexpr, IEEE: tl.constexpr):
+    """Gradients of :func:`task_attn_fwd` for the queries and the private keys and values (the backbone's keys
+    and values are frozen: no gradient), one program per (image, head), the backbone's K/V read once, in place.
+    ``dq``, ``dpk``, ``dpv`` are contiguous ``(B, H, rows, hd)``."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    rmask = rows < NQ
+    dmask = d < HD
+    tile_q = rmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sr + d[None, :], mask=tile_q, other=0.0)
+    o = tl.load(out_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sr + d[None, :], mask=tile_q, other=0.0)
+    do = tl.load(do_ptr + b * do_sb + h * do_sh + rows[:, None] * do_sr + d[None, :], mask=tile_q, other=0.0)
+    lse = tl.load(lse_ptr + pid * BLOCK_M + rows)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    pcols = tl.arange(0, BLOCK_P)
+    pmask = pcols < P
+    pk, pv = _load_rows(pk_ptr, pv_ptr, b * p_sb + h * p_sh + pcols * p_sr, pmask, d, dmask)
+    q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        kmask = keys < N
+        tile = kmask[:, None] & dmask[None, :]
+        kk = tl.load(sk_ptr + b * sk_sb + h * sk_sh + keys[:, None] * sk_sn + d[None, :], mask=tile, other=0.0)
+        vv = tl.load(sv_ptr + b * sv_sb + h * sv_sh + keys[:, None] * sv_sn + d[None, :], mask=tile, other=0.0)
+        p, ds = _grad_block(q, do, lse, delta, kk, vv, kmask, scale, IEEE)
+        dq += _dot(ds.to(kk.dtype), kk, IEEE)
+    p, ds = _grad_block(q, do, lse, delta, pk, pv, pmask, scale, IEEE)
+    ds = tl.where(rmask[:, None], ds, 0.0)  # padded rows: no gradient
+    p = tl.where(rmask[:, None], p, 0.0)
+    dq += _dot(ds.to(pk.dtype), pk, IEEE)
+    dpk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE)  # q is already scaled: d(scale * q k^T)/dk
+    dpv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    tl.store(dq_ptr + (pid * NQ + rows[:, None]) * HD + d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=tile_q)
+    tile_p = pmask[:, None] & dmask[None, :]
+    tl.store(dpk_ptr + (pid * P + pcols[:, None]) * HD + d[None, :], dpk.to(dpk_ptr.dtype.element_ty), mask=tile_p)
+    tl.store(dpv_ptr + (pid * P + pcols[:, None]) * HD + d[None, :], dpv.to(dpv_ptr.dtype.element_ty), mask=tile_p)

@@ -44,6 +44,13 @@ def use_triton(device: torch.device, requested: str | None = None) -> bool:
     return True
 
 
+def fused_task_attention(device: torch.device) -> bool:
+    """Policy for the per-task path (a task outside a group, or any task while it trains): the fused Triton
+    attention, forward and backward, wherever :func:`use_triton` holds, except inside ``torch.compile`` (a compiled
+    per-task path traces the PyTorch expression)."""
+    return use_triton(device) and not torch.compiler.is_compiling()
+
+
 def group_attention_torch(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor, own_k: torch.Tensor,
                           own_v: torch.Tensor) -> torch.Tensor:
     """``q``: ``(B, H, S, n, hd)`` scaled queries; ``shared_*``: ``(B, H, N, hd)``; ``own_*``: ``(B, H, S, P, hd)``.
@@ -156,6 +163,59 @@ def add_layer_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gamma: to
         x, delta if delta is not None else x, gamma if gamma is not None else x, w, b, h, D, x.stride(0),
         h.stride(0), eps, HAS_DELTA=delta is not None, HAS_GAMMA=gamma is not None, HAS_NORM=norm is not None,
         BLOCK_D=block, num_warps=4 if block <= 1024 else 8)
+
+
+def task_attention_triton(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor, own_k: torch.Tensor,
+                          own_v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One task's queries ``(B, H, n, hd)`` (unscaled) against [the backbone's ``(B, H, N, hd)`` keys and values,
+    read in place ‖ the task's private ones ``(B, H, P, hd)``], every query seeing every key; differentiable in
+    ``q``, ``own_k`` and ``own_v`` (fused Triton forward and backward; the backbone's K/V are frozen and get no
+    gradient). The per-task path's attention on CUDA, training included. Returns ``(B, H, n, hd)``."""
+    return _TaskAttention.apply(q, shared_k, shared_v, own_k, own_v, scale)
+
+
+class _TaskAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, sk, sv, pk, pv, scale):  # noqa: ANN001 (autograd signature)
+        from ._triton_kernels import task_attn_fwd
+
+        B, H, n, hd = q.shape
+        sk, sv, q = (t if t.stride(-1) == 1 else t.contiguous() for t in (sk, sv, q))
+        pk, pv = (t.to(q.dtype).contiguous() for t in (pk, pv))
+        blocks = _task_blocks(n, pk.shape[2], hd)
+        out = torch.empty(B, H, n, hd, device=q.device, dtype=sv.dtype)
+        lse = torch.empty(B * H * blocks["BLOCK_M"], device=q.device, dtype=torch.float32)
+        task_attn_fwd[(B * H,)](
+            q, sk, sv, pk, pv, out, lse, scale, H, sk.shape[2], n, pk.shape[2], *q.stride()[:3], *sk.stride()[:3],
+            *sv.stride()[:3], *pk.stride()[:3], *out.stride()[:3], HD=hd, IEEE=q.dtype == torch.float32,
+            BLOCK_N=32, num_warps=1, num_stages=3, **blocks)
+        ctx.save_for_backward(q, sk, sv, pk, pv, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # noqa: ANN001
+        from ._triton_kernels import task_attn_bwd
+
+        q, sk, sv, pk, pv, out, lse = ctx.saved_tensors
+        B, H, n, hd = q.shape
+        P = pk.shape[2]
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dq = torch.empty(B, H, n, hd, device=q.device, dtype=q.dtype)
+        dpk = torch.empty(B, H, P, hd, device=q.device, dtype=pk.dtype)
+        dpv = torch.empty_like(dpk)
+        task_attn_bwd[(B * H,)](
+            q, sk, sv, pk, pv, out, dout, lse, dq, dpk, dpv, ctx.scale, H, sk.shape[2], n, P, *q.stride()[:3],
+            *sk.stride()[:3], *sv.stride()[:3], *pk.stride()[:3], *out.stride()[:3], *dout.stride()[:3], HD=hd,
+            IEEE=q.dtype == torch.float32, BLOCK_N=32, num_warps=1, num_stages=3, **_task_blocks(n, P, hd))
+        return dq, None, None, dpk, dpv, None
+
+
+def _task_blocks(n: int, private: int, hd: int) -> dict:
+    import triton
+
+    return {"BLOCK_M": max(16, triton.next_power_of_2(n)), "BLOCK_P": max(16, triton.next_power_of_2(private)),
+            "BLOCK_D": max(16, triton.next_power_of_2(hd))}
 
 
 def _same_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ import torch
 from timm.models.vision_transformer import Block
 
 from .backbone import split_qkv
-from .kernels import group_attention_torch, group_attention_triton, use_triton
+from .kernels import (fused_task_attention, group_attention_torch, group_attention_triton, task_attention_triton,
+                      use_triton)
 
 
 def memory_kv(blk: Block, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +69,13 @@ def task_block(
     """
     h = blk.norm1(tokens)
     q, k, v = split_qkv(blk.attn, blk.attn.qkv(h))  # (B, H, n, hd)
-    out = attend(q, shared_k, shared_v, [k, *keys], [v, *values], blk.attn.scale)
+    if fused_task_attention(tokens.device):  # fused forward and backward, the backbone's K/V read in place
+        B = tokens.shape[0]
+        own_k = torch.cat([t.expand(B, -1, -1, -1).to(q.dtype) for t in (k, *keys)], dim=2)
+        own_v = torch.cat([t.expand(B, -1, -1, -1).to(q.dtype) for t in (v, *values)], dim=2)
+        out = task_attention_triton(q, shared_k, shared_v, own_k, own_v, blk.attn.scale)
+    else:
+        out = attend(q, shared_k, shared_v, [k, *keys], [v, *values], blk.attn.scale)
     return _finish(blk, tokens, h, out), k, v
 
 

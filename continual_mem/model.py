@@ -12,7 +12,7 @@ from torch import nn
 from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from .branches import PrivatePasses
 from .config import TaskConfig, parse_layers
-from .kernels import use_triton
+from .kernels import fused_task_attention, use_triton
 from .layers import group_block, task_block
 from .masking import visible_tasks
 from .stacked import supported as stacking_supported
@@ -300,12 +300,15 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for t in members for p in t.parameters())
 
     def _kv_in_place(self, device: torch.device, units: Sequence[tuple[Unit, list[TaskModule]]]) -> bool:
-        """Whether the backbone's K/V may stay views of timm's qkv output: only when the fused kernel reads every
-        one of them (in-place, any stride). The per-task path (training, or a task outside a group) wants one
-        contiguous copy per layer, shared by every task, not a copy per task inside each matmul. ``units``: the
-        plan's units this call runs, each with its tasks."""
+        """Whether the backbone's K/V may stay views of timm's qkv output: when the fused kernels read every one
+        of them (in place, any stride: groups, and the per-task path where :func:`fused_task_attention` holds).
+        The PyTorch expression (CPU, or a compiled per-task path) wants one contiguous copy
+        per layer, shared by every task, not a copy per task inside each matmul. ``units``: the plan's units this
+        call runs, each with its tasks."""
         if not use_triton(device):
             return False
+        if self._task_block is task_block and fused_task_attention(device):
+            return True
         return all(unit.kind == "group" and not self._trains(members)
                    for unit, members in units if any(t.config.has_tokens for t in members))
 

@@ -62,6 +62,28 @@ for pack in (1, 2, 4):
     single = group_attention_triton(q, sk, sv, tk, tv, mk[:, :, S * m:2 * S * m], mv[:, :, S * m:2 * S * m],
                                     slots=S, scale=scale)
     report["kernel"].append(float((full[1].permute(0, 2, 1, 3) - single).abs().max()))
+# the per-task path's fused attention: output and gradients against the PyTorch expression
+from continual_mem.kernels import task_attention_triton
+from continual_mem.layers import attend
+grads = []
+for n, P, N in [(1, 6, 37), (3, 20, 70)]:
+    g = torch.Generator().manual_seed(n + P)
+    q, k, v = torch.randn(B, n, 3, H, hd, generator=g).to(dev).permute(2, 0, 3, 1, 4).unbind(0)
+    _, sk, sv = torch.randn(B, N, 3, H, hd, generator=g).to(dev).permute(2, 0, 3, 1, 4).unbind(0)
+    mk, mv = torch.randn(2, 1, H, P - n, hd, generator=g).to(dev).unbind(0)
+    dout = torch.randn(B, H, n, hd, generator=g).to(dev)
+    for fn in ("triton", "torch"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, mk, mv)]
+        lq, lk, lv, lmk, lmv = leaves
+        if fn == "triton":
+            own_k = torch.cat([lk, lmk.expand(B, -1, -1, -1)], dim=2)
+            own_v = torch.cat([lv, lmv.expand(B, -1, -1, -1)], dim=2)
+            out = task_attention_triton(lq, sk, sv, own_k, own_v, scale)
+        else:
+            out = attend(lq, sk, sv, [lk, lmk], [lv, lmv], scale)
+        out.backward(dout)
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    report["kernel"].append(max(float((a - b).abs().max()) for a, b in zip(grads[-2], grads[-1])))
 assert kernels.use_triton(dev)
 bb = make_backbone("tiny")
 net = MemoryViT(bb, group_size=4)
@@ -84,6 +106,19 @@ os.environ[kernels.ENV] = "torch"
 with torch.no_grad():
     plain = net(x)
 report["vs_torch"] = max(float((after[k] - plain[k]).abs().max()) for k in ("a", "b"))
+# a training step's gradients (the per-task path, backbone K/V in place) against the PyTorch path
+from continual_mem import train_step, build_optimizer
+y = torch.tensor([0, 2, 1])[: x.shape[0]].to(dev)
+step_grads = {}
+for mode in ("triton", "torch"):
+    os.environ[kernels.ENV] = mode
+    net.zero_grad(set_to_none=True)
+    opt = build_optimizer(net, "b", lr=1e-30)  # a step that leaves the parameters as they are
+    train_step(net, "b", x, y, opt)
+    step_grads[mode] = [p.grad.clone() for p in net.tasks["b"].parameters() if p.grad is not None]
+report["train_grads"] = max(float((a - b).abs().max()) for a, b in zip(step_grads["triton"], step_grads["torch"]))
+report["train_grad_count"] = len(step_grads["triton"])
+os.environ[kernels.ENV] = "triton"
 report["kernel_used"] = "continual_mem._triton_kernels" in sys.modules
 print("REPORT" + json.dumps(report))
 """
@@ -104,6 +139,7 @@ def _check(report: dict) -> None:
     assert max(report["kernel"]) < 1e-5, report
     assert report["old_equal"] and report["stacked_equal_alone"], report
     assert report["vs_torch"] < 1e-4 and report["vs_oracle"] < 1e-4, report
+    assert report["train_grad_count"] >= 3 and report["train_grads"] < 1e-4, report
 
 
 @pytest.mark.slow
@@ -133,9 +169,9 @@ def test_policy(monkeypatch):
         use_triton(torch.device("cpu"), "cuda")
 
 
-def test_backbone_kv_stays_in_place_only_when_the_kernel_reads_all_of_it(monkeypatch):
-    """Views of timm's qkv output are kept only when every consumer is the fused kernel; the per-task path
-    (training, extension tasks) gets one contiguous copy per layer."""
+def test_backbone_kv_stays_in_place_when_the_fused_kernels_read_it(monkeypatch):
+    """Views of timm's qkv output are kept whenever the fused kernels consume them (groups and the per-task path,
+    training included); the PyTorch expression (or a compiled per-task path) gets one contiguous copy per layer."""
     from continual_mem import MemoryViT
     from helpers import make_backbone
 
@@ -152,16 +188,17 @@ def test_backbone_kv_stays_in_place_only_when_the_kernel_reads_all_of_it(monkeyp
 
     with torch.no_grad():
         assert in_place("a", "b")
-    assert not in_place("a")  # grad on, a's parameters train: the per-task path
-    net.add_task("c", 3, memory=2, mode="extension")
+    assert in_place("a")  # grad on, a's parameters train: the fused per-task path
+    net._task_block = lambda *a: None  # a compiled per-task path runs the PyTorch expression
+    assert not in_place("a")
     with torch.no_grad():
-        assert in_place("a") and not in_place("a", "c")
+        assert in_place("a", "b")
     monkeypatch.setenv(ENV, "torch")
     with torch.no_grad():
         assert not in_place("a", "b")
 
 
-def test_a_training_forward_gets_contiguous_backbone_kv(monkeypatch):
+def test_a_training_forward_decides_outside_the_no_grad_block(monkeypatch):
     # the decision is taken outside the backbone's no-grad block, where a task's training is still visible
     from continual_mem import MemoryViT
     from helpers import images, make_backbone
@@ -172,13 +209,30 @@ def test_a_training_forward_gets_contiguous_backbone_kv(monkeypatch):
     bb = make_backbone("tiny")
     net = MemoryViT(bb, group_size=4)
     net.add_task("a", 3, memory=2)
+    net._task_block = torch.compile  # stands for a compiled per-task path: never called below
     seen = []
     token_task = MemoryViT._token_task
 
     def spy(self, task, backbone_kv, *args):
         seen.append(all(k.is_contiguous() and v.is_contiguous() for k, v in backbone_kv))
-        return token_task(self, task, backbone_kv, *args)
+        raise StopIteration
 
     monkeypatch.setattr(MemoryViT, "_token_task", spy)
-    net(images(bb, n=2), tasks=["a"]).get("a").sum().backward()
+    with pytest.raises(StopIteration):
+        net(images(bb, n=2), tasks=["a"])
     assert seen == [True]
+
+
+def test_fused_task_attention_policy(monkeypatch):
+    from continual_mem.kernels import fused_task_attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(ENV, "triton")
+    assert fused_task_attention(cpu)  # training included
+    monkeypatch.setenv(ENV, "auto")
+    assert not fused_task_attention(cpu)  # not CUDA
+    monkeypatch.setattr("continual_mem.kernels.use_triton", lambda device, requested=None: True)
+    assert fused_task_attention(torch.device("cuda"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fused_task_attention(torch.device("cuda"))  # a compiled per-task path traces PyTorch
