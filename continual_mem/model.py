@@ -15,7 +15,6 @@ from .config import TaskConfig, parse_layers
 from .kernels import fused_task_attention, use_triton
 from .layers import group_block, task_block
 from .masking import visible_tasks
-from .stacked import supported as stacking_supported
 from .task import TaskModule
 from .task_paths import TaskPaths
 
@@ -388,18 +387,4 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
                     logits = self.separate_pass(task, x)
                 results = {task.name: logits}
             out.update({k: v for k, v in results.items() if k in names_wanted})
-        return out
-
-    def _stacks(self, units: Sequence[tuple[Unit, list[TaskModule]]], x: torch.Tensor) -> dict[tuple, list]:
-        """The groups the stacked path runs, by shape (memory, layers, tokens): inference groups, when
-        :func:`~continual_mem.stacked.supported` holds and the task path is not compiled."""
-        if not self.stack_groups or self._group_block is not group_block:
-            return {}
-        groups = [(unit, members) for unit, members in units if unit.kind == "group" and not self._trains(members)]
-        if not groups or not stacking_supported(self.backbone, groups[0][1][0].tokens.dtype, x.device):
-            return {}
-        out: dict[tuple, list] = {}
-        for unit, members in groups:
-            c = members[0].config
-            out.setdefault((c.memory, c.layers, c.task_tokens), []).append(unit.names)
         return out

@@ -4,17 +4,19 @@ stacked into one set of launches per block (:mod:`continual_mem.stacked`). All r
 none changes what an existing task computes when tasks are added."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from . import stacked
-from .layers import memory_kv
+from .layers import group_block, memory_kv
 from .task import TaskModule
 
 
 class TaskPaths:
     """Needs ``self.backbone``, ``self.depth``, ``self.tasks``, ``self._kv_cache``, ``self._group_block``,
-    ``self._task_block`` and ``self._branch`` (MemoryViT has them)."""
+    ``self._task_block``, ``self.stack_groups``, ``self._trains`` and ``self._branch`` (MemoryViT has them)."""
 
     def _cached(self, key: tuple, params: list[nn.Parameter], compute, local: dict):
         """``compute()`` once per forward, and across forwards while none of ``params`` trains or changes."""
@@ -180,3 +182,16 @@ class TaskPaths:
         bb = self.backbone
         return task.head(bb.fc_norm(bb.norm(tokens).mean(dim=1)))
 
+    def _stacks(self, units: Sequence[tuple], x: torch.Tensor) -> dict[tuple, list]:
+        """The groups the stacked path runs, by shape (memory, layers, tokens): inference groups, when
+        :func:`~continual_mem.stacked.supported` holds and the task path is not compiled."""
+        if not self.stack_groups or self._group_block is not group_block:
+            return {}
+        groups = [(unit, members) for unit, members in units if unit.kind == "group" and not self._trains(members)]
+        if not groups or not stacked.supported(self.backbone, groups[0][1][0].tokens.dtype, x.device):
+            return {}
+        out: dict[tuple, list] = {}
+        for unit, members in groups:
+            c = members[0].config
+            out.setdefault((c.memory, c.layers, c.task_tokens), []).append(unit.names)
+        return out
