@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         qkv, sk, sv, mk, mv = inputs(**shape, G=G, B=B, slots=slots, m=m)
         want = reference(qkv, sk, sv, mk, mv, slots, m, scale)
         floor_bytes = 2 * sk.numel() * sk.element_size() + qkv.numel() * 2 // 3 * 2  # K/V once, q and out
-        default = {**attention_launch(pack_size(slots) * slots, shape["N"]), "pack": pack_size(slots)}
+        pack = pack_size(slots, slots * m)
+        default = {**attention_launch(pack * slots, shape["N"], pack * slots * m), "pack": pack}
         for cfg in configs + ([default] if default not in configs else []):
             out = torch.full((G, B, slots, shape["H"], 64), float("nan"), device="cuda", dtype=torch.bfloat16)
 

@@ -84,23 +84,32 @@ def group_attention_triton(q: torch.Tensor, shared_k: torch.Tensor, shared_v: to
     out = torch.empty(B, rows, H, hd, device=q.device, dtype=shared_v.dtype)
     _launch(q.unsqueeze(0), tok_k.unsqueeze(0), tok_v.unsqueeze(0), sk, sv, mem_k, mem_v,
             out.permute(0, 2, 1, 3).unsqueeze(0), mem=mem, slots=slots, scale=scale, pack=1,
-            launch=attention_launch(rows, N))
+            launch=attention_launch(rows, N, mem))
     return out.permute(0, 2, 1, 3)
 
 
-def attention_launch(rows: int, keys: int) -> dict:
-    """Launch configuration of the group-attention kernel for ``rows`` query rows per program and ``keys`` backbone
-    keys (policy; shapes only, so it never changes with the number of groups). Tiny tiles want one warp: the
-    kernel is bound by latency, not arithmetic (``benchmarks/attention_configs.py``, H100)."""
+def attention_launch(rows: int, keys: int, private: int = 0) -> dict:
+    """Launch configuration of the group-attention kernel for ``rows`` query rows and ``private`` private (token
+    and memory) keys per program, and ``keys`` backbone keys (policy; shapes only, so it never changes with the
+    number of groups). Tiny tiles want one or two warps: the kernel is bound by latency, not arithmetic
+    (``benchmarks/attention_configs.py``, H100); large private tiles get four, to keep them in registers."""
     if rows >= 16:  # a pack of groups (the stacked path)
-        return {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3 if keys > 64 else 2}
-    return {"BLOCK_N": 32, "num_warps": 1, "num_stages": 3}
+        launch = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3 if keys > 64 else 2}
+    else:
+        launch = {"BLOCK_N": 32, "num_warps": 1, "num_stages": 3}
+    if private > 128:
+        launch["num_warps"] = 4
+    return launch
 
 
-def pack_size(rows: int) -> int:
-    """Groups per program of the stacked launch (policy, by a group's query rows only): enough to fill the
-    16-row minimum of a tensor-core tile, so the backbone's K/V are read once for all of them."""
-    return max(1, 16 // rows)
+def pack_size(rows: int, private: int = 0) -> int:
+    """Groups per program of the stacked launch (policy, by a group's query rows and private memory keys only):
+    enough to fill the 16-row minimum of a tensor-core tile, so the backbone's K/V are read once for all of them,
+    and no more than 128 memory keys per program."""
+    pack = max(1, 16 // rows)
+    while pack > 1 and pack * private > 128:
+        pack //= 2
+    return pack
 
 
 def stacked_attention_triton(qkv: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor,
@@ -119,9 +128,9 @@ def stacked_attention_triton(qkv: torch.Tensor, shared_k: torch.Tensor, shared_v
     sk, sv = (t if t.stride(-1) == 1 else t.contiguous() for t in (shared_k, shared_v))
     q, k, v = qkv.unbind(3)  # (G, B, L, H, hd) each, one set of strides
     mem = 0 if mem_k is None else mem_k.shape[2] // G
-    pack = pack or pack_size(L)
+    pack = pack or pack_size(L, mem)
     _launch(*(t.permute(0, 1, 3, 2, 4) for t in (q, k, v)), sk, sv, mem_k, mem_v, out.permute(0, 1, 3, 2, 4),
-            mem=mem, slots=slots, scale=scale, pack=pack, launch=launch or attention_launch(pack * L, sk.shape[2]))
+            mem=mem, slots=slots, scale=scale, pack=pack, launch=launch or attention_launch(pack * L, sk.shape[2], pack * mem))
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor,
@@ -165,12 +174,16 @@ def add_layer_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gamma: to
         BLOCK_D=block, num_warps=4 if block <= 1024 else 8)
 
 
+MAX_PRIVATE = 256  # private keys one program of the per-task kernel holds in registers
+
+
 def task_attention_triton(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor, own_k: torch.Tensor,
                           own_v: torch.Tensor, scale: float) -> torch.Tensor:
     """One task's queries ``(B, H, n, hd)`` (unscaled) against [the backbone's ``(B, H, N, hd)`` keys and values,
     read in place ‖ the task's private ones ``(B, H, P, hd)``], every query seeing every key; differentiable in
     ``q``, ``own_k`` and ``own_v`` (fused Triton forward and backward; the backbone's K/V are frozen and get no
-    gradient). The per-task path's attention on CUDA, training included. Returns ``(B, H, n, hd)``."""
+    gradient). The per-task path's attention on CUDA, training included (for up to :data:`MAX_PRIVATE` private
+    keys and 16 queries; more take the PyTorch expression). Returns ``(B, H, n, hd)``."""
     return _TaskAttention.apply(q, shared_k, shared_v, own_k, own_v, scale)
 
 
@@ -188,7 +201,7 @@ class _TaskAttention(torch.autograd.Function):
         task_attn_fwd[(B * H,)](
             q, sk, sv, pk, pv, out, lse, scale, H, sk.shape[2], n, pk.shape[2], *q.stride()[:3], *sk.stride()[:3],
             *sv.stride()[:3], *pk.stride()[:3], *out.stride()[:3], HD=hd, IEEE=q.dtype == torch.float32,
-            BLOCK_N=32, num_warps=1, num_stages=3, **blocks)
+            BLOCK_N=32, num_warps=1 if pk.shape[2] <= 64 else 4, num_stages=3, **blocks)
         ctx.save_for_backward(q, sk, sv, pk, pv, out, lse)
         ctx.scale = scale
         return out
@@ -207,7 +220,8 @@ class _TaskAttention(torch.autograd.Function):
         task_attn_bwd[(B * H,)](
             q, sk, sv, pk, pv, out, dout, lse, dq, dpk, dpv, ctx.scale, H, sk.shape[2], n, P, *q.stride()[:3],
             *sk.stride()[:3], *sv.stride()[:3], *pk.stride()[:3], *out.stride()[:3], *dout.stride()[:3], HD=hd,
-            IEEE=q.dtype == torch.float32, BLOCK_N=32, num_warps=1, num_stages=3, **_task_blocks(n, P, hd))
+            IEEE=q.dtype == torch.float32, BLOCK_N=32, num_warps=1 if P <= 64 else 4, num_stages=3,
+            **_task_blocks(n, P, hd))
         return dq, None, None, dpk, dpv, None
 
 

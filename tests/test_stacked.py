@@ -31,7 +31,7 @@ bb = make_backbone("tiny")
 net = MemoryViT(bb, group_size=2)
 x = images(bb, n=3).to(dev)
 specs = [dict(memory=2), dict(memory=2), dict(memory=2, layers="last:1"), dict(memory=2), dict(memory=2),
-         dict(memory=2, task_tokens=2), dict(memory=2)]
+         dict(memory=2, task_tokens=2), dict(memory=2), dict(memory=40)]  # the last: one group per program
 history = []
 for i, spec in enumerate(specs):
     net.cpu()  # perturb draws on the CPU
@@ -39,7 +39,7 @@ for i, spec in enumerate(specs):
     net.to(dev)
     with torch.inference_mode() if i % 2 else torch.no_grad():  # both: inference tensors have no view bases
         history.append(net(x))
-report = {"stacks": calls[-3:]}  # the last forward: groups per shape
+report = {"stacks": calls[-4:]}  # the last forward: groups per shape
 report["old_equal"] = all(torch.equal(history[-1][k], out[k]) for out in history for k in out)
 ref = reference_forward(net, x)
 last = history[-1]
@@ -72,8 +72,8 @@ def _child(device: str, interpret: bool) -> dict:
 
 
 def _check(report: dict) -> None:
-    # 7 tasks, capacity 2: shape A holds t0 t1 | t3 t4 | t6 (3 groups), shapes B (t2) and C (t5) one group each
-    assert sorted(report["stacks"]) == [1, 1, 3], report
+    # 8 tasks, capacity 2: shape A holds t0 t1 | t3 t4 | t6 (3 groups), shapes B (t2), C (t5), D (t7) one each
+    assert sorted(report["stacks"]) == [1, 1, 1, 3], report
     assert report["old_equal"] and report["old_equal_after_ext"], report
     assert report["vs_oracle"] < 1e-4 and report["vs_per_group"] < 1e-4 and report["ext_vs_oracle"] < 1e-4, report
 
@@ -121,3 +121,15 @@ def test_the_stacked_path_is_not_taken_on_the_cpu_by_default(monkeypatch):
     monkeypatch.setattr(stacked, "run_blocks", lambda *a, **k: pytest.fail("stacked path on the CPU"))
     with torch.no_grad():
         net(torch.randn(1, 3, 32, 32))
+
+
+def test_pack_size_policy():
+    from continual_mem.kernels import pack_size
+
+    assert pack_size(4, 20) == 4  # four groups of 4 rows fill a 16-row tile
+    assert pack_size(16, 20) == 1 and pack_size(32, 0) == 1
+    assert pack_size(4, 40) == 2 and pack_size(4, 200) == 1  # at most 128 memory keys per program
+    for rows in (1, 2, 3, 4, 8):
+        for private in (0, 5, 20, 64, 100):
+            pack = pack_size(rows, private)
+            assert pack >= 1 and (pack == 1 or pack * private <= 128) and pack * rows <= 16
