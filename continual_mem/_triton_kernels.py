@@ -42,6 +42,32 @@ def _private(acc, m_i, l_i, q, rows, kk, vv, COUNT, PER, N_Q: tl.constexpr, BLOC
     return _online(acc, m_i, l_i, s, vv, IEEE)
 
 
+@triton.jit
+def _backbone_block(sk_ptr, sv_ptr, sk_sn, sv_sn, start, N, d, dmask, BLOCK_N: tl.constexpr):
+    """Keys and values ``[start, start + BLOCK_N)`` of the backbone (pointers at this image and head), and their
+    mask."""
+    keys = start + tl.arange(0, BLOCK_N)
+    kmask = keys < N
+    tile = kmask[:, None] & dmask[None, :]
+    kk = tl.load(sk_ptr + keys[:, None] * sk_sn + d[None, :], mask=tile, other=0.0)
+    vv = tl.load(sv_ptr + keys[:, None] * sv_sn + d[None, :], mask=tile, other=0.0)
+    return kk, vv, kmask
+
+
+@triton.jit
+def _attend_backbone(q, sk_ptr, sv_ptr, sk_sn, sv_sn, N, d, dmask, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax of the (scaled) queries over every backbone key, block by block: ``acc, m_i, l_i``."""
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        kk, vv, kmask = _backbone_block(sk_ptr, sv_ptr, sk_sn, sv_sn, start, N, d, dmask, BLOCK_N)
+        s = tl.where(kmask[None, :], _dot(q, tl.trans(kk), IEEE), -float("inf"))
+        acc, m_i, l_i = _online(acc, m_i, l_i, s, vv, IEEE)
+    return acc, m_i, l_i
+
+
 @triton.jit(do_not_specialize=["GROUPS", "q_sg", "k_sg", "o_sg"])
 def group_attn(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, mk_ptr, mv_ptr, out_ptr, scale, H, N, GROUPS, MEM,
                q_sg, q_sb, q_sh, q_sr, k_sg, k_sb, k_sh, k_sr, sk_sb, sk_sh, sk_sn, sv_sb, sv_sh, sv_sn, m_sh, m_sr,
@@ -76,17 +102,8 @@ def group_attn(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, mk_ptr, mv_ptr, out_ptr, sca
         mk, mv = _load_rows(mk_ptr, mv_ptr, h * m_sh + (pack * PACK * MEM + mcols) * m_sr, mcols < present * MEM,
                             d, dmask)
     q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        kmask = keys < N
-        tile = kmask[:, None] & dmask[None, :]
-        kk = tl.load(sk_ptr + b * sk_sb + h * sk_sh + keys[:, None] * sk_sn + d[None, :], mask=tile, other=0.0)
-        vv = tl.load(sv_ptr + b * sv_sb + h * sv_sh + keys[:, None] * sv_sn + d[None, :], mask=tile, other=0.0)
-        s = tl.where(kmask[None, :], _dot(q, tl.trans(kk), IEEE), -float("inf"))
-        acc, m_i, l_i = _online(acc, m_i, l_i, s, vv, IEEE)
+    acc, m_i, l_i = _attend_backbone(q, sk_ptr + b * sk_sb + h * sk_sh, sv_ptr + b * sv_sb + h * sv_sh, sk_sn, sv_sn,
+                                     N, d, dmask, BLOCK_M, BLOCK_D, BLOCK_N, IEEE)
     acc, m_i, l_i = _private(acc, m_i, l_i, q, rows, tk, tv, present * L, N_Q, N_Q, BLOCK_M, IEEE)
     if BLOCK_MEM > 0:
         acc, m_i, l_i = _private(acc, m_i, l_i, q, rows, mk, mv, present * MEM, M_PER, N_Q, BLOCK_MEM, IEEE)
@@ -144,17 +161,8 @@ def task_attn_fwd(q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, out_ptr, lse_ptr, scale
     pcols = tl.arange(0, BLOCK_P)
     pk, pv = _load_rows(pk_ptr, pv_ptr, b * p_sb + h * p_sh + pcols * p_sr, pcols < P, d, dmask)
     q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        kmask = keys < N
-        tile = kmask[:, None] & dmask[None, :]
-        kk = tl.load(sk_ptr + b * sk_sb + h * sk_sh + keys[:, None] * sk_sn + d[None, :], mask=tile, other=0.0)
-        vv = tl.load(sv_ptr + b * sv_sb + h * sv_sh + keys[:, None] * sv_sn + d[None, :], mask=tile, other=0.0)
-        s = tl.where(kmask[None, :], _dot(q, tl.trans(kk), IEEE), -float("inf"))
-        acc, m_i, l_i = _online(acc, m_i, l_i, s, vv, IEEE)
+    acc, m_i, l_i = _attend_backbone(q, sk_ptr + b * sk_sb + h * sk_sh, sv_ptr + b * sv_sb + h * sv_sh, sk_sn, sv_sn,
+                                     N, d, dmask, BLOCK_M, BLOCK_D, BLOCK_N, IEEE)
     s = tl.where((pcols < P)[None, :], _dot(q, tl.trans(pk), IEEE), -float("inf"))
     acc, m_i, l_i = _online(acc, m_i, l_i, s, pv, IEEE)
     tl.store(out_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sr + d[None, :],
@@ -200,11 +208,8 @@ def task_attn_bwd(q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, out_ptr, do_ptr, lse_pt
     q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        kmask = keys < N
-        tile = kmask[:, None] & dmask[None, :]
-        kk = tl.load(sk_ptr + b * sk_sb + h * sk_sh + keys[:, None] * sk_sn + d[None, :], mask=tile, other=0.0)
-        vv = tl.load(sv_ptr + b * sv_sb + h * sv_sh + keys[:, None] * sv_sn + d[None, :], mask=tile, other=0.0)
+        kk, vv, kmask = _backbone_block(sk_ptr + b * sk_sb + h * sk_sh, sv_ptr + b * sv_sb + h * sv_sh, sk_sn, sv_sn,
+                                        start, N, d, dmask, BLOCK_N)
         p, ds = _grad_block(q, do, lse, delta, kk, vv, kmask, scale, IEEE)
         dq += _dot(ds.to(kk.dtype), kk, IEEE)
     p, ds = _grad_block(q, do, lse, delta, pk, pv, pmask, scale, IEEE)

@@ -73,8 +73,6 @@ def group_attention_triton(q: torch.Tensor, shared_k: torch.Tensor, shared_v: to
     memory keys and values ``(1, H, S * m, hd)``, or None. Inputs are read in place with their strides (last
     dimension contiguous), so no concatenation, scaling or K/V copy runs before the kernel; the output is laid
     out ``(B, S * n, H, hd)`` so the block's head merge after it is a view. Returns ``(B, H, S * n, hd)``."""
-    import triton
-
     B, H, rows, hd = q.shape
     N = shared_k.shape[2]
     q, sk, sv = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, shared_k, shared_v))

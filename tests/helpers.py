@@ -1,6 +1,28 @@
-"""Shared test helpers: small random timm ViTs and inputs."""
+"""Shared test helpers: small random timm ViTs and inputs; Triton checks in a child process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import timm
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def triton_child(script: str, device: str, interpret: bool) -> dict:
+    """Run ``script`` (it prints ``REPORT`` + JSON) with the fused kernels requested, in Triton's interpreter when
+    ``interpret`` (``TRITON_INTERPRET`` must be set before Triton is imported, hence a child process)."""
+    env = {**os.environ, "CONTINUAL_MEM_ATTENTION": "triton",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-c", script, device], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.split("REPORT", 1)[1])
 
 
 def make_backbone(kind: str = "tiny", seed: int = 0):

@@ -1,19 +1,16 @@
 """The fused Triton group-attention kernel, run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set
 before Triton is imported, so in a child process): it matches the PyTorch expression (allclose) and keeps the
 exactness rule (adding a task to a group leaves the old outputs' bits equal)."""
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import triton_child
+
 from continual_mem.kernels import ENV, use_triton
 
 pytest.importorskip("triton", reason="Triton is not installed (it ships with torch's CUDA wheels)")
-ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import json, sys, torch
@@ -125,13 +122,7 @@ print("REPORT" + json.dumps(report))
 
 
 def _child(device: str, interpret: bool) -> dict:
-    env = {**os.environ, ENV: "triton", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run([sys.executable, "-c", CHILD, device], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.split("REPORT", 1)[1])
+    return triton_child(CHILD, device, interpret)
 
 
 def _check(report: dict) -> None:
@@ -211,7 +202,6 @@ def test_a_training_forward_decides_outside_the_no_grad_block(monkeypatch):
     net.add_task("a", 3, memory=2)
     net._task_block = torch.compile  # stands for a compiled per-task path: never called below
     seen = []
-    token_task = MemoryViT._token_task
 
     def spy(self, task, backbone_kv, *args):
         seen.append(all(k.is_contiguous() and v.is_contiguous() for k, v in backbone_kv))

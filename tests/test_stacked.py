@@ -1,21 +1,16 @@
 """The stacked path (every group of one shape in one set of launches per block): in Triton's interpreter on the CPU
 (a child process: ``TRITON_INTERPRET`` must be set before Triton is imported) and compiled on a GPU. Old outputs
 stay bit-identical as tasks fill groups and open new ones; results match the oracle and the per-group path."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import timm
 import torch
+
+from helpers import triton_child
 
 from continual_mem import MemoryViT, stacked
 from continual_mem.kernels import ENV
 
 pytest.importorskip("triton", reason="Triton is not installed (it ships with torch's CUDA wheels)")
-ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import json, sys, torch
@@ -62,13 +57,7 @@ print("REPORT" + json.dumps(report))
 
 
 def _child(device: str, interpret: bool) -> dict:
-    env = {**os.environ, ENV: "triton", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run([sys.executable, "-c", CHILD, device], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.split("REPORT", 1)[1])
+    return triton_child(CHILD, device, interpret)
 
 
 def _check(report: dict) -> None:
