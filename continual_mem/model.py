@@ -387,4 +387,6 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
                     logits = self.separate_pass(task, x)
                 results = {task.name: logits}
             out.update({k: v for k, v in results.items() if k in names_wanted})
+        if stacks:  # the stacked groups ran first: back to the model's order
+            out = {k: out[k] for k in (ORIGINAL, *self.tasks) if k in out}
         return out

@@ -52,6 +52,7 @@ with torch.no_grad():
 ref = reference_forward(net, x)
 report["ext_vs_oracle"] = float((out["ext"] - ref["ext"]).abs().max())
 report["old_equal_after_ext"] = all(torch.equal(out[k], last[k]) for k in last)
+report["order"] = list(out) == ["original", *net.task_names]
 print("REPORT" + json.dumps(report))
 """
 
@@ -63,7 +64,7 @@ def _child(device: str, interpret: bool) -> dict:
 def _check(report: dict) -> None:
     # 8 tasks, capacity 2: shape A holds t0 t1 | t3 t4 | t6 (3 groups), shapes B (t2), C (t5), D (t7) one each
     assert sorted(report["stacks"]) == [1, 1, 1, 3], report
-    assert report["old_equal"] and report["old_equal_after_ext"], report
+    assert report["old_equal"] and report["old_equal_after_ext"] and report["order"], report
     assert report["vs_oracle"] < 1e-4 and report["vs_per_group"] < 1e-4 and report["ext_vs_oracle"] < 1e-4, report
 
 
