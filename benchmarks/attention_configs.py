@@ -20,7 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from continual_mem.kernels import attention_launch, group_attention_torch, pack_size, stacked_attention_triton  # noqa: E402,E501
+from continual_mem.kernels import (  # noqa: E402
+    attention_launch,
+    group_attention_torch,
+    pack_size,
+    stacked_attention_triton,
+)
 
 SHAPES = {"B/32": dict(H=12, N=50), "S/14-224": dict(H=6, N=257)}
 
@@ -84,18 +89,22 @@ def main(argv: list[str] | None = None) -> dict:
             results.append({"shape": name, "groups": G, **cfg, "us": us, "rel_err": err,
                             "gb_per_s": floor_bytes / us / 1e3, "default": cfg == default})
     ok = [r for r in results if "us" in r]
+
+    def key(r: dict) -> str:
+        return f"{r['shape']} G={r['groups']}"
+
     best = {}
     for r in ok:
-        key = f"{r['shape']} G={r['groups']}"
-        if key not in best or r["us"] < best[key]["us"]:
-            best[key] = r
+        if key(r) not in best or r["us"] < best[key(r)]["us"]:
+            best[key(r)] = r
     out = {"benchmark": "attention_configs", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "batch": B, "slots": slots, "memory": m, "results": results, "best": best}
+    worst_err = f"{max(x['rel_err'] for x in ok):.1e}"
     rows = []
-    for key, r in best.items():
-        d = next(x for x in ok if f"{x['shape']} G={x['groups']}" == key and x["default"])
-        rows.append([key, f"{d['us']:.1f}", f"{r['us']:.1f}", f"BN{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']} pack{r['pack']}",
-                     f"{r['gb_per_s']:.0f}", f"{max(x['rel_err'] for x in ok):.1e}"])
+    for name, r in best.items():
+        d = next(x for x in ok if key(x) == name and x["default"])
+        config = f"BN{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']} pack{r['pack']}"
+        rows.append([name, f"{d['us']:.1f}", f"{r['us']:.1f}", config, f"{r['gb_per_s']:.0f}", worst_err])
     common.report(out, "group attention: default config against the best", ["shape", "default us", "best us",
                   "best config", "best GB/s (floor bytes)", "max rel err"], rows, args.json_out)
     return out

@@ -24,11 +24,15 @@ def _online(acc, m_i, l_i, s, vv, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, offs, mask, d, dmask):
+    """Rows at offsets ``offs`` (masked rows read as zeros), columns ``d``."""
+    return tl.load(ptr + offs[:, None] + d[None, :], mask=mask[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
 def _load_rows(k_ptr, v_ptr, offs, mask, d, dmask):
-    """Keys and values at row offsets ``offs`` (masked rows read as zeros)."""
-    tile = mask[:, None] & dmask[None, :]
-    at = offs[:, None] + d[None, :]
-    return tl.load(k_ptr + at, mask=tile, other=0.0), tl.load(v_ptr + at, mask=tile, other=0.0)
+    """Keys and values at row offsets ``offs`` (one set of strides)."""
+    return _load_tile(k_ptr, offs, mask, d, dmask), _load_tile(v_ptr, offs, mask, d, dmask)
 
 
 @triton.jit
@@ -93,8 +97,7 @@ def group_attn(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, mk_ptr, mv_ptr, out_ptr, sca
     rmask = rows < present * L
     dmask = d < HD
     group = pack * PACK + rows // L
-    q_at = b * q_sb + h * q_sh + group * q_sg + rows % L * q_sr
-    q = tl.load(q_ptr + q_at[:, None] + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = _load_tile(q_ptr, b * q_sb + h * q_sh + group * q_sg + rows % L * q_sr, rmask, d, dmask)
     # every private key and value is loaded up front: their latency overlaps the backbone's loop
     tk, tv = _load_rows(k_ptr, v_ptr, b * k_sb + h * k_sh + group * k_sg + rows % L * k_sr, rmask, d, dmask)
     if BLOCK_MEM > 0:
@@ -156,8 +159,7 @@ def task_attn_fwd(q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, out_ptr, lse_ptr, scale
     d = tl.arange(0, BLOCK_D)
     rmask = rows < NQ
     dmask = d < HD
-    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sr + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = _load_tile(q_ptr, b * q_sb + h * q_sh + rows * q_sr, rmask, d, dmask)
     pcols = tl.arange(0, BLOCK_P)
     pk, pv = _load_rows(pk_ptr, pv_ptr, b * p_sb + h * p_sh + pcols * p_sr, pcols < P, d, dmask)
     q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
@@ -171,7 +173,7 @@ def task_attn_fwd(q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, out_ptr, lse_ptr, scale
 
 
 @triton.jit
-def _grad_block(q, do, lse, delta, kk, vv, valid, scale, IEEE: tl.constexpr):
+def _grad_block(q, do, lse, delta, kk, vv, valid, IEEE: tl.constexpr):
     """Probabilities and score gradients of one key block: ``p``, ``ds`` (rows x keys, float32)."""
     s = _dot(q, tl.trans(kk), IEEE)
     p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
@@ -196,10 +198,9 @@ def task_attn_bwd(q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, out_ptr, do_ptr, lse_pt
     d = tl.arange(0, BLOCK_D)
     rmask = rows < NQ
     dmask = d < HD
-    tile_q = rmask[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sr + d[None, :], mask=tile_q, other=0.0)
-    o = tl.load(out_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sr + d[None, :], mask=tile_q, other=0.0)
-    do = tl.load(do_ptr + b * do_sb + h * do_sh + rows[:, None] * do_sr + d[None, :], mask=tile_q, other=0.0)
+    q = _load_tile(q_ptr, b * q_sb + h * q_sh + rows * q_sr, rmask, d, dmask)
+    o = _load_tile(out_ptr, b * o_sb + h * o_sh + rows * o_sr, rmask, d, dmask)
+    do = _load_tile(do_ptr, b * do_sb + h * do_sh + rows * do_sr, rmask, d, dmask)
     lse = tl.load(lse_ptr + pid * BLOCK_M + rows)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     pcols = tl.arange(0, BLOCK_P)
@@ -210,16 +211,16 @@ def task_attn_bwd(q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, out_ptr, do_ptr, lse_pt
     for start in range(0, N, BLOCK_N):
         kk, vv, kmask = _backbone_block(sk_ptr + b * sk_sb + h * sk_sh, sv_ptr + b * sv_sb + h * sv_sh, sk_sn, sv_sn,
                                         start, N, d, dmask, BLOCK_N)
-        p, ds = _grad_block(q, do, lse, delta, kk, vv, kmask, scale, IEEE)
+        p, ds = _grad_block(q, do, lse, delta, kk, vv, kmask, IEEE)
         dq += _dot(ds.to(kk.dtype), kk, IEEE)
-    p, ds = _grad_block(q, do, lse, delta, pk, pv, pmask, scale, IEEE)
+    p, ds = _grad_block(q, do, lse, delta, pk, pv, pmask, IEEE)
     ds = tl.where(rmask[:, None], ds, 0.0)  # padded rows: no gradient
     p = tl.where(rmask[:, None], p, 0.0)
     dq += _dot(ds.to(pk.dtype), pk, IEEE)
     dpk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE)  # q is already scaled: d(scale * q k^T)/dk
     dpv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
     tl.store(dq_ptr + (pid * NQ + rows[:, None]) * HD + d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=tile_q)
+             mask=rmask[:, None] & dmask[None, :])
     tile_p = pmask[:, None] & dmask[None, :]
     tl.store(dpk_ptr + (pid * P + pcols[:, None]) * HD + d[None, :], dpk.to(dpk_ptr.dtype.element_ty), mask=tile_p)
     tl.store(dpv_ptr + (pid * P + pcols[:, None]) * HD + d[None, :], dpv.to(dpv_ptr.dtype.element_ty), mask=tile_p)

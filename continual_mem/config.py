@@ -222,6 +222,11 @@ class TaskConfig:
     def has_tokens(self) -> bool:
         return self.regime in TOKEN_REGIMES
 
+    @property
+    def group_shape(self) -> tuple:
+        """What tasks sharing a group (and a stacked launch) must agree on: memory per layer, layers, tokens."""
+        return (self.memory, self.layers, self.task_tokens)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = list(self.layers)

@@ -1,6 +1,7 @@
 """Group attention of the fast path: each slot's few queries against [the backbone's K/V, read in place ‖ the slot's
-own token and memory K/V], as one PyTorch expression (every device) or one fused Triton kernel (CUDA, by default),
-plus the fused row kernel of the stacked path (residual add with layer scale, then layer norm).
+own token and memory K/V], as one PyTorch expression (every device) or one fused Triton kernel (CUDA, by default);
+the per-task path's fused attention with its backward (:func:`task_attention_triton`); and the fused row kernel
+of the stacked path (residual add with layer scale, then layer norm).
 
 The Triton kernel runs one program per (image, head) for a group, or for a pack of groups on the stacked path
 (:mod:`continual_mem.stacked`): every query row reads each block of the backbone's keys and values once (in place,
@@ -44,10 +45,16 @@ def use_triton(device: torch.device, requested: str | None = None) -> bool:
     return True
 
 
-def fused_task_attention(device: torch.device) -> bool:
+MAX_QUERIES, MAX_PRIVATE = 16, 256  # query rows and private keys one program of the per-task kernel holds
+
+
+def fused_task_attention(device: torch.device, queries: int = 1, private: int = 0) -> bool:
     """Policy for the per-task path (a task outside a group, or any task while it trains): the fused Triton
     attention, forward and backward, wherever :func:`use_triton` holds, except inside ``torch.compile`` (a compiled
-    per-task path traces the PyTorch expression)."""
+    per-task path traces the PyTorch expression) and for more than ``MAX_QUERIES`` query rows or ``MAX_PRIVATE``
+    private keys (they take the PyTorch expression too)."""
+    if queries > MAX_QUERIES or private > MAX_PRIVATE:
+        return False
     return use_triton(device) and not torch.compiler.is_compiling()
 
 
@@ -127,8 +134,9 @@ def stacked_attention_triton(qkv: torch.Tensor, shared_k: torch.Tensor, shared_v
     q, k, v = qkv.unbind(3)  # (G, B, L, H, hd) each, one set of strides
     mem = 0 if mem_k is None else mem_k.shape[2] // G
     pack = pack or pack_size(L, mem)
+    launch = launch or attention_launch(pack * L, sk.shape[2], pack * mem)
     _launch(*(t.permute(0, 1, 3, 2, 4) for t in (q, k, v)), sk, sv, mem_k, mem_v, out.permute(0, 1, 3, 2, 4),
-            mem=mem, slots=slots, scale=scale, pack=pack, launch=launch or attention_launch(pack * L, sk.shape[2], pack * mem))
+            mem=mem, slots=slots, scale=scale, pack=pack, launch=launch)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor,
@@ -138,10 +146,12 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sk: torch.Tensor,
     group."""
     import triton
 
+    from ._triton_kernels import group_attn
+
     G, B, H, L, hd = q.shape
     if not mem:
         mem_k, mem_v = sk, sv  # never read
-    _kernel()[(B * H * -(-G // pack),)](
+    group_attn[(B * H * -(-G // pack),)](
         q, k, v, sk, sv, mem_k, mem_v, out, scale, H, sk.shape[2], G, mem,
         *q.stride()[:4], *k.stride()[:4], *sk.stride()[:3], *sv.stride()[:3], *mem_k.stride()[1:3],
         *out.stride()[:4],
@@ -172,16 +182,13 @@ def add_layer_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gamma: to
         BLOCK_D=block, num_warps=4 if block <= 1024 else 8)
 
 
-MAX_PRIVATE = 256  # private keys one program of the per-task kernel holds in registers
-
-
 def task_attention_triton(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor, own_k: torch.Tensor,
                           own_v: torch.Tensor, scale: float) -> torch.Tensor:
     """One task's queries ``(B, H, n, hd)`` (unscaled) against [the backbone's ``(B, H, N, hd)`` keys and values,
     read in place ‖ the task's private ones ``(B, H, P, hd)``], every query seeing every key; differentiable in
     ``q``, ``own_k`` and ``own_v`` (fused Triton forward and backward; the backbone's K/V are frozen and get no
-    gradient). The per-task path's attention on CUDA, training included (for up to :data:`MAX_PRIVATE` private
-    keys and 16 queries; more take the PyTorch expression). Returns ``(B, H, n, hd)``."""
+    gradient). The per-task path's attention on CUDA, training included, within the sizes
+    :func:`fused_task_attention` allows. Returns ``(B, H, n, hd)``."""
     return _TaskAttention.apply(q, shared_k, shared_v, own_k, own_v, scale)
 
 
@@ -193,15 +200,14 @@ class _TaskAttention(torch.autograd.Function):
         B, H, n, hd = q.shape
         sk, sv, q = (t if t.stride(-1) == 1 else t.contiguous() for t in (sk, sv, q))
         pk, pv = (t.to(q.dtype).contiguous() for t in (pk, pv))
-        blocks = _task_blocks(n, pk.shape[2], hd)
+        launch = _task_launch(n, pk.shape[2], hd, q.dtype)
         out = torch.empty(B, H, n, hd, device=q.device, dtype=sv.dtype)
-        lse = torch.empty(B * H * blocks["BLOCK_M"], device=q.device, dtype=torch.float32)
+        lse = torch.empty(B * H * launch["BLOCK_M"], device=q.device, dtype=torch.float32)
         task_attn_fwd[(B * H,)](
             q, sk, sv, pk, pv, out, lse, scale, H, sk.shape[2], n, pk.shape[2], *q.stride()[:3], *sk.stride()[:3],
-            *sv.stride()[:3], *pk.stride()[:3], *out.stride()[:3], HD=hd, IEEE=q.dtype == torch.float32,
-            BLOCK_N=32, num_warps=1 if pk.shape[2] <= 64 else 4, num_stages=3, **blocks)
+            *sv.stride()[:3], *pk.stride()[:3], *out.stride()[:3], HD=hd, **launch)
         ctx.save_for_backward(q, sk, sv, pk, pv, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.launch = scale, launch
         return out
 
     @staticmethod
@@ -218,16 +224,17 @@ class _TaskAttention(torch.autograd.Function):
         task_attn_bwd[(B * H,)](
             q, sk, sv, pk, pv, out, dout, lse, dq, dpk, dpv, ctx.scale, H, sk.shape[2], n, P, *q.stride()[:3],
             *sk.stride()[:3], *sv.stride()[:3], *pk.stride()[:3], *out.stride()[:3], *dout.stride()[:3], HD=hd,
-            IEEE=q.dtype == torch.float32, BLOCK_N=32, num_warps=1 if P <= 64 else 4, num_stages=3,
-            **_task_blocks(n, P, hd))
+            **ctx.launch)
         return dq, None, None, dpk, dpv, None
 
 
-def _task_blocks(n: int, private: int, hd: int) -> dict:
+def _task_launch(n: int, private: int, hd: int, dtype: torch.dtype) -> dict:
+    """Tiles and launch configuration of the per-task kernels (forward and backward alike)."""
     import triton
 
     return {"BLOCK_M": max(16, triton.next_power_of_2(n)), "BLOCK_P": max(16, triton.next_power_of_2(private)),
-            "BLOCK_D": max(16, triton.next_power_of_2(hd))}
+            "BLOCK_D": max(16, triton.next_power_of_2(hd)), "BLOCK_N": 32, "IEEE": dtype == torch.float32,
+            "num_warps": 1 if private <= 64 else 4, "num_stages": 3}
 
 
 def _same_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,9 +243,3 @@ def _same_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
         return k, v
     return k.contiguous(), v.contiguous()
 
-
-def _kernel():
-    """The Triton kernel (its module is imported on first use: importing this one never needs Triton)."""
-    from ._triton_kernels import group_attn
-
-    return group_attn

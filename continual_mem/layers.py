@@ -11,7 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 from .backbone import split_qkv
-from .kernels import (MAX_PRIVATE, fused_task_attention, group_attention_torch, group_attention_triton, task_attention_triton,
+from .kernels import (fused_task_attention, group_attention_torch, group_attention_triton, task_attention_triton,
                       use_triton)
 
 
@@ -70,7 +70,7 @@ def task_block(
     h = blk.norm1(tokens)
     q, k, v = split_qkv(blk.attn, blk.attn.qkv(h))  # (B, H, n, hd)
     private = k.shape[2] + sum(t.shape[2] for t in keys)
-    if fused_task_attention(tokens.device) and private <= MAX_PRIVATE and k.shape[2] <= 16:
+    if fused_task_attention(tokens.device, queries=k.shape[2], private=private):
         B = tokens.shape[0]  # fused forward and backward, the backbone's K/V read in place
         own_k = torch.cat([t.expand(B, -1, -1, -1).to(q.dtype) for t in (k, *keys)], dim=2)
         own_v = torch.cat([t.expand(B, -1, -1, -1).to(q.dtype) for t in (v, *values)], dim=2)

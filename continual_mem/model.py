@@ -277,7 +277,7 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
         for name, task in self.tasks.items():
             c = task.config
             if c.has_tokens and c.mode == "concatenation" and not c.fork_layers:
-                sig = (c.memory, c.layers, c.task_tokens)
+                sig = c.group_shape
                 group = open_groups.get(sig)
                 if group is None or None not in group:
                     group = [None] * self.group_size

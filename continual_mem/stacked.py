@@ -34,7 +34,9 @@ def _plain_block(blk: nn.Module) -> bool:
     if type(blk) is not Block:
         return False
     a, mlp = blk.attn, blk.mlp
-    if getattr(a, "gate", None) is not None or not all(isinstance(m, nn.Identity) for m in (a.q_norm, a.k_norm, a.norm)):
+    if getattr(a, "gate", None) is not None:
+        return False
+    if not all(isinstance(m, nn.Identity) for m in (a.q_norm, a.k_norm, a.norm)):
         return False
     if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
         return False
@@ -59,11 +61,16 @@ def supported(backbone: VisionTransformer, dtype: torch.dtype, device: torch.dev
 
 def group_buffer(groups: int, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised ``(groups, rows, cols)`` buffer; group starts ``ALIGN``-rounded elements apart."""
-    return _storage(groups, rows * cols, like)[:, :rows * cols].view(groups, rows, cols)
+    return _view(_storage(groups, rows * cols, like), rows, cols)
 
 
 def _storage(groups: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """``(groups, size rounded up to ALIGN)``: the storage behind a :func:`group_buffer`."""
     return like.new_empty(groups, -(-size // ALIGN) * ALIGN)
+
+
+def _view(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return storage[:, :rows * cols].view(storage.shape[0], rows, cols)
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -116,17 +123,17 @@ def run_blocks(
     for i, blk in enumerate(blocks):
         a, mlp = blk.attn, blk.mlp
         H, hd = a.num_heads, a.head_dim
-        qkv = _linear(a.qkv, h, group_buffer(G, R, 3 * H * hd, tokens))
+        qkv = _linear(a.qkv, h, group_buffer(G, R, 3 * H * hd, tokens)).view(G, batch, L, 3, H, hd)
         att = group_buffer(G, R, H * hd, tokens)
         mk, mv = memory[i] if memory[i] is not None else (None, None)
-        stacked_attention_triton(qkv.view(G, batch, L, 3, H, hd), *backbone_kv[i], mk, mv,
-                                 att.view(G, batch, L, H, hd), slots=slots, scale=a.scale)
+        stacked_attention_triton(qkv, *backbone_kv[i], mk, mv, att.view(G, batch, L, H, hd), slots=slots,
+                                 scale=a.scale)
         if keep:
-            kept.append(qkv.view(G, batch, L, 3, H, hd))
+            kept.append(qkv)
         add_layer_norm_triton(tokens, _linear(a.proj, att, group_buffer(G, R, D, tokens)), _gamma(blk.ls1),
                               blk.norm2, h)
         flat = _storage(G, R * mlp.fc1.out_features, tokens)
-        hidden = _linear(mlp.fc1, h, flat[:, :R * mlp.fc1.out_features].view(G, R, -1))
+        hidden = _linear(mlp.fc1, h, _view(flat, R, mlp.fc1.out_features))
         torch.ops.aten.gelu_(flat)  # the whole buffer in one launch (its padding is never read)
         delta = _linear(mlp.fc2, hidden, group_buffer(G, R, D, tokens))
         add_layer_norm_triton(tokens, delta, _gamma(blk.ls2),

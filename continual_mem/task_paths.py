@@ -155,13 +155,13 @@ class TaskPaths:
         tokens = stacked.group_buffer(G, start[0].shape[0] * start[0].shape[1], start[0].shape[2], start[0])
         for g, t in enumerate(start):
             tokens[g].view_as(t).copy_(t)
+        params = [t.memory for tasks in groups for t in tasks if t is not None and t.memory is not None]
         memory = []
         for i in range(self.depth):
             per = [self._group_memory(names, tasks, i, mem_kv) for names, tasks in zip(units, groups)]
             if per[0] is None:
                 memory.append(None)
                 continue
-            params = [t.memory for tasks in groups for t in tasks if t is not None and t.memory is not None]
             memory.append(self._cached(("stack", tuple(units), i), params,
                                        lambda per=per: tuple(torch.cat(kv, dim=2) for kv in zip(*per)), mem_kv))
         keep = [(g, s, t.name) for g, tasks in enumerate(groups) for s, t in enumerate(tasks)
@@ -192,6 +192,5 @@ class TaskPaths:
             return {}
         out: dict[tuple, list] = {}
         for unit, members in groups:
-            c = members[0].config
-            out.setdefault((c.memory, c.layers, c.task_tokens), []).append(unit.names)
+            out.setdefault(members[0].config.group_shape, []).append(unit.names)
         return out

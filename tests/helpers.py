@@ -5,19 +5,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def triton_child(script: str, device: str, interpret: bool) -> dict:
-    """Run ``script`` (it prints ``REPORT`` + JSON) with the fused kernels requested, in Triton's interpreter when
-    ``interpret`` (``TRITON_INTERPRET`` must be set before Triton is imported, hence a child process)."""
+# the Triton checks run twice: in Triton's interpreter on the CPU, and compiled on a GPU host (`pytest -m gpu`)
+TRITON_DEVICES = [
+    pytest.param("cpu", id="interpreter"),
+    pytest.param("cuda", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")]),
+]
+
+
+def triton_child(script: str, device: str) -> dict:
+    """Run ``script`` (it prints ``REPORT`` + JSON) with the fused kernels requested, on ``device``: the CPU runs
+    Triton's interpreter (``TRITON_INTERPRET`` must be set before Triton is imported, hence a child process)."""
     env = {**os.environ, "CONTINUAL_MEM_ATTENTION": "triton",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     env.pop("TRITON_INTERPRET", None)
-    if interpret:
+    if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     done = subprocess.run([sys.executable, "-c", script, device], env=env, capture_output=True, text=True,
                           timeout=600)

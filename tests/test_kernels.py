@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from helpers import triton_child
+from helpers import TRITON_DEVICES, triton_child
 
 from continual_mem.kernels import ENV, use_triton
 
@@ -121,10 +121,6 @@ print("REPORT" + json.dumps(report))
 """
 
 
-def _child(device: str, interpret: bool) -> dict:
-    return triton_child(CHILD, device, interpret)
-
-
 def _check(report: dict) -> None:
     assert report["kernel_used"], report
     assert max(report["kernel"]) < 1e-5, report
@@ -134,15 +130,9 @@ def _check(report: dict) -> None:
 
 
 @pytest.mark.slow
-def test_kernel_in_the_interpreter_matches_pytorch_and_keeps_old_bits():
-    _check(_child("cpu", interpret=True))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
-def test_compiled_kernel_on_the_gpu_matches_pytorch_and_keeps_old_bits():
-    # the same checks, the kernel compiled for the GPU (the CPU run above only interprets it)
-    _check(_child("cuda", interpret=False))
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kernels_match_pytorch_and_keep_old_bits(device):
+    _check(triton_child(CHILD, device))
 
 
 def test_policy(monkeypatch):
@@ -224,5 +214,8 @@ def test_fused_task_attention_policy(monkeypatch):
     assert not fused_task_attention(cpu)  # not CUDA
     monkeypatch.setattr("continual_mem.kernels.use_triton", lambda device, requested=None: True)
     assert fused_task_attention(torch.device("cuda"))
+    assert fused_task_attention(torch.device("cuda"), queries=16, private=256)
+    assert not fused_task_attention(torch.device("cuda"), queries=17)  # beyond one program's tiles: PyTorch
+    assert not fused_task_attention(torch.device("cuda"), private=257)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not fused_task_attention(torch.device("cuda"))  # a compiled per-task path traces PyTorch

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from helpers import triton_child
+from helpers import TRITON_DEVICES, triton_child
 
 from continual_mem import MemoryViT, stacked
 from continual_mem.kernels import ENV
@@ -57,10 +57,6 @@ print("REPORT" + json.dumps(report))
 """
 
 
-def _child(device: str, interpret: bool) -> dict:
-    return triton_child(CHILD, device, interpret)
-
-
 def _check(report: dict) -> None:
     # 8 tasks, capacity 2: shape A holds t0 t1 | t3 t4 | t6 (3 groups), shapes B (t2), C (t5), D (t7) one each
     assert sorted(report["stacks"]) == [1, 1, 1, 3], report
@@ -68,14 +64,9 @@ def _check(report: dict) -> None:
     assert report["vs_oracle"] < 1e-4 and report["vs_per_group"] < 1e-4 and report["ext_vs_oracle"] < 1e-4, report
 
 
-def test_stacked_groups_in_the_interpreter_keep_old_bits_and_match_the_oracle():
-    _check(_child("cpu", interpret=True))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
-def test_stacked_groups_on_the_gpu_keep_old_bits_and_match_the_oracle():
-    _check(_child("cuda", interpret=False))
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_stacked_groups_keep_old_bits_and_match_the_oracle(device):
+    _check(triton_child(CHILD, device))
 
 
 def test_supported_policy(monkeypatch):
