@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 from sqlalchemy import select, text
 
 from continual_mem import MemoryViT
@@ -88,3 +89,19 @@ class PostgresServer:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def rewrite_task_params(reg: Registry, task: str, edit) -> None:
+    """Change a stored task's parameters *consistently*: the bundle is re-exported from the edited task (its own
+    tensor hash updated) and the blob's sha256 rewritten, so only the outputs can tell. ``edit(task_module)``
+    changes the parameters in place."""
+    from continual_mem.state import export_task_bytes
+
+    net = reg.load()
+    with torch.no_grad():
+        edit(net.tasks[task])
+    data = export_task_bytes(net, task)
+    with reg.engine.begin() as conn:
+        tid = conn.execute(text("SELECT id FROM tasks WHERE name = :n"), {"n": task}).scalar_one()
+        conn.execute(text("UPDATE task_params SET data = :d, sha256 = :h, size = :s WHERE task_id = :i"),
+                     {"d": data, "h": hashlib.sha256(data).hexdigest(), "s": len(data), "i": tid})

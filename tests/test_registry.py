@@ -16,7 +16,9 @@ from continual_mem import MemoryViT, TaskStateError, export_task_bytes
 from helpers import make_backbone, perturb
 from registry import Registry, RegistryError, VerificationFailed
 from registry import api as registry_api
-from registry_helpers import PostgresServer, find_postgres_bin, flip_param_byte, grow, new_registry, snapshot
+from registry.db import session
+from registry_helpers import (PostgresServer, find_postgres_bin, flip_param_byte, grow, new_registry,
+                              rewrite_task_params, snapshot)
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -90,6 +92,36 @@ def test_changed_logits_are_a_mismatch_with_max_abs_diff(three):
     report = reg.verify()
     c = next(t for t in report.tasks if t.name == "c")
     assert c.status == "mismatch" and c.max_abs_diff > 100
+
+
+def test_outputs_one_ulp_off_are_a_mismatch_naming_the_task(three):
+    # the stored blob and its sha256 agree (rewritten together), so only comparing the outputs bit for bit can tell:
+    # a tolerance (allclose, atol 1e-3) would call these logits equal
+    reg, _ = three
+    with session(reg.engine) as s:
+        probe = registry_api.probe_images(s, registry_api.get_model(s, "default"))
+    net = reg.load()
+    with torch.inference_mode():
+        before = net(probe, original=False)["c"]
+    steps = 0
+
+    def one_ulp(task):  # the smallest nudge of one bias that changes some logit's bits
+        nonlocal steps
+        bias = task.head.bias
+        while True:
+            steps += 1
+            bias[0] = torch.nextafter(bias[0], torch.tensor(float("inf")))
+            if not torch.equal(task.head(net.backbone.forward_head(net.backbone.forward_features(probe),
+                                                                   pre_logits=True))[:, 0], before[:, 0]):
+                return
+
+    rewrite_task_params(reg, "c", one_ulp)
+    report = reg.verify()
+    status = {t.name: t for t in report.tasks}
+    assert not report.ok and steps < 64
+    assert status["c"].status == "mismatch" and 0 < status["c"].max_abs_diff < 1e-5, status["c"]
+    assert status["a"].status == status["b"].status == "equal"
+    assert reg.verification_history()[-1]["results"] == {"a": "equal", "b": "equal", "c": "mismatch"}
 
 
 def test_reference_from_another_build_is_not_comparable(three):
