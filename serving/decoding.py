@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import multiprocessing
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -38,6 +39,10 @@ def check_header(data: bytes, *, name: str, max_pixels: int) -> None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
+    except Image.DecompressionBombError as exc:  # PIL refuses to open twice its own pixel limit: too large, not bad
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels than PIL opens"
+        raise HTTPException(413, f"{name}: {size}; the limit is {max_pixels:,}") from None
     except Exception:  # noqa: BLE001 - PIL raises many types
         raise HTTPException(400, f"{name}: not an image (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
     if w * h > max_pixels:

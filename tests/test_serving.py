@@ -36,6 +36,18 @@ def png(seed: int, size=(40, 30)) -> bytes:
     return out.getvalue()
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG with no pixel data: PIL reads its size from the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
 @pytest.fixture
 def registry(tmp_path):
     reg, net = new_registry(tmp_path / "r.db")
@@ -302,6 +314,8 @@ def test_bad_requests_get_one_line_4xx(registry, workers):
         Image.new("RGB", (400, 300), (10, 20, 30)).save(flat, "PNG")  # small file, many pixels
         assert "400x300 = 120,000 pixels; the limit is 100,000" in detail(predict(c, flat.getvalue()), 413)
         assert "limit is 50,000" in detail(predict(c, b"x" * 60_000), 413)
+        # past twice PIL's own pixel limit (a decompression bomb to PIL): too large, not "not an image"
+        assert "900,000,000 pixels; the limit is 100,000" in detail(predict(c, png_header(30_000, 30_000)), 413)
         assert "unknown task 'zz'" in detail(predict(c, png(1), tasks="a,zz"), 404)
         assert "base64" in detail(c.post("/predict", json={"pictures": []}), 400)
         assert detail(c.post("/predict", content=b"raw", headers={"content-type": "text/plain"}), 415)
