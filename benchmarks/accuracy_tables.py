@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from table_configs import CONFIGS, TRAIN_KEYS  # noqa: E402
-from table_report import markdown, report  # noqa: E402
+from table_report import markdown, report, result_stem  # noqa: E402
 from continual_mem import MemoryViT  # noqa: E402
 from continual_mem.accounting import backbone_flops, task_cost  # noqa: E402
 from continual_mem.backbone import create_backbone  # noqa: E402
@@ -159,7 +159,7 @@ def run_dataset(spec: str, bb, args) -> dict:
 
     def save_partial() -> None:  # every finished run survives a process cut short
         if args.out:
-            (args.out / f"{data.name}{args.tag}.partial.json").write_text(json.dumps({"rows": rows, "runs": runs},
+            (args.out / f"{result_stem(data.name)}{args.tag}.partial.json").write_text(json.dumps({"rows": rows, "runs": runs},
                                                                                       indent=1))
 
     for config in args.configs.split(","):
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = {**env, **run_dataset(spec, bb, args)}
         results.append(res)
         if args.out:
-            (args.out / f"{res['dataset']}{args.tag}.json").write_text(json.dumps(res, indent=2))
+            (args.out / f"{result_stem(res['dataset'])}{args.tag}.json").write_text(json.dumps(res, indent=2))
         print(markdown(res), flush=True)
     return {"results": results}
 

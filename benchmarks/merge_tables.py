@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_tables import summary_row  # noqa: E402
-from table_report import markdown  # noqa: E402
+from table_report import markdown, result_stem  # noqa: E402
 from scenarios.protocol import final_runs  # noqa: E402
 
 # settings every shard of one dataset must share for their runs to be pooled
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     for res in results:
-        (args.out / f"{res['dataset']}.json").write_text(json.dumps(res, indent=2))
+        (args.out / f"{result_stem(res['dataset'])}.json").write_text(json.dumps(res, indent=2))
         print(markdown(res), flush=True)
     return results
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
 from table_configs import CONFIGS
+
+
+def result_stem(dataset: str) -> str:
+    """A dataset's result file name: its name with anything but letters, digits, ``_.-`` replaced by ``_`` (a spec
+    like ``imagefolder:/data/x`` has slashes and a colon)."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", dataset).strip("_") or "dataset"
 
 
 def markdown(result: dict) -> str:

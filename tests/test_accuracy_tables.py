@@ -62,3 +62,25 @@ def test_rate_shards_merge_to_the_unsharded_table(tmp_path):
     (shards / "digits__r0.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"sweep runs missing for \(seed, lr\) \[\(1, 0.03\)\]"):
         merge_tables.merge(sorted(shards.glob("*.json")))
+
+
+def test_a_dataset_spec_with_a_path_gets_a_file_name(tmp_path):
+    # imagefolder:/abs/path has slashes and a colon: the partial (and final) JSON is named after it, not at it
+    from test_datasets import write_png
+
+    from table_report import result_stem
+
+    folder = tmp_path / "photos"
+    for c, cls in enumerate(("cat", "dog")):
+        for i in range(12):
+            write_png(folder / cls / f"{i}.png", seed=c * 20 + i)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = argparse.Namespace(data_root="data", min_heldout=4, max_heldout=8, device="cpu", grid="0.1",
+                              full_grid="", sweep_seeds="0", seeds="0", configs="head", steps=1, batch_size=4,
+                              cuda_graph=False, out=out, tag="")
+    res = accuracy_tables.run_dataset(f"imagefolder:{folder}", make_backbone("tiny"), args)
+    assert res["dataset"] == f"imagefolder:{folder}"
+    stem = result_stem(res["dataset"])
+    assert "/" not in stem and ":" not in stem and stem.endswith("photos")
+    assert [p.name for p in out.iterdir()] == [f"{stem}.partial.json"]
