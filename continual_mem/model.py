@@ -11,6 +11,7 @@ from torch import nn
 
 from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from .branches import PrivatePasses
+from .cache_keys import KVKey
 from .config import TaskConfig, parse_layers
 from .kernels import fused_task_attention, use_triton
 from .layers import group_block, task_block
@@ -64,7 +65,7 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
         self._group_block = group_block  # swapped for compiled versions by compile_task_path()
         self._task_block = task_block
         self.tasks = nn.ModuleDict()
-        self._kv_cache: dict[tuple, tuple] = {}
+        self._kv_cache: dict[KVKey, tuple] = {}
         self._fingerprint: str | None = None
         self.generation = 0  # bumped by invalidate_cache(): writes that version counters do not see
         self.stack_groups = True
@@ -218,10 +219,8 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
             raise TaskError(f"cannot remove {name!r}: extension tasks {deps} attend to it; remove them first")
         task = self.tasks[name]
         del self.tasks[name]
-        # per-task keys are (name, layer); group keys ("group", names, layer) go too: the group re-packs
-        self._kv_cache = {k: v for k, v in self._kv_cache.items()
-                          if k[0] != name and not (k[0] == "group" and name in k[1])
-                          and not (k[0] == "stack" and any(name in u for u in k[1]))}
+        # the task's own keys, and its groups' and stacks' (they re-pack)
+        self._kv_cache = {k: v for k, v in self._kv_cache.items() if not k.reads(name)}
         return task
 
     def invalidate_cache(self) -> None:

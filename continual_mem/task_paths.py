@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import stacked
+from .cache_keys import KVKey
 from .layers import group_block, memory_kv
 from .task import TaskModule
 
@@ -18,7 +19,7 @@ class TaskPaths:
     """Needs ``self.backbone``, ``self.depth``, ``self.tasks``, ``self._kv_cache``, ``self._group_block``,
     ``self._task_block``, ``self.stack_groups``, ``self._trains`` and ``self._branch`` (MemoryViT has them)."""
 
-    def _cached(self, key: tuple, params: list[nn.Parameter], compute, local: dict):
+    def _cached(self, key: KVKey, params: list[nn.Parameter], compute, local: dict):
         """``compute()`` once per forward, and across forwards while none of ``params`` trains or changes."""
         if key in local:
             return local[key]
@@ -42,7 +43,7 @@ class TaskPaths:
         mem = task.memory_at(layer)
         if mem is None:
             return None
-        return self._cached((task.name, layer), [task.memory],
+        return self._cached(KVKey.task(task.name, layer), [task.memory],
                             lambda: memory_kv(self.backbone.blocks[layer], task.memory_at(layer)), local)
 
     def _token_task(
@@ -65,15 +66,15 @@ class TaskPaths:
                 return self._branch(task, tokens, block_inputs[fork], fork)
             ks: list[torch.Tensor] = []
             vs: list[torch.Tensor] = []
-            self._memory_kv(task, i, mem_kv)  # stored in mem_kv under (name, i)
+            self._memory_kv(task, i, mem_kv)  # stored in mem_kv under KVKey.task(name, i)
             for owner in (task.name, *task.config.sees):
                 if owner != task.name:
                     tk, tv = token_kv[owner][i]
                     ks.append(tk)
                     vs.append(tv)
-                if (owner, i) in mem_kv:
-                    ks.append(mem_kv[(owner, i)][0])
-                    vs.append(mem_kv[(owner, i)][1])
+                if (key := KVKey.task(owner, i)) in mem_kv:
+                    ks.append(mem_kv[key][0])
+                    vs.append(mem_kv[key][1])
             tokens, k, v = self._task_block(blk, tokens, *backbone_kv[i], ks, vs)
             if keep_kv:
                 own.append((k, v))
@@ -84,7 +85,7 @@ class TaskPaths:
     def _group_memory(self, names: tuple[str | None, ...], tasks: list, layer: int,
                       local: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every slot's memory K/V of a group at ``layer``, ``(1, H, slots * m, hd)`` (zeros for empty slots;
-        image-independent, cached); each task's share is also put in ``local`` under ``(name, layer)``."""
+        image-independent, cached); each task's share is also put in ``local`` under ``KVKey.task(name, layer)``."""
         first = next(t for t in tasks if t is not None)
         if layer not in first.layer_to_slot:
             return None
@@ -96,11 +97,11 @@ class TaskPaths:
             return memory_kv(blk, mem.unsqueeze(0))  # (1, H, G * m, hd)
 
         params = [t.memory for t in tasks if t is not None and t.memory is not None]
-        mk, mv = self._cached(("group", names, layer), params, stacked, local)
+        mk, mv = self._cached(KVKey.group(names, layer), params, stacked, local)
         m = first.config.memory
         for s, t in enumerate(tasks):
             if t is not None:
-                local[(t.name, layer)] = (mk[:, :, s * m:(s + 1) * m], mv[:, :, s * m:(s + 1) * m])
+                local[KVKey.task(t.name, layer)] = (mk[:, :, s * m:(s + 1) * m], mv[:, :, s * m:(s + 1) * m])
         return mk, mv
 
     @staticmethod
@@ -162,7 +163,7 @@ class TaskPaths:
             if per[0] is None:
                 memory.append(None)
                 continue
-            memory.append(self._cached(("stack", tuple(units), i), params,
+            memory.append(self._cached(KVKey.stack(tuple(units), i), params,
                                        lambda per=per: tuple(torch.cat(kv, dim=2) for kv in zip(*per)), mem_kv))
         keep = [(g, s, t.name) for g, tasks in enumerate(groups) for s, t in enumerate(tasks)
                 if t is not None and t.name in keep_kv]

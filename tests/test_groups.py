@@ -63,9 +63,9 @@ def test_removal_repacks_without_changing_bits():
         perturb(model.add_task(f"t{i}", 3, memory=2), seed=i)
     with torch.no_grad():
         before = model(x)
-    assert any(k[0] == "group" and "t0" in k[1] for k in model._kv_cache)  # inference cached the group's K/V
+    assert any(k.kind == "group" and k.reads("t0") for k in model._kv_cache)  # inference cached the group's K/V
     model.remove_task("t0")  # t2 moves from group 2 slot 0 to group 1 slot 1
-    assert not any("t0" in (k[1] if k[0] == "group" else k[:1]) for k in model._kv_cache)
+    assert not any(k.reads("t0") for k in model._kv_cache)
     assert [u.names for u in model.plan()] == [("t1", "t2")]
     with torch.no_grad():
         after = model(x)
@@ -114,3 +114,20 @@ def test_training_a_task_in_a_group_touches_only_that_task():
 def test_group_size_is_validated(tiny):
     with pytest.raises(ValueError, match="group_size"):
         MemoryViT(tiny, group_size=0)
+
+
+def test_tasks_named_like_cache_kinds_are_ordinary_tasks():
+    # cache keys are typed: tasks named "group", "stack" or "task" neither collide with the kinds nor break removal
+    model = _model(2)
+    x = images(model.backbone, n=2)
+    for i, name in enumerate(("group", "stack", "task", "other")):
+        perturb(model.add_task(name, 3, memory=2, mode="extension" if name == "task" else "concatenation"), seed=i)
+    with torch.no_grad():
+        before = model(x)
+    model.remove_task("other")
+    model.remove_task("task")
+    assert not any(k.reads("other") or k.reads("task") for k in model._kv_cache)
+    with torch.no_grad():
+        after = model(x)
+    for name in ("group", "stack", ORIGINAL):
+        assert torch.equal(after[name], before[name])

@@ -1,0 +1,34 @@
+"""Keys of the model's cache of image-independent memory K/V: small typed values, never tuples parsed back by
+position (a task named ``group`` or ``stack`` is an ordinary task name)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class KVKey:
+    """Memory K/V at block ``layer`` of one task (``task``), of a fixed-capacity group's slots in order (``group``;
+    ``None`` for an empty slot) or of several groups of one shape stacked (``stack``; one tuple of slot names per
+    group)."""
+
+    kind: Literal["task", "group", "stack"]
+    names: tuple
+    layer: int
+
+    @classmethod
+    def task(cls, name: str, layer: int) -> "KVKey":
+        return cls("task", (name,), layer)
+
+    @classmethod
+    def group(cls, names: tuple[str | None, ...], layer: int) -> "KVKey":
+        return cls("group", tuple(names), layer)
+
+    @classmethod
+    def stack(cls, groups: tuple[tuple[str | None, ...], ...], layer: int) -> "KVKey":
+        return cls("stack", tuple(tuple(g) for g in groups), layer)
+
+    def reads(self, name: str) -> bool:
+        """Whether the cached value holds ``name``'s memory (it goes when that task is removed)."""
+        groups = self.names if self.kind == "stack" else (self.names,)
+        return any(name in g for g in groups)
