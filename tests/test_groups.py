@@ -120,8 +120,10 @@ def test_tasks_named_like_cache_kinds_are_ordinary_tasks():
     # cache keys are typed: tasks named "group", "stack" or "task" neither collide with the kinds nor break removal
     model = _model(2)
     x = images(model.backbone, n=2)
-    for i, name in enumerate(("group", "stack", "task", "other")):
-        perturb(model.add_task(name, 3, memory=2, mode="extension" if name == "task" else "concatenation"), seed=i)
+    perturb(model.add_task("stack", 3, memory=2), seed=0)
+    perturb(model.add_task("group", 3, memory=2, mode="extension"), seed=1)  # per-task path: keyed by its name
+    perturb(model.add_task("other", 3, regime="head"), seed=2)
+    perturb(model.add_task("task", 3, memory=2), seed=3)
     with torch.no_grad():
         before = model(x)
     model.remove_task("other")
