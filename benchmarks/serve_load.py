@@ -74,11 +74,11 @@ def offline_rate(reg_path: Path, args, batch: np.ndarray) -> float:
     """Images/s of the served computation without HTTP: eval's device preprocessing + one pass for every task."""
     from registry import Registry
     from scenarios.pipeline import Preprocess
-    from scenarios.streaming import _DeviceStage
+    from scenarios.streaming import DeviceStage
 
     device = torch.device(args.device)
     net = Registry(reg_path).load().to(device).eval()
-    stage = _DeviceStage(Preprocess.for_backbone(net.backbone, "inception"), device)
+    stage = DeviceStage(Preprocess.for_backbone(net.backbone, "inception"), device)
     canvas = torch.from_numpy(np.repeat(batch[None], args.max_batch, axis=0))
     if device.type == "cuda":
         canvas = canvas.pin_memory()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .model import MemoryViT
-from .train import train_step
+from .step import train_step
 
 # Input pipelines pin host memory in their own threads (DataLoader's pin-memory thread, prepared-copy prefetch)
 # while a step is captured; only this thread's calls must be capture-safe, so other threads may allocate.

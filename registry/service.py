@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from continual_mem import MemoryViT
 
-from . import api
+from . import api, changes
 from .db import open_engine, session, to_url
 from .errors import RegistryError, VerificationFailed
 from .schema import Event, Model, Task, VerificationRun
@@ -106,7 +106,7 @@ class Registry:
         self, net: MemoryViT, task_name: str, *, name: str = DEFAULT_MODEL, metrics: Sequence[dict] = ()
     ) -> api.Report:
         return self._change("add", name, task_name,
-                            lambda s: api.add_task(s, name, net, task_name, metrics=metrics))
+                            lambda s: changes.add_task(s, name, net, task_name, metrics=metrics))
 
     def import_bundle(self, bundle: bytes | str | Path, *, name: str = DEFAULT_MODEL) -> api.Report:
         if isinstance(bundle, (str, Path)):
@@ -116,12 +116,12 @@ class Registry:
             data, source = path.read_bytes(), str(path)
         else:
             data, source = bundle, "bundle"
-        return self._change("import", name, None, lambda s: api.import_bundle(
+        return self._change("import", name, None, lambda s: changes.import_bundle(
             s, name, data, source=source, backbone=self._backbone(s, name)))
 
     def export_bundle(self, task_name: str, path: str | Path | None = None, *, name: str = DEFAULT_MODEL) -> bytes:
         with session(self.engine) as s:
-            data = api.export_bundle(s, name, task_name)
+            data = changes.export_bundle(s, name, task_name)
         if path is not None:
             path = Path(path)
             tmp = path.with_name(path.name + ".partial")
@@ -130,7 +130,7 @@ class Registry:
         return data
 
     def remove_task(self, task_name: str, *, name: str = DEFAULT_MODEL) -> api.Report:
-        return self._change("remove", name, task_name, lambda s: api.remove_task(
+        return self._change("remove", name, task_name, lambda s: changes.remove_task(
             s, name, task_name, backbone=self._backbone(s, name)))
 
     def verify(self, *, name: str = DEFAULT_MODEL) -> api.Report:

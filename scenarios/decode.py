@@ -54,7 +54,7 @@ def host_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _digest(lines) -> str:
+def digest(lines) -> str:
     h = hashlib.sha256()
     for line in lines:
         h.update(line.encode())
@@ -94,7 +94,7 @@ class FilesReader:
 
         if self._fingerprint is None:
             self._fingerprint = {"kind": "files", "count": len(self),
-                                 "files": _digest(map(line, self.paths, self.labels.tolist()))}
+                                 "files": digest(map(line, self.paths, self.labels.tolist()))}
         return self._fingerprint
 
 
@@ -117,7 +117,7 @@ class DatasetReader:
     def fingerprint(self) -> dict:
         root = getattr(self.dataset, "root", "")
         return {"kind": "dataset", "class": type(self.dataset).__name__, "root": str(root), "count": len(self),
-                "labels": _digest(map(str, self.labels.tolist()))}
+                "labels": digest(map(str, self.labels.tolist()))}
 
 
 @dataclass
@@ -141,7 +141,7 @@ class SubsetReader:
 
     def fingerprint(self) -> dict:
         return {"kind": "subset", "inner": self.inner.fingerprint(),
-                "index": _digest(map(str, self.index.tolist()))}
+                "index": digest(map(str, self.index.tolist()))}
 
 
 def is_reader(obj) -> bool:
@@ -152,11 +152,11 @@ def is_reader(obj) -> bool:
 def reader_for(ds) -> Reader:
     """The reader behind a dataset: its files where the dataset lists them (torchvision's ImageFolder, Food101,
     SUN397, DTD, Flowers102, Oxford-IIIT Pet, Places365, iNaturalist, ...), else the dataset itself."""
-    from .datasets import _Subset, _targets
+    from .types import IndexSubset, targets_of
 
     if hasattr(ds, "reader"):
         return ds.reader
-    if isinstance(ds, _Subset):
+    if isinstance(ds, IndexSubset):
         return SubsetReader(reader_for(ds.inner), np.asarray(ds.idx, dtype=np.int64))
     inner = getattr(ds, "inner", None)  # _CheckedImageFolder
     if inner is not None and hasattr(inner, "samples"):
@@ -174,7 +174,7 @@ def reader_for(ds) -> Reader:
         pairs = [(os.path.join(ds.root, ds.all_categories[c], f), c) for c, f in ds.index]
     if pairs is not None:
         return FilesReader([str(p) for p, _ in pairs], np.array([int(y) for _, y in pairs], dtype=np.int64))
-    return DatasetReader(ds, _targets(ds).numpy().astype(np.int64))
+    return DatasetReader(ds, targets_of(ds).numpy().astype(np.int64))
 
 
 def _decode(raw) -> torch.Tensor:

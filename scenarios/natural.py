@@ -276,7 +276,7 @@ def load(name: str, root: Path = Path("data")):
     """Suite dataset ``name`` decoded into memory (uint8 ``(N, 3, side, side)``), as a :class:`TaskData`."""
     from torchvision.io import ImageReadMode, decode_image
 
-    from .datasets import DatasetError, ImageSet, TaskData
+    from .types import DatasetError, ImageSet, TaskData
 
     folder = root / name
     if not (folder / "meta.json").is_file():

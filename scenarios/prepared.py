@@ -221,7 +221,7 @@ def _exclusive(path: Path, what: str):
 
 def _build(reader: Reader, out: Path, *, name: str, split: str, class_names: tuple[str, ...], opts: PrepareOptions,
            progress: bool) -> PreparedSet:
-    from .datasets import DatasetError
+    from .types import DatasetError
 
     # index rows are appended like the pixels (raw little-endian int64, 4 per image): linear in the dataset
     state_path, pixels_path, partial_index = out / "progress.json", out / "pixels.u8", out / "index.partial.i64"

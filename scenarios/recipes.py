@@ -15,7 +15,7 @@ from continual_mem.train import TrainConfig, evaluate, fit
 from continual_mem.train import lr_sweep as sweep
 
 from . import datasets, prepared
-from .datasets import ImageSet, _Subset, _targets
+from .types import ImageSet, IndexSubset, targets_of
 from .decode import OnBad, SubsetReader, is_reader, reader_for
 from .pipeline import Preprocess, batches
 from .prepared import PrepareOptions, PreparedSet
@@ -89,7 +89,7 @@ def _labels(d) -> torch.Tensor:
         return d.labels
     if is_reader(d):
         return torch.from_numpy(np.asarray(d.labels, dtype=np.int64))
-    return _targets(d)
+    return targets_of(d)
 
 
 def _sub(d, idx: torch.Tensor):
@@ -97,7 +97,7 @@ def _sub(d, idx: torch.Tensor):
         return d.subset(idx)
     if is_reader(d):
         return SubsetReader(d, idx.numpy())
-    return _Subset(d, idx)
+    return IndexSubset(d, idx)
 
 
 def sources(

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DataOptions, DatasetError, ReaderDataset, TaskData
-from .decode import _digest
+from .types import DataOptions, DatasetError, ReaderDataset, TaskData
+from .decode import digest
 from .splits import stratified_split
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -59,7 +59,7 @@ class TarReader:
             return f"{p}\t{st.st_size}\t{st.st_mtime_ns}"
 
         if self._fingerprint is None:  # once per reader, as FilesReader
-            self._fingerprint = {"kind": "webdataset", "count": len(self), "shards": _digest(map(line, self.shards))}
+            self._fingerprint = {"kind": "webdataset", "count": len(self), "shards": digest(map(line, self.shards))}
         return self._fingerprint
 
 

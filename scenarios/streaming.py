@@ -10,7 +10,7 @@ crop for evaluation), ``roi_align`` to the model's size, flips, normalisation. T
 * :class:`DecodedImages` decodes the JPEG/PNG files themselves with ``torchvision.io`` in worker processes (one per
   host core), so a folder needs no preparation.
 
-Batch ``s`` depends only on ``(seed, s)``: the same images (:func:`~scenarios.pipeline.step_indices`), the same
+Batch ``s`` depends only on ``(seed, s)``: the same images (:func:`~scenarios.augment.step_indices`), the same
 crop boxes and coins (drawn on the device for the whole global batch, each image's box from its own size only),
 whichever source, however many ranks share the batch, and after a resume.
 """
@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from continual_mem.distributed import SINGLE, Shard
 
 from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, OnBad, Reader, bad_image_error, decode_item, host_cores
-from .pipeline import (Preprocess, _generator, center_boxes, crop_resize, inception_boxes, random_flip,
-                       step_indices)
+from .augment import (Preprocess, center_boxes, crop_resize, inception_boxes, random_flip, step_generator,
+                      step_indices)
 from .prepared import PreparedSet, place
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def _round_up(v: int) -> int:
     return (v // ALIGN + 1) * ALIGN
 
 
-class _DeviceStage:
+class DeviceStage:
     """What happens on the device: a padded uint8 batch to a normalised model batch.
 
     The upload runs on a copy stream (the compute stream waits for it), so it overlaps the previous step's
@@ -148,7 +148,7 @@ class PreparedImages:
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
                  threads: int | None = None, prefetch: int = 4) -> None:
         self.data, self.pre, self.device = data, pre, torch.device(device)
-        self.stage = _DeviceStage(pre, self.device)
+        self.stage = DeviceStage(pre, self.device)
         self.prefetch = prefetch
         self.pool = ThreadPoolExecutor(max_workers=threads or min(8, host_cores()), thread_name_prefix="prepared") \
             if prefetch else None
@@ -192,7 +192,7 @@ class PreparedImages:
             return step_indices(len(self), key[-1], batch_size, seed)[lo:hi].numpy()
 
         flat, meta, labels, canvas = self._fetch(("train", batch_size, seed, shard, step), positions)
-        return self.stage.from_flat(flat, meta, labels, canvas, train=True, g=_generator(seed, step, self.device),
+        return self.stage.from_flat(flat, meta, labels, canvas, train=True, g=step_generator(seed, step, self.device),
                                     n=n, lo=lo)
 
     def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -240,7 +240,7 @@ class _Decode(Dataset):
 
 def pad_batch(images: list[np.ndarray], *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H, W, 3)`` uint8 images as one padded ``(B, H', W', 3)`` batch (laid out by :func:`place`) and their
-    ``(B, 2)`` heights and widths: what :meth:`_DeviceStage.__call__` takes."""
+    ``(B, 2)`` heights and widths: what :meth:`DeviceStage.__call__` takes."""
     H = _round_up(max(a.shape[0] for a in images))
     W = _round_up(max(a.shape[1] for a in images))
     canvas = torch.empty((len(images), H, W, 3), dtype=torch.uint8, pin_memory=pin)
@@ -303,7 +303,7 @@ class DecodedImages:
                  workers: int | None = None, on_bad: OnBad = "skip", name: str = "dataset",
                  short_side: int = SHORT_SIDE, max_aspect: float = MAX_ASPECT) -> None:
         self.reader, self.pre, self.device, self.name, self.on_bad = reader, pre, torch.device(device), name, on_bad
-        self.stage = _DeviceStage(pre, self.device)
+        self.stage = DeviceStage(pre, self.device)
         self.workers = workers
         self.dataset = _Decode(reader, short_side, max_aspect, on_bad)
         self._it: Iterator | None = None
@@ -323,7 +323,7 @@ class DecodedImages:
     def _check(self, bad: list[str]) -> None:
         for message in bad:
             if self.on_bad == "fail":
-                from .datasets import DatasetError
+                from .types import DatasetError
 
                 raise DatasetError(bad_image_error(self.name, message))
             if message not in self._reported:
@@ -339,7 +339,7 @@ class DecodedImages:
         self._check(bad)
         self._key = (batch_size, seed, shard, step + 1)
         n = min(batch_size, len(self))
-        return self.stage(canvas, hw, labels, train=True, g=_generator(seed, step, self.device), n=n,
+        return self.stage(canvas, hw, labels, train=True, g=step_generator(seed, step, self.device), n=n,
                           lo=shard.bounds(n)[0])
 
     def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

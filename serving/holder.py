@@ -14,7 +14,7 @@ import torch
 
 from continual_mem import MemoryViT
 from scenarios.pipeline import Preprocess
-from scenarios.streaming import _DeviceStage
+from scenarios.streaming import DeviceStage
 
 from .settings import ServeSettings
 
@@ -27,7 +27,7 @@ class Served:
 
     net: MemoryViT
     version: int
-    stage: _DeviceStage
+    stage: DeviceStage
     classes: dict[str, tuple[str, ...]]
     tasks: list[dict]
     # bucket -> GraphedForward: captured before the model serves (start-up, or the loader's thread before a swap),
@@ -67,7 +67,7 @@ class ModelHolder:
                   "preserving": net.tasks[n].config.preserving, "dataset": net.tasks[n].config.dataset}
                  for n in net.task_names]
         classes = {n: net.tasks[n].config.class_labels for n in net.task_names}
-        return Served(net, version, _DeviceStage(pre, self.device), classes, tasks)
+        return Served(net, version, DeviceStage(pre, self.device), classes, tasks)
 
     def _load_prepared(self) -> Served:
         with self.cpu_turns:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from scenarios.decode import MAX_ASPECT, SHORT_SIDE, BadImage, decode_shrunk
 from scenarios.pipeline import Preprocess
-from scenarios.streaming import _DeviceStage, pad_batch
+from scenarios.streaming import DeviceStage, pad_batch
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
 
@@ -65,7 +65,7 @@ def test_images_laid_out_on_the_device_are_the_host_batch_bit_for_bit():
         images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
         canvas, hw = pad_batch(images)
         for augment in ("inception", "flip"):  # timm's centre crop; the whole image, whose resize reads the edge
-            stage = _DeviceStage(Preprocess.for_backbone(bb, augment), torch.device("cpu"))
+            stage = DeviceStage(Preprocess.for_backbone(bb, augment), torch.device("cpu"))
             host, _ = stage(canvas, hw, torch.zeros(3, dtype=torch.int64), train=False)
             assert torch.equal(stage.from_images([torch.from_numpy(a).permute(2, 0, 1) for a in images]), host)
 
