@@ -185,12 +185,30 @@ def test_private_stream_pools_the_patch_grid_and_keeps_registers():
 
 def test_reference_with_an_unpooled_private_stream_disagrees(monkeypatch):
     """Oracle sanity: the reference really runs the pooled branch (an unpooled one gives other outputs)."""
+    import continual_mem.reference as reference
+
     model = MemoryViT(make_backbone("tiny"))
     perturb(model.add_task("p", 3, fork_layers=2, fork_pool=2), seed=0)
     x = images(model.backbone)
     with torch.no_grad():
         fast = model(x)["p"]
-    monkeypatch.setattr(MemoryViT, "private_stream", lambda self, task, hidden: hidden[:, 1:])
+    torch.testing.assert_close(fast, reference_forward(model, x)["p"], rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(reference, "_private", lambda bb, task, hidden, fork: hidden[:, 1:])
+    assert not torch.allclose(fast, reference_forward(model, x)["p"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_oracle_catches_a_wrong_private_stream_in_the_fast_path(monkeypatch):
+    """The oracle computes the fork's pooled stream itself: a fast path whose pooling is wrong disagrees with it
+    (while the oracle called the fast path's ``private_stream``, it could not)."""
+    model = MemoryViT(make_backbone("tiny"))
+    perturb(model.add_task("p", 3, fork_layers=2, fork_pool=(1, 2)), seed=0)
+    x = images(model.backbone)
+    good = MemoryViT.private_stream
+    # pooled, but a patch off: the neighbours averaged are not the ones the config names
+    monkeypatch.setattr(MemoryViT, "private_stream",
+                        lambda self, task, hidden: good(self, task, hidden.roll(1, dims=1)))
+    with torch.no_grad():
+        fast = model(x)["p"]
     assert not torch.allclose(fast, reference_forward(model, x)["p"], rtol=1e-4, atol=1e-5)
 
 

@@ -123,6 +123,37 @@ def test_reference_detects_a_wrong_policy(model, monkeypatch):
     assert not torch.allclose(fast[ORIGINAL], ref[ORIGINAL], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec, break_fast_path", [
+    (dict(regime="memory", memory=2), "memory ignored"),
+    (dict(regime="hybrid", input_memory=2, memory=2), "memory ignored"),
+    (dict(regime="mem-bottleneck", input_memory=2), "no bottleneck"),
+    (dict(regime="adapters"), "adapters off"),
+], ids=["memory", "hybrid", "mem-bottleneck", "adapters"])
+def test_the_oracle_catches_a_wrong_own_pass(spec, break_fast_path, monkeypatch):
+    """Own-pass regimes are checked against sequences the oracle builds itself: a fast path that drops the
+    memory, the MemBottleneck mask or the adapters disagrees with it (while the oracle called ``separate_pass``,
+    it agreed with whatever that did)."""
+    import continual_mem.branches as branches
+    from continual_mem.task import TaskModule
+
+    model = MemoryViT(make_backbone("dinov2"))
+    perturb(model.add_task("t", 3, **spec), seed=1)
+    x = images(model.backbone, n=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["t"], reference_forward(model, x)["t"], rtol=1e-4, atol=1e-5)
+    if break_fast_path == "memory ignored":
+        monkeypatch.setattr(TaskModule, "memory_at", lambda self, layer: None)
+    elif break_fast_path == "no bottleneck":
+        monkeypatch.setattr(branches, "bottleneck_mask",
+                            lambda n_seq, n_mem, device=None: torch.ones(n_seq + n_mem, n_seq + n_mem,
+                                                                         dtype=torch.bool, device=device))
+    else:
+        monkeypatch.setattr(TaskModule, "adapters_at", lambda self, layer: None)
+    with torch.no_grad():
+        fast = model(x)["t"]
+    assert not torch.allclose(fast, reference_forward(model, x)["t"], rtol=1e-4, atol=1e-5)
+
+
 def _snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
