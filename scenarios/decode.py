@@ -186,13 +186,15 @@ def _decode(raw) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
 
     try:
-        return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as first:
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 return _from_pil(im)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types
             raise BadImage(_reason(str(first), str(exc))) from exc
+    # a 16-bit PNG decodes to uint16: keep its 8 most significant bits (PIL's convert("RGB") clips at 255 instead)
+    return img if img.dtype == torch.uint8 else (img.to(torch.int32) >> 8).to(torch.uint8)
 
 
 def _from_pil(im) -> torch.Tensor:
