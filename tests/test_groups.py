@@ -133,3 +133,16 @@ def test_tasks_named_like_cache_kinds_are_ordinary_tasks():
         after = model(x)
     for name in ("group", "stack", ORIGINAL):
         assert torch.equal(after[name], before[name])
+
+
+def test_cache_keys_say_which_tasks_they_hold():
+    from continual_mem.cache_keys import KVKey
+
+    assert KVKey.task("a", 3) == KVKey("task", ("a",), 3) and KVKey.task("a", 3) != KVKey.task("a", 2)
+    group = KVKey.group(["a", None, "b"], 1)
+    assert group == KVKey("group", ("a", None, "b"), 1) and hash(group) == hash(KVKey.group(("a", None, "b"), 1))
+    stack = KVKey.stack([["a", None], ["b", "c"]], 0)
+    assert stack == KVKey("stack", (("a", None), ("b", "c")), 0)
+    assert [k.reads("a") for k in (KVKey.task("a", 0), group, stack)] == [True, True, True]
+    assert [k.reads("c") for k in (KVKey.task("a", 0), group, stack)] == [False, False, True]
+    assert not stack.reads("d") and not KVKey.task("ab", 0).reads("a")
