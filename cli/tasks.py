@@ -114,11 +114,13 @@ def add_task(
 ) -> None:
     """Train a new task on DATASET, store it, and verify that every older task is bit-exact."""
     from continual_mem import distributed
+    from continual_mem.checks import name_taken
 
     reg = registry()
     task = name or _task_name(dataset)
-    if task in reg.task_names(name=state.model):
-        raise ValueError(f"a task named {task!r} already exists; pass --name or remove it first")
+    if (problem := name_taken(task, reg.task_names(name=state.model), owner=f"model {state.model!r}",
+                              fix="pass --name or remove it first")) is not None:
+        raise ValueError(problem)
     spec = {"registry": state.registry, "model": state.model, "task": task, "dataset": dataset, "device": device,
             "progress": sys.stderr.isatty(),
             "train": dict(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,

@@ -12,6 +12,7 @@ from torch import nn
 from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from .branches import PrivatePasses
 from .cache_keys import KVKey
+from .checks import dependants, extension_mismatch, name_taken, removal_refused
 from .config import TaskConfig, parse_layers
 from .kernels import fused_task_attention, use_triton
 from .layers import group_block, task_block
@@ -179,8 +180,8 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
     def attach(self, task: TaskModule) -> TaskModule:
         """Append an already-built task (from :func:`add_task` or an imported state)."""
         c = task.config
-        if c.name in self.tasks:
-            raise TaskError(f"a task named {c.name!r} already exists; choose another name or remove it first")
+        if (problem := name_taken(c.name, self.tasks)) is not None:
+            raise TaskError(problem)
         if max(c.layers, default=-1) >= self.depth:
             raise TaskError(f"task {c.name!r} uses layer {max(c.layers)} but the backbone has {self.depth} blocks")
         if c.fork_layers > self.depth:
@@ -198,25 +199,21 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
                 f"extension task {c.name!r} would read late-fork tasks {forked}, whose tokens live in private "
                 "branches; use concatenation mode, or add the extension task to a model without late-fork tasks"
             )
-        if c.mode == "extension" and list(c.sees) != self.token_task_names:
-            raise TaskError(
-                f"extension task {c.name!r} was trained on top of tasks {list(c.sees)}, but this model's token "
-                f"tasks are {self.token_task_names}; attach it to a model with exactly those earlier tasks"
-            )
+        if (problem := extension_mismatch(c, self.token_task_names)) is not None:
+            raise TaskError(problem)
         self.tasks[c.name] = task
         log.info("added task %s (%s, %s)", c.name, c.regime, c.mode)
         return task
 
     def dependants(self, name: str) -> list[str]:
         """Later tasks whose computation reads ``name`` (extension mode)."""
-        return [n for n, t in self.tasks.items() if name in t.config.sees]
+        return dependants(name, {n: t.config.sees for n, t in self.tasks.items()})
 
     def remove_task(self, name: str) -> TaskModule:
         if name not in self.tasks:
             raise TaskError(f"no task named {name!r}; known tasks: {self.task_names}")
-        deps = self.dependants(name)
-        if deps:
-            raise TaskError(f"cannot remove {name!r}: extension tasks {deps} attend to it; remove them first")
+        if (problem := removal_refused(name, self.dependants(name))) is not None:
+            raise TaskError(problem)
         task = self.tasks[name]
         del self.tasks[name]
         # the task's own keys, and its groups' and stacks' (they re-pack)

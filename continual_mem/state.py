@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from .checks import name_taken
 from .config import TaskConfig
 from .model import MemoryViT, TaskError
 from .task import TaskModule
@@ -112,8 +113,8 @@ def build_task(model: MemoryViT, config: TaskConfig, tensors: dict[str, torch.Te
 
 def import_task_bytes(model: MemoryViT, data: bytes, *, source: str = "task bundle") -> TaskModule:
     config, tensors, meta = read_task_bytes(data, source=source)
-    if config.name in model.tasks:
-        raise TaskStateError(f"a task named {config.name!r} already exists; remove it or rename the bundle's task")
+    if (problem := name_taken(config.name, model.tasks, fix="remove it or rename the bundle's task")) is not None:
+        raise TaskStateError(problem)
     task = build_task(model, config, tensors, meta.get("backbone_fingerprint", ""))
     return model.attach(task)
 

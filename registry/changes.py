@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from timm.models.vision_transformer import VisionTransformer
 
 from continual_mem import MemoryViT, TaskConfig
+from continual_mem.checks import dependants, extension_mismatch, name_taken, removal_refused
 from continual_mem.state import export_task_bytes, read_task_bytes
 
 from . import api
@@ -40,15 +41,13 @@ def insert_and_verify(
             f"{source}: task {config.name!r} was trained on backbone {meta.get('backbone_fingerprint', '?')[:12]}…, "
             f"model {model.name!r} uses {model.backbone.fingerprint[:12]}…; import it into a model with that backbone"
         )
-    if any(t.name == config.name for t in model.tasks):
-        raise RegistryError(f"model {model.name!r} already has a task named {config.name!r}; remove it or rename")
-    if config.mode == "extension":
-        tokens = [t.name for t in model.tasks if TaskConfig.from_dict(t.config).has_tokens]
-        if list(config.sees) != tokens:
-            raise RegistryError(
-                f"extension task {config.name!r} was trained on top of tasks {list(config.sees)}, but model "
-                f"{model.name!r} now has token tasks {tokens}; retrain it on the current model"
-            )
+    owner = f"model {model.name!r}"
+    if (problem := name_taken(config.name, (t.name for t in model.tasks), owner=owner,
+                              fix="remove it or rename")) is not None:
+        raise RegistryError(problem)
+    tokens = [t.name for t in model.tasks if TaskConfig.from_dict(t.config).has_tokens]
+    if (problem := extension_mismatch(config, tokens, owner=owner, fix="retrain it on the current model")) is not None:
+        raise RegistryError(problem)
     position = (s.scalar(select(func.max(Task.position)).where(Task.model_id == model.id)) or 0) + 1
     row = Task(model=model, name=config.name, position=position, dataset=config.dataset, mode=config.mode,
                regime=config.regime, memory=config.memory, layers=list(config.layers),
@@ -106,10 +105,9 @@ def remove_task(s: Session, model_name: str, task_name: str, *, backbone: Vision
     row = next((t for t in model.tasks if t.name == task_name), None)
     if row is None:
         raise RegistryError(f"model {model_name!r} has no task {task_name!r}; see `continual-mem tasks`")
-    dependants = [t.name for t in model.tasks if task_name in t.config.get("sees", [])]
-    if dependants:
-        raise RegistryError(
-            f"cannot remove {task_name!r}: extension tasks {dependants} attend to it; remove them first")
+    readers = dependants(task_name, {t.name: t.config.get("sees", []) for t in model.tasks})
+    if (problem := removal_refused(task_name, readers)) is not None:
+        raise RegistryError(problem)
     model.tasks.remove(row)
     s.delete(row)
     s.flush()

@@ -72,7 +72,7 @@ def test_add_task_json_and_user_errors(db, tmp_path):
     assert 0.0 <= data["test_accuracy"] <= 1.0
     before = snapshot(Registry(db))
     user_error(cm(db, "add-task", "nope", *FAST), "unknown dataset 'nope'")
-    user_error(cm(db, "add-task", "digits", *FAST), "a task named 'digits' already exists")
+    user_error(cm(db, "add-task", "digits", *FAST), "model 'default' already has a task named 'digits'")
     user_error(cm(db, "add-task", "digits", "--name", "x", "--mode", "sideways", *FAST), "unknown mode 'sideways'")
     user_error(cm(db, "add-task", "digits", "--name", "x", "--mode", "extension", "--regime", "head", *FAST),
                "extension mode needs a token regime")

@@ -271,7 +271,7 @@ def test_task_token_starts_as_the_original_class_token(model):
 def test_errors(model):
     model.add_task("a", 3)
     model.add_task("b", 3, mode="extension")
-    with pytest.raises(TaskError, match="already exists"):
+    with pytest.raises(TaskError, match="the model already has a task named"):
         model.add_task("a", 3)
     with pytest.raises(TaskError, match="attend to it"):
         model.remove_task("a")

@@ -60,7 +60,7 @@ def test_corrupt_truncated_and_duplicate_bundles_are_refused(tmp_path):
     flipped[-3] ^= 0x01  # a bit of the last tensor's data
     with pytest.raises(TaskStateError, match="corrupted"):
         import_task_bytes(MemoryViT(make_backbone("tiny")), bytes(flipped))
-    with pytest.raises(TaskStateError, match="already exists"):
+    with pytest.raises(TaskStateError, match="the model already has a task named"):
         import_task_bytes(a, data)
     with pytest.raises(TaskStateError, match="does not exist"):
         import_task(a, tmp_path / "missing.safetensors")
