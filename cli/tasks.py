@@ -10,6 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from .app import JsonOpt, app, command, emit, out, pick_device, registry, state, table
+from scenarios.task_recipe import DEFAULT, TaskRecipe
+
 from .data import CacheOpt, OnBadOpt, PipelineOpt, on_bad_value
 
 
@@ -64,51 +66,56 @@ def add_task(
     dataset: Annotated[str, typer.Argument(help="catalog name (continual-mem datasets), imagefolder:PATH or "
                                                   "packed:FILE.npz")],
     name: Annotated[str, typer.Option(help="task name [default: from the dataset]")] = "",
-    mode: Annotated[str, typer.Option(help="concatenation | extension")] = "concatenation",
+    mode: Annotated[str, typer.Option(help="concatenation | extension")] = DEFAULT.mode,
     regime: Annotated[str, typer.Option(help="masked-memory | head+cls | head (single pass); memory | full | "
                                              "input-memory | hybrid | adapters | memory+adapters | mem-ctrl | "
-                                             "mem-bottleneck (own pass)")] = \
-        "masked-memory",
+                                             "mem-bottleneck (own pass)")] = DEFAULT.regime,
     adapter_dim: Annotated[int | None, typer.Option(min=1, help="adapter bottleneck width [default 5 for adapter "
-                                                               "regimes]")] = None,
-    memory: Annotated[int | None, typer.Option(help="memory tokens per layer [default 5 for memory regimes]")] = None,
-    layers: Annotated[str, typer.Option(help="all | last:K | first:K | 0,3,11")] = "all",
-    task_tokens: Annotated[int, typer.Option(min=1, help="class tokens of the task (states averaged)")] = 1,
+                                                               "regimes]")] = DEFAULT.adapter_dim,
+    memory: Annotated[int | None, typer.Option(help="memory tokens per layer [default 5 for memory regimes]")] = \
+        DEFAULT.memory,
+    layers: Annotated[str, typer.Option(help="all | last:K | first:K | 0,3,11")] = DEFAULT.layers,
+    task_tokens: Annotated[int, typer.Option(min=1, help="class tokens of the task (states averaged)")] = \
+        DEFAULT.task_tokens,
     fork_pool: Annotated[str, typer.Option(help="average-pool the patch grid where the fork starts: P (P x P) or "
                                                 "RxC, e.g. 1x2 (half the tokens)")] = "1",
     fork_select: Annotated[int, typer.Option(min=0, help="late fork on the N patches the class token attends to "
-                                                         "most (instead of --fork-pool)")] = 0,
+                                                         "most (instead of --fork-pool)")] = DEFAULT.fork_select,
     fork_layers: Annotated[int, typer.Option(min=0, help="late fork: last K blocks on a private full-attention "
-                                                         "branch (preserving; ~K/depth of a backbone pass)")] = 0,
+                                                         "branch (preserving; ~K/depth of a backbone pass)")] = \
+        DEFAULT.fork_layers,
     fork_finetune: Annotated[bool, typer.Option(help="the late-fork branch fine-tunes its own copy of the last K "
                                                      "blocks (at 0.03x the lr; preserving: the copy is private)")]
-        = False,
+        = DEFAULT.fork_finetune,
     finetune_lr_scale: Annotated[float, typer.Option(help="rate of the task's copies of pretrained weights "
-                                                          "(full, --fork-finetune) over --lr")] = 0.03,
+                                                          "(full, --fork-finetune) over --lr")] = \
+        DEFAULT.finetune_lr_scale,
     layer_decay: Annotated[float | None, typer.Option(help="timm's layer-wise rate decay for those copies (the "
                                                            "patch embedding moves least); default 0.75 for full, "
-                                                           "1 = off")] = None,
+                                                           "1 = off")] = DEFAULT.layer_decay,
     probe_fraction: Annotated[float, typer.Option(help="LP-FT: the first this fraction of the steps trains only "
-                                                       "the new parameters, then the copies join")] = 0.0,
-    steps: Annotated[int, typer.Option(min=1)] = 1000,
-    batch_size: Annotated[int, typer.Option(min=1)] = 128,
-    lr: Annotated[float, typer.Option(min=0.0)] = 0.05,
+                                                       "the new parameters, then the copies join")] = \
+        DEFAULT.probe_fraction,
+    steps: Annotated[int, typer.Option(min=1)] = DEFAULT.steps,
+    batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT.batch_size,
+    lr: Annotated[float, typer.Option(min=0.0)] = DEFAULT.lr,
     lr_sweep: Annotated[str, typer.Option(help="comma list of learning rates; keeps the best on the 5% "
-                                               "held-out split")] = "",
-    data_root: Annotated[str, typer.Option(help="folder of torchvision datasets")] = "data",
-    download: Annotated[bool, typer.Option(help="let torchvision download missing data")] = False,
+                                               "held-out split")] = DEFAULT.lr_sweep,
+    data_root: Annotated[str, typer.Option(help="folder of torchvision datasets")] = DEFAULT.data_root,
+    download: Annotated[bool, typer.Option(help="let torchvision download missing data")] = DEFAULT.download,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    seed: Annotated[int, typer.Option()] = 0,
-    max_train: Annotated[int | None, typer.Option(help="cap training images (stratified)")] = None,
-    max_test: Annotated[int | None, typer.Option(help="cap test images (stratified)")] = None,
-    max_heldout: Annotated[int | None, typer.Option(help="cap the 5% held-out images (stratified)")] = 2000,
+    seed: Annotated[int, typer.Option()] = DEFAULT.seed,
+    max_train: Annotated[int | None, typer.Option(help="cap training images (stratified)")] = DEFAULT.max_train,
+    max_test: Annotated[int | None, typer.Option(help="cap test images (stratified)")] = DEFAULT.max_test,
+    max_heldout: Annotated[int | None, typer.Option(help="cap the 5% held-out images (stratified)")] = \
+        DEFAULT.max_heldout,
     cuda_graph: Annotated[bool, typer.Option(help="replay the training step as a CUDA graph (one GPU): same maths, "
-                                                  "far fewer kernel launches")] = False,
+                                                  "far fewer kernel launches")] = DEFAULT.cuda_graph,
     devices: Annotated[int, typer.Option(min=1, help="train with DistributedDataParallel on N processes (one per "
                                                      "GPU; gloo on CPU) started by torchrun's launcher; "
                                                      "--batch-size stays the global batch")] = 1,
-    pipeline: PipelineOpt = "auto",
-    on_bad_image: OnBadOpt = "skip",
+    pipeline: PipelineOpt = DEFAULT.pipeline,
+    on_bad_image: OnBadOpt = DEFAULT.on_bad_image,
     cache_dir: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -123,15 +130,15 @@ def add_task(
         raise ValueError(problem)
     spec = {"registry": state.registry, "model": state.model, "task": task, "dataset": dataset, "device": device,
             "progress": sys.stderr.isatty(),
-            "train": dict(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,
-                          adapter_dim=adapter_dim,
-                          fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool), fork_select=fork_select,
-                          fork_finetune=fork_finetune, finetune_lr_scale=finetune_lr_scale,
-                          layer_decay=layer_decay, probe_fraction=probe_fraction, steps=steps,
-                          batch_size=batch_size, lr=lr, lr_sweep=lr_sweep,
-                          data_root=data_root, download=download, seed=seed, max_train=max_train,
-                          max_test=max_test, max_heldout=max_heldout, cuda_graph=cuda_graph, pipeline=pipeline,
-                          on_bad_image=on_bad_value(on_bad_image), cache_dir=str(cache_dir) if cache_dir else None)}
+            "recipe": TaskRecipe(regime=regime, mode=mode, memory=memory, layers=layers, task_tokens=task_tokens,
+                                 adapter_dim=adapter_dim, fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool),
+                                 fork_select=fork_select, fork_finetune=fork_finetune,
+                                 finetune_lr_scale=finetune_lr_scale, layer_decay=layer_decay,
+                                 probe_fraction=probe_fraction, steps=steps, batch_size=batch_size, lr=lr,
+                                 lr_sweep=lr_sweep, data_root=data_root, download=download, seed=seed,
+                                 max_train=max_train, max_test=max_test, max_heldout=max_heldout,
+                                 cuda_graph=cuda_graph, pipeline=pipeline, on_bad_image=on_bad_value(on_bad_image),
+                                 cache_dir=str(cache_dir) if cache_dir else None).to_dict()}
     if cuda_graph and devices > 1:
         raise ValueError("--cuda-graph trains on one GPU; drop it or use --devices 1")
     if batch_size % devices:
@@ -171,7 +178,7 @@ def _add_task_job(spec: dict) -> dict | None:
     try:
         reg = registry()
         net = reg.load(state.model)
-        metrics = train_on_dataset(net, spec["dataset"], spec["task"], **spec["train"],
+        metrics = train_on_dataset(net, spec["dataset"], spec["task"], TaskRecipe.from_dict(spec["recipe"]),
                                    device=device if was_launched else pick_device(device),
                                    progress=spec["progress"] and shard.main)
         if shard.main:

@@ -15,14 +15,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
+
 log = logging.getLogger(__name__)
 
-OnBad = Literal["skip", "fail"]
 # What every input path stores and ships: images shrunk to this short side (a 224 px crop stays sharp), aspect capped.
 SHORT_SIDE = 256
 MAX_ASPECT = 2.0

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, OnBad, Reader, bad_image_error, decode_item, host_cores
+from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, decode_item, host_cores
+from .task_recipe import OnBad
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ import dataclasses
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -16,15 +15,15 @@ from continual_mem.train import lr_sweep as sweep
 
 from . import datasets, prepared
 from .types import ImageSet, IndexSubset, targets_of
-from .decode import OnBad, SubsetReader, is_reader, reader_for
+from .decode import SubsetReader, is_reader, reader_for
 from .pipeline import Preprocess, batches
 from .prepared import PrepareOptions, PreparedSet
 from .splits import stratified_split
+from .task_recipe import OnBad, Pipeline, TaskRecipe
 
 log = logging.getLogger(__name__)
 
 
-Pipeline = Literal["auto", "prepared", "decode", "loader"]
 PIPELINES = ("auto", "prepared", "decode", "loader")
 
 
@@ -143,59 +142,35 @@ def train_on_dataset(
     net: MemoryViT,
     dataset: str,
     name: str,
+    recipe: TaskRecipe = TaskRecipe(),
     *,
-    regime: str,
-    mode: str,
-    memory: int | None,
-    layers: str,
-    task_tokens: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    lr_sweep: str,
-    data_root: str,
-    download: bool,
     device: str,
-    seed: int,
-    max_train: int | None,
-    max_test: int | None,
-    max_heldout: int | None = None,
     progress: bool = False,
-    fork_layers: int = 0,
-    fork_pool: int | tuple[int, int] = 1,
-    cuda_graph: bool = False,
-    fork_select: int = 0,
-    adapter_dim: int | None = None,
-    fork_finetune: bool = False,
-    pipeline: Pipeline = "auto",
-    on_bad_image: OnBad = "skip",
-    cache_dir: str | None = None,
-    finetune_lr_scale: float = 0.03,
-    layer_decay: float | None = None,
-    probe_fraction: float = 0.0,
 ) -> dict:
-    """Load ``dataset``, add task ``name`` to ``net``, train it on 95% of the train split (best state on the
-    held-out 5%), evaluate it on the test split; return its metrics. ``net`` ends on the CPU."""
-    data = datasets.load(dataset, root=data_root, download=download)
+    """Load ``dataset``, add task ``name`` to ``net`` as ``recipe`` says, train it (best state on the held-out
+    split), evaluate it on the test split; return its metrics. ``net`` ends on the CPU."""
+    r = recipe
+    data = datasets.load(dataset, root=r.data_root, download=r.download)
     with torch.random.fork_rng(devices=[]):  # the task's initial state follows ``seed`` (the same on every rank)
-        torch.manual_seed(seed)
-        net.add_task(name, data.num_classes, regime=regime, mode=mode, memory=memory, layers=layers,
-                     adapter_dim=adapter_dim, fork_select=fork_select, fork_finetune=fork_finetune,
-                     task_tokens=task_tokens, fork_layers=fork_layers, fork_pool=fork_pool, class_names=data.class_names, dataset=dataset)
+        torch.manual_seed(r.seed)
+        net.add_task(name, data.num_classes, regime=r.regime, mode=r.mode, memory=r.memory, layers=r.layers,
+                     adapter_dim=r.adapter_dim, fork_select=r.fork_select, fork_finetune=r.fork_finetune,
+                     task_tokens=r.task_tokens, fork_layers=r.fork_layers, fork_pool=r.fork_pool,
+                     class_names=data.class_names, dataset=dataset)
     net.to(device)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
-    train, held, test = sources(data, "test", pre, device, seed=seed, max_train=max_train, max_test=max_test,
-                                 max_heldout=max_heldout, pipeline=pipeline, on_bad_image=on_bad_image,
-                                 cache_dir=cache_dir, progress=progress)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=max(1, steps // 4),
-                      cuda_graph=cuda_graph, finetune_lr_scale=finetune_lr_scale, layer_decay=layer_decay,
-                      probe_fraction=probe_fraction)
-    if lr_sweep:
-        lrs = [float(v) for v in lr_sweep.split(",")]
+    train, held, test = sources(data, "test", pre, device, seed=r.seed, max_train=r.max_train, max_test=r.max_test,
+                                max_heldout=r.max_heldout, pipeline=r.pipeline, on_bad_image=r.on_bad_image,
+                                cache_dir=r.cache_dir, progress=progress)
+    cfg = TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=r.seed, eval_every=max(1, r.steps // 4),
+                      cuda_graph=r.cuda_graph, finetune_lr_scale=r.finetune_lr_scale, layer_decay=r.layer_decay,
+                      probe_fraction=r.probe_fraction)
+    if r.lr_sweep:
+        lrs = [float(v) for v in r.lr_sweep.split(",")]
         result, _ = sweep(net, name, train, held, cfg, lrs, progress=progress)
     else:
         result = fit(net, name, train, held, cfg, progress=progress)
-    test_acc = evaluate(net, test, [name], batch_size=max(batch_size, 128))[name]
+    test_acc = evaluate(net, test, [name], batch_size=max(r.batch_size, 128))[name]
     net.to("cpu")  # the registry stores and verifies on the CPU
     return {"task": name, "dataset": dataset, "classes": data.num_classes, "heldout_accuracy": result.best_val_accuracy,
             "test_accuracy": test_acc, "steps": result.steps, "lr": result.lr, "wall_time_s": result.wall_time_s,

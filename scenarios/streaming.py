@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from continual_mem.distributed import SINGLE, Shard
 
-from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, OnBad, Reader, bad_image_error, decode_item, host_cores
+from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, decode_item, host_cores
+from .task_recipe import OnBad
 from .augment import (Preprocess, center_boxes, crop_resize, inception_boxes, random_flip, step_generator,
                       step_indices)
 from .prepared import PreparedSet, place

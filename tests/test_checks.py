@@ -26,3 +26,24 @@ def test_dependants_and_removal():
     assert removal_refused("d", []) is None
     assert removal_refused("a", ["b", "c"]) == \
         "cannot remove 'a': extension tasks ['b', 'c'] attend to it; remove them first"
+
+
+def test_the_cli_and_the_library_share_one_recipe_and_its_defaults():
+    import inspect
+
+    import pytest
+
+    from cli.tasks import add_task
+    from scenarios.recipes import train_on_dataset
+    from scenarios.task_recipe import DEFAULT, TaskRecipe
+
+    params = inspect.signature(add_task).parameters
+    shared = [f for f in TaskRecipe.__dataclass_fields__ if f in params and f != "fork_pool"]
+    assert len(shared) >= 25
+    assert {f: params[f].default for f in shared} == {f: getattr(DEFAULT, f) for f in shared}
+    assert inspect.signature(train_on_dataset).parameters["recipe"].default == DEFAULT
+    assert TaskRecipe.from_dict(TaskRecipe(lr=0.2, fork_pool=(1, 2)).to_dict()) == TaskRecipe(lr=0.2, fork_pool=[1, 2])
+    for bad, match in ((dict(lr_sweep="0.1,x"), "lr_sweep"), (dict(steps=0), "steps"), (dict(pipeline="ffcv"),
+                       "pipeline"), (dict(probe_fraction=1.0), "probe_fraction"), (dict(max_test=0), "max_test")):
+        with pytest.raises(ValueError, match=match):
+            TaskRecipe(**bad)
