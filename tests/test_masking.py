@@ -81,3 +81,38 @@ def test_visible_tasks():
 def test_unknown_task_in_layout_is_rejected():
     with pytest.raises(ValueError, match="outside"):
         build_attention_mask(layout((B, -1), (T, 3)), ["concatenation"])
+
+
+P = "private"
+# task 0 forked at this layer (its tokens and its private copy of the patches), task 1 not:
+# [patch, t0 token, t0 private patch, t0 memory, t1 token, t1 memory]
+FORK_LAYOUT = layout((B, -1), (T, 0), (P, 0), (M, 0), (T, 1), (M, 1))
+FORKED = [
+    # pch t0 p0 m0 t1 m1
+    [1, 0, 0, 0, 0, 0],  # the shared patches never see a branch
+    [0, 1, 1, 1, 0, 0],  # task 0's token, inside its branch: its tokens, private patches and memory only
+    [0, 1, 1, 1, 0, 0],  # task 0's private patches: the same, never the shared patches
+    [0, 0, 0, 1, 0, 0],  # memory: only itself
+    [1, 0, 0, 0, 1, 1],  # task 1 (not forked) reads the shared patches, never task 0's private ones
+    [0, 0, 0, 0, 0, 1],
+]
+
+
+def test_late_fork_table():
+    got = build_attention_mask(FORK_LAYOUT, ["concatenation", "concatenation"], frozenset({0}))
+    assert got.int().tolist() == FORKED
+    # before the fork layer (not in forked) task 0's token reads the shared patches as any token task does
+    before = build_attention_mask(FORK_LAYOUT, ["concatenation", "concatenation"]).int().tolist()
+    assert before[1] == [1, 1, 0, 1, 0, 0] and before[4] == FORKED[4]
+
+
+def test_a_forked_task_in_extension_mode_and_tasks_out_of_range_are_refused():
+    with pytest.raises(ValueError, match=r"^task 0 is forked but in extension mode; a late fork needs concatenation "
+                                         r"mode$"):
+        build_attention_mask(FORK_LAYOUT[:4], ["extension"], frozenset({0}))
+    with pytest.raises(ValueError, match=r"names a task outside 0\.\.0$"):
+        build_attention_mask(layout((B, -1), (T, 1)), ["concatenation"])
+    with pytest.raises(ValueError, match=r"^task index 1 out of range for 1 tasks$"):
+        visible_tasks(1, ["concatenation"])
+    with pytest.raises(ValueError, match=r"^unknown mode 'sideways'$"):
+        visible_tasks(0, ["sideways"])

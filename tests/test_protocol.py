@@ -73,7 +73,7 @@ def test_divergence_boundaries():
 
 
 def test_no_rate_left_is_named():
-    with pytest.raises(ValueError, match="no learning rate left to choose from"):
+    with pytest.raises(ValueError, match="^no learning rate left to choose from$"):
         choose_lr([run(0.1, 0, 0.8)], num_classes=10, exclude=[0.1])
 
 
@@ -97,3 +97,9 @@ def test_final_runs_move_to_the_next_rate_when_a_final_seed_diverges():
     # no divergence: the sweep's choice, nothing rejected
     good = {(s, r): run(r, s, 0.9) for s in (0, 2) for r in (0.1, 0.3, 0.03)}
     assert final_runs(sweep, [0, 2], 10, lambda s, r: good[(s, r)])[::2] == (0.3, [])
+
+
+def test_a_rate_with_a_diverged_seed_loses_even_with_the_best_mean():
+    sweep = [run(0.3, 0, 0.99), run(0.3, 1, 0.12),  # mean 0.555, but seed 1 is at chance + 2 points
+             run(0.1, 0, 0.50), run(0.1, 1, 0.50)]
+    assert choose_lr(sweep, num_classes=10) == 0.1
