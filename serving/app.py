@@ -87,15 +87,17 @@ async def _uploads(request: Request, limit: int) -> list[tuple[str, bytes]]:
     return files
 
 
-async def _answer(state, name: str, data: bytes) -> Answer:
-    """One upload's answer: a complete JPEG goes to the batch as bytes when the pass decodes on the device (only
-    its header is read here), anything else is decoded by the host's decode workers first."""
+async def _decoded(state, name: str, data: bytes) -> np.ndarray | bytes:
+    """One upload ready for the batch: a complete JPEG goes as bytes when the pass decodes on the device (only its
+    header is read here), anything else is decoded by the host's decode workers (400 / 413 if it cannot be)."""
     settings: ServeSettings = state.settings
     if settings.device_decode and device_decodable(data):
         check_header(data, name=name, max_pixels=settings.max_pixels)
-        image: np.ndarray | bytes = data
-    else:
-        image = await state.decoders.decode(data, name=name, max_pixels=settings.max_pixels)
+        return data
+    return await state.decoders.decode(data, name=name, max_pixels=settings.max_pixels)
+
+
+async def _answer(state, name: str, image: np.ndarray | bytes) -> Answer:
     try:
         return await state.model.submit(image)
     except BadImage as exc:
@@ -198,7 +200,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if k < 1:
             raise HTTPException(400, "top_k must be >= 1")
         files = await _uploads(request, st.max_upload_bytes)
-        answers = await asyncio.gather(*(_answer(request.app.state, name, data) for name, data in files))
+        # every upload is read before any is queued: a request refused for one bad file costs no pass
+        images = await asyncio.gather(*(_decoded(request.app.state, name, data) for name, data in files))
+        answers = await asyncio.gather(*(_answer(request.app.state, name, image)
+                                         for (name, _), image in zip(files, images)))
         results, version = [], answers[0].version
         for (name, _), answer in zip(files, answers):
             classes = answer.served.classes

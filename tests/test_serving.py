@@ -322,6 +322,17 @@ def test_bad_requests_get_one_line_4xx(registry, workers):
         assert predict(c, png(2)).status_code == 200  # still serving
 
 
+def test_a_request_refused_for_one_bad_upload_runs_no_pass(registry):
+    reg, _ = registry
+    with client(reg) as c:
+        before = c.get("/health").json()["passes"]
+        r = predict(c, png(1), b"hello", png(2))
+        assert r.status_code == 400 and "img1.png: not an image" in r.json()["detail"]
+        time.sleep(0.2)  # a pass queued anyway would have run by now
+        assert c.get("/health").json()["passes"] == before
+        assert predict(c, png(1)).status_code == 200 and c.get("/health").json()["passes"] == before + 1
+
+
 def test_decoding_in_processes_gives_the_threads_answers(registry):
     from serving.decoding import use_processes
 
