@@ -58,7 +58,7 @@ def _private(bb: VisionTransformer, task, hidden: torch.Tensor, fork: int) -> to
     (softmax over all keys, mean over heads), in grid order."""
     c, prefix = task.config, bb.num_prefix_tokens
     registers, patches = hidden[:, 1:prefix], hidden[:, prefix:]
-    B, P, D = patches.shape
+    B, _, D = patches.shape
     if c.fork_select:
         blk = bb.blocks[fork]
         attn = blk.attn

@@ -67,7 +67,7 @@ def insert_and_verify(
         row.metrics.append(Metric(**m))
     api.record_report(s, model, report)
     api.log_event(s, kind, model.name, config.name, regime=config.regime, mode=config.mode, source=source,
-              sha256=row.params.sha256)
+                  sha256=row.params.sha256)
     return report
 
 
@@ -79,7 +79,7 @@ def add_task(
     if task_name not in net.tasks:
         raise RegistryError(f"the model being stored has no task {task_name!r}; its tasks are {net.task_names}")
     return insert_and_verify(s, model, export_task_bytes(net, task_name), kind="add", source=f"task {task_name!r}",
-                              backbone=net.backbone, metrics=metrics)
+                             backbone=net.backbone, metrics=metrics)
 
 
 def import_bundle(
@@ -89,12 +89,16 @@ def import_bundle(
     return insert_and_verify(s, model, data, kind="import", source=source, backbone=backbone)
 
 
-def export_bundle(s: Session, model_name: str, task_name: str) -> bytes:
-    """The stored bundle (safetensors + JSON config + backbone fingerprint), checked against its sha256."""
-    model = api.get_model(s, model_name)
+def _task_row(model: Model, task_name: str) -> Task:
     row = next((t for t in model.tasks if t.name == task_name), None)
     if row is None:
-        raise RegistryError(f"model {model_name!r} has no task {task_name!r}; see `continual-mem tasks`")
+        raise RegistryError(f"model {model.name!r} has no task {task_name!r}; see `continual-mem tasks`")
+    return row
+
+
+def export_bundle(s: Session, model_name: str, task_name: str) -> bytes:
+    """The stored bundle (safetensors + JSON config + backbone fingerprint), checked against its sha256."""
+    row = _task_row(api.get_model(s, model_name), task_name)
     if api.sha256(row.params.data) != row.params.sha256:
         raise RegistryError(f"task {task_name!r}'s stored parameters are corrupted (sha256 mismatch)")
     return row.params.data
@@ -102,9 +106,7 @@ def export_bundle(s: Session, model_name: str, task_name: str) -> bytes:
 
 def remove_task(s: Session, model_name: str, task_name: str, *, backbone: VisionTransformer | None = None) -> Report:
     model = api.get_model(s, model_name, for_update=True)
-    row = next((t for t in model.tasks if t.name == task_name), None)
-    if row is None:
-        raise RegistryError(f"model {model_name!r} has no task {task_name!r}; see `continual-mem tasks`")
+    row = _task_row(model, task_name)
     readers = dependants(task_name, {t.name: t.config.get("sees", []) for t in model.tasks})
     if (problem := removal_refused(task_name, readers)) is not None:
         raise RegistryError(problem)

@@ -165,9 +165,8 @@ def train_on_dataset(
     cfg = TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=r.seed, eval_every=max(1, r.steps // 4),
                       cuda_graph=r.cuda_graph, finetune_lr_scale=r.finetune_lr_scale, layer_decay=r.layer_decay,
                       probe_fraction=r.probe_fraction)
-    if r.lr_sweep:
-        lrs = [float(v) for v in r.lr_sweep.split(",")]
-        result, _ = sweep(net, name, train, held, cfg, lrs, progress=progress)
+    if r.sweep_rates:
+        result, _ = sweep(net, name, train, held, cfg, r.sweep_rates, progress=progress)
     else:
         result = fit(net, name, train, held, cfg, progress=progress)
     test_acc = evaluate(net, test, [name], batch_size=max(r.batch_size, 128))[name]

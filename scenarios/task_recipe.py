@@ -79,7 +79,7 @@ class TaskRecipe:
             raise ValueError(f"lr and finetune_lr_scale must be >= 0, got {self.lr}, {self.finetune_lr_scale}")
         if self.lr_sweep:
             try:
-                rates = [float(v) for v in self.lr_sweep.split(",")]
+                rates = self.sweep_rates
             except ValueError:
                 rates = []
             if not rates or min(rates) <= 0:
@@ -94,6 +94,11 @@ class TaskRecipe:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+
+    @property
+    def sweep_rates(self) -> list[float]:
+        """The rates of ``lr_sweep`` (empty: train at ``lr``)."""
+        return [float(v) for v in self.lr_sweep.split(",")] if self.lr_sweep else []
 
     def to_dict(self) -> dict:
         """Plain values (for a job spec handed to other processes); :meth:`from_dict` reads it back."""
