@@ -35,6 +35,7 @@ from continual_mem import MemoryViT  # noqa: E402
 from continual_mem.accounting import backbone_flops, task_cost  # noqa: E402
 from continual_mem.backbone import create_backbone  # noqa: E402
 from continual_mem.reference import unmasked_concatenation  # noqa: E402
+from continual_mem.regimes import get_regime  # noqa: E402
 from continual_mem.train import TrainConfig, evaluate, fit  # noqa: E402
 from scenarios import datasets  # noqa: E402
 from scenarios.pipeline import Preprocess  # noqa: E402
@@ -163,7 +164,7 @@ def run_dataset(spec: str, bb, args) -> dict:
                                                                                       indent=1))
 
     for config in args.configs.split(","):
-        grid = grids["full" if CONFIGS[config]["regime"] == "full" else "default"]
+        grid = grids["full" if get_regime(CONFIGS[config]["regime"]).backbone_copy else "default"]
         states: dict[tuple[int, float], dict] = {}
 
         def train_one(seed: int, lr: float) -> dict:

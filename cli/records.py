@@ -1,4 +1,5 @@
-"""What the registry holds: ``tasks``, ``show``, ``verify``, ``predict``; bundles: ``export``, ``import``, ``remove``."""
+"""What the registry holds: ``tasks``, ``show``, ``verify``, ``predict``; bundles: ``export``, ``import``, ``remove``;
+and what it can hold: ``regimes``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,6 +27,19 @@ def tasks(as_json: JsonOpt = False) -> None:
                           r["num_classes"], f"{r['param_count']:,}", acc(r)] for r in rs]))
 
     emit(rows, as_json, render)
+
+
+@app.command()
+@command
+def regimes(as_json: JsonOpt = False) -> None:
+    """The regimes add-task knows: path, whether old outputs stay bit-exact, and what each trains."""
+    from continual_mem.regimes import get_regime, regime_names
+
+    rows = [{"regime": n, "path": (s := get_regime(n)).path, "preserving": s.preserving, "summary": s.summary}
+            for n in regime_names()]
+    emit(rows, as_json, lambda rs: out.print(table("regimes (--regime)", ["regime", "pass", "preserving", "what"], [
+        [r["regime"], "shared" if r["preserving"] else "own", "yes" if r["preserving"] else "no", r["summary"]]
+        for r in rs])))
 
 
 @app.command()

@@ -14,6 +14,9 @@ from scenarios.task_recipe import DEFAULT, TaskRecipe
 
 from .data import CacheOpt, OnBadOpt, PipelineOpt, on_bad_value
 
+REGIME_HELP = ("what the task trains: masked-memory, head+cls, head (shared pass, old outputs bit-exact) or an "
+               "own-pass regime; `continual-mem regimes` lists them all")
+
 
 # ----------------------------------------------------------------------------------------------- init
 @app.command()
@@ -67,9 +70,7 @@ def add_task(
                                                   "packed:FILE.npz")],
     name: Annotated[str, typer.Option(help="task name [default: from the dataset]")] = "",
     mode: Annotated[str, typer.Option(help="concatenation | extension")] = DEFAULT.mode,
-    regime: Annotated[str, typer.Option(help="masked-memory | head+cls | head (single pass); memory | full | "
-                                             "input-memory | hybrid | adapters | memory+adapters | mem-ctrl | "
-                                             "mem-bottleneck (own pass)")] = DEFAULT.regime,
+    regime: Annotated[str, typer.Option(help=REGIME_HELP)] = DEFAULT.regime,
     adapter_dim: Annotated[int | None, typer.Option(min=1, help="adapter bottleneck width [default 5 for adapter "
                                                                "regimes]")] = DEFAULT.adapter_dim,
     memory: Annotated[int | None, typer.Option(help="memory tokens per layer [default 5 for memory regimes]")] = \

@@ -1,14 +1,14 @@
-"""Parameter and FLOP accounting from the model's shapes (paper Table 5 style).
-
-FLOPs count a multiply-add as 2 and cover matrix products (linear layers, attention scores and weighted
-sums); norms, softmax and elementwise work are ignored, as usual.
-"""
+"""Parameter and FLOP accounting from the model's shapes (paper Table 5 style); the counting rules are in
+:mod:`continual_mem.flops`, each regime's count in its module."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .flops import backbone_flops
 from .model import MemoryViT
 from .task import TaskModule
+
+__all__ = ["Cost", "backbone_flops", "cost_table", "task_cost"]
 
 
 @dataclass(frozen=True)
@@ -30,78 +30,12 @@ class Cost:
     shared_pass: bool
 
 
-def _dims(model: MemoryViT) -> tuple[int, int, int, int]:
-    bb = model.backbone
-    attn = bb.blocks[0].attn
-    hidden = bb.blocks[0].mlp.fc1.out_features
-    return bb.embed_dim, attn.num_heads * attn.head_dim, hidden, bb.num_prefix_tokens + bb.patch_embed.num_patches
-
-
-def _block_flops(d: int, a: int, hidden: int, queries: int, keys: int) -> int:
-    return 2 * queries * (3 * d * a + a * d + 2 * d * hidden) + 4 * queries * keys * a
-
-
-def _adapter_flops(tokens: int, d: int, r: int) -> int:
-    """Two bottleneck adapters (down and up projections) on ``tokens`` tokens: one block's worth."""
-    return 2 * tokens * (2 * d * r * 2)
-
-
-def backbone_flops(model: MemoryViT) -> int:
-    """FLOPs per image of the frozen backbone (patch embedding, blocks, head)."""
-    bb = model.backbone
-    d, a, hidden, n = _dims(model)
-    pe = bb.patch_embed.proj
-    patch = 2 * bb.patch_embed.num_patches * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] * d
-    head = 2 * bb.num_features * bb.num_classes if bb.num_classes else 0
-    return patch + model.depth * _block_flops(d, a, hidden, n, n) + head
-
-
 def task_cost(model: MemoryViT, name: str) -> Cost:
+    """A task's added parameters and FLOPs; the count is its regime's (``RegimeSpec.flops``)."""
     task: TaskModule = model.tasks[name]
     c = task.config
-    d, a, hidden, n = _dims(model)
-    params = sum(p.numel() for p in task.parameters())
-    head = 2 * task.head.in_features * task.head.out_features
-    batch = 0
-    if c.regime == "head":
-        flops = head
-    elif c.has_tokens:
-        flops = head
-        owners = [task, *(model.tasks[s] for s in c.sees)]
-        fork = model.depth - c.fork_layers
-        for i in range(model.depth):
-            if i >= fork:  # private branch: the whole stream [tokens, registers, patches] + memory, own pass
-                bb = model.backbone
-                patches = c.fork_select or bb.patch_embed.num_patches // (c.fork_pool[0] * c.fork_pool[1])
-                if c.fork_select and i == fork:  # the class token's attention row that picks the patches
-                    flops += 2 * n * d * 2 * a + 2 * n * a
-                seq = c.task_tokens + bb.num_prefix_tokens - 1 + patches + (c.memory if i in task.layer_to_slot else 0)
-                flops += _block_flops(d, a, hidden, seq, seq)
-                if task.adapters_at(i) is not None:
-                    flops += _adapter_flops(seq, d, c.adapter_dim)
-                continue
-            keys = n + sum(t.config.task_tokens for t in owners)
-            for t in owners:
-                if (mem := t.memory_at(i) if t.memory is not None else None) is not None:
-                    keys += mem.shape[1]
-            flops += _block_flops(d, a, hidden, c.task_tokens, keys)
-            if task.memory is not None and i in task.layer_to_slot:
-                batch += 2 * c.memory * d * 2 * a  # memory K/V: computed once per forward
-    elif c.regime == "full":
-        flops = backbone_flops(model) - (2 * model.backbone.num_features * model.backbone.num_classes
-                                         if model.backbone.num_classes else 0) + head
-    else:  # own pass over [task cls, patches, input memory] with per-layer memory as extra tokens
-        bb = model.backbone
-        pe = bb.patch_embed.proj
-        flops = 2 * bb.patch_embed.num_patches * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] * d + head
-        base = n + c.input_memory
-        for i in range(model.depth):
-            seq = base + (c.memory if i in task.layer_to_slot else 0)
-            # mem-ctrl: the controller copy runs the whole block too (only its memory rows are kept)
-            flops += _block_flops(d, a, hidden, seq, seq) * (2 if c.regime == "mem-ctrl" else 1)
-            if task.adapters_at(i) is not None:
-                flops += _adapter_flops(seq, d, c.adapter_dim)
-    return Cost(name, c.regime, params, flops, batch, c.preserving)
+    flops, batch = c.spec.flops(model, task)
+    return Cost(name, c.regime, sum(p.numel() for p in task.parameters()), flops, batch, c.preserving)
 
 
 def cost_table(model: MemoryViT) -> list[dict]:

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 from .backbone import capture_qkv, split_qkv
 from .masking import TokenSpec, build_attention_mask
-from .branches import bottleneck_mask
 from .model import MemoryViT
 
 
@@ -75,11 +74,12 @@ def memory_attention(model: MemoryViT, task: str, images: torch.Tensor) -> dict:
     else:
         N = model.embed(images[:1]).shape[1]
         m_in = c.input_memory
-        controllers = t.controllers if c.regime == "mem-ctrl" else None
+        controllers = t.controllers  # MemCtrl: the copies that write the memory
         with capture_qkv(model.backbone) as qkv, \
                 capture_qkv(SimpleNamespace(blocks=controllers or [])) as ctrl_qkv:
             model.separate_pass(t, images)
-        masks = ({i: bottleneck_mask(N, m_in) for i in range(depth)} if c.regime == "mem-bottleneck" else None)
+        own_mask = c.spec.own_mask(N, m_in, None) if c.spec.own_mask is not None else None
+        masks = {i: own_mask for i in range(depth)} if own_mask is not None else None
         probs = _attention_probs(model, qkv, masks)
         ctrl_probs = _attention_probs(model, ctrl_qkv, blocks=controllers) if controllers is not None else None
         keep = N + m_in

@@ -1,17 +1,14 @@
 """Private passes of one task, as a mixin of :class:`~continual_mem.model.MemoryViT`: a late fork's branch (its
 private stream: pooled or selected patches; the backbone's blocks or the task's fine-tuned copy, with memory and
-adapters) and the own-pass regimes (full attention to memory, adapters, input memory and the Memory Transformer's
-ablations). Each runs timm's own blocks; none of it touches the shared pass, which is why it may do anything."""
+adapters) and the own-pass regimes (each regime's module holds its own pass). Each runs timm's own blocks; none of
+it touches the shared pass, which is why it may do anything."""
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from .backbone import split_qkv
-from .config import MEMORY_TRANSFORMER_REGIMES
-from .layers import adapted_block
+from .own_ops import blocks_with_memory
 from .task import TaskModule
 
 
@@ -23,7 +20,7 @@ class PrivatePasses:
         patches entering block ``fork``] through timm's own blocks, with full attention; per-layer memory is
         appended as extra tokens whose outputs are dropped (as in :meth:`separate_pass`)."""
         h = torch.cat([tokens, self.private_stream(task, hidden)], dim=1)  # the task's tokens take the CLS's place
-        h = self._blocks_with_memory(task, h, fork)
+        h = blocks_with_memory(self.backbone, task, h, fork)
         return self.pool_tokens(h[:, : task.config.task_tokens], task)
 
     def private_stream(self, task: TaskModule, hidden: torch.Tensor) -> torch.Tensor:
@@ -56,57 +53,6 @@ class PrivatePasses:
         patches = hidden[:, prefix:].gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return torch.cat([hidden[:, 1:prefix], patches], dim=1)
 
-    def _blocks_with_memory(self, task: TaskModule, h: torch.Tensor, start: int) -> torch.Tensor:
-        """Blocks ``start..depth-1`` of timm's own code on ``h``; where the task has per-layer memory, everyone
-        attends to it and its outputs are dropped."""
-        B, keep = h.shape[0], h.shape[1]
-        for i in range(start, self.depth):
-            blk = task.block_at(i, self.backbone)
-            mem = task.memory_at(i) if task.memory is not None else None
-            pair = task.adapters_at(i)
-            run = blk if pair is None else functools.partial(adapted_block, blk, *pair)
-            h = run(h) if mem is None else run(torch.cat([h, mem.expand(B, -1, -1)], dim=1))[:, :keep]
-        return h
-
-    def _memory_transformer(self, task: TaskModule, h: torch.Tensor, n_seq: int) -> torch.Tensor:
-        """Burtsev et al.'s ablations on ``h = [sequence (n_seq tokens), propagated memory]``, timm's blocks.
-        ``mem-bottleneck``: sequence rows attend only to memory, memory rows to everything. ``mem-ctrl``: the
-        frozen block updates the sequence (which reads the memory), the task's controller copy the memory."""
-        if task.config.regime == "mem-bottleneck":
-            mask = bottleneck_mask(n_seq, h.shape[1] - n_seq, h.device)
-            for blk in self.backbone.blocks:
-                h = blk(h, attn_mask=mask)
-            return h
-        for blk, ctrl in zip(self.backbone.blocks, task.controllers):
-            h = torch.cat([blk(h)[:, :n_seq], ctrl(h)[:, n_seq:]], dim=1)
-        return h
-
     def separate_pass(self, task: TaskModule, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a non-preserving task, from a pass of its own through timm's blocks."""
-        c = task.config
-        if c.regime == "full":
-            bb = task.backbone
-            return task.head(bb.forward_head(bb.forward_features(x), pre_logits=True))
-        bb = self.backbone
-        h = self.embed(x)
-        B = h.shape[0]
-        if task.tokens is None:  # adapters alone: the backbone's own tokens and pooling, adapted blocks
-            return task.head(bb.forward_head(bb.norm(self._blocks_with_memory(task, h, 0)), pre_logits=True))
-        # The task's class token takes the original class token's place (patches attend to it).
-        h = torch.cat([task.tokens.expand(B, -1, -1), h[:, 1:]], dim=1)
-        if task.input_memory is not None:  # propagated memory: ordinary tokens from here on
-            h = torch.cat([h, task.input_memory.expand(B, -1, -1)], dim=1)
-        if c.regime in MEMORY_TRANSFORMER_REGIMES:
-            h = self._memory_transformer(task, h, h.shape[1] - c.input_memory)
-        else:
-            h = self._blocks_with_memory(task, h, 0)
-        return task.head(bb.fc_norm(bb.norm(h)[:, : c.task_tokens].mean(dim=1)))
-
-
-def bottleneck_mask(n_seq: int, n_mem: int, device=None) -> torch.Tensor:
-    """MemBottleneck's boolean mask (True = may attend), rows are queries: sequence -> memory only, memory -> all."""
-    n = n_seq + n_mem
-    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
-    mask[:, n_seq:] = True
-    mask[n_seq:, :] = True
-    return mask
+        """Logits of a non-preserving task, from a pass of its own: its regime's (``RegimeSpec.own_pass``)."""
+        return task.config.spec.own_pass(self, task, x)

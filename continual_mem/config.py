@@ -5,27 +5,19 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
-Regime = Literal["head", "head+cls", "masked-memory", "memory", "full", "input-memory", "hybrid", "adapters",
-                 "memory+adapters", "mem-ctrl", "mem-bottleneck"]
+from .regimes import RegimeSpec, get_regime, regime_names
+
+Regime = str  # a registered regime's name: see continual_mem.regimes
 Mode = Literal["concatenation", "extension"]
 
-REGIMES: tuple[str, ...] = get_args(Regime)
+REGIMES: tuple[str, ...] = regime_names()  # the built-in ones; regime_names() also lists plug-ins
 MODES: tuple[str, ...] = get_args(Mode)
 
-# Regimes whose task rides along in the shared single pass and leaves every other output bit-exact.
-PRESERVING_REGIMES: frozenset[str] = frozenset({"head", "head+cls", "masked-memory"})
-# Preserving regimes that own task tokens (the ones the attention mask is about).
-TOKEN_REGIMES: frozenset[str] = frozenset({"head+cls", "masked-memory"})
-# Regimes with per-layer memory tokens (keys/values only, outputs dropped).
-LAYER_MEMORY_REGIMES: frozenset[str] = frozenset({"masked-memory", "memory", "hybrid", "memory+adapters"})
-# Regimes with bottleneck adapters after attention and MLP in every block (Houlsby et al. 2019; own pass).
-ADAPTER_REGIMES: frozenset[str] = frozenset({"adapters", "memory+adapters"})
-# Regimes with memory injected once at the input and propagated like ordinary tokens (Burtsev et al.).
-INPUT_MEMORY_REGIMES: frozenset[str] = frozenset({"input-memory", "hybrid", "mem-ctrl", "mem-bottleneck"})
-# The Memory Transformer's ablations (Burtsev et al. 2020), on propagated input memory, own pass: ``mem-ctrl``
-# updates the memory with a dedicated trainable copy of each block (the controller), the sequence with the frozen
-# block; ``mem-bottleneck`` lets sequence tokens attend only to memory (no token-to-token attention), memory to all.
-MEMORY_TRANSFORMER_REGIMES: frozenset[str] = frozenset({"mem-ctrl", "mem-bottleneck"})
+
+def _token_regimes() -> str:
+    """The token regimes' names for messages, e.g. ``head+cls or masked-memory``."""
+    return " or ".join(n for n in regime_names() if get_regime(n).has_tokens)
+
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 RESERVED_NAMES: frozenset[str] = frozenset({"original"})
@@ -137,48 +129,51 @@ class TaskConfig:
                              f"nn.ModuleDict); choose another name, e.g. {self.name}-task")
         if self.num_classes < 1:
             raise ValueError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
-        if self.regime not in REGIMES:
-            raise ValueError(f"task {self.name!r}: unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
+        if self.regime not in regime_names():
+            raise ValueError(f"task {self.name!r}: unknown regime {self.regime!r}; choose one of "
+                             f"{', '.join(regime_names())}")
+        spec = get_regime(self.regime)
         if self.mode not in MODES:
             raise ValueError(f"task {self.name!r}: unknown mode {self.mode!r}; choose concatenation or extension")
-        if self.mode == "extension" and self.regime not in TOKEN_REGIMES:
+        if self.mode == "extension" and not spec.has_tokens:
             raise ValueError(
-                f"task {self.name!r}: extension mode needs a token regime (head+cls or masked-memory), "
-                f"not {self.regime!r}"
+                f"task {self.name!r}: extension mode needs a token regime ({_token_regimes()}), not {self.regime!r}"
             )
         if self.sees and self.mode != "extension":
             raise ValueError(f"task {self.name!r}: only extension-mode tasks see earlier tasks")
         if self.memory < 0 or self.input_memory < 0:
             raise ValueError(f"task {self.name!r}: memory sizes must be >= 0")
-        if self.regime in LAYER_MEMORY_REGIMES:
+        if spec.layer_memory:
             if self.memory < 1 or not self.layers:
                 raise ValueError(
                     f"task {self.name!r}: regime {self.regime!r} needs memory >= 1 and at least one memory layer"
                 )
         elif self.memory or self.layers:
             raise ValueError(f"task {self.name!r}: regime {self.regime!r} has no per-layer memory; set memory=0")
-        if self.regime in INPUT_MEMORY_REGIMES:
+        if spec.input_memory:
             if self.input_memory < 1:
                 raise ValueError(f"task {self.name!r}: regime {self.regime!r} needs input_memory >= 1")
         elif self.input_memory:
             raise ValueError(f"task {self.name!r}: regime {self.regime!r} has no input memory; set input_memory=0")
         if self.adapter_dim < 0:
             raise ValueError(f"task {self.name!r}: adapter_dim must be >= 0, got {self.adapter_dim}")
-        if self.regime in ADAPTER_REGIMES:
+        if spec.adapters:
             if self.adapter_dim < 1:
                 raise ValueError(f"task {self.name!r}: regime {self.regime!r} needs adapter_dim >= 1 (the paper uses 5)")
-        elif self.adapter_dim and not (self.regime in TOKEN_REGIMES and self.fork_layers):
+        elif self.adapter_dim and not (spec.has_tokens and self.fork_layers):
+            adapter_regimes = " / ".join(r for r in regime_names() if get_regime(r).adapters)
             raise ValueError(f"task {self.name!r}: regime {self.regime!r} has adapters only inside a late-fork branch "
-                             "(add --fork-layers K) or as regime adapters / memory+adapters; else drop --adapter-dim")
+                             f"(add --fork-layers K) or as an adapter regime ({adapter_regimes}); else drop "
+                             "--adapter-dim")
         if self.task_tokens < 1:
             raise ValueError(f"task {self.name!r}: task_tokens must be >= 1")
-        if self.task_tokens > 1 and self.regime not in TOKEN_REGIMES:
-            raise ValueError(f"task {self.name!r}: several task tokens need a token regime (head+cls, masked-memory)")
+        if self.task_tokens > 1 and not spec.has_tokens:
+            raise ValueError(f"task {self.name!r}: several task tokens need a token regime ({_token_regimes()})")
         if self.fork_layers < 0:
             raise ValueError(f"task {self.name!r}: fork_layers must be >= 0, got {self.fork_layers}")
-        if self.fork_layers and self.regime not in TOKEN_REGIMES:
+        if self.fork_layers and not spec.has_tokens:
             raise ValueError(
-                f"task {self.name!r}: a late fork needs a token regime (head+cls or masked-memory), not {self.regime!r}"
+                f"task {self.name!r}: a late fork needs a token regime ({_token_regimes()}), not {self.regime!r}"
             )
         if self.fork_layers and self.mode != "concatenation":
             raise ValueError(f"task {self.name!r}: a late fork runs in concatenation mode; drop --mode extension")
@@ -209,9 +204,14 @@ class TaskConfig:
             )
 
     @property
+    def spec(self) -> RegimeSpec:
+        """The task's regime (its family module's record: parameters, path, accounting, oracle)."""
+        return get_regime(self.regime)
+
+    @property
     def preserving(self) -> bool:
         """True if adding this task leaves every other output bit-exact and it runs in the shared pass."""
-        return self.regime in PRESERVING_REGIMES
+        return self.spec.preserving
 
     @property
     def class_labels(self) -> tuple[str, ...]:
@@ -220,7 +220,7 @@ class TaskConfig:
 
     @property
     def has_tokens(self) -> bool:
-        return self.regime in TOKEN_REGIMES
+        return self.spec.has_tokens
 
     @property
     def group_shape(self) -> tuple:

@@ -17,12 +17,14 @@ from .config import TaskConfig, parse_layers
 from .kernels import fused_task_attention, use_triton
 from .layers import group_block, task_block
 from .masking import visible_tasks
+from .regimes import get_regime
 from .task import TaskModule
 from .task_paths import TaskPaths
 
 log = logging.getLogger(__name__)
 
 ORIGINAL = "original"  # key of the backbone's own head in every output dict
+DEFAULT_SIZE = 5  # memory per layer, input memory and adapter width when a regime has them and none is given
 
 
 class Unit(NamedTuple):
@@ -145,13 +147,11 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
             class_names: Optional class names.
             dataset: Optional dataset name.
         """
-        from .config import ADAPTER_REGIMES, INPUT_MEMORY_REGIMES, LAYER_MEMORY_REGIMES
-
-        has_mem = regime in LAYER_MEMORY_REGIMES
-        memory = (5 if has_mem else 0) if memory is None else memory
-        layer_idx = parse_layers(layers, self.depth) if has_mem else ()
-        input_memory = (5 if regime in INPUT_MEMORY_REGIMES else 0) if input_memory is None else input_memory
-        adapter_dim = (5 if regime in ADAPTER_REGIMES else 0) if adapter_dim is None else adapter_dim
+        spec = get_regime(regime)  # unknown names fail here, naming the known ones
+        memory = (DEFAULT_SIZE if spec.layer_memory else 0) if memory is None else memory
+        layer_idx = parse_layers(layers, self.depth) if spec.layer_memory else ()
+        input_memory = (DEFAULT_SIZE if spec.input_memory else 0) if input_memory is None else input_memory
+        adapter_dim = (DEFAULT_SIZE if spec.adapters else 0) if adapter_dim is None else adapter_dim
         sees: tuple[str, ...] = ()
         if mode == "extension":
             tokens = self.token_task_names
@@ -348,7 +348,7 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
                 feats = bb.forward_features(x)
                 if original:
                     out[ORIGINAL] = bb.forward_head(feats)
-                if any(self.tasks[n].config.regime == "head" for n in shared):
+                if any(self.tasks[n].config.spec.path == "head" for n in shared):
                     pre_logits = bb.forward_head(feats, pre_logits=True)
                 if any(self.tasks[n].config.has_tokens for n in shared):
                     for blk, t in zip(bb.blocks, qkv):
@@ -375,7 +375,7 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
             else:
                 task = self.tasks[unit.names[0]]
                 c = task.config
-                if c.regime == "head":
+                if c.spec.path == "head":
                     logits = task.head(pre_logits)
                 elif c.has_tokens:
                     logits = self._token_task(task, backbone_kv, token_kv, mem_kv, task.name in readers, block_inputs)

@@ -10,7 +10,8 @@ asked) of the backbone's registers and patches there, and the mask confines its 
 
 Own-pass regimes: one sequence of their own, ``[task tokens, registers, patches, input memory, memory of layer
 i]``, with everyone attending to everything except as the regime says (memory rows only keep the softmax finite;
-MemBottleneck's sequence rows see memory only).
+MemBottleneck's sequence rows see memory only): each regime's module gives its oracle (``RegimeSpec.reference``),
+built on :mod:`continual_mem.reference_ops`.
 
 Slow (every task widens the sequence) and on other kernels than the fast path, so it is compared with
 ``allclose``, never used for preservation.
@@ -21,35 +22,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from . import reference_ops as ops
 from .masking import TokenSpec, build_attention_mask
 from .model import ORIGINAL  # the key of the backbone's own head: a name, not code under test
-
-
-def _embed(bb: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """timm's embedding steps: ``[CLS, registers, patches]`` entering block 0."""
-    return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
-
-
-def _memory(task, layer: int) -> torch.Tensor | None:
-    """The task's per-layer memory ``(1, m, D)`` at ``layer``, from its parameter and its config's layer list."""
-    layers = task.config.layers
-    return None if task.memory is None or layer not in layers else task.memory[layers.index(layer)][None]
-
-
-def _adapters(task, layer: int, depth: int):
-    """The task's (after-attention, after-MLP) adapters at ``layer``: every block for the adapter regimes, the
-    fork's blocks for a forked token task (the order the parameters were made in)."""
-    if task.adapters is None:
-        return None
-    first = depth - len(task.adapters) // 2
-    return None if layer < first else (task.adapters[2 * (layer - first)], task.adapters[2 * (layer - first) + 1])
-
-
-def _block(task, layer: int, bb: VisionTransformer):
-    """The block a forked task's branch runs at ``layer``: its fine-tuned copy, else the backbone's."""
-    if task.blocks is None:
-        return bb.blocks[layer]
-    return task.blocks[layer - (len(bb.blocks) - len(task.blocks))]
 
 
 def _private(bb: VisionTransformer, task, hidden: torch.Tensor, fork: int) -> torch.Tensor:
@@ -74,60 +49,11 @@ def _private(bb: VisionTransformer, task, hidden: torch.Tensor, fork: int) -> to
     return torch.cat([registers, patches], dim=1)
 
 
-def _block_with_row_adapters(blk, x: torch.Tensor, mask: torch.Tensor | None, adapted: list) -> torch.Tensor:
-    """timm's block on the whole sequence, each task's adapters applied to its own rows (``None``: every row)."""
-    def rows(y: torch.Tensor, k: int) -> torch.Tensor:
-        y = y.clone()
-        for idx, pair in adapted:
-            if idx is None:
-                y = pair[k](y)
-            else:
-                y[:, idx] = pair[k](y[:, idx])
-        return y
-
-    x = x + blk.drop_path1(blk.ls1(rows(blk.attn(blk.norm1(x), attn_mask=mask), 0)))
-    return x + blk.drop_path2(blk.ls2(rows(blk.mlp(blk.norm2(x)), 1)))
-
-
-def _pool(bb: VisionTransformer, task, tokens: torch.Tensor) -> torch.Tensor:
-    """Final norm states of the task's tokens ``(B, n, D)`` averaged, fc_norm, head."""
-    return task.head(bb.fc_norm(tokens.mean(dim=1)))
-
-
 @torch.no_grad()
 def own_pass_reference(bb: VisionTransformer, task, x: torch.Tensor) -> torch.Tensor:
-    """A non-preserving task's logits from one sequence of its own (see the module docstring)."""
-    c = task.config
-    if c.regime == "full":
-        return task.head(task.backbone.forward_head(task.backbone.forward_features(x), pre_logits=True))
-    depth = len(bb.blocks)
-    h = _embed(bb, x)
-    B = h.shape[0]
-    if task.tokens is None:  # adapters alone: the backbone's own tokens and pooling, every row adapted
-        for i, blk in enumerate(bb.blocks):
-            h = _block_with_row_adapters(blk, h, None, [(None, _adapters(task, i, depth))])
-        return task.head(bb.forward_head(bb.norm(h), pre_logits=True))
-    parts = [task.tokens.expand(B, -1, -1), h[:, 1:]]  # the task's tokens take the class token's place
-    if task.input_memory is not None:
-        parts.append(task.input_memory.expand(B, -1, -1))
-    h = torch.cat(parts, dim=1)
-    n_seq = h.shape[1] - (c.input_memory if task.input_memory is not None else 0)
-    for i, blk in enumerate(bb.blocks):
-        keep = h.shape[1]
-        mem = _memory(task, i)
-        seq = h if mem is None else torch.cat([h, mem.expand(B, -1, -1)], dim=1)
-        n = seq.shape[1]
-        mask = torch.ones(n, n, dtype=torch.bool, device=x.device)
-        mask[keep:] = False
-        mask[keep:, keep:] = torch.eye(n - keep, dtype=torch.bool, device=x.device)  # memory: a key, never a query
-        if c.regime == "mem-bottleneck":  # sequence rows read memory only; memory rows read everything
-            mask[:n_seq, :n_seq] = False
-        pair = _adapters(task, i, depth)
-        new = blk(seq, attn_mask=mask) if pair is None else _block_with_row_adapters(blk, seq, mask, [(None, pair)])
-        if c.regime == "mem-ctrl":  # the task's controller copy of the block updates the propagated memory
-            new = torch.cat([new[:, :n_seq], task.controllers[i](seq, attn_mask=mask)[:, n_seq:]], dim=1)
-        h = new[:, :keep]
-    return _pool(bb, task, bb.norm(h)[:, : c.task_tokens])
+    """A non-preserving task's logits from one sequence of its own: its regime's oracle (``RegimeSpec.reference``,
+    built on :mod:`continual_mem.reference_ops`)."""
+    return task.config.spec.reference(bb, task, x)
 
 
 @torch.no_grad()
@@ -137,10 +63,10 @@ def reference_forward(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
     bb = model.backbone
     depth = len(bb.blocks)
     tasks = list(model.tasks.values())
-    token_tasks = [t for t in tasks if t.config.regime in ("head+cls", "masked-memory")]
+    token_tasks = [t for t in tasks if t.config.spec.path == "token"]
     modes = [t.config.mode for t in token_tasks]
 
-    h = _embed(bb, x)
+    h = ops.embed(bb, x)
     B, N, _ = h.shape
     layout = [TokenSpec("backbone")] * N
     parts = [h]
@@ -160,7 +86,7 @@ def reference_forward(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
         layer_layout = list(layout)
         mems = [h]
         for j, t in enumerate(token_tasks):
-            if (mem := _memory(t, i)) is not None:
+            if (mem := ops.memory(t, i)) is not None:
                 mems.append(mem.expand(B, -1, -1))
                 layer_layout += [TokenSpec("memory", j)] * mem.shape[1]
         forked = frozenset(j for j, fork in forks.items() if i >= fork)
@@ -170,13 +96,13 @@ def reference_forward(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
                                  ("task", "private")], device=x.device) for j in forked}
         own = {j for j in forked if token_tasks[j].blocks is not None}  # branches with their own fine-tuned blocks
         adapted = [(rows[j], pair) for j, t in enumerate(token_tasks)
-                   if j in forked and j not in own and (pair := _adapters(t, i, depth)) is not None]
+                   if j in forked and j not in own and (pair := ops.adapters(t, i, depth)) is not None]
         seq = torch.cat(mems, dim=1)
-        new = blk(seq, attn_mask=mask) if not adapted else _block_with_row_adapters(blk, seq, mask, adapted)
+        new = blk(seq, attn_mask=mask) if not adapted else ops.block_with_row_adapters(blk, seq, mask, adapted)
         for j in own:  # the whole sequence through the task's copy; the mask confines its rows to its own keys
             t = token_tasks[j]
-            copy, pair = _block(t, i, bb), _adapters(t, i, depth)
-            mine = copy(seq, attn_mask=mask) if pair is None else _block_with_row_adapters(copy, seq, mask,
+            copy, pair = ops.block(t, i, bb), ops.adapters(t, i, depth)
+            mine = copy(seq, attn_mask=mask) if pair is None else ops.block_with_row_adapters(copy, seq, mask,
                                                                                             [(rows[j], pair)])
             new[:, rows[j]] = mine[:, rows[j]]
         h = new[:, :keep]
@@ -187,14 +113,20 @@ def reference_forward(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
     offset = N
     for task in tasks:
         c = task.config
-        if c.regime == "head":
+        if c.spec.path == "head":
             out[c.name] = task.head(pre_logits)
         elif task in token_tasks:
-            out[c.name] = _pool(bb, task, h[:, offset: offset + c.task_tokens])
+            out[c.name] = ops.pool(bb, task, h[:, offset: offset + c.task_tokens])
             offset += c.task_tokens
         else:
             out[c.name] = own_pass_reference(bb, task, x)
     return out
+
+
+def _full_attention_memory(spec) -> bool:
+    """Per-layer memory and class tokens on an own pass, nothing else (the ``memory`` regime)."""
+    return (spec.path == "own" and spec.class_tokens and spec.layer_memory
+            and not (spec.input_memory or spec.adapters or spec.controllers or spec.backbone_copy))
 
 
 @torch.no_grad()
@@ -206,21 +138,21 @@ def unmasked_concatenation(model, x: torch.Tensor, names: list[str]) -> dict[str
     task's patches now also see the other tasks' memory, so its accuracy drifts as tasks are added.
     """
     tasks = [model.tasks[n] for n in names]
-    wrong = [t.config.name for t in tasks if t.config.regime != "memory"]
+    wrong = [t.config.name for t in tasks if not _full_attention_memory(t.config.spec)]
     if wrong:
         raise ValueError(f"naive concatenation takes full-attention memory tasks; {wrong} are not regime 'memory'")
     bb = model.backbone
-    h = _embed(bb, x)
+    h = ops.embed(bb, x)
     B = h.shape[0]
     h = torch.cat([*(t.tokens.expand(B, -1, -1) for t in tasks), h[:, 1:]], dim=1)
     keep = h.shape[1]
     for i, blk in enumerate(bb.blocks):
-        mems = [m.expand(B, -1, -1) for t in tasks if (m := _memory(t, i)) is not None]
+        mems = [m.expand(B, -1, -1) for t in tasks if (m := ops.memory(t, i)) is not None]
         h = blk(torch.cat([h, *mems], dim=1))[:, :keep] if mems else blk(h)
     h = bb.norm(h)
     out, offset = {}, 0
     for t in tasks:
         n = t.config.task_tokens
-        out[t.config.name] = _pool(bb, t, h[:, offset:offset + n])
+        out[t.config.name] = ops.pool(bb, t, h[:, offset:offset + n])
         offset += n
     return out

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import MemoryViT
+from .regimes import get_regime
 from .task import TaskModule
 
 class BatchSource(Protocol):
@@ -197,10 +198,11 @@ def train_step(
 
 
 def default_layer_decay(regime: str) -> float | None:
-    """0.75 for ``full`` (a whole backbone copy, patch embedding included: without decay SGD wrecks it and full
-    fine-tuning lands 4-10 points below head-only on the natural-image suite; with it, 1.4-5.6 points above); off
-    for copies of the top blocks only (fine-tuned forks, measured without it)."""
-    return 0.75 if regime == "full" else None
+    """The regime's default (``RegimeSpec.layer_decay``): 0.75 for ``full`` (a whole backbone copy, patch embedding
+    included: without decay SGD wrecks it and full fine-tuning lands 4-10 points below head-only on the
+    natural-image suite; with it, 1.4-5.6 points above); off for copies of the top blocks only (fine-tuned forks,
+    measured without it)."""
+    return get_regime(regime).layer_decay
 
 
 def layer_decay_scales(task: TaskModule, depth: int, decay: float) -> dict[int, float]:

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .backbone import block0_class_token
-from .config import ADAPTER_REGIMES, INPUT_MEMORY_REGIMES, LAYER_MEMORY_REGIMES, TaskConfig
+from .config import TaskConfig
 
 MEMORY_INIT_STD = 0.02  # paper: memory initialised N(0, 0.02)
 HEAD_INIT_STD = 0.01
@@ -39,24 +39,25 @@ class TaskModule(nn.Module):
         ref = backbone.cls_token
         factory = {"device": ref.device, "dtype": ref.dtype}
         self.layer_to_slot: dict[int, int] = {layer: s for s, layer in enumerate(config.layers)}
+        spec = config.spec
 
         self.tokens: nn.Parameter | None = None
-        if config.regime not in ("head", "full", "adapters"):
+        if spec.class_tokens:
             cls0 = block0_class_token(backbone)  # (1, D)
             tokens = cls0.repeat(config.task_tokens, 1)
             if config.task_tokens > 1:  # break the symmetry between otherwise identical tokens
                 tokens[1:] += torch.randn_like(tokens[1:]) * MEMORY_INIT_STD
             self.tokens = nn.Parameter(tokens.unsqueeze(0))
         self.memory: nn.Parameter | None = None
-        if config.regime in LAYER_MEMORY_REGIMES:
+        if spec.layer_memory:
             self.memory = nn.Parameter(torch.randn(len(config.layers), config.memory, dim, **factory) * MEMORY_INIT_STD)
         self.input_memory: nn.Parameter | None = None
-        if config.regime in INPUT_MEMORY_REGIMES:
+        if spec.input_memory:
             self.input_memory = nn.Parameter(torch.randn(1, config.input_memory, dim, **factory) * MEMORY_INIT_STD)
         self.adapters: nn.ModuleList | None = None
         depth = len(backbone.blocks)
         # after attention and after the MLP: in every block (adapter regimes) or in the late-fork branch's blocks
-        first = 0 if config.regime in ADAPTER_REGIMES else depth - config.fork_layers
+        first = 0 if spec.adapters else depth - config.fork_layers
         self.adapter_to_slot: dict[int, int] = {i: s for s, i in enumerate(range(first, depth))} \
             if config.adapter_dim else {}
         if self.adapter_to_slot:
@@ -66,10 +67,10 @@ class TaskModule(nn.Module):
         if config.fork_finetune:
             self.blocks = nn.ModuleList(copy.deepcopy(backbone.blocks[depth - config.fork_layers:]))
         self.controllers: nn.ModuleList | None = None
-        if config.regime == "mem-ctrl":  # one trainable copy of each block updates the memory (MemCtrl)
+        if spec.controllers:  # one trainable copy of each block updates the memory (MemCtrl)
             self.controllers = nn.ModuleList(copy.deepcopy(backbone.blocks))
         self.backbone: VisionTransformer | None = None
-        if config.regime == "full":
+        if spec.backbone_copy:
             self.backbone = copy.deepcopy(backbone)
         self.head = nn.Linear(backbone.num_features, config.num_classes, **factory)
         nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)

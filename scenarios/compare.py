@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from continual_mem import MemoryViT
+from continual_mem.regimes import get_regime
 
 from .stream import AvalancheMemoryViT, PaperRecipePlugin, Stream, ViTMultiHead, task_stream
 
@@ -94,7 +95,7 @@ def run_strategy(name: str, stream: Stream, backbone, cfg: CompareConfig) -> Str
         return result
     if name in OURS:
         model = AvalancheMemoryViT(MemoryViT(backbone), task_names=stream.names,
-                                   memory=cfg.memory if OURS[name]["regime"] in ("masked-memory", "memory") else None,
+                                   memory=cfg.memory if get_regime(OURS[name]["regime"]).layer_memory else None,
                                    **OURS[name])
         lr = cfg.lr
     elif name in BASELINES:

@@ -162,9 +162,8 @@ class AvalancheMemoryViT(MultiTaskModule):
             if t not in self.names:
                 name = self.task_names[t] if t < len(self.task_names) else f"task{t}"
                 classes = max(experience.classes_in_this_experience) + 1
-                kwargs = {k: v for k, v in self.task_kwargs.items() if v is not None}
-                if kwargs["regime"] not in ("masked-memory", "memory", "hybrid"):
-                    kwargs.pop("layers")
+                kwargs = {k: v for k, v in self.task_kwargs.items() if v is not None}  # add_task reads layers only
+                # for regimes with per-layer memory
                 self.model.add_task(name, classes, **kwargs).to(device)
                 self.names[t] = name
         if self.training:

@@ -133,7 +133,7 @@ def test_the_oracle_catches_a_wrong_own_pass(spec, break_fast_path, monkeypatch)
     """Own-pass regimes are checked against sequences the oracle builds itself: a fast path that drops the
     memory, the MemBottleneck mask or the adapters disagrees with it (while the oracle called ``separate_pass``,
     it agreed with whatever that did)."""
-    import continual_mem.branches as branches
+    import continual_mem.regimes.memory_transformer as memory_transformer
     from continual_mem.task import TaskModule
 
     model = MemoryViT(make_backbone("dinov2"))
@@ -144,7 +144,7 @@ def test_the_oracle_catches_a_wrong_own_pass(spec, break_fast_path, monkeypatch)
     if break_fast_path == "memory ignored":
         monkeypatch.setattr(TaskModule, "memory_at", lambda self, layer: None)
     elif break_fast_path == "no bottleneck":
-        monkeypatch.setattr(branches, "bottleneck_mask",
+        monkeypatch.setattr(memory_transformer, "bottleneck_mask",
                             lambda n_seq, n_mem, device=None: torch.ones(n_seq + n_mem, n_seq + n_mem,
                                                                          dtype=torch.bool, device=device))
     else:
