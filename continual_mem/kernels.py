@@ -53,9 +53,12 @@ def fused_task_attention(device: torch.device, queries: int = 1, private: int = 
     attention, forward and backward, wherever :func:`use_triton` holds, except inside ``torch.compile`` (a compiled
     per-task path traces the PyTorch expression) and for more than ``MAX_QUERIES`` query rows or ``MAX_PRIVATE``
     private keys (they take the PyTorch expression too)."""
-    if queries > MAX_QUERIES or private > MAX_PRIVATE:
-        return False
-    return use_triton(device) and not torch.compiler.is_compiling()
+    return task_kernel_fits(queries, private) and use_triton(device) and not torch.compiler.is_compiling()
+
+
+def task_kernel_fits(queries: int, private: int) -> bool:
+    """Whether one program of the per-task kernel holds a task's query rows and private keys."""
+    return queries <= MAX_QUERIES and private <= MAX_PRIVATE
 
 
 def group_attention_torch(q: torch.Tensor, shared_k: torch.Tensor, shared_v: torch.Tensor, own_k: torch.Tensor,

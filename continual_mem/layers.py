@@ -11,8 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 from .backbone import split_qkv
-from .kernels import (fused_task_attention, group_attention_torch, group_attention_triton, task_attention_triton,
-                      use_triton)
+from .kernels import group_attention_torch, group_attention_triton, task_attention_triton, task_kernel_fits
 
 
 def memory_kv(blk: Block, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +51,8 @@ def task_block(
     shared_v: torch.Tensor,
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
+    *,
+    fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Advance a task's tokens through one block.
 
@@ -63,6 +64,8 @@ def task_block(
         keys: Further context keys ``(B|1, H, *, hd)`` (memory, earlier tasks); the task's own token keys
             are put first.
         values: Matching values.
+        fused: Use the fused Triton attention (the call's plan decides: ``Paths.fused_task``) where the task fits
+            one kernel program (:func:`~continual_mem.kernels.task_kernel_fits`), else the PyTorch expression.
 
     Returns:
         The new token states ``(B, n, D)`` and the tokens' own keys and values ``(B, H, n, hd)``.
@@ -70,7 +73,7 @@ def task_block(
     h = blk.norm1(tokens)
     q, k, v = split_qkv(blk.attn, blk.attn.qkv(h))  # (B, H, n, hd)
     private = k.shape[2] + sum(t.shape[2] for t in keys)
-    if fused_task_attention(tokens.device, queries=k.shape[2], private=private):
+    if fused and task_kernel_fits(queries=k.shape[2], private=private):
         B = tokens.shape[0]  # fused forward and backward, the backbone's K/V read in place
         own_k = torch.cat([t.expand(B, -1, -1, -1).to(q.dtype) for t in (k, *keys)], dim=2)
         own_v = torch.cat([t.expand(B, -1, -1, -1).to(q.dtype) for t in (v, *values)], dim=2)
@@ -88,6 +91,8 @@ def group_block(
     memory_k: torch.Tensor | None,
     memory_v: torch.Tensor | None,
     slots: int,
+    *,
+    triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Advance a fixed-capacity group of tasks through one block in one set of kernels.
 
@@ -104,6 +109,8 @@ def group_block(
         memory_k: ``(1, H, slots * m, hd)`` every slot's memory keys at this block, or None.
         memory_v: Matching values.
         slots: The group's capacity.
+        triton: Run the fused Triton kernel (the call's plan decides: ``Paths.triton``), else the PyTorch
+            expression.
 
     Returns:
         New token states ``(B, slots * n, D)`` and the tokens' keys and values ``(B, H, slots * n, hd)``.
@@ -113,7 +120,7 @@ def group_block(
     n, H, hd = L // slots, attn.num_heads, attn.head_dim
     h = blk.norm1(tokens)
     q, k, v = split_qkv(attn, attn.qkv(h))  # (B, H, slots * n, hd)
-    if use_triton(tokens.device):  # scaling and every K/V read in place, inside the kernel
+    if triton:  # scaling and every K/V read in place, inside the kernel
         out = group_attention_triton(q, shared_k, shared_v, k, v, memory_k, memory_v, slots=slots, scale=attn.scale)
         return _finish(blk, tokens, h, out), k, v
     q = q * attn.scale

@@ -10,16 +10,16 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
-from .branches import PrivatePasses
+from . import branches
 from .cache_keys import KVKey
 from .checks import dependants, extension_mismatch, name_taken, removal_refused
 from .config import TaskConfig, parse_layers
-from .kernels import fused_task_attention, use_triton
 from .layers import group_block, task_block
 from .masking import visible_tasks
 from .regimes import get_regime
 from .task import TaskModule
-from .task_paths import TaskPaths
+from .forward_plan import ForwardPlan, PassState, make_plan
+from .own_ops import pool_tokens
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class TaskError(ValueError):
     """A task operation cannot be done (duplicate name, unknown task, dependants, incompatible state)."""
 
 
-class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
+class MemoryViT(nn.Module):
     """A frozen timm ``VisionTransformer`` plus any number of tasks (paper: Sandler et al., CVPR 2022).
 
     ``forward(images)`` returns ``{"original": backbone logits, task_name: task logits, ...}``. The backbone
@@ -65,10 +65,10 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.group_size = group_size
         self.backbone = freeze(validate_backbone(backbone))
-        self._group_block = group_block  # swapped for compiled versions by compile_task_path()
-        self._task_block = task_block
+        self.group_block = group_block  # swapped for compiled versions by compile_task_path()
+        self.task_block = task_block
         self.tasks = nn.ModuleDict()
-        self._kv_cache: dict[KVKey, tuple] = {}
+        self.kv_cache: dict[KVKey, tuple] = {}  # image-independent memory K/V (task_paths.cached)
         self._fingerprint: str | None = None
         self.generation = 0  # bumped by invalidate_cache(): writes that version counters do not see
         self.stack_groups = True
@@ -217,13 +217,13 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
         task = self.tasks[name]
         del self.tasks[name]
         # the task's own keys, and its groups' and stacks' (they re-pack)
-        self._kv_cache = {k: v for k, v in self._kv_cache.items() if not k.reads(name)}
+        self.kv_cache = {k: v for k, v in self.kv_cache.items() if not k.reads(name)}
         return task
 
     def invalidate_cache(self) -> None:
         """Forget cached memory K/V. Needed after parameters were written behind autograd's version counters (a
         CUDA-graph replay); ordinary in-place updates are detected on their own."""
-        self._kv_cache.clear()
+        self.kv_cache.clear()
         self.generation += 1
 
     def compile_task_path(self, **compile_kwargs) -> "MemoryViT":
@@ -236,8 +236,8 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
 
         limit = torch._dynamo.config.cache_size_limit
         torch._dynamo.config.cache_size_limit = max(limit, 4 * self.depth)  # one specialisation per block
-        self._group_block = torch.compile(group_block, dynamic=False, **compile_kwargs)
-        self._task_block = torch.compile(task_block, dynamic=False, **compile_kwargs)
+        self.group_block = torch.compile(group_block, dynamic=False, **compile_kwargs)
+        self.task_block = torch.compile(task_block, dynamic=False, **compile_kwargs)
         return self
 
     # ------------------------------------------------------------------ training support
@@ -261,7 +261,7 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
         return [n for n in self.tasks if n in want]
 
     def plan(self) -> list[Unit]:
-        """Execution units in order: a fixed-capacity ``group`` (``group_size`` names, ``None`` for empty
+        """The packing (which forward units exist; :meth:`forward_plan` adds a call's paths): a fixed-capacity ``group`` (``group_size`` names, ``None`` for empty
         slots) for concatenation-mode token tasks of the same shape, or a single ``task`` for any other.
 
         Slots are filled in insertion order, so an existing task never moves when tasks are added; only a
@@ -284,28 +284,25 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
                 units.append(("task", [name]))
         return [Unit(kind, tuple(names)) for kind, names in units]
 
-    def _units(self, wanted: set[str]) -> list[tuple[Unit, list[TaskModule]]]:
-        """The plan's units that hold a wanted task, each with its tasks."""
-        return [(u, [self.tasks[n] for n in u.names if n is not None]) for u in self.plan()
-                if wanted.intersection(u.names)]
+    def forward_plan(self, names: Sequence[str] | None = None, *, original: bool = True,
+                     device: torch.device | str = "cpu") -> ForwardPlan:
+        """The plan a forward of ``names`` (default all) on ``device`` would run, with every path decision
+        (:func:`~continual_mem.forward_plan.make_plan`). Whether grad is on counts (training runs per task)."""
+        names = self.task_names if names is None else list(names)
+        return make_plan(self, self._closure(names), set(names), original=original, device=torch.device(device))
 
-    @staticmethod
-    def _trains(members: Sequence[TaskModule]) -> bool:
-        """Whether this call trains one of a unit's tasks (a group then runs them on the per-task path)."""
-        return torch.is_grad_enabled() and any(p.requires_grad for t in members for p in t.parameters())
+    def private_stream(self, task: TaskModule, hidden: torch.Tensor) -> torch.Tensor:
+        """A late-fork task's private stream from the states entering its fork block
+        (:func:`~continual_mem.branches.private_stream`)."""
+        return branches.private_stream(self, task, hidden)
 
-    def _kv_in_place(self, device: torch.device, units: Sequence[tuple[Unit, list[TaskModule]]]) -> bool:
-        """Whether the backbone's K/V may stay views of timm's qkv output: when the fused kernels read every one
-        of them (in place, any stride: groups, and the per-task path where :func:`fused_task_attention` holds).
-        The PyTorch expression (CPU, or a compiled per-task path) wants one contiguous copy
-        per layer, shared by every task, not a copy per task inside each matmul. ``units``: the plan's units this
-        call runs, each with its tasks."""
-        if not use_triton(device):
-            return False
-        if self._task_block is task_block and fused_task_attention(device):
-            return True
-        return all(unit.kind == "group" and not self._trains(members)
-                   for unit, members in units if any(t.config.has_tokens for t in members))
+    def separate_pass(self, task: TaskModule, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a non-preserving task, from a pass of its own: its regime's (``RegimeSpec.own_pass``)."""
+        return task.config.spec.own_pass(self, task, x)
+
+    def pool_tokens(self, tokens: torch.Tensor, task: TaskModule) -> torch.Tensor:
+        """Final norm, average over the task's tokens, fc_norm, head: ``(B, n, D) -> (B, classes)``."""
+        return pool_tokens(self.backbone, tokens, task)
 
     def embed(self, x: torch.Tensor, backbone: VisionTransformer | None = None) -> torch.Tensor:
         """Block-0 input tokens ``(B, N, D)`` through timm's own embedding steps."""
@@ -331,58 +328,27 @@ class MemoryViT(TaskPaths, PrivatePasses, nn.Module):
         unknown = [n for n in names if n not in self.tasks]
         if unknown:
             raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
-        needed = self._closure(names)
-        shared = [n for n in needed if self.tasks[n].config.preserving]
-        wanted = set(needed)
-        units = self._units(wanted)
+        plan = make_plan(self, self._closure(names), names_wanted, original=original, device=x.device)
+        state = PassState(x, plan.paths, readers=plan.readers)
         out: dict[str, torch.Tensor] = {}
         bb = self.backbone
-        backbone_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        pre_logits = None
-        forks = {self.depth - self.tasks[n].config.fork_layers for n in shared if self.tasks[n].config.fork_layers}
-        block_inputs: dict[int, torch.Tensor] = {}
-        in_place = self._kv_in_place(x.device, units)  # here: it asks whether grad is on, off in the block below
-        if original or shared:
+        if plan.shared:
             # Patches never attend to task tokens, so the shared backbone needs no autograd graph at all.
-            with torch.no_grad(), capture_qkv(bb) as qkv, capture_block_inputs(bb, forks) as block_inputs:
+            with torch.no_grad(), capture_qkv(bb) as qkv, capture_block_inputs(bb, plan.forks) as block_inputs:
                 feats = bb.forward_features(x)
                 if original:
                     out[ORIGINAL] = bb.forward_head(feats)
-                if any(self.tasks[n].config.spec.path == "head" for n in shared):
-                    pre_logits = bb.forward_head(feats, pre_logits=True)
-                if any(self.tasks[n].config.has_tokens for n in shared):
+                if plan.head_features:
+                    state.pre_logits = bb.forward_head(feats, pre_logits=True)
+                if plan.token_kv:
                     for blk, t in zip(bb.blocks, qkv):
                         _, k, v = split_qkv(blk.attn, t)
                         # else one contiguous copy per layer, shared by every task (not one per task)
-                        backbone_kv.append((k, v) if in_place else (k.contiguous(), v.contiguous()))
-        readers = {s for n in needed for s in self.tasks[n].config.sees}
-        token_kv: dict[str, list] = {}
-        mem_kv: dict = {}
-        stacks = self._stacks(units, x) if backbone_kv else {}
-        for names in stacks.values():  # groups read nothing but the backbone: they may run first
-            out.update({k: v for k, v in self._stack(names, backbone_kv, token_kv, mem_kv, readers).items()
-                        if k in names_wanted})
-        stacked_names = {n for group in stacks.values() for names in group for n in names}
-        for unit, members in units:
-            training = self._trains(members)
-            if unit.kind == "group" and stacked_names.intersection(unit.names):
-                continue
-            if unit.kind == "group" and not training:
-                results = self._group(unit.names, backbone_kv, token_kv, mem_kv, readers)
-            elif unit.kind == "group":  # a task is training: run just the requested ones, no idle slots
-                results = {t.name: self._token_task(t, backbone_kv, token_kv, mem_kv, t.name in readers, block_inputs)
-                           for t in members if t.name in wanted}
-            else:
-                task = self.tasks[unit.names[0]]
-                c = task.config
-                if c.spec.path == "head":
-                    logits = task.head(pre_logits)
-                elif c.has_tokens:
-                    logits = self._token_task(task, backbone_kv, token_kv, mem_kv, task.name in readers, block_inputs)
-                else:
-                    logits = self.separate_pass(task, x)
-                results = {task.name: logits}
-            out.update({k: v for k, v in results.items() if k in names_wanted})
-        if stacks:  # the stacked groups ran first: back to the model's order
+                        kv = (k, v) if plan.paths.kv_in_place else (k.contiguous(), v.contiguous())
+                        state.backbone_kv.append(kv)
+            state.block_inputs = block_inputs
+        for unit in plan.units:
+            out.update({k: v for k, v in unit.run(self, state).items() if k in names_wanted})
+        if plan.reordered:  # the stacked groups ran first: back to the model's order
             out = {k: out[k] for k in (ORIGINAL, *self.tasks) if k in out}
         return out

@@ -40,3 +40,8 @@ def own_sequence(task, h: torch.Tensor) -> torch.Tensor:
 def own_logits(bb, task, h: torch.Tensor) -> torch.Tensor:
     """The head on the final norm states of the task's tokens, averaged, through the backbone's fc_norm."""
     return task.head(bb.fc_norm(bb.norm(h)[:, : task.config.task_tokens].mean(dim=1)))
+
+
+def pool_tokens(bb, tokens: torch.Tensor, task) -> torch.Tensor:
+    """Final norm, average over the task's tokens, fc_norm, head: ``(B, n, D) -> (B, classes)``."""
+    return task.head(bb.fc_norm(bb.norm(tokens).mean(dim=1)))

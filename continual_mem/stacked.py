@@ -24,7 +24,7 @@ from timm.layers import LayerScale, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .kernels import add_layer_norm_triton, stacked_attention_triton, use_triton
+from .kernels import add_layer_norm_triton, stacked_attention_triton
 
 ALIGN = 256  # elements between group starts: every group's slice starts equally aligned whatever the group count
 
@@ -50,8 +50,9 @@ def _plain_block(blk: nn.Module) -> bool:
 
 
 def supported(backbone: VisionTransformer, dtype: torch.dtype, device: torch.device) -> bool:
-    """Policy: whether the stacked path runs for this backbone, token dtype and device (see the module doc)."""
-    if not use_triton(device) or torch.is_autocast_enabled(device.type):
+    """Whether the stacked path can run this backbone, token dtype and device's autocast state (see the module
+    doc); it needs the Triton kernels too, which the call's plan decides (:mod:`continual_mem.forward_plan`)."""
+    if torch.is_autocast_enabled(device.type):
         return False
     norm = backbone.norm
     if not (isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None):

@@ -203,10 +203,12 @@ def test_the_oracle_catches_a_wrong_private_stream_in_the_fast_path(monkeypatch)
     model = MemoryViT(make_backbone("tiny"))
     perturb(model.add_task("p", 3, fork_layers=2, fork_pool=(1, 2)), seed=0)
     x = images(model.backbone)
-    good = MemoryViT.private_stream
+    from continual_mem import branches
+
+    good = branches.private_stream
     # pooled, but a patch off: the neighbours averaged are not the ones the config names
-    monkeypatch.setattr(MemoryViT, "private_stream",
-                        lambda self, task, hidden: good(self, task, hidden.roll(1, dims=1)))
+    monkeypatch.setattr(branches, "private_stream",
+                        lambda model, task, hidden: good(model, task, hidden.roll(1, dims=1)))
     with torch.no_grad():
         fast = model(x)["p"]
     assert not torch.allclose(fast, reference_forward(model, x)["p"], rtol=1e-4, atol=1e-5)

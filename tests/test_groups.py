@@ -63,9 +63,9 @@ def test_removal_repacks_without_changing_bits():
         perturb(model.add_task(f"t{i}", 3, memory=2), seed=i)
     with torch.no_grad():
         before = model(x)
-    assert any(k.kind == "group" and k.reads("t0") for k in model._kv_cache)  # inference cached the group's K/V
+    assert any(k.kind == "group" and k.reads("t0") for k in model.kv_cache)  # inference cached the group's K/V
     model.remove_task("t0")  # t2 moves from group 2 slot 0 to group 1 slot 1
-    assert not any(k.reads("t0") for k in model._kv_cache)
+    assert not any(k.reads("t0") for k in model.kv_cache)
     assert [u.names for u in model.plan()] == [("t1", "t2")]
     with torch.no_grad():
         after = model(x)
@@ -128,7 +128,7 @@ def test_tasks_named_like_cache_kinds_are_ordinary_tasks():
         before = model(x)
     model.remove_task("other")
     model.remove_task("task")
-    assert not any(k.reads("other") or k.reads("task") for k in model._kv_cache)
+    assert not any(k.reads("other") or k.reads("task") for k in model.kv_cache)
     with torch.no_grad():
         after = model(x)
     for name in ("group", "stack", ORIGINAL):

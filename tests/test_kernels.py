@@ -165,12 +165,12 @@ def test_backbone_kv_stays_in_place_when_the_fused_kernels_read_it(monkeypatch):
     cpu = torch.device("cpu")
 
     def in_place(*names: str) -> bool:
-        return net._kv_in_place(cpu, net._units(set(names)))
+        return net.forward_plan(names, device=cpu).paths.kv_in_place
 
     with torch.no_grad():
         assert in_place("a", "b")
     assert in_place("a")  # grad on, a's parameters train: the fused per-task path
-    net._task_block = lambda *a: None  # a compiled per-task path runs the PyTorch expression
+    net.task_block = lambda *a: None  # a compiled per-task path runs the PyTorch expression
     assert not in_place("a")
     with torch.no_grad():
         assert in_place("a", "b")
@@ -190,14 +190,14 @@ def test_a_training_forward_decides_outside_the_no_grad_block(monkeypatch):
     bb = make_backbone("tiny")
     net = MemoryViT(bb, group_size=4)
     net.add_task("a", 3, memory=2)
-    net._task_block = torch.compile  # stands for a compiled per-task path: never called below
+    net.task_block = torch.compile  # stands for a compiled per-task path: never called below
     seen = []
 
-    def spy(self, task, backbone_kv, *args):
-        seen.append(all(k.is_contiguous() and v.is_contiguous() for k, v in backbone_kv))
+    def spy(model, task, state):
+        seen.append(all(k.is_contiguous() and v.is_contiguous() for k, v in state.backbone_kv))
         raise StopIteration
 
-    monkeypatch.setattr(MemoryViT, "_token_task", spy)
+    monkeypatch.setattr("continual_mem.task_paths.token_task", spy)
     with pytest.raises(StopIteration):
         net(images(bb, n=2), tasks=["a"])
     assert seen == [True]

@@ -253,7 +253,7 @@ def test_memory_kv_cache_follows_training(model):
     model.eval()
     with torch.no_grad():
         cached = model(x)["t"]
-        model._kv_cache.clear()
+        model.kv_cache.clear()
         fresh = model(x)["t"]
     assert not torch.equal(first, cached)
     assert torch.equal(cached, fresh)

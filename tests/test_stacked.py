@@ -78,9 +78,6 @@ def test_supported_policy(monkeypatch):
     assert not stacked.supported(bb, torch.bfloat16, cpu)  # weights in another dtype: autocast-style mixing
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not stacked.supported(bb, torch.float32, cpu)
-    monkeypatch.setenv(ENV, "torch")
-    assert not stacked.supported(bb, torch.float32, cpu)
-    monkeypatch.setenv(ENV, "triton")
     bb.blocks[1].attn.q_norm = torch.nn.LayerNorm(bb.blocks[1].attn.head_dim)  # qk-norm: not reproduced
     assert not stacked.supported(bb, torch.float32, cpu)
     swiglu = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
