@@ -261,8 +261,9 @@ class MemoryViT(nn.Module):
         return [n for n in self.tasks if n in want]
 
     def plan(self) -> list[Unit]:
-        """The packing (which forward units exist; :meth:`forward_plan` adds a call's paths): a fixed-capacity ``group`` (``group_size`` names, ``None`` for empty
-        slots) for concatenation-mode token tasks of the same shape, or a single ``task`` for any other.
+        """The packing (:meth:`forward_plan` adds a call's paths): a fixed-capacity ``group`` (``group_size``
+        names, ``None`` for empty slots) for concatenation-mode token tasks of the same shape, or a single ``task``
+        for any other.
 
         Slots are filled in insertion order, so an existing task never moves when tasks are added; only a
         removal re-packs later tasks (each slot's result does not depend on its position). Groups are for
