@@ -112,6 +112,9 @@ def add_task(
         DEFAULT.max_heldout,
     cuda_graph: Annotated[bool, typer.Option(help="replay the training step as a CUDA graph (one GPU): same maths, "
                                                   "far fewer kernel launches")] = DEFAULT.cuda_graph,
+    deterministic: Annotated[bool, typer.Option(help="deterministic algorithms only: the same command, seed and GPU "
+                                                     "give bit-identical task weights (slower)")] = \
+        DEFAULT.deterministic,
     devices: Annotated[int, typer.Option(min=1, help="train with DistributedDataParallel on N processes (one per "
                                                      "GPU; gloo on CPU) started by torchrun's launcher; "
                                                      "--batch-size stays the global batch")] = 1,
@@ -138,7 +141,8 @@ def add_task(
                                  probe_fraction=probe_fraction, steps=steps, batch_size=batch_size, lr=lr,
                                  lr_sweep=lr_sweep, data_root=data_root, download=download, seed=seed,
                                  max_train=max_train, max_test=max_test, max_heldout=max_heldout,
-                                 cuda_graph=cuda_graph, pipeline=pipeline, on_bad_image=on_bad_value(on_bad_image),
+                                 cuda_graph=cuda_graph, deterministic=deterministic, pipeline=pipeline,
+                                 on_bad_image=on_bad_value(on_bad_image),
                                  cache_dir=str(cache_dir) if cache_dir else None).to_dict()}
     if cuda_graph and devices > 1:
         raise ValueError("--cuda-graph trains on one GPU; drop it or use --devices 1")

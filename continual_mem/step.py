@@ -56,6 +56,9 @@ class TrainConfig:
         layer_decay: Layer-wise rate decay for the copies (timm's ``layer_decay``): block ``i`` of ``D`` trains at
             ``layer_decay ** (D - i)`` times their rate, the patch embedding least. None: the regime's default
             (:func:`default_layer_decay`); 1.0: off.
+        deterministic: Train with deterministic algorithms only (``torch.use_deterministic_algorithms``, cuDNN
+            deterministic, cuBLAS's fixed workspace): the same command, seed and GPU give bit-identical task
+            weights. Our Triton kernels use no atomics, so they need no change.
     """
 
     steps: int = 1000
@@ -76,6 +79,7 @@ class TrainConfig:
     finetune_lr_scale: float = 0.03
     probe_fraction: float = 0.0
     layer_decay: float | None = None
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):
@@ -268,3 +272,25 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 def autocast(config: TrainConfig, device: torch.device):
     dtype = autocast_dtype(config, device)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Deterministic algorithms inside the block, the previous settings restored after. cuBLAS needs a fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG``) before its first use in the process; it is set here if unset (a
+    process that used cuBLAS before keeps its workspace, and PyTorch then raises naming the variable)."""
+    if not enabled:
+        yield
+        return
+    import os
+
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]

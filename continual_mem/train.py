@@ -15,8 +15,8 @@ from . import distributed
 from .checkpoints import load_checkpoint, save_checkpoint
 from .model import MemoryViT
 from .step import (BatchSource, TrainConfig, TrainResult, autocast, autocast_dtype, build_optimizer,  # noqa: F401
-                   clip_grad_norm_per_group, default_layer_decay, group_lr, layer_decay_scales, lr_at,
-                   optimizer_params, train_step)
+                   clip_grad_norm_per_group, default_layer_decay, deterministic_algorithms, group_lr,
+                   layer_decay_scales, lr_at, optimizer_params, train_step)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,14 @@ def fit(
     Resumes from ``config.checkpoint_dir`` when a checkpoint for this task is there. Inside a ``torchrun`` job
     (process group initialised, see :mod:`continual_mem.distributed`) the model is wrapped in
     ``DistributedDataParallel``: ``config.batch_size`` is the global batch, each rank trains on its part, and only
-    rank 0 writes checkpoints and shows progress.
+    rank 0 writes checkpoints and shows progress. ``config.deterministic``: deterministic algorithms throughout.
     """
+    with deterministic_algorithms(config.deterministic):
+        return _fit(model, task, train, val, config, progress=progress)
+
+
+def _fit(model: MemoryViT, task: str, train: BatchSource, val: BatchSource | None, config: TrainConfig, *,
+         progress: bool) -> TrainResult:
     device = next(model.parameters()).device
     shard = distributed.current()
     if config.batch_size % shard.world:

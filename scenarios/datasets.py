@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .package_data import load_animal_mnist
 from .splits import stratified_split
 from .types import (DIGIT_CLASSES, FASHION_CLASSES, Augment, DataOptions, DatasetError,  # noqa: F401
                     ImageSet, IndexSubset, ReaderDataset, TaskData, classes_of, targets_of)
@@ -210,6 +211,7 @@ OFFLINE: dict[str, Callable[[DataOptions], TaskData]] = {
     "fashion-mnist": load_fashion_mnist,
     "mnist-5k": load_mnist_5k,
     "digits": load_digits,
+    "animal-mnist": load_animal_mnist,
 }
 
 

@@ -164,7 +164,7 @@ def train_on_dataset(
                                 cache_dir=r.cache_dir, progress=progress)
     cfg = TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=r.seed, eval_every=max(1, r.steps // 4),
                       cuda_graph=r.cuda_graph, finetune_lr_scale=r.finetune_lr_scale, layer_decay=r.layer_decay,
-                      probe_fraction=r.probe_fraction)
+                      probe_fraction=r.probe_fraction, deterministic=r.deterministic)
     if r.sweep_rates:
         result, _ = sweep(net, name, train, held, cfg, r.sweep_rates, progress=progress)
     else:

@@ -32,6 +32,7 @@ class TaskRecipe:
         lr_sweep: Comma list of rates; the best on the held-out split is kept.
         seed: Seed of the task's initial state, the split and the batches.
         cuda_graph: Replay the training step as a CUDA graph (one GPU).
+        deterministic: Deterministic algorithms only: the same command, seed and GPU give bit-identical weights.
         data_root: Folder of torchvision datasets.
         download: Let torchvision download missing data.
         max_train: Cap on training images (stratified); None: all.
@@ -61,6 +62,7 @@ class TaskRecipe:
     lr_sweep: str = ""
     seed: int = 0
     cuda_graph: bool = False
+    deterministic: bool = False
     data_root: str = "data"
     download: bool = False
     max_train: int | None = None

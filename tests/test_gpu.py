@@ -125,3 +125,38 @@ def test_cuda_graph_config_errors():
     step = GraphedTrainStep(model, "new", opt, x, torch.zeros(2, dtype=torch.long, device="cuda"))
     with pytest.raises(ValueError, match="same shape"):
         step(torch.zeros(3, 3, 42, 42, device="cuda"), torch.zeros(3, dtype=torch.long, device="cuda"), 0.1)
+
+
+@pytest.mark.parametrize("regime,kwargs", [("masked-memory", {"memory": 3}),
+                                           ("masked-memory", {"memory": 2, "fork_layers": 2, "fork_finetune": True}),
+                                           ("memory", {"memory": 2}), ("full", {})])
+def test_deterministic_trainings_give_equal_task_tensors(regime, kwargs):
+    """``TrainConfig(deterministic=True)``: the same seed and data twice (bf16 autocast, SDPA and Triton backward,
+    batch 64) give bit-identical task tensors."""
+    from continual_mem.step import deterministic_algorithms
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(64, 3, 42, 42, device="cuda", generator=g)
+    y = torch.randint(0, 7, (64,), device="cuda", generator=g)
+
+    class Source:
+        def train_batch(self, step, batch_size, seed):
+            idx = torch.randperm(64, generator=torch.Generator().manual_seed(seed + step))[:batch_size].cuda()
+            return x[idx], y[idx]
+
+        def eval_batches(self, batch_size):
+            yield x, y
+
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = _model()
+        model.add_task("new", 7, regime=regime, **kwargs)
+        model.cuda()
+        fit(model, "new", Source(), Source(), TrainConfig(steps=8, batch_size=64, lr=0.05, eval_every=4,
+                                                          deterministic=True), progress=False)
+        states.append({k: v.clone() for k, v in model.tasks["new"].state_dict().items()})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0]), "deterministic runs differ"
+    with deterministic_algorithms():
+        assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -234,3 +234,33 @@ def test_full_fine_tuning_gets_layer_decay_by_default(monkeypatch):
     for name, decay in (("f", None), ("k", None), ("f", 1.0)):
         fit(model, name, src, None, TrainConfig(steps=1, batch_size=4, lr=0.1, layer_decay=decay), progress=False)
     assert seen == [0.75, None, 1.0]
+
+
+class _SpySource:
+    """Random batches that record whether deterministic algorithms were on when fit asked for them."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def train_batch(self, step: int, batch_size: int, seed: int):
+        self.seen.append(torch.are_deterministic_algorithms_enabled())
+        g = torch.Generator().manual_seed(seed * 1000 + step)
+        return torch.randn(batch_size, 3, 42, 42, generator=g), torch.randint(0, 3, (batch_size,), generator=g)
+
+    def eval_batches(self, batch_size: int):
+        yield self.train_batch(0, batch_size, 99)
+
+
+def test_deterministic_training_turns_deterministic_algorithms_on_and_restores_them():
+    seen: list = []
+    weights = []
+    for deterministic in (True, True, False):
+        torch.manual_seed(0)
+        model = MemoryViT(make_backbone("dinov2"))
+        model.add_task("t", 3, memory=2)
+        fit(model, "t", _SpySource(seen), None, TrainConfig(steps=3, batch_size=4, lr=0.1, deterministic=deterministic),
+            progress=False)
+        weights.append(model.tasks["t"].state_dict())
+        assert not torch.are_deterministic_algorithms_enabled()  # restored after fit
+    assert seen == [True] * 6 + [False] * 3
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
