@@ -20,6 +20,7 @@ import common  # noqa: E402
 
 from continual_mem import MemoryViT, build_optimizer, train_step  # noqa: E402
 from continual_mem.graphs import GraphedTrainStep  # noqa: E402
+from continual_mem.step import deterministic_algorithms  # noqa: E402
 
 REGIMES = {
     "head": {},
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                             "graph (GraphedTrainStep), side by side with eager")
     p.add_argument("--compile", action="store_true", help="also time masked-memory with the task path compiled "
                                                          "(compile_task_path) and replayed as a CUDA graph")
+    p.add_argument("--deterministic", action="store_true", help="also time each regime's eager step with "
+                                                              "deterministic algorithms (TrainConfig.deterministic)")
     p.add_argument("--data", default="", help="dataset (catalog name or packed:FILE.npz): also time masked-memory "
                                               "steps fed by the real device-resident uint8 pipeline")
     args = common.resolve(p.parse_args(argv))
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         peak_reset()
         results.append(row(f"train {regime}", common.median_seconds(step, args)))
+        if args.deterministic:
+            with deterministic_algorithms():
+                peak_reset()
+                results.append(row(f"train {regime} (deterministic)", common.median_seconds(step, args)))
         del opt
         if args.cuda_graph:
             results.append(timed_graph(model, f"train {regime} (CUDA graph)"))
