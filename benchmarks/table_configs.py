@@ -48,6 +48,8 @@ CONFIGS: dict[str, dict] = {
     "fork-k3-ft": dict(regime="masked-memory", memory=5, fork_layers=3, fork_finetune=True),
     "fork-k4-ft": dict(regime="masked-memory", memory=5, fork_layers=4, fork_finetune=True),
     "fork-k6-s128-ft": dict(regime="masked-memory", memory=5, fork_layers=6, fork_select=128, fork_finetune=True),
+    # preserving by construction: a ladder side network (LST) on the backbone's states at every block
+    "ladder": dict(regime="ladder"),
     "fork-k6-p1x2-ft": dict(regime="masked-memory", memory=5, fork_layers=6, fork_pool=(1, 2), fork_finetune=True),
     # LP-FT (TrainConfig.probe_fraction): the first half of the steps trains only the head (and tokens), then the
     # pretrained copies join on a schedule of their own

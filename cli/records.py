@@ -37,9 +37,8 @@ def regimes(as_json: JsonOpt = False) -> None:
 
     rows = [{"regime": n, "path": (s := get_regime(n)).path, "preserving": s.preserving, "summary": s.summary}
             for n in regime_names()]
-    emit(rows, as_json, lambda rs: out.print(table("regimes (--regime)", ["regime", "pass", "preserving", "what"], [
-        [r["regime"], "shared" if r["preserving"] else "own", "yes" if r["preserving"] else "no", r["summary"]]
-        for r in rs])))
+    emit(rows, as_json, lambda rs: out.print(table("regimes (--regime)", ["regime", "path", "preserving", "what"], [
+        [r["regime"], r["path"], "yes" if r["preserving"] else "no", r["summary"]] for r in rs])))
 
 
 @app.command()

@@ -50,6 +50,7 @@ class PassState:
     paths: Paths
     backbone_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     pre_logits: torch.Tensor | None = None
+    features: torch.Tensor | None = None  # the backbone's final normed states (forward_features)
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     token_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     mem_kv: dict = field(default_factory=dict)
@@ -98,6 +99,17 @@ class StackUnit:
 
 
 @dataclass(frozen=True)
+class SideUnit:
+    """A side network (``side`` path): it reads the shared pass's states and writes nothing back."""
+
+    name: str
+
+    def run(self, model, state: PassState) -> dict[str, torch.Tensor]:
+        task = model.tasks[self.name]
+        return {self.name: task.config.spec.side_pass(model, task, state)}
+
+
+@dataclass(frozen=True)
 class OwnUnit:
     """A non-preserving task: a pass of its own (its regime's ``own_pass``)."""
 
@@ -108,7 +120,7 @@ class OwnUnit:
         return {self.name: task.config.spec.own_pass(model, task, state.x)}
 
 
-Unit = HeadUnit | TokenUnit | GroupUnit | StackUnit | OwnUnit
+Unit = HeadUnit | TokenUnit | GroupUnit | StackUnit | SideUnit | OwnUnit
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,7 @@ class ForwardPlan:
         shared: The call runs the shared backbone pass (the original head or a preserving task is asked for).
         head_features: Some unit reads the backbone's pooled features.
         token_kv: Some unit reads the backbone's K/V.
-        forks: Blocks whose inputs late-fork branches start from.
+        forks: Blocks whose inputs late-fork branches start from, or side networks read (every block).
         readers: Tasks whose token K/V later extension tasks read.
         reordered: Units run out of the model's order (stacks): outputs are put back in it.
     """
@@ -169,16 +181,17 @@ def make_plan(model, needed: Sequence[str], wanted: set[str], *, original: bool,
         else:
             task = members[0]
             path = task.config.spec.path
-            units.append(HeadUnit(task.name) if path == "head" else TokenUnit(task.name) if path == "token"
-                         else OwnUnit(task.name))
+            kind = {"head": HeadUnit, "token": TokenUnit, "side": SideUnit}.get(path, OwnUnit)
+            units.append(kind(task.name))
     stack_units = [StackUnit(tuple(groups)) for groups in stacks.values()]
     return ForwardPlan(
         units=tuple(stack_units + units),
         paths=Paths(triton=triton, fused_task=fused_task, stacked=bool(stack_units), kv_in_place=kv_in_place),
         shared=original or bool(shared),
-        head_features=any(t.config.spec.path == "head" for t in shared),
+        head_features=any(t.config.spec.path in ("head", "side") for t in shared),
         token_kv=token_kv,
-        forks=frozenset(model.depth - t.config.fork_layers for t in shared if t.config.fork_layers),
+        forks=frozenset(range(model.depth)) if any(t.config.spec.path == "side" for t in shared) else
+        frozenset(model.depth - t.config.fork_layers for t in shared if t.config.fork_layers),
         readers=frozenset(s for n in needed for s in model.tasks[n].config.sees),
         reordered=bool(stack_units),
     )

@@ -336,7 +336,7 @@ class MemoryViT(nn.Module):
         if plan.shared:
             # Patches never attend to task tokens, so the shared backbone needs no autograd graph at all.
             with torch.no_grad(), capture_qkv(bb) as qkv, capture_block_inputs(bb, plan.forks) as block_inputs:
-                feats = bb.forward_features(x)
+                feats = state.features = bb.forward_features(x)
                 if original:
                     out[ORIGINAL] = bb.forward_head(feats)
                 if plan.head_features:

@@ -51,8 +51,8 @@ def _private(bb: VisionTransformer, task, hidden: torch.Tensor, fork: int) -> to
 
 @torch.no_grad()
 def own_pass_reference(bb: VisionTransformer, task, x: torch.Tensor) -> torch.Tensor:
-    """A non-preserving task's logits from one sequence of its own: its regime's oracle (``RegimeSpec.reference``,
-    built on :mod:`continual_mem.reference_ops`)."""
+    """An own-pass (or side-network) task's logits: its regime's oracle (``RegimeSpec.reference``, built on
+    :mod:`continual_mem.reference_ops`)."""
     return task.config.spec.reference(bb, task, x)
 
 

@@ -29,6 +29,7 @@ class TaskModule(nn.Module):
             (``fork_finetune``), or None.
         controllers: Trainable copy of every block that updates the propagated memory (``mem-ctrl``), or None.
         backbone: Trainable copy of the backbone (``full`` regime only), or None.
+        side: The regime's own network (``RegimeSpec.modules``; e.g. the ladder side network), or None.
         head: Linear classifier on the pooled final token state.
     """
 
@@ -72,6 +73,7 @@ class TaskModule(nn.Module):
         self.backbone: VisionTransformer | None = None
         if spec.backbone_copy:
             self.backbone = copy.deepcopy(backbone)
+        self.side: nn.Module | None = spec.modules(config, backbone) if spec.modules is not None else None
         self.head = nn.Linear(backbone.num_features, config.num_classes, **factory)
         nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
         nn.init.zeros_(self.head.bias)

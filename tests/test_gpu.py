@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu,
 REGIMES = [("masked-memory", {"memory": 3}), ("head+cls", {}), ("head", {}), ("memory", {"memory": 2}),
            ("masked-memory", {"memory": 2, "fork_layers": 2}),
            # two optimizer groups (the copied blocks at lr x finetune_lr_scale), each with its own lr tensor
-           ("masked-memory", {"memory": 2, "fork_layers": 2, "fork_finetune": True}), ("full", {})]
+           ("masked-memory", {"memory": 2, "fork_layers": 2, "fork_finetune": True}), ("full", {}), ("ladder", {})]
 
 
 def _model() -> MemoryViT:
@@ -129,7 +129,7 @@ def test_cuda_graph_config_errors():
 
 @pytest.mark.parametrize("regime,kwargs", [("masked-memory", {"memory": 3}),
                                            ("masked-memory", {"memory": 2, "fork_layers": 2, "fork_finetune": True}),
-                                           ("memory", {"memory": 2}), ("full", {})])
+                                           ("memory", {"memory": 2}), ("full", {}), ("ladder", {})])
 def test_deterministic_trainings_give_equal_task_tensors(regime, kwargs):
     """``TrainConfig(deterministic=True)``: the same seed and data twice (bf16 autocast, SDPA and Triton backward,
     batch 64) give bit-identical task tensors."""

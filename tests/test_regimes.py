@@ -104,12 +104,17 @@ def test_registering_checks_the_record():
     with pytest.raises(ValueError, match="registered twice"):
         register(RegimeSpec("memory", "own", "a second memory", lambda m, t: (0, 0), class_tokens=True,
                             own_pass=_cls_own_pass, reference=own_sequence_reference))
-    with pytest.raises(ValueError, match="needs own_pass and reference"):
+    with pytest.raises(ValueError, match="needs own_pass"):
         RegimeSpec("x", "own", "no pass", lambda m, t: (0, 0), class_tokens=True)
     with pytest.raises(ValueError, match="needs class_tokens"):
         RegimeSpec("x", "token", "no tokens", lambda m, t: (0, 0))
+    with pytest.raises(ValueError, match="a side regime needs modules"):
+        RegimeSpec("x", "side", "no network", lambda m, t: (0, 0), side_pass=_cls_own_pass,
+                   reference=own_sequence_reference)
+    with pytest.raises(ValueError, match="need a reference"):
+        RegimeSpec("x", "own", "no oracle", lambda m, t: (0, 0), class_tokens=True, own_pass=_cls_own_pass)
     with pytest.raises(ValueError, match="path must be one of"):
-        RegimeSpec("x", "side", "?", lambda m, t: (0, 0))
+        RegimeSpec("x", "sideways", "?", lambda m, t: (0, 0))
     with pytest.raises(ValueError, match="unknown regime 'lora'; choose one of head, head\\+cls, masked-memory"):
         get_regime("lora")
 
@@ -117,7 +122,7 @@ def test_registering_checks_the_record():
 @pytest.mark.parametrize("name", [n for n in regime_names() if n in {"head", "head+cls", "masked-memory", "memory",
                                                                       "full", "input-memory", "hybrid", "adapters",
                                                                       "memory+adapters", "mem-ctrl",
-                                                                      "mem-bottleneck"}])
+                                                                      "mem-bottleneck", "ladder"}])
 def test_every_built_in_regime_builds_what_its_record_says(name):
     spec = get_regime(name)
     model = MemoryViT(make_backbone("dinov2"))
@@ -128,7 +133,8 @@ def test_every_built_in_regime_builds_what_its_record_says(name):
     assert (task.adapters is not None) == spec.adapters
     assert (task.controllers is not None) == spec.controllers
     assert (task.backbone is not None) == spec.backbone_copy
-    assert task.config.preserving == (spec.path != "own") == (name in {"head", "head+cls", "masked-memory"})
+    assert (task.side is not None) == (spec.modules is not None)
+    assert task.config.preserving == (spec.path != "own") == (name in {"head", "head+cls", "masked-memory", "ladder"})
 
 
 def test_only_the_regime_modules_name_regimes():

@@ -1,7 +1,7 @@
 """The one mapping from a regime's name to its :class:`~continual_mem.regimes.spec.RegimeSpec`."""
 from __future__ import annotations
 
-from .spec import RegimeSpec
+from .spec import PATHS, RegimeSpec
 
 _REGISTRY: dict[str, RegimeSpec] = {}
 
@@ -28,6 +28,6 @@ def get_regime(name: str) -> RegimeSpec:
 
 
 def regime_names() -> tuple[str, ...]:
-    """Every registered regime: the preserving ones first, each family in its own order."""
+    """Every registered regime, by path (head, token, side, then own passes), each family in its own order."""
     specs = list(_REGISTRY.values())
-    return tuple(s.name for s in sorted(specs, key=lambda s: not s.preserving))
+    return tuple(s.name for s in sorted(specs, key=lambda s: PATHS.index(s.path)))

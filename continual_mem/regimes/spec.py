@@ -13,9 +13,14 @@ from typing import Any, Literal
 
 import torch
 
-Path = Literal["head", "token", "own"]
+Path = Literal["head", "token", "side", "own"]
 # (model, task, images) -> logits: the fast own pass. ``model`` has ``backbone``, ``depth`` and ``embed``.
 OwnPass = Callable[[Any, Any, torch.Tensor], torch.Tensor]
+# (model, task, state) -> logits: a side network on the shared pass's states (``state.block_inputs`` of every block,
+# ``state.features``: the final normed states, ``state.pre_logits``), computed under no_grad and read only.
+SidePass = Callable[[Any, Any, Any], torch.Tensor]
+# (config, backbone) -> the regime's own trainable module (``TaskModule.side``)
+Modules = Callable[[Any, Any], torch.nn.Module]
 # (backbone, task, images) -> logits: the oracle, written on timm's blocks, calling nothing of the fast path.
 Reference = Callable[[Any, Any, torch.Tensor], torch.Tensor]
 # (model, task) -> (FLOPs per image, FLOPs per forward independent of the batch)
@@ -23,7 +28,7 @@ Flops = Callable[[Any, Any], tuple[int, int]]
 # (sequence tokens, propagated memory tokens, device) -> boolean attention mask (True = may attend), or None
 OwnMask = Callable[[int, int, Any], "torch.Tensor | None"]
 
-PATHS: tuple[str, ...] = ("head", "token", "own")
+PATHS: tuple[str, ...] = ("head", "token", "side", "own")
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,9 @@ class RegimeSpec:
     Args:
         name: The regime's name (``TaskConfig.regime``, ``--regime``).
         path: ``head`` (a head on the backbone's pooled features, in the shared pass), ``token`` (task tokens in the
-            shared pass, the attention mask keeps everything else bit-exact; also the late fork's start) or ``own``
-            (a pass of the task's own: not preserving, runs separately).
+            shared pass, the attention mask keeps everything else bit-exact; also the late fork's start), ``side``
+            (a private network that reads the shared pass's states at every block and writes nothing back:
+            preserving by construction) or ``own`` (a pass of the task's own: not preserving, runs separately).
         summary: One line for help texts.
         class_tokens: The task owns class tokens (``TaskModule.tokens``).
         layer_memory: Per-layer memory tokens (keys/values only): ``memory >= 1`` and memory layers required.
@@ -43,8 +49,11 @@ class RegimeSpec:
         controllers: A trainable copy of every block updates the propagated memory (MemCtrl).
         backbone_copy: A trainable copy of the whole backbone (full fine-tuning).
         layer_decay: The training recipe's default layer-wise rate decay for the task's pretrained copies.
+        modules: Builds the regime's own trainable module (``TaskModule.side``), if it has one.
         own_pass: The fast own pass (``path == "own"``).
-        reference: The oracle of the own pass (``path == "own"``).
+        side_pass: The side network's logits from the shared pass's states (``path == "side"``).
+        reference: The oracle (``path`` ``own`` or ``side``): logits from the images, on timm's blocks, calling
+            nothing of the fast path.
         flops: The task's FLOPs (see :data:`Flops`).
         own_mask: The own pass's attention mask over ``[sequence, propagated memory]``, for the attention analysis;
             None: full attention.
@@ -61,17 +70,24 @@ class RegimeSpec:
     controllers: bool = False
     backbone_copy: bool = False
     layer_decay: float | None = None
+    modules: Modules | None = None
     own_pass: OwnPass | None = None
+    side_pass: SidePass | None = None
     reference: Reference | None = None
     own_mask: OwnMask | None = None
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"regime {self.name!r}: path must be one of {', '.join(PATHS)}, got {self.path!r}")
-        own = self.path == "own"
-        if own != (self.own_pass is not None) or own != (self.reference is not None):
-            raise ValueError(f"regime {self.name!r}: an own-pass regime needs own_pass and reference; the shared "
-                             "paths (head, token) take neither")
+        own, side = self.path == "own", self.path == "side"
+        if own != (self.own_pass is not None) or side != (self.side_pass is not None):
+            raise ValueError(f"regime {self.name!r}: an own-pass regime needs own_pass, a side regime side_pass, "
+                             "and no other path takes either")
+        if (own or side) != (self.reference is not None):
+            raise ValueError(f"regime {self.name!r}: own-pass and side regimes need a reference (their oracle); "
+                             "head and token regimes are checked by the masked shared sequence")
+        if side and self.modules is None:
+            raise ValueError(f"regime {self.name!r}: a side regime needs modules (its side network)")
         if self.path == "token" and not self.class_tokens:
             raise ValueError(f"regime {self.name!r}: the token path needs class_tokens")
         if self.path == "head" and (self.class_tokens or self.layer_memory or self.input_memory or self.adapters):
