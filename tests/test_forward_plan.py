@@ -79,3 +79,44 @@ def test_the_plan_is_the_only_place_that_chooses_kernels(model, monkeypatch):
     monkeypatch.setenv(ENV, "torch")
     with torch.no_grad():
         assert all(torch.equal(out[k], v) for k, v in model(x).items())
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(ENV, "triton")
+
+
+def test_kv_stays_in_place_only_when_every_reader_is_a_fused_kernel(interpreter):
+    net = MemoryViT(make_backbone("tiny"), group_size=2)
+    net.add_task("a", 3, memory=2)
+    net.add_task("b", 3, memory=2)
+    with torch.no_grad():
+        assert net.forward_plan().paths.kv_in_place  # fused per-task path and groups
+    net.task_block = torch.compile  # stands for a compiled per-task path (never called here)
+    with torch.no_grad():
+        plan = net.forward_plan()
+        assert not plan.paths.fused_task and plan.paths.kv_in_place  # only groups read the K/V: in place
+    net.trainable_parameters("b")
+    assert not net.forward_plan().paths.kv_in_place  # b trains on the compiled per-task path: one contiguous copy
+    net.add_task("e", 3, memory=2, mode="extension")
+    with torch.no_grad():
+        assert not net.forward_plan().paths.kv_in_place  # an extension task runs on the per-task path
+
+
+def test_stacks_are_per_shape_and_planned_with_grad_on_too(interpreter):
+    net = MemoryViT(make_backbone("tiny"), group_size=2)
+    net.add_task("s", 3, memory=3)  # a group of one, first
+    for name in ("a", "b", "c"):
+        net.add_task(name, 3, memory=2)
+    net.requires_grad_(False)
+    plan = net.forward_plan()  # grad on, nothing trains
+    assert set(plan.units) == {StackUnit((("s", None),)), StackUnit((("a", "b"), ("c", None)))}
+    with torch.no_grad():
+        assert net.forward_plan(["a"]).units == (StackUnit((("a", "b"),)),)
+
+
+def test_a_training_group_keeps_the_units_before_it(model):
+    model.trainable_parameters("b")
+    assert model.forward_plan(["h", "a", "b"]).units == (HeadUnit("h"), TokenUnit("a"), TokenUnit("b"))
