@@ -113,10 +113,33 @@ def test_registering_checks_the_record():
                    reference=own_sequence_reference)
     with pytest.raises(ValueError, match="need a reference"):
         RegimeSpec("x", "own", "no oracle", lambda m, t: (0, 0), class_tokens=True, own_pass=_cls_own_pass)
-    with pytest.raises(ValueError, match="path must be one of"):
+    with pytest.raises(ValueError, match="^regime 'x': path must be one of head, token, side, own, got 'sideways'$"):
         RegimeSpec("x", "sideways", "?", lambda m, t: (0, 0))
+    with pytest.raises(ValueError, match="own_pass, a side regime side_pass, and no other path takes either$"):
+        RegimeSpec("x", "token", "a token regime with a pass", lambda m, t: (0, 0), class_tokens=True,
+                   own_pass=_cls_own_pass)
+    with pytest.raises(ValueError, match="; head and token regimes are checked by the masked shared sequence$"):
+        RegimeSpec("x", "token", "a token regime with an oracle", lambda m, t: (0, 0), class_tokens=True,
+                   reference=own_sequence_reference)
+    for part in ("class_tokens", "layer_memory", "input_memory", "adapters"):
+        with pytest.raises(ValueError, match="^regime 'x': the head path owns a head and nothing else$"):
+            RegimeSpec("x", "head", "a head with more", lambda m, t: (0, 0), **{part: True})
+    # the rules' other side: records that must be accepted
+    RegimeSpec("x", "own", "adapters alone, no tokens", lambda m, t: (0, 0), adapters=True, own_pass=_cls_own_pass,
+               reference=own_sequence_reference)
+    RegimeSpec("x", "token", "tokens", lambda m, t: (0, 0), class_tokens=True)
+    RegimeSpec("x", "head", "a head", lambda m, t: (0, 0))
     with pytest.raises(ValueError, match="unknown regime 'lora'; choose one of head, head\\+cls, masked-memory"):
         get_regime("lora")
+
+
+def test_unregister_forgets_a_regime_and_ignores_unknown_names():
+    register(PLUG_IN)
+    unregister("cls-own")
+    assert "cls-own" not in regime_names()
+    with pytest.raises(ValueError, match="unknown regime 'cls-own'"):
+        get_regime("cls-own")
+    unregister("never-registered")
 
 
 @pytest.mark.parametrize("name", [n for n in regime_names() if n in {"head", "head+cls", "masked-memory", "memory",
