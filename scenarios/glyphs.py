@@ -20,7 +20,6 @@ import string
 from pathlib import Path
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +143,8 @@ def build(root: Path = Path("data"), *, dirs=FONT_DIRS, min_fonts: int = 40) -> 
 
 def load(root: Path = Path("data")):
     """The built glyph set decoded into memory (uint8 ``(N, 1, 64, 64)``), as a :class:`TaskData`."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    from .types import DatasetError, ImageSet, TaskData
+    from .natural import read_class_folders
+    from .types import DatasetError, TaskData
 
     folder = root / "glyphs"
     if not (folder / "meta.json").is_file():
@@ -154,14 +152,6 @@ def load(root: Path = Path("data")):
                            f"{root}` (after `{INSTALL}`)")
     classes = tuple(json.loads((folder / "meta.json").read_text())["classes"])
 
-    def part(split: str) -> ImageSet:
-        images, labels = [], []
-        for y, c in enumerate(classes):
-            for f in sorted((folder / split / c).glob("*.png")):
-                images.append(decode_image(str(f), mode=ImageReadMode.GRAY))
-                labels.append(y)
-        if not images:
-            raise DatasetError(f"glyphs: no images in {folder / split}; delete {folder} and build it again")
-        return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long))
-
-    return TaskData("glyphs", classes, part("train"), part("test"), "none")
+    train, test = (read_class_folders(folder / part, classes, name="glyphs", pattern="*.png", grey=True)
+                   for part in ("train", "test"))
+    return TaskData("glyphs", classes, train, test, "none")

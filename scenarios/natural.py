@@ -274,9 +274,7 @@ def build(name: str, root: Path = Path("data"), *, package_file: Path | None = N
 
 def load(name: str, root: Path = Path("data")):
     """Suite dataset ``name`` decoded into memory (uint8 ``(N, 3, side, side)``), as a :class:`TaskData`."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    from .types import DatasetError, ImageSet, TaskData
+    from .types import DatasetError, TaskData
 
     folder = root / name
     if not (folder / "meta.json").is_file():
@@ -285,14 +283,24 @@ def load(name: str, root: Path = Path("data")):
     meta = json.loads((folder / "meta.json").read_text())
     classes = tuple(meta["classes"])
 
-    def part(split: str) -> ImageSet:
-        images, labels = [], []
-        for y, c in enumerate(classes):
-            for f in sorted((folder / split / c).glob("*.jpg")):
-                images.append(decode_image(str(f), mode=ImageReadMode.RGB))
-                labels.append(y)
-        if not images:
-            raise DatasetError(f"{name}: no images in {folder / split}; delete {folder} and build it again")
-        return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+    return TaskData(name, classes, read_class_folders(folder / "train", classes, name=name),
+                    read_class_folders(folder / "test", classes, name=name), "inception")
 
-    return TaskData(name, classes, part("train"), part("test"), "inception")
+
+def read_class_folders(folder: Path, classes: tuple[str, ...], *, name: str, pattern: str = "*.jpg",
+                       grey: bool = False):
+    """``folder/CLASS/<pattern>`` decoded into one uint8 :class:`ImageSet` (label = the class's index), files in
+    name order; a built dataset with no images there is broken and says how to rebuild it."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    from .types import DatasetError, ImageSet
+
+    mode = ImageReadMode.GRAY if grey else ImageReadMode.RGB
+    images, labels = [], []
+    for y, c in enumerate(classes):
+        for f in sorted((folder / c).glob(pattern)):
+            images.append(decode_image(str(f), mode=mode))
+            labels.append(y)
+    if not images:
+        raise DatasetError(f"{name}: no images in {folder}; delete {folder.parent} and build it again")
+    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long))

@@ -104,23 +104,21 @@ def test_registering_checks_the_record():
     with pytest.raises(ValueError, match="registered twice"):
         register(RegimeSpec("memory", "own", "a second memory", lambda m, t: (0, 0), class_tokens=True,
                             own_pass=_cls_own_pass, reference=own_sequence_reference))
-    with pytest.raises(ValueError, match="needs own_pass"):
-        RegimeSpec("x", "own", "no pass", lambda m, t: (0, 0), class_tokens=True)
-    with pytest.raises(ValueError, match="needs class_tokens"):
-        RegimeSpec("x", "token", "no tokens", lambda m, t: (0, 0))
-    with pytest.raises(ValueError, match="a side regime needs modules"):
-        RegimeSpec("x", "side", "no network", lambda m, t: (0, 0), side_pass=_cls_own_pass,
-                   reference=own_sequence_reference)
-    with pytest.raises(ValueError, match="need a reference"):
-        RegimeSpec("x", "own", "no oracle", lambda m, t: (0, 0), class_tokens=True, own_pass=_cls_own_pass)
-    with pytest.raises(ValueError, match="^regime 'x': path must be one of head, token, side, own, got 'sideways'$"):
-        RegimeSpec("x", "sideways", "?", lambda m, t: (0, 0))
-    with pytest.raises(ValueError, match="own_pass, a side regime side_pass, and no other path takes either$"):
-        RegimeSpec("x", "token", "a token regime with a pass", lambda m, t: (0, 0), class_tokens=True,
-                   own_pass=_cls_own_pass)
-    with pytest.raises(ValueError, match="; head and token regimes are checked by the masked shared sequence$"):
-        RegimeSpec("x", "token", "a token regime with an oracle", lambda m, t: (0, 0), class_tokens=True,
-                   reference=own_sequence_reference)
+    flops, own, ref = (lambda m, t: (0, 0)), _cls_own_pass, own_sequence_reference
+    refused = [
+        (dict(path="own", class_tokens=True), "needs own_pass"),
+        (dict(path="token"), "needs class_tokens"),
+        (dict(path="side", side_pass=own, reference=ref), "a side regime needs modules"),
+        (dict(path="own", class_tokens=True, own_pass=own), "need a reference"),
+        (dict(path="sideways"), "^regime 'x': path must be one of head, token, side, own, got 'sideways'$"),
+        (dict(path="token", class_tokens=True, own_pass=own),
+         "own_pass, a side regime side_pass, and no other path takes either$"),
+        (dict(path="token", class_tokens=True, reference=ref),
+         "; head and token regimes are checked by the masked shared sequence$"),
+    ]
+    for kwargs, message in refused:
+        with pytest.raises(ValueError, match=message):
+            RegimeSpec("x", summary="?", flops=flops, **kwargs)
     for part in ("class_tokens", "layer_memory", "input_memory", "adapters"):
         with pytest.raises(ValueError, match="^regime 'x': the head path owns a head and nothing else$"):
             RegimeSpec("x", "head", "a head with more", lambda m, t: (0, 0), **{part: True})
