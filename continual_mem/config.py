@@ -129,10 +129,10 @@ class TaskConfig:
                              f"nn.ModuleDict); choose another name, e.g. {self.name}-task")
         if self.num_classes < 1:
             raise ValueError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
-        if self.regime not in regime_names():
-            raise ValueError(f"task {self.name!r}: unknown regime {self.regime!r}; choose one of "
-                             f"{', '.join(regime_names())}")
-        spec = get_regime(self.regime)
+        try:
+            spec = get_regime(self.regime)
+        except ValueError as exc:  # the registry names the known regimes
+            raise ValueError(f"task {self.name!r}: {exc}") from None
         if self.mode not in MODES:
             raise ValueError(f"task {self.name!r}: unknown mode {self.mode!r}; choose concatenation or extension")
         if self.mode == "extension" and not spec.has_tokens:

@@ -116,8 +116,7 @@ class OwnUnit:
     name: str
 
     def run(self, model, state: PassState) -> dict[str, torch.Tensor]:
-        task = model.tasks[self.name]
-        return {self.name: task.config.spec.own_pass(model, task, state.x)}
+        return {self.name: model.separate_pass(model.tasks[self.name], state.x)}
 
 
 Unit = HeadUnit | TokenUnit | GroupUnit | StackUnit | SideUnit | OwnUnit
@@ -153,28 +152,31 @@ def trains(members: Sequence) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for t in members for p in t.parameters())
 
 
-def make_plan(model, needed: Sequence[str], wanted: set[str], *, original: bool, device: torch.device) -> ForwardPlan:
+def make_plan(model, needed: Sequence[str], *, original: bool, device: torch.device) -> ForwardPlan:
     """The plan of one call: ``needed`` are the tasks to compute (the wanted ones and the earlier tasks they
     read), in the model's order. Reads whether grad is on, so it is made outside the backbone's no-grad block."""
     needed_set = set(needed)
-    packed = [(u, [model.tasks[n] for n in u.names if n is not None]) for u in model.plan()
-              if needed_set.intersection(u.names)]
+    packed = []  # (unit, its tasks, whether this call trains one of them): each asked once
+    for u in model.plan():
+        if needed_set.intersection(u.names):
+            members = [model.tasks[n] for n in u.names if n is not None]
+            packed.append((u, members, trains(members)))
     triton = use_triton(device)
     compiled_task = model.task_block is not task_block  # compile_task_path() swapped it
     fused_task = not compiled_task and fused_task_attention(device)
-    token_units = [(u, m) for u, m in packed if any(t.config.has_tokens for t in m)]
-    kv_in_place = triton and (fused_task or all(u.kind == "group" and not trains(m) for u, m in token_units))
+    kv_in_place = triton and (fused_task or all(u.kind == "group" and not training for u, m, training in packed
+                                                 if any(t.config.has_tokens for t in m)))
     shared = [model.tasks[n] for n in needed if model.tasks[n].config.preserving]
     token_kv = any(t.config.has_tokens for t in shared)
-    inference_groups = [(u, m) for u, m in packed if u.kind == "group" and not trains(m)]
+    inference_groups = [m for u, m, training in packed if u.kind == "group" and not training]
     stack = (triton and token_kv and bool(inference_groups) and model.stack_groups and model.group_block is group_block
-             and stacked.supported(model.backbone, inference_groups[0][1][0].tokens.dtype, device))
+             and stacked.supported(model.backbone, inference_groups[0][0].tokens.dtype, device))
     stacks: dict[tuple, list] = {}
     units: list[Unit] = []
-    for unit, members in packed:
-        if unit.kind == "group" and stack and not trains(members):
+    for unit, members, training in packed:
+        if unit.kind == "group" and stack and not training:
             stacks.setdefault(members[0].config.group_shape, []).append(unit.names)
-        elif unit.kind == "group" and not trains(members):
+        elif unit.kind == "group" and not training:
             units.append(GroupUnit(unit.names))
         elif unit.kind == "group":  # a task is training: run just the requested ones, no idle slots
             units += [TokenUnit(t.name) for t in members if t.name in needed_set]

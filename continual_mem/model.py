@@ -9,17 +9,16 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from . import branches
+from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from .cache_keys import KVKey
 from .checks import dependants, extension_mismatch, name_taken, removal_refused
 from .config import TaskConfig, parse_layers
+from .forward_plan import ForwardPlan, PassState, make_plan
 from .layers import group_block, task_block
 from .masking import visible_tasks
 from .regimes import get_regime
 from .task import TaskModule
-from .forward_plan import ForwardPlan, PassState, make_plan
-from .own_ops import pool_tokens
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +289,7 @@ class MemoryViT(nn.Module):
         """The plan a forward of ``names`` (default all) on ``device`` would run, with every path decision
         (:func:`~continual_mem.forward_plan.make_plan`). Whether grad is on counts (training runs per task)."""
         names = self.task_names if names is None else list(names)
-        return make_plan(self, self._closure(names), set(names), original=original, device=torch.device(device))
+        return make_plan(self, self._closure(names), original=original, device=torch.device(device))
 
     def private_stream(self, task: TaskModule, hidden: torch.Tensor) -> torch.Tensor:
         """A late-fork task's private stream from the states entering its fork block
@@ -300,10 +299,6 @@ class MemoryViT(nn.Module):
     def separate_pass(self, task: TaskModule, x: torch.Tensor) -> torch.Tensor:
         """Logits of a non-preserving task, from a pass of its own: its regime's (``RegimeSpec.own_pass``)."""
         return task.config.spec.own_pass(self, task, x)
-
-    def pool_tokens(self, tokens: torch.Tensor, task: TaskModule) -> torch.Tensor:
-        """Final norm, average over the task's tokens, fc_norm, head: ``(B, n, D) -> (B, classes)``."""
-        return pool_tokens(self.backbone, tokens, task)
 
     def embed(self, x: torch.Tensor, backbone: VisionTransformer | None = None) -> torch.Tensor:
         """Block-0 input tokens ``(B, N, D)`` through timm's own embedding steps."""
@@ -329,7 +324,7 @@ class MemoryViT(nn.Module):
         unknown = [n for n in names if n not in self.tasks]
         if unknown:
             raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
-        plan = make_plan(self, self._closure(names), names_wanted, original=original, device=x.device)
+        plan = make_plan(self, self._closure(names), original=original, device=x.device)
         state = PassState(x, plan.paths, readers=plan.readers)
         out: dict[str, torch.Tensor] = {}
         bb = self.backbone
