@@ -50,34 +50,28 @@ def font_files(dirs=FONT_DIRS) -> list[Path]:
     return sorted(p for d in dirs if d.is_dir() for p in d.rglob("*") if p.suffix.lower() in (".ttf", ".otf"))
 
 
-def _family(path: Path) -> str | None:
-    """The font's family name (name table id 1), or None if fontTools cannot read it."""
+def _font_info(path: Path) -> tuple[str, set[int]] | None:
+    """The font's family name (name table id 1) and the characters of :data:`CHARACTERS` it draws as themselves,
+    or None if fontTools cannot read it. A letter's glyph must carry the letter's own name (``a``, ``a.alt``), so
+    symbol fonts that put Greek or dingbats at Latin code points (Standard Symbols PS's ``a`` is an alpha) draw
+    nothing."""
     from fontTools.ttLib import TTFont
 
     try:
         with TTFont(str(path), lazy=True, fontNumber=0) as font:
-            return font["name"].getDebugName(1)
+            family, cmap = font["name"].getDebugName(1), font.getBestCmap() or {}
     except Exception:  # noqa: BLE001 - an unreadable font is left out, whatever fontTools raised
         return None
+    if family is None:
+        return None
+    return family, {ord(c) for c in CHARACTERS if ord(c) in cmap and (c.isdigit() or cmap[ord(c)].split(".")[0] == c)}
 
 
-def _latin(path: Path) -> set[int]:
-    """The characters of :data:`CHARACTERS` the font draws as themselves: a letter's glyph must carry the letter's
-    own name (``a``, ``a.alt``), so symbol fonts that put Greek or dingbats at Latin code points (Standard Symbols
-    PS's ``a`` is an alpha) draw nothing."""
-    from fontTools.ttLib import TTFont
+def draw(font, ch: str) -> np.ndarray | None:
+    """``ch`` in ``font`` (PIL's, at size :data:`EM`): ``(SIDE, SIDE)`` uint8, horizontally centred on the fixed
+    baseline, or None if it draws nothing or does not fit."""
+    from PIL import Image, ImageDraw
 
-    with TTFont(str(path), lazy=True, fontNumber=0) as font:
-        cmap = font.getBestCmap() or {}
-    return {ord(c) for c in CHARACTERS if ord(c) in cmap and (c.isdigit() or cmap[ord(c)].split(".")[0] == c)}
-
-
-def draw(path: Path, ch: str) -> np.ndarray | None:
-    """``ch`` in the font at ``path``: ``(SIDE, SIDE)`` uint8, horizontally centred on the fixed baseline, or
-    None if it draws nothing or does not fit."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.truetype(str(path), EM)
     left, top, right, bottom = font.getbbox(ch, anchor="ls")
     if right <= left or bottom <= top or right - left > SIDE or bottom - top > SIDE:
         return None
@@ -94,7 +88,7 @@ def split_of(family: str) -> str:
 
 def build(root: Path = Path("data"), *, dirs=FONT_DIRS, min_fonts: int = 40) -> Path:
     """Build ``root/glyphs`` from the fonts under ``dirs`` (skipped if already complete); returns the folder."""
-    from PIL import Image
+    from PIL import Image, ImageFont
 
     out = root / "glyphs"
     if (out / "meta.json").is_file():
@@ -103,16 +97,15 @@ def build(root: Path = Path("data"), *, dirs=FONT_DIRS, min_fonts: int = 40) -> 
     tmp = root / ".glyphs.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     for path in font_files(dirs):
-        family = _family(path)
-        if family is None:
+        info = _font_info(path)
+        if info is None or len(info[1]) < MIN_CHARACTERS:
             continue
-        cmap = _latin(path)
-        if len(cmap) < MIN_CHARACTERS:
-            continue
+        family, cmap = info
         part = split_of(family)
+        font = ImageFont.truetype(str(path), EM)
         drawn = 0
         for ch in CHARACTERS:
-            pixels = draw(path, ch) if ord(ch) in cmap else None
+            pixels = draw(font, ch) if ord(ch) in cmap else None
             digest = hashlib.sha1(pixels.tobytes()).hexdigest() if pixels is not None else None
             if digest is None or digest in seen:
                 continue
