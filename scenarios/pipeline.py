@@ -7,18 +7,15 @@ on ``(seed, s)``, so a resumed run sees exactly the batches the interrupted one 
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import timm.data
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from continual_mem.distributed import SINGLE, Shard
 
-from .augment import (Preprocess, center_boxes, crop_resize, inception_boxes, random_flip,  # noqa: F401
-                      step_generator, step_indices)
+from .augment import Preprocess, crop_batch, step_generator, step_indices  # noqa: F401
 from .decode import host_cores, is_reader
 from .types import ImageSet
 
@@ -42,20 +39,6 @@ class DeviceImages:
         x = self.images[idx].float().div_(255.0)
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grayscale -> 3 channels
 
-    def _crop_boxes(self, B: int, g: torch.Generator) -> torch.Tensor:
-        _, _, H, W = self.images.shape
-        full = torch.ones(B, device=self.device)
-        return inception_boxes(full * H, full * W, g)
-
-    def _resize(self, x: torch.Tensor, *, center_crop: bool) -> torch.Tensor:
-        s = self.pre.img_size
-        if not center_crop:
-            return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        scale = int(math.floor(s / self.pre.crop_pct))  # timm eval: resize to s / crop_pct, centre crop s
-        x = F.interpolate(x, size=(scale, scale), mode="bilinear", align_corners=False, antialias=True)
-        off = (scale - s) // 2
-        return x[:, :, off:off + s, off:off + s]
-
     def batch(self, idx: torch.Tensor, *, train: bool, g: torch.Generator | None = None,
               part: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``idx`` as a normalised batch. With ``part=(lo, hi)`` the random augmentation is drawn for all
@@ -63,12 +46,9 @@ class DeviceImages:
         decoded."""
         lo, hi = part if part is not None else (0, len(idx))
         x = self._to_float(idx[lo:hi])
-        if train and self.pre.augment == "inception":
-            x = crop_resize(x, self._crop_boxes(len(idx), g)[lo:hi], self.pre.img_size)
-        else:
-            x = self._resize(x, center_crop=not train and self.pre.augment == "inception")
-        if train and self.pre.augment in ("inception", "flip"):
-            x = random_flip(x, g, len(idx), lo, hi)
+        _, _, H, W = self.images.shape
+        side = torch.ones(len(x), device=self.device)
+        x = crop_batch(x, side * H, side * W, self.pre, train=train, g=g, n=len(idx), lo=lo)
         return (x - self.mean) / self.std, self.labels[idx[lo:hi]]
 
     def train_batch(self, step: int, batch_size: int, seed: int, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:

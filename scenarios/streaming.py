@@ -28,8 +28,7 @@ from continual_mem.distributed import SINGLE, Shard
 
 from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, decode_item, host_cores
 from .task_recipe import OnBad
-from .augment import (Preprocess, center_boxes, crop_resize, inception_boxes, random_flip, step_generator,
-                      step_indices)
+from .augment import Preprocess, crop_batch, step_generator, step_indices
 from .prepared import PreparedSet, place
 
 log = logging.getLogger(__name__)
@@ -113,24 +112,8 @@ class DeviceStage:
 
     def _finish(self, x: torch.Tensor, hw: torch.Tensor, labels: torch.Tensor, *, train: bool,
                 g: torch.Generator | None, n: int | None, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dev, s, aug = self.device, self.pre.img_size, self.pre.augment
-        x = x.float()  # (B, 3, H, W), 0..255
         hw = hw.float()
-        h, w = hw[:, 0], hw[:, 1]
-        b = len(labels)
-        n = b if n is None else n
-        if train and aug == "inception":
-            full_h, full_w = torch.ones(n, device=dev), torch.ones(n, device=dev)  # other ranks' images: any size
-            full_h[lo:lo + b], full_w[lo:lo + b] = h, w
-            boxes = inception_boxes(full_h, full_w, g)[lo:lo + b]
-        elif aug == "inception":
-            boxes = center_boxes(h, w, s, self.pre.crop_pct)
-        else:  # whole image, resized (digits, CIFAR-like)
-            zero = torch.zeros_like(h)
-            boxes = torch.stack([zero, zero, w, h], dim=1)
-        x = crop_resize(x, boxes, s)
-        if train and aug in ("inception", "flip"):
-            x = random_flip(x, g, n, lo, lo + b)
+        x = crop_batch(x.float(), hw[:, 0], hw[:, 1], self.pre, train=train, g=g, n=n, lo=lo)  # 0..255
         return torch.addcmul(self.shift, x, self.scale), labels
 
 

@@ -347,3 +347,27 @@ def test_concurrent_prepares_build_one_copy(folder, tmp_path, monkeypatch):
     assert log.read_text().count("build") == 1
     whole = _prepare_in_a_process((folder, tmp_path / "alone"))
     assert a[0] == b[0] and a[1:] == b[1:] == whole[1:]
+
+
+@pytest.mark.parametrize("augment", ["inception", "flip", "none"])
+def test_resident_and_file_sources_crop_alike(augment):
+    """One crop for every input path: a set held on the device (:class:`DeviceImages`) and the same images laid
+    out as a padded batch (:class:`DeviceStage`: prepared copies, decoded files, the server) give the same model
+    inputs, for training draws and for the evaluation crop (they differ only in where ``/255`` happens)."""
+    from scenarios.pipeline import DeviceImages
+    from scenarios.streaming import DeviceStage
+    from scenarios.types import ImageSet
+
+    pre = Preprocess(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 0.875, augment)
+    imgs = torch.randint(0, 256, (5, 3, 20, 20), dtype=torch.uint8)
+    resident = DeviceImages(ImageSet(imgs, torch.arange(5)), pre)
+    canvas = torch.zeros((5, 32, 32, 3), dtype=torch.uint8)
+    for k in range(5):
+        prepared.place(canvas[k].numpy(), imgs[k].permute(1, 2, 0).numpy())
+    hw = torch.full((5, 2), 20)
+    stage = DeviceStage(pre, torch.device("cpu"))
+    for train in (False, True):
+        a = resident.batch(torch.arange(5), train=train, g=torch.Generator().manual_seed(3))[0]
+        b = stage(canvas, hw, torch.arange(5), train=train, g=torch.Generator().manual_seed(3))[0]
+        assert a.shape == b.shape == (5, 3, 32, 32)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
