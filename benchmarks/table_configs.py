@@ -47,6 +47,8 @@ CONFIGS: dict[str, dict] = {
     "fork-k2-ft": dict(regime="masked-memory", memory=5, fork_layers=2, fork_finetune=True),
     "fork-k3-ft": dict(regime="masked-memory", memory=5, fork_layers=3, fork_finetune=True),
     "fork-k4-ft": dict(regime="masked-memory", memory=5, fork_layers=4, fork_finetune=True),
+    "fork-k8-s96-ft": dict(regime="masked-memory", memory=5, fork_layers=8, fork_select=96, fork_finetune=True),
+    "fork-k10-s64-ft": dict(regime="masked-memory", memory=5, fork_layers=10, fork_select=64, fork_finetune=True),
     "fork-k6-s128-ft": dict(regime="masked-memory", memory=5, fork_layers=6, fork_select=128, fork_finetune=True),
     # preserving by construction: a ladder side network (LST) on the backbone's states at every block
     "ladder": dict(regime="ladder"),

@@ -11,6 +11,7 @@ from torch import nn
 
 from .backbone import block0_class_token
 from .config import TaskConfig
+from .row_linear import RowLinear
 
 MEMORY_INIT_STD = 0.02  # paper: memory initialised N(0, 0.02)
 HEAD_INIT_STD = 0.01
@@ -74,7 +75,7 @@ class TaskModule(nn.Module):
         if spec.backbone_copy:
             self.backbone = copy.deepcopy(backbone)
         self.side: nn.Module | None = spec.modules(config, backbone) if spec.modules is not None else None
-        self.head = nn.Linear(backbone.num_features, config.num_classes, **factory)
+        self.head = RowLinear(backbone.num_features, config.num_classes, **factory)
         nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
         nn.init.zeros_(self.head.bias)
 
@@ -114,7 +115,7 @@ class Adapter(nn.Module):
 
     def __init__(self, dim: int, bottleneck: int, **factory) -> None:
         super().__init__()
-        self.down = nn.Linear(dim, bottleneck, **factory)
+        self.down = RowLinear(dim, bottleneck, **factory)
         self.up = nn.Linear(bottleneck, dim, **factory)
         nn.init.trunc_normal_(self.down.weight, std=MEMORY_INIT_STD)
         nn.init.zeros_(self.down.bias)
