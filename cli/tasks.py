@@ -80,14 +80,19 @@ def add_task(
         DEFAULT.task_tokens,
     fork_pool: Annotated[str, typer.Option(help="average-pool the patch grid where the fork starts: P (P x P) or "
                                                 "RxC, e.g. 1x2 (half the tokens)")] = "1",
-    fork_select: Annotated[int, typer.Option(min=0, help="late fork on the N patches the class token attends to "
-                                                         "most (instead of --fork-pool)")] = DEFAULT.fork_select,
-    fork_layers: Annotated[int, typer.Option(min=0, help="late fork: last K blocks on a private full-attention "
-                                                         "branch (preserving; ~K/depth of a backbone pass)")] = \
+    fork_select: Annotated[int | None, typer.Option(min=0, help="late fork on the N patches the class token attends "
+                                                                "to most (instead of --fork-pool); 0: all [default: "
+                                                                "3/8 of the patches with the default fork]")] = \
+        DEFAULT.fork_select,
+    fork_layers: Annotated[int | None, typer.Option(min=0, help="late fork: last K blocks on a private full-attention "
+                                                                "branch (preserving; ~K/depth of a backbone pass); 0: "
+                                                                "none [default: 2/3 of the blocks for a "
+                                                                "concatenation-mode token regime]")] = \
         DEFAULT.fork_layers,
-    fork_finetune: Annotated[bool, typer.Option(help="the late-fork branch fine-tunes its own copy of the last K "
-                                                     "blocks (at 0.03x the lr; preserving: the copy is private)")]
-        = DEFAULT.fork_finetune,
+    fork_finetune: Annotated[bool | None, typer.Option(help="the late-fork branch fine-tunes its own copy of the last "
+                                                            "K blocks (at 0.03x the lr; preserving: the copy is "
+                                                            "private) [default: on with the default fork]")] = \
+        DEFAULT.fork_finetune,
     finetune_lr_scale: Annotated[float, typer.Option(help="rate of the task's copies of pretrained weights "
                                                           "(full, --fork-finetune) over --lr")] = \
         DEFAULT.finetune_lr_scale,
@@ -99,7 +104,8 @@ def add_task(
         DEFAULT.probe_fraction,
     steps: Annotated[int, typer.Option(min=1)] = DEFAULT.steps,
     batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT.batch_size,
-    lr: Annotated[float, typer.Option(min=0.0)] = DEFAULT.lr,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="learning rate [default: a short sweep of 0.05, 0.1, "
+                                                           "0.2 on the held-out split picks it]")] = DEFAULT.lr,
     lr_sweep: Annotated[str, typer.Option(help="comma list of learning rates; keeps the best on the 5% "
                                                "held-out split")] = DEFAULT.lr_sweep,
     data_root: Annotated[str, typer.Option(help="folder of torchvision datasets")] = DEFAULT.data_root,

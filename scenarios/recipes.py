@@ -10,14 +10,16 @@ import numpy as np
 import torch
 
 from continual_mem import MemoryViT
+from continual_mem.regimes import get_regime
 from continual_mem.train import TrainConfig, evaluate, fit
 from continual_mem.train import lr_sweep as sweep
 
-from . import datasets, prepared
+from . import datasets, default_recipe, prepared
 from .types import ImageSet, IndexSubset, targets_of
 from .decode import SubsetReader, is_reader, reader_for
 from .pipeline import Preprocess, batches
 from .prepared import PrepareOptions, PreparedSet
+from .protocol import choose_lr
 from .splits import stratified_split
 from .task_recipe import OnBad, Pipeline, TaskRecipe
 
@@ -151,26 +153,52 @@ def train_on_dataset(
     split), evaluate it on the test split; return its metrics. ``net`` ends on the CPU."""
     r = recipe
     data = datasets.load(dataset, root=r.data_root, download=r.download)
+    bb = net.backbone
+    fork = default_recipe.resolve_fork(depth=len(bb.blocks), patches=bb.patch_embed.num_patches,
+                                       has_tokens=get_regime(r.regime).has_tokens, mode=r.mode,
+                                       layers=r.fork_layers, select=r.fork_select, finetune=r.fork_finetune,
+                                       pooled=tuple(r.fork_pool) != (1, 1))
     with torch.random.fork_rng(devices=[]):  # the task's initial state follows ``seed`` (the same on every rank)
         torch.manual_seed(r.seed)
         net.add_task(name, data.num_classes, regime=r.regime, mode=r.mode, memory=r.memory, layers=r.layers,
-                     adapter_dim=r.adapter_dim, fork_select=r.fork_select, fork_finetune=r.fork_finetune,
-                     task_tokens=r.task_tokens, fork_layers=r.fork_layers, fork_pool=r.fork_pool,
+                     adapter_dim=r.adapter_dim, fork_select=fork.select, fork_finetune=fork.finetune,
+                     task_tokens=r.task_tokens, fork_layers=fork.layers, fork_pool=r.fork_pool,
                      class_names=data.class_names, dataset=dataset)
     net.to(device)
     pre = Preprocess.for_backbone(net.backbone, data.augment)
     train, held, test = sources(data, "test", pre, device, seed=r.seed, max_train=r.max_train, max_test=r.max_test,
                                 max_heldout=r.max_heldout, pipeline=r.pipeline, on_bad_image=r.on_bad_image,
                                 cache_dir=r.cache_dir, progress=progress)
-    cfg = TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=r.seed, eval_every=max(1, r.steps // 4),
-                      cuda_graph=r.cuda_graph, finetune_lr_scale=r.finetune_lr_scale, layer_decay=r.layer_decay,
-                      probe_fraction=r.probe_fraction, deterministic=r.deterministic)
+    cfg = TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=default_recipe.SHORT_RATES[0] if r.lr is None else r.lr, seed=r.seed,
+                      eval_every=max(1, r.steps // 4), cuda_graph=r.cuda_graph, finetune_lr_scale=r.finetune_lr_scale,
+                      layer_decay=r.layer_decay, probe_fraction=r.probe_fraction, deterministic=r.deterministic)
+    short: list[dict] = []
     if r.sweep_rates:
         result, _ = sweep(net, name, train, held, cfg, r.sweep_rates, progress=progress)
     else:
+        if r.lr is None:
+            cfg, short = _short_sweep(net, name, train, held, cfg, data.num_classes, progress=progress)
         result = fit(net, name, train, held, cfg, progress=progress)
     test_acc = evaluate(net, test, [name], batch_size=max(r.batch_size, 128))[name]
     net.to("cpu")  # the registry stores and verifies on the CPU
     return {"task": name, "dataset": dataset, "classes": data.num_classes, "heldout_accuracy": result.best_val_accuracy,
             "test_accuracy": test_acc, "steps": result.steps, "lr": result.lr, "wall_time_s": result.wall_time_s,
-            "train_images_per_s": result.images_per_s, "device": device}
+            "train_images_per_s": result.images_per_s, "device": device,
+            "fork": dataclasses.asdict(fork), "short_sweep": short}
+
+
+def _short_sweep(net: MemoryViT, name: str, train, held, cfg: TrainConfig, num_classes: int, *,
+                 progress: bool) -> tuple[TrainConfig, list[dict]]:
+    """The default recipe's rate: a short run per rate from the task's initial state, one picked on the held-out
+    split (:func:`~scenarios.protocol.choose_lr`). Returns the full run's config and the short runs; the task is
+    back in its initial state."""
+    initial = {k: v.detach().clone() for k, v in net.tasks[name].state_dict().items()}
+    short_cfg = dataclasses.replace(cfg, steps=default_recipe.short_steps(cfg.steps),
+                                    eval_every=default_recipe.short_steps(cfg.steps))
+    _, results = sweep(net, name, train, held, short_cfg, default_recipe.SHORT_RATES, progress=progress)
+    runs = [{"lr": res.lr, "heldout_accuracy": res.best_val_accuracy,
+             "final_loss": res.history[-1]["loss"] if res.history else None} for res in results]
+    lr = choose_lr(runs, num_classes)
+    net.tasks[name].load_state_dict(initial)
+    log.info("%s: short sweep %s -> lr %g", name, runs, lr)
+    return dataclasses.replace(cfg, lr=lr), runs

@@ -19,16 +19,19 @@ class TaskRecipe:
         layers: Blocks with memory: ``all``, ``last:K``, ``first:K`` or a list.
         task_tokens: Class tokens of the task.
         adapter_dim: Adapter bottleneck width (None: the regime's default).
-        fork_layers: Late fork over the last K blocks (0: none).
+        fork_layers: Late fork over the last K blocks (0: none; None: the default fork of
+            :mod:`scenarios.default_recipe`, 2/3 of the blocks, for concatenation-mode token regimes).
         fork_pool: Average-pool the patch grid entering the fork, ``(rows, cols)``.
-        fork_select: Keep the N patches the class token attends to most in the fork (0: all).
-        fork_finetune: The fork runs the task's own trainable copy of its blocks.
+        fork_select: Keep the N patches the class token attends to most in the fork (0: all; None: 3/8 of the
+            patches with the default fork, else all).
+        fork_finetune: The fork runs the task's own trainable copy of its blocks (None: with the default fork).
         finetune_lr_scale: Rate of the task's copies of pretrained weights over ``lr``.
         layer_decay: timm's layer-wise rate decay for those copies (None: the regime's default).
         probe_fraction: LP-FT: the share of the steps that trains only the new parameters first.
         steps: Optimizer steps.
         batch_size: Global batch size.
-        lr: Learning rate (ignored when ``lr_sweep`` is given).
+        lr: Learning rate (ignored when ``lr_sweep`` is given; None: a short sweep on the held-out split picks it,
+            :mod:`scenarios.default_recipe`).
         lr_sweep: Comma list of rates; the best on the held-out split is kept.
         seed: Seed of the task's initial state, the split and the batches.
         cuda_graph: Replay the training step as a CUDA graph (one GPU).
@@ -49,16 +52,16 @@ class TaskRecipe:
     layers: str = "all"
     task_tokens: int = 1
     adapter_dim: int | None = None
-    fork_layers: int = 0
+    fork_layers: int | None = None
     fork_pool: tuple[int, int] = (1, 1)
-    fork_select: int = 0
-    fork_finetune: bool = False
+    fork_select: int | None = None
+    fork_finetune: bool | None = None
     finetune_lr_scale: float = 0.03
     layer_decay: float | None = None
     probe_fraction: float = 0.0
     steps: int = 1000
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float | None = None
     lr_sweep: str = ""
     seed: int = 0
     cuda_graph: bool = False
@@ -77,7 +80,7 @@ class TaskRecipe:
         if self.steps < 1 or self.batch_size < 1 or self.task_tokens < 1:
             raise ValueError(f"steps, batch_size and task_tokens must be >= 1, got {self.steps}, {self.batch_size}, "
                              f"{self.task_tokens}")
-        if self.lr < 0 or self.finetune_lr_scale < 0:
+        if (self.lr is not None and self.lr < 0) or self.finetune_lr_scale < 0:
             raise ValueError(f"lr and finetune_lr_scale must be >= 0, got {self.lr}, {self.finetune_lr_scale}")
         if self.lr_sweep:
             try:

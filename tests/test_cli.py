@@ -39,7 +39,7 @@ def base(tmp_path_factory):
     """A registry with a random tiny ViT and two digits tasks (concatenation, then extension)."""
     db = tmp_path_factory.mktemp("base") / "base.db"
     ok(cm(db, *TINY_INIT))
-    ok(cm(db, "add-task", "digits", *FAST))
+    ok(cm(db, "add-task", "digits", "--fork-layers", "0", *FAST))  # plain masked memory: extension reads it
     ok(cm(db, "add-task", "digits", "--name", "digits-ext", "--mode", "extension", *FAST))
     return db
 
@@ -83,7 +83,8 @@ def test_add_task_json_and_user_errors(db, tmp_path):
                "give P or RxC")
     user_error(cm(db, "add-task", "digits", "--name", "x", "--fork-layers", "2", "--fork-pool", "3", *FAST),
                "does not divide the 2x2 patch grid")
-    user_error(cm(db, "add-task", "digits", "--name", "x", "--fork-pool", "2", *FAST), "needs fork_layers")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--fork-layers", "0", "--fork-pool", "2", *FAST),
+               "needs fork_layers")
     user_error(cm(db, "add-task", "digits", "--name", "x", "--regime", "full", "--layer-decay", "0", *FAST),
                "layer_decay must be in (0, 1]")
     user_error(cm(db, "add-task", "digits", "--name", "x", "--regime", "full", "--probe-fraction", "1", *FAST),
@@ -267,3 +268,16 @@ def test_prepare_and_add_task_on_an_image_folder(db, tmp_path):
     assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 2  # add-task reused the prepared copies
     evals = json.loads(ok(cm(db, "eval", "--task", "photos", *cache, "--json")).stdout)
     assert evals[0]["images"] == rows[1]["images"]
+
+
+def test_add_task_without_flags_trains_the_default_recipe(db):
+    """No flags: the measured default (a fine-tuned fork over 2/3 of the blocks on 3/8 of the patches, masked
+    memory), its rate picked by a short sweep on the held-out split; a given --lr trains at that rate alone."""
+    data = json.loads(ok(cm(db, "add-task", "digits", "--name", "dflt", *FAST, "--json")).stdout)
+    assert data["fork"] == {"layers": 8, "select": 2, "finetune": True}  # tiny ViT: 12 blocks, 2x2 patches
+    assert [run["lr"] for run in data["short_sweep"]] == [0.05, 0.1, 0.2] and data["lr"] in (0.05, 0.1, 0.2)
+    task = Registry(db).load().tasks["dflt"].config
+    assert (task.regime, task.fork_layers, task.fork_select, task.fork_finetune) == ("masked-memory", 8, 2, True)
+    given = json.loads(ok(cm(db, "add-task", "digits", "--name", "given", *FAST, "--lr", "0.07", "--fork-layers",
+                             "0", "--json")).stdout)
+    assert given["short_sweep"] == [] and given["lr"] == 0.07 and given["fork"]["layers"] == 0
