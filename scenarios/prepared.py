@@ -84,10 +84,8 @@ class PreparedSet:
             raise ValueError(f"{self.root} is not a finished prepared copy (no meta.json); run prepare again")
         self.meta = json.loads(meta_path.read_text())
         index = np.load(self.root / "index.npy", allow_pickle=False)
-        size = (self.root / "pixels.u8").stat().st_size
         self.index = index
-        self.pixels = np.memmap(self.root / "pixels.u8", dtype=np.uint8, mode="r", shape=(size,)) if size else \
-            np.zeros(0, np.uint8)
+        self.pixels = np.memmap(self.root / "pixels.u8", dtype=np.uint8, mode="r")  # a finished copy is never empty
         self.rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.class_names = tuple(self.meta["class_names"])
 

@@ -20,6 +20,7 @@ from scenarios.recipes import choose_pipeline, sources
 from scenarios.streaming import DecodedImages, PreparedImages
 from scenarios.synthetic import make_image_folder, photo
 
+GOLDEN_DIGEST = "620fdbf3920af9c9"  # prepared.location of _Named below; changes only with prepared.FORMAT
 PRE = Preprocess(28, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 0.875, "inception")
 SHORT = 48  # small images: quick tests, still shrunk
 
@@ -185,13 +186,13 @@ class _Interrupting:
 
 
 def test_prepare_interrupted_resumes_to_the_same_copy(reader, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepared, "CHUNK", 4)
+    monkeypatch.setattr(prepared, "CHUNK", 5)  # 36 images: 7 full chunks and one of a single image
     with pytest.raises(KeyboardInterrupt):
         _prepare(_Interrupting(reader, 21), tmp_path / "a")
     out = prepared.location(reader, name="jpegs", split="train", opts=PrepareOptions(short_side=SHORT, workers=0),
                             root=tmp_path / "a")
     assert not (out / "meta.json").exists()  # an unfinished copy is never read as data
-    assert json.loads((out / "progress.json").read_text())["chunks"] == 5
+    assert json.loads((out / "progress.json").read_text())["chunks"] == 4
     for name in ("pixels.u8", "index.partial.i64"):  # a crash after writing, before recording the chunk
         with open(out / name, "ab") as f:
             f.write(b"garbage a crash left behind" * 8)
@@ -200,6 +201,59 @@ def test_prepare_interrupted_resumes_to_the_same_copy(reader, tmp_path, monkeypa
     assert (resumed.root / "pixels.u8").read_bytes() == (whole.root / "pixels.u8").read_bytes()
     assert np.array_equal(resumed.index, whole.index)
     assert not (out / "progress.json").exists()
+    # and both hold exactly the reader's images, in order, across the 8 chunks, read-only
+    assert len(whole) == len(reader) and torch.equal(whole.labels, torch.from_numpy(reader.labels))
+    assert whole.class_names == ("a", "b", "c") and not whole.pixels.flags.writeable
+    assert prepared.find(reader, name="jpegs", split="train", opts=PrepareOptions(short_side=SHORT, workers=0),
+                         root=tmp_path / "b").root == whole.root
+    assert prepared.find(reader, name="jpegs", split="test", opts=PrepareOptions(short_side=SHORT, workers=0),
+                         root=tmp_path / "b") is None
+    for i in range(len(reader)):
+        assert np.array_equal(whole.image(i), decode_item(reader, i, short_side=SHORT, max_aspect=2.0)), i
+
+
+@pytest.mark.parametrize("count", [26, 29])
+def test_a_copy_of_n_images_in_chunks_holds_all_n(reader, tmp_path, monkeypatch, count):
+    """A last chunk of one image, and a last chunk one image short of full, are written whole."""
+    from scenarios.decode import SubsetReader
+
+    monkeypatch.setattr(prepared, "CHUNK", 5)
+    part = SubsetReader(reader, np.arange(count))
+    copy = _prepare(part, tmp_path)
+    assert len(copy) == count and np.array_equal(copy.image(count - 1),
+                                                 decode_item(part, count - 1, short_side=SHORT, max_aspect=2.0))
+
+
+def test_a_folder_that_is_not_a_prepared_copy_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=rf"^{tmp_path} is not a finished prepared copy \(no meta.json\); run "
+                                         "prepare again$"):
+        prepared.PreparedSet(tmp_path)
+
+
+class _Named:
+    """A reader reduced to what :func:`prepared.location` reads."""
+
+    def fingerprint(self):
+        return {"files": 3, "sha256": "0" * 64}
+
+
+def test_a_prepared_copys_location_is_stable_across_versions():
+    """The folder name is a hash of the source and the decoding options: a change to it silently rebuilds every
+    user's copies, so it changes only with ``prepared.FORMAT``."""
+    opts = PrepareOptions(short_side=256, max_aspect=2.0, on_bad="skip")
+    where = prepared.location(_Named(), name="My Photos/2024", split="train", opts=opts, root=Path("/r"))
+    assert where == Path(f"/r/My-Photos-2024-train-{GOLDEN_DIGEST}")
+    for other in (PrepareOptions(short_side=128), PrepareOptions(max_aspect=3.0), PrepareOptions(on_bad="fail")):
+        assert prepared.location(_Named(), name="My Photos/2024", split="train", opts=other, root=Path("/r")) != where
+    assert prepared.find(_Named(), name="My Photos/2024", split="train", opts=opts, root="/nowhere") is None
+
+
+@pytest.mark.parametrize("name, slug", [("a b", "a-b"), ("../x/", "x"), ("...", "data"), ("é", "data"),
+                                        ("ok_name-1.2", "ok_name-1.2"), ("y" * 60, "y" * 48),
+                                        ("X-ray", "X-ray")])
+def test_copy_names_are_safe_folder_names(name, slug):
+    assert prepared.location(_Named(), name=name, split="s", opts=PrepareOptions(), root=Path("/r")).name \
+        .startswith(f"{slug}-s-")
 
 
 def test_a_changed_folder_gets_a_new_copy(tmp_path):

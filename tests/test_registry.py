@@ -249,7 +249,9 @@ def test_export_import_round_trip_through_a_second_registry(three, tmp_path):
                         model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3,
                                       "num_classes": 10})
     report = second.import_bundle(reg.export_bundle("a"))
-    assert [t.status for t in report.tasks] == ["new"]
+    assert [t.status for t in report.tasks] == ["new"] and report.trigger == "import:a"
+    event = second.events()[-1]
+    assert event["kind"] == "import" and event["task"] == "a" and event["detail"]["source"] == "bundle"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(second.load()(x)["a"], net(x)["a"])
@@ -343,3 +345,19 @@ def test_postgresql_backend(postgres):
     with pytest.raises(DatabaseError, match="append-only"):
         with reg.engine.begin() as conn:
             conn.execute(text("DELETE FROM events"))
+
+
+def test_a_rolled_back_change_names_each_failing_task_with_its_evidence():
+    import datetime as dt
+
+    from registry.api import Report, TaskCheck
+    from registry.changes import failure_message
+
+    now = dt.datetime(2026, 12, 2)
+    report = Report("default", "add", {}, now, now, [
+        TaskCheck("a", "equal", max_abs_diff=0.0), TaskCheck("b", "mismatch", max_abs_diff=1.5e-7, detail="logits"),
+        TaskCheck("c", "corrupt", detail="no stored reference outputs"), TaskCheck("d", "not-comparable"),
+        TaskCheck("e", "blocked")])
+    assert failure_message(report, "add of task 'x'") == (
+        "add of task 'x' rolled back: verification failed for b (mismatch, max abs diff 1.5e-07: logits), "
+        "c (corrupt: no stored reference outputs), e (blocked)")
