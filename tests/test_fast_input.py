@@ -2,6 +2,7 @@
 WebDataset shards."""
 import io
 import json
+import re
 import logging
 from pathlib import Path
 
@@ -425,3 +426,39 @@ def test_resident_and_file_sources_crop_alike(augment):
         b = stage(canvas, hw, torch.arange(5), train=train, g=torch.Generator().manual_seed(3))[0]
         assert a.shape == b.shape == (5, 3, 32, 32)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_prepare_options_boundaries_and_messages():
+    PrepareOptions(short_side=8, max_aspect=1.0, workers=0)  # the smallest accepted
+    for kw, message in [(dict(short_side=7), "short_side must be >= 8, got 7"),
+                        (dict(max_aspect=0.99), "max_aspect must be >= 1, got 0.99"),
+                        (dict(on_bad="ignore"), "on_bad must be skip or fail, got 'ignore'"),
+                        (dict(workers=-1), "workers must be >= 0, got -1")]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            PrepareOptions(**kw)
+
+
+def test_place_fills_a_canvas_it_exactly_fits_and_repeats_edges_otherwise():
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    exact = np.zeros((2, 3, 3), np.uint8)
+    prepared.place(exact, img)  # no room for the repeated edge: nothing written past the image
+    assert np.array_equal(exact, img)
+    wide = np.full((2, 5, 3), 7, np.uint8)
+    prepared.place(wide, img)
+    assert np.array_equal(wide[:, 3], img[:, 2]) and (wide[:, 4] == 7).all()
+    tall = np.full((4, 3, 3), 7, np.uint8)
+    prepared.place(tall, img)
+    assert np.array_equal(tall[2], img[1]) and (tall[3] == 7).all()
+
+
+def test_a_copys_meta_json_describes_it(reader, tmp_path):
+    copy = _prepare(reader, tmp_path)
+    meta = json.loads((copy.root / "meta.json").read_text())
+    assert {k: meta[k] for k in ("format", "name", "split", "class_names", "count", "bad", "short_side",
+                                 "max_aspect")} == {"format": prepared.FORMAT, "name": "jpegs", "split": "train",
+                                                    "class_names": ["a", "b", "c"], "count": len(reader), "bad": [],
+                                                    "short_side": SHORT, "max_aspect": 2.0}
+    assert meta["bytes"] == (copy.root / "pixels.u8").stat().st_size == int((copy.sizes.prod(axis=1) * 3).sum())
+    assert meta["source"] == reader.fingerprint() and 0 <= meta["seconds"] < 600
+    leftovers = sorted(p.name for p in copy.root.iterdir())
+    assert leftovers == [".lock", "index.npy", "meta.json", "pixels.u8"]  # no progress or partial index
