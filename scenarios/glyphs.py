@@ -61,8 +61,8 @@ CLONE_FAMILIES = ("TeX Gyre", "Free")  # outlines copied from URW's base 35: not
 
 
 def font_info(path: Path) -> tuple[str, str, set[int]] | None:
-    """The font's family name (name table id 1), its full name (id 4, e.g. "Lato Light Italic") and the characters of :data:`CHARACTERS` it draws as themselves,
-    or None if fontTools cannot read it. A letter's glyph must carry the letter's own name (``a``, ``a.alt``), so
+    """The font's family name (name table id 1), its full name (id 4, e.g. "Lato Light Italic") and the characters
+    of :data:`CHARACTERS` it draws as themselves, or None if fontTools cannot read it. A letter's glyph must carry the letter's own name (``a``, ``a.alt``), so
     symbol fonts that put Greek or dingbats at Latin code points (Standard Symbols PS's ``a`` is an alpha) draw
     nothing."""
     from fontTools.ttLib import TTFont
@@ -75,7 +75,8 @@ def font_info(path: Path) -> tuple[str, str, set[int]] | None:
         return None
     if family is None:
         return None
-    return family, full or family, {ord(c) for c in CHARACTERS if ord(c) in cmap and (c.isdigit() or cmap[ord(c)].split(".")[0] == c)}
+    drawn = {ord(c) for c in CHARACTERS if ord(c) in cmap and (c.isdigit() or cmap[ord(c)].split(".")[0] == c)}
+    return family, full or family, drawn
 
 
 def draw(font, ch: str) -> np.ndarray | None:
@@ -179,13 +180,14 @@ def build_typefaces(root: Path = Path("data"), *, dirs=FONT_DIRS, min_faces: int
     out = root / "typefaces"
     if (out / "meta.json").is_file():
         return out
-    fonts, samples = [], []
+    fonts, samples, faces = [], [], set()
     for path, family, full, drawn in _drawings(dirs):
         cls = face_name(full)
-        if family.startswith(CLONE_FAMILIES) or cls in {f["class"] for f in fonts}:
+        if family.startswith(CLONE_FAMILIES) or cls in faces:
             continue
         if sum(split_of(ch) == "test" for ch, _, _ in drawn) < 5:
             continue
+        faces.add(cls)
         fonts.append({**_font_record(path, family, None, len(drawn)), "class": cls})
         samples += [(split_of(ch), cls, pixels, digest) for ch, pixels, digest in drawn]
     if len(fonts) < min_faces:

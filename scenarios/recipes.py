@@ -169,9 +169,10 @@ def train_on_dataset(
     train, held, test = sources(data, "test", pre, device, seed=r.seed, max_train=r.max_train, max_test=r.max_test,
                                 max_heldout=r.max_heldout, pipeline=r.pipeline, on_bad_image=r.on_bad_image,
                                 cache_dir=r.cache_dir, progress=progress)
-    cfg = TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=default_recipe.SHORT_RATES[0] if r.lr is None else r.lr, seed=r.seed,
-                      eval_every=max(1, r.steps // 4), cuda_graph=r.cuda_graph, finetune_lr_scale=r.finetune_lr_scale,
-                      layer_decay=r.layer_decay, probe_fraction=r.probe_fraction, deterministic=r.deterministic)
+    lr = default_recipe.SHORT_RATES[0] if r.lr is None else r.lr  # a placeholder until the short sweep picks one
+    cfg = TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=lr, seed=r.seed, eval_every=max(1, r.steps // 4),
+                      cuda_graph=r.cuda_graph, finetune_lr_scale=r.finetune_lr_scale, layer_decay=r.layer_decay,
+                      probe_fraction=r.probe_fraction, deterministic=r.deterministic)
     short: list[dict] = []
     if r.sweep_rates:
         result, _ = sweep(net, name, train, held, cfg, r.sweep_rates, progress=progress)
@@ -193,8 +194,8 @@ def _short_sweep(net: MemoryViT, name: str, train, held, cfg: TrainConfig, num_c
     split (:func:`~scenarios.protocol.choose_lr`). Returns the full run's config and the short runs; the task is
     back in its initial state."""
     initial = {k: v.detach().clone() for k, v in net.tasks[name].state_dict().items()}
-    short_cfg = dataclasses.replace(cfg, steps=default_recipe.short_steps(cfg.steps),
-                                    eval_every=default_recipe.short_steps(cfg.steps))
+    steps = default_recipe.short_steps(cfg.steps)
+    short_cfg = dataclasses.replace(cfg, steps=steps, eval_every=steps)
     _, results = sweep(net, name, train, held, short_cfg, default_recipe.SHORT_RATES, progress=progress)
     runs = [{"lr": res.lr, "heldout_accuracy": res.best_val_accuracy,
              "final_loss": res.history[-1]["loss"] if res.history else None} for res in results]

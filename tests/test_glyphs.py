@@ -52,3 +52,27 @@ def test_without_fonts_it_says_which_packages_to_install(tmp_path):
     assert not (tmp_path / "glyphs").exists() and not (tmp_path / ".glyphs.partial").exists()
     with pytest.raises(datasets.DatasetError, match="build-dataset glyphs"):
         datasets.load("glyphs", root=tmp_path)
+
+
+def test_typefaces_classes_are_faces_and_test_characters_are_unseen_in_training(tmp_path):
+    folder = glyphs.build_typefaces(tmp_path, dirs=[MPL_FONTS], min_faces=4)
+    meta = json.loads((folder / "meta.json").read_text())
+    classes = meta["classes"]
+    assert classes == sorted(f["class"] for f in meta["fonts"]) and len(set(classes)) == len(classes) >= 4
+    assert "DejaVu-Sans-Bold" in classes and all(glyphs.face_name(c) == c for c in classes)  # safe folder names
+    unseen = set(meta["test_characters"])
+    assert unseen and unseen == {c for c in glyphs.CHARACTERS if glyphs.split_of(c) == "test"}
+    assert all(sum(meta["counts"][p].values()) for p in ("train", "test"))
+    names = {Path(f["file"]).name for f in meta["fonts"]}
+    assert "cmex10.ttf" not in names  # a symbol font is no face of Latin text
+    data = datasets.load("typefaces", root=tmp_path)
+    assert data.class_names == tuple(classes) and data.train.images.shape[1:] == (1, 64, 64)
+    assert len(data.train) == sum(meta["counts"]["train"].values()) and data.augment == "none"
+    # a face's samples are split by character: at most the unseen ones in test, at most the others in train
+    for face in classes:
+        assert 0 < meta["counts"]["test"].get(face, 0) <= len(unseen)
+        assert meta["counts"]["train"].get(face, 0) <= len(glyphs.CHARACTERS) - len(unseen)
+    with pytest.raises(glyphs.GlyphDataError, match="typefaces: 0 usable Latin faces"):
+        glyphs.build_typefaces(tmp_path / "none", dirs=[tmp_path / "none"])
+    with pytest.raises(datasets.DatasetError, match="build-dataset typefaces"):
+        datasets.load("typefaces", root=tmp_path / "none")
