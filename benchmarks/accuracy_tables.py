@@ -160,8 +160,9 @@ def run_dataset(spec: str, bb, args) -> dict:
 
     def save_partial() -> None:  # every finished run survives a process cut short
         if args.out:
-            (args.out / f"{result_stem(data.name)}{args.tag}.partial.json").write_text(json.dumps({"rows": rows, "runs": runs},
-                                                                                      indent=1))
+            settings = {"steps": args.steps, "img_size": args.img_size, "batch_size": args.batch_size}
+            (args.out / f"{result_stem(data.name)}{args.tag}.partial.json").write_text(
+                json.dumps({**settings, "rows": rows, "runs": runs}, indent=1))
 
     for config in args.configs.split(","):
         grid = grids["full" if get_regime(CONFIGS[config]["regime"]).backbone_copy else "default"]
