@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from load_clients import client_in_worker, free_port, init_sent, shares, start_client, tree_cpu_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,100 +92,6 @@ def offline_rate(reg_path: Path, args, batch: np.ndarray) -> float:
         return {k: v.float().cpu() for k, v in out.items()}  # the server hands results to the host too
 
     return args.max_batch / common.median_seconds(step, args)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _client_proc(url: str, requests: int, clients: int, images_per_request: int, image: bytes, sent) -> dict:
-    """One load process: ``clients`` concurrent connections, each sending its next request as soon as it has an
-    answer, until the load processes together have sent ``requests`` and ``sent[1]`` is 0 (``sent``: a shared
-    array of the count and a hold that keeps the load going until a live add has reached the answers; one count
-    for all processes: a process whose connections are answered faster sends more, so every connection stays busy
-    to the end). aiohttp, not httpx:
-    httpx spends ~6 ms of CPU per multipart request (measured on this project's CPU host: 173 requests/s from
-    one process; aiohttp 2,300 at 0.36 ms), so an httpx load generator measures itself, not the server."""
-    import aiohttp
-
-    latencies, errors, versions = [], [], set()
-    cpu0 = time.process_time()
-
-    def claim() -> bool:
-        with sent.get_lock():
-            if sent[0] >= requests and not sent[1]:
-                return False
-            sent[0] += 1
-            return True
-
-    async def client(session: aiohttp.ClientSession):
-        while claim():
-            form = aiohttp.FormData()
-            for i in range(images_per_request):
-                form.add_field("files", image, filename=f"img{i}.jpg", content_type="image/jpeg")
-            t0 = time.perf_counter()
-            try:
-                async with session.post(f"{url}/predict", data=form) as r:
-                    if r.status != 200:
-                        errors.append(f"{r.status}: {(await r.text())[:200]}")
-                    else:
-                        versions.add((await r.json())["model_version"])
-            except aiohttp.ClientError as exc:
-                errors.append(repr(exc))
-            latencies.append(time.perf_counter() - t0)
-
-    span = []
-
-    async def main():
-        connector = aiohttp.TCPConnector(limit=clients)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-            span.append(time.perf_counter())  # CLOCK_MONOTONIC: comparable across this host's processes
-            await asyncio.gather(*(client(session) for _ in range(clients)))
-            span.append(time.perf_counter())
-
-    asyncio.run(main())
-    return {"latencies": latencies, "errors": errors, "versions": sorted(versions),
-            "cpu_s": time.process_time() - cpu0, "first": span[0], "last": span[1]}
-
-
-def _tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants, alive now (Linux /proc; 0 elsewhere)."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    stats = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime+stime
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        total += stats.get(p, (0, 0))[1]
-        todo.extend(c for c, (ppid, _) in stats.items() if ppid == p)
-    return total / ticks
-
-
-_SENT = None
-
-
-def _init_sent(sent) -> None:
-    global _SENT
-    _SENT = sent
-
-
-def _start_client() -> None:
-    import aiohttp  # noqa: F401 - imported before the clock starts
-
-
-def _client_in_worker(url: str, requests: int, clients: int, images_per_request: int, image: bytes) -> dict:
-    return _client_proc(url, requests, clients, images_per_request, image, _SENT)
-
-
-def _shares(total: int, parts: int) -> list[int]:
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: int, server_pid: int,
@@ -256,19 +162,19 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
     async with httpx.AsyncClient(timeout=120) as c:
         alone_before = (await send_probe(c)).json()
         loop = asyncio.get_running_loop()
-        with ProcessPoolExecutor(procs, mp_context=ctx, initializer=_init_sent, initargs=(sent,)) as pool:
-            await asyncio.gather(*(loop.run_in_executor(pool, _start_client) for _ in range(procs)))  # started, warm
+        with ProcessPoolExecutor(procs, mp_context=ctx, initializer=init_sent, initargs=(sent,)) as pool:
+            await asyncio.gather(*(loop.run_in_executor(pool, start_client) for _ in range(procs)))  # started, warm
             probe_task = asyncio.create_task(prober(c))
             adder = asyncio.create_task(live_add()) if args.live_add else None
-            t0, server_cpu0 = time.perf_counter(), _tree_cpu_seconds(server_pid)
+            t0, server_cpu0 = time.perf_counter(), tree_cpu_seconds(server_pid)
             clients = asyncio.gather(*(
-                loop.run_in_executor(pool, _client_in_worker, url, args.requests, n, args.images_per_request, image)
-                for n in _shares(args.clients, procs)))
+                loop.run_in_executor(pool, client_in_worker, url, args.requests, n, args.images_per_request, image)
+                for n in shares(args.clients, procs)))
             if on_load is not None:  # once the load runs (the first second of a run profiled only idle workers)
                 await asyncio.sleep(0.5)
                 on_load()
             parts = await clients
-            wall, server_cpu = time.perf_counter() - t0, _tree_cpu_seconds(server_pid) - server_cpu0
+            wall, server_cpu = time.perf_counter() - t0, tree_cpu_seconds(server_pid) - server_cpu0
         stop.set()
         await probe_task
         swapped_after = None
