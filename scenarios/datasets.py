@@ -218,9 +218,10 @@ OFFLINE: dict[str, Callable[[DataOptions], TaskData]] = {
 def catalog() -> list[str]:
     """Every dataset name ``load`` accepts (plus ``imagefolder:PATH``, ``webdataset:PATTERN`` and
     ``packed:FILE.npz``)."""
+    from .font_sets import NAMES as FONT_SETS
     from .natural import SOURCES
 
-    names = sorted(set(OFFLINE) | set(TORCHVISION) | set(SOURCES) | {"glyphs", "typefaces"})
+    names = sorted(set(OFFLINE) | set(TORCHVISION) | set(SOURCES) | set(FONT_SETS))
     return names + ["imagefolder:PATH", "webdataset:PATTERN", "packed:FILE.npz"]
 
 
@@ -291,10 +292,10 @@ def load(name: str, *, root: str | Path = "data", download: bool = False) -> Tas
 
     if name in natural.SOURCES:  # the offline natural-image suite, built by `continual-mem build-dataset`
         return natural.load(name, opts.root)
-    if name in ("glyphs", "typefaces"):  # rendered from Debian's fonts by `build-dataset glyphs|typefaces`
-        from . import glyphs
+    from . import font_sets
 
-        return glyphs.load(opts.root, name)
+    if name in font_sets.NAMES:  # rendered from Debian's fonts by `build-dataset glyphs|typefaces|scripts`
+        return font_sets.load(name, opts.root)
     if name in TORCHVISION:
         return _torchvision(name, opts)
     raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(catalog())}")

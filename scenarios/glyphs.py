@@ -128,7 +128,7 @@ def _drawings(dirs):
             yield path, family, full, drawn
 
 
-def _write(root: Path, name: str, samples, meta: dict) -> Path:
+def write_set(root: Path, name: str, samples, meta: dict) -> Path:
     """Write ``samples`` (part, class, pixels, digest) as ``root/name/{train,test}/CLASS/*.png`` plus ``meta.json``,
     whole or not at all; returns the folder."""
     from PIL import Image
@@ -150,7 +150,7 @@ def _write(root: Path, name: str, samples, meta: dict) -> Path:
     return out
 
 
-def _font_record(path: Path, family: str, part: str | None, drawn: int) -> dict:
+def font_record(path: Path, family: str, part: str | None, drawn: int) -> dict:
     return {"file": str(path), "family": family, **({"part": part} if part else {}), "drawn": drawn,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
@@ -163,7 +163,7 @@ def build(root: Path = Path("data"), *, dirs=FONT_DIRS, min_fonts: int = 40) -> 
     fonts, samples = [], []
     for path, family, _, drawn in _drawings(dirs):
         part = split_of(family)
-        fonts.append(_font_record(path, family, part, len(drawn)))
+        fonts.append(font_record(path, family, part, len(drawn)))
         samples += [(part, class_name(ch), pixels, digest) for ch, pixels, digest in drawn]
     families = {f["family"] for f in fonts}
     if len(fonts) < min_fonts or not any(part == "test" for part, *_ in samples):
@@ -171,7 +171,7 @@ def build(root: Path = Path("data"), *, dirs=FONT_DIRS, min_fonts: int = 40) -> 
                              f"{min_fonts}); install Debian's font packages first: {INSTALL}")
     meta = {"name": "glyphs", "classes": [class_name(c) for c in CHARACTERS], "side": SIDE, "em": EM,
             "test_share": TEST_SHARE, "families": len(families), "fonts": fonts, "packages": list(FONT_PACKAGES)}
-    return _write(root, "glyphs", samples, meta)
+    return write_set(root, "glyphs", samples, meta)
 
 
 def build_typefaces(root: Path = Path("data"), *, dirs=FONT_DIRS, min_faces: int = 40) -> Path:
@@ -188,7 +188,7 @@ def build_typefaces(root: Path = Path("data"), *, dirs=FONT_DIRS, min_faces: int
         if sum(split_of(ch) == "test" for ch, _, _ in drawn) < 5:
             continue
         faces.add(cls)
-        fonts.append({**_font_record(path, family, None, len(drawn)), "class": cls})
+        fonts.append({**font_record(path, family, None, len(drawn)), "class": cls})
         samples += [(split_of(ch), cls, pixels, digest) for ch, pixels, digest in drawn]
     if len(fonts) < min_faces:
         raise GlyphDataError(f"typefaces: {len(fonts)} usable Latin faces under {', '.join(map(str, dirs))} (need "
@@ -197,7 +197,7 @@ def build_typefaces(root: Path = Path("data"), *, dirs=FONT_DIRS, min_faces: int
     meta = {"name": "typefaces", "classes": classes, "side": SIDE, "em": EM, "test_share": TEST_SHARE,
             "test_characters": "".join(c for c in CHARACTERS if split_of(c) == "test"), "fonts": fonts,
             "packages": list(FONT_PACKAGES)}
-    return _write(root, "typefaces", samples, meta)
+    return write_set(root, "typefaces", samples, meta)
 
 
 def load(root: Path = Path("data"), name: str = "glyphs"):
