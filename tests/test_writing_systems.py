@@ -70,3 +70,14 @@ def test_without_fonts_it_says_which_packages_to_install(tmp_path):
     with pytest.raises(datasets.DatasetError, match="build-dataset scripts"):
         datasets.load("scripts", root=tmp_path)
     assert "scripts" in datasets.catalog()
+
+
+def test_font_sets_are_built_and_read_in_one_place(built, tmp_path):
+    from scenarios import font_sets
+
+    root, folder = built
+    assert font_sets.build("scripts", root) == folder  # complete already: the builder returns it as is
+    assert font_sets.load("scripts", root).class_names == datasets.load("scripts", root=root).class_names
+    assert set(font_sets.NAMES) <= set(datasets.catalog())
+    with pytest.raises(ValueError, match="unknown font set 'glyph'; choose one of glyphs, typefaces, scripts"):
+        font_sets.build("glyph", tmp_path)
