@@ -3,13 +3,11 @@ matplotlib ships (DejaVu, STIX, Computer Modern), so the test needs no system fo
 import json
 from pathlib import Path
 
-import matplotlib
 import pytest
 import torch
+from test_glyphs import MPL_FONTS
 
 from scenarios import datasets, glyphs, writing_systems as ws
-
-MPL_FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
 @pytest.mark.parametrize("ch, script", [
