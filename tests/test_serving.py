@@ -1,9 +1,8 @@
-"""The HTTP server: contract, dynamic batching, live add/remove with old answers bit-identical, bad uploads."""
+"""The HTTP server: contract, dynamic batching, bad uploads, batch buckets and graphs, nvJPEG in the pass."""
 import base64
 import io
 import threading
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -13,56 +12,14 @@ pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from registry_helpers import grow, new_registry  # noqa: E402
 from scenarios.decode import MAX_ASPECT, SHORT_SIDE  # noqa: E402
 from serving import ServeSettings, create_app  # noqa: E402
-
-
-GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not __import__("torch").cuda.is_available(),
-                                                reason="needs a CUDA device (run on a GPU host)")]
-
-
-def on_gpu(test):
-    """``pytest -m gpu`` selects it; skipped, saying why, without a CUDA device."""
-    for mark in GPU_ONLY:
-        test = mark(test)
-    return test
-
-
-def png(seed: int, size=(40, 30)) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(arr).save(out, "PNG")
-    return out.getvalue()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG with no pixel data: PIL reads its size from the header."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+from serving_helpers import GPU_ONLY, client, on_gpu, png, png_header, predict, two_task_registry  # noqa: E402
 
 
 @pytest.fixture
 def registry(tmp_path):
-    reg, net = new_registry(tmp_path / "r.db")
-    grow(reg, net, "a", 1)
-    grow(reg, net, "b", 2, memory=2)
-    return reg, net
-
-
-def client(reg, **kw) -> TestClient:
-    return TestClient(create_app(ServeSettings(registry=reg.url, poll_interval_s=0.05, max_wait_ms=1, **kw)))
-
-
-def predict(c: TestClient, *images: bytes, **params):
-    files = [("files", (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
-    return c.post("/predict", files=files, params=params)
+    return two_task_registry(tmp_path)
 
 
 def test_top_probabilities_are_torch_softmax_and_topk():
@@ -207,93 +164,6 @@ def test_overlapped_passes_hand_each_image_its_own_rows(registry, device):
         assert c.get("/health").json()["passes"] == len(images)
 
 
-@contextmanager
-def probing(c: TestClient, probe: bytes, tasks=("a", "b")):
-    """Send ``probe`` again and again from a thread while the body runs; yields (the model versions that answered,
-    the failures: a request that failed, or an old task whose logits differ from the first answer's)."""
-    first = predict(c, probe, logits="true").json()
-    base = {t: first["results"][0]["tasks"][t]["logits"] for t in tasks}
-    seen, failures, stop = [], [], threading.Event()
-
-    def flow():
-        while not stop.is_set():
-            r = predict(c, probe, logits="true")
-            if r.status_code != 200:
-                failures.append(r.text)
-                continue
-            body = r.json()
-            seen.append(body["model_version"])
-            failures.extend(f"task {t} changed at version {body['model_version']}" for t in tasks
-                            if body["results"][0]["tasks"][t]["logits"] != base[t])
-
-    worker = threading.Thread(target=flow)
-    worker.start()
-    try:
-        yield seen, failures
-    finally:
-        time.sleep(0.2)  # answers of the last model too
-        stop.set()
-        worker.join()
-
-
-def test_live_add_and_remove_keep_old_answers_bit_identical(registry):
-    """Another process adds and removes tasks while requests flow: no request fails, every answer of an old task
-    is the same bits before, during and after (CPU float32, one image per pass)."""
-    reg, net = registry
-    with client(reg, max_batch=1) as c:
-        with probing(c, png(7)) as (seen, failures):
-            grow(reg, net, "c", 3, memory=3)
-            _wait_for(c, lambda h: h["tasks"] == 3)
-            grow(reg, net, "d", 4, layers="last:2")
-            _wait_for(c, lambda h: h["tasks"] == 4)
-            reg.remove_task("c")
-            _wait_for(c, lambda h: h["tasks"] == 3)
-        assert failures == []
-        assert len(set(seen)) >= 3  # answers came from at least three models while it changed
-        now = predict(c, png(7)).json()["results"][0]["tasks"]
-        assert sorted(now) == ["a", "b", "d"]
-        assert c.get("/health").json()["swaps"] == 3
-
-
-def test_a_new_model_is_prepared_before_it_is_swapped_in(registry):
-    # the app's prepare hook (on CUDA: capture every bucket's graph) runs on the loaded model while the old one
-    # still serves; only then does the swap happen
-    reg, net = registry
-    with client(reg, jpeg_decode="device") as c:
-        holder = c.app.state.holder
-        assert holder.prepare == c.app.state.batcher.warm
-        prepared = []
-
-        def spy(fresh):
-            prepared.append((fresh.version, holder.current.version))
-            holder_warm(fresh)
-
-        holder_warm, holder.prepare = holder.prepare, spy
-        grow(reg, net, "c", 3)
-        _wait_for(c, lambda h: h["tasks"] == 3)
-        assert len(prepared) == 1
-        fresh, serving_then = prepared[0]
-        assert serving_then != fresh and holder.current.version == fresh
-
-        def broken(fresh):  # a failed preparation still swaps the model in (its graphs come on first use)
-            fresh.graphs["stale"] = object()
-            raise RuntimeError("capture failed")
-
-        holder.prepare = broken
-        grow(reg, net, "d", 4)
-        _wait_for(c, lambda h: h["tasks"] == 4)
-        assert holder.current.graphs == {} and predict(c, png(0)).status_code == 200
-
-
-def _wait_for(c: TestClient, cond, timeout: float = 20.0) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond(c.get("/health").json()):
-            return
-        time.sleep(0.02)
-    raise AssertionError("the server did not pick up the change")
-
-
 @pytest.mark.parametrize("workers", ["threads", "processes"])
 def test_bad_requests_get_one_line_4xx(registry, workers):
     # the same answers whether uploads decode in threads or in worker processes (errors cross the boundary)
@@ -433,92 +303,3 @@ def test_jpegs_are_decoded_by_nvjpeg_inside_the_pass_on_cuda(registry):
         assert "continual_mem_device_decoded_images_total 3.0" in text, text
 
 
-@on_gpu
-def test_a_live_add_on_cuda_captures_the_new_graphs_beside_the_serving_ones(registry):
-    # the new model's graphs are captured in the loader's thread while requests keep flowing through the old
-    # model's; no request fails, the swapped-in model has every bucket, old tasks keep their bits
-    from scenarios.synthetic import photo
-
-    reg, net = registry
-    probe = photo(3, label=1, size=(500, 375))
-    with client(reg, device="cuda", max_batch=4) as c:
-        before = predict(c, probe, logits="true").json()["results"][0]["tasks"]
-        stop, failures = threading.Event(), []
-
-        def flow():
-            while not stop.is_set():
-                r = predict(c, probe)
-                if r.status_code != 200:
-                    failures.append(r.text)
-
-        worker = threading.Thread(target=flow)
-        worker.start()
-        grow(reg, net, "c", 3)
-        _wait_for(c, lambda h: h["tasks"] == 3)
-        time.sleep(0.2)
-        stop.set()
-        worker.join()
-        assert failures == []
-        assert sorted(c.app.state.holder.current.graphs) == [1, 2, 4]
-        after = predict(c, probe, logits="true").json()["results"][0]["tasks"]
-        assert {t: after[t] for t in before} == before
-
-
-@pytest.mark.slow
-def test_several_worker_processes_share_the_port_and_their_metrics(registry, tmp_path):
-    # serve --workers 2: every request answered, the same image gets the same bits from whichever worker, and a
-    # scrape of any worker counts the requests of both (prometheus_client's multiprocess mode)
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import httpx
-
-    reg, _ = registry
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = Path(__file__).resolve().parent.parent
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--registry", reg.url, "serve", "--port", str(port), "--workers", "2",
-         "--device", "cpu", "--poll-s", "0"], cwd=root, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(root)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            time.sleep(0.1)
-        answers = []
-        for _ in range(8):  # new connections: the kernel spreads them over the workers
-            with httpx.Client(timeout=30) as c:
-                r = c.post(f"{url}/predict", files=[("files", ("x.png", png(4), "image/png"))],
-                           params={"logits": "true"})
-                assert r.status_code == 200, r.text
-                answers.append(r.json()["results"])
-        assert all(a == answers[0] for a in answers)
-        text = httpx.get(f"{url}/metrics", timeout=5).text
-        assert 'continual_mem_requests_total{endpoint="/predict",status="200"} 8.0' in text
-        # the version comes from the one model process (an HTTP process reporting 0 would win the "livemin")
-        version = httpx.get(f"{url}/tasks", timeout=5).json()["model_version"]
-        assert f"continual_mem_model_version {version:.1f}" in text
-        # a model process that dies takes the server down with it (its HTTP processes could only answer 503)
-        model_pid = httpx.get(f"{url}/health", timeout=5).json()["model_pid"]
-        assert model_pid != server.pid
-        os.kill(model_pid, 9)
-        assert server.wait(timeout=60) != 0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-    text = (tmp_path / "server.log").read_text()
-    assert "Started parent process" in text and text.count("Started server process") == 2
-    assert text.count("model process: serving default") == 1  # one model for both HTTP processes
-    assert "error: the model process exited with code -9 while serving" in text

@@ -14,7 +14,7 @@ from registry_helpers import grow, new_registry  # noqa: E402
 from serving import ServeSettings, create_app  # noqa: E402
 from serving.engine import run_model_process  # noqa: E402
 from test_device_decode import bogus_huffman, jpeg  # noqa: E402
-from test_serving import png, predict, probing  # noqa: E402
+from serving_helpers import png, predict, probing  # noqa: E402
 
 
 def start_model_process(settings: ServeSettings, path: str):
