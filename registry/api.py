@@ -217,9 +217,7 @@ def _cpu_backbone(backbone: VisionTransformer | None, row: Backbone) -> VisionTr
     return backbone
 
 
-def assemble(
-    s: Session, model: Model, *, backbone: VisionTransformer | None = None
-) -> tuple[MemoryViT, dict[str, TaskCheck]]:
+def assemble(model: Model, *, backbone: VisionTransformer | None = None) -> tuple[MemoryViT, dict[str, TaskCheck]]:
     """Build the model from stored bytes, task by task; unreadable tasks are reported, not attached."""
     bb = _cpu_backbone(backbone, model.backbone)
     net = MemoryViT(bb, group_size=model.group_size)
@@ -249,7 +247,7 @@ def assemble(
 
 def load_model(s: Session, name: str, *, backbone: VisionTransformer | None = None) -> MemoryViT:
     """The full model (backbone + every task, in order), refusing any unreadable task."""
-    net, problems = assemble(s, get_model(s, name), backbone=backbone)
+    net, problems = assemble(get_model(s, name), backbone=backbone)
     if problems:
         raise RegistryError("; ".join(f"task {p.name!r} is {p.status}: {p.detail}" for p in problems.values()))
     return net
@@ -275,7 +273,7 @@ def check(
     build = current_build(threads)
     images = probe_images(s, model)
     with cpu_threads(threads):
-        net, problems = assemble(s, model, backbone=backbone)
+        net, problems = assemble(model, backbone=backbone)
         with torch.inference_mode():
             logits = net(images, original=False) if net.task_names else {}
     checks: list[TaskCheck] = []

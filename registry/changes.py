@@ -83,7 +83,7 @@ def add_task(
 
 
 def import_bundle(
-    s: Session, model_name: str, data: bytes, *, source: str = "bundle", backbone: VisionTransformer | None = None
+    s: Session, model_name: str, data: bytes, *, source: str, backbone: VisionTransformer | None = None
 ) -> Report:
     model = api.get_model(s, model_name, for_update=True)
     return insert_and_verify(s, model, data, kind="import", source=source, backbone=backbone)

@@ -1,0 +1,72 @@
+"""What the registry's verification stands on besides the bits: references are compared only on the build that
+made them, changes reuse the registered backbone instead of rebuilding it, every change locks its model's row,
+a corrupted blob is refused by name on export."""
+import pytest
+from sqlalchemy import text
+
+from registry import RegistryError, api
+from registry_helpers import flip_param_byte, grow, new_registry
+
+
+@pytest.fixture
+def two(tmp_path):
+    reg, net = new_registry(tmp_path / "r.db")
+    grow(reg, net, "a", 1)
+    grow(reg, net, "b", 2, memory=2)
+    return reg, net
+
+
+def test_references_are_compared_only_on_the_build_that_made_them(two):
+    # the CPU thread count is part of what decides a forward's bits: a reference made with one is not compared
+    # with outputs made with another, it is reported as not comparable, naming the difference
+    reg, _ = two
+    assert reg.verify().ok
+    with reg.engine.begin() as conn:
+        threads = int(conn.execute(text("SELECT value FROM meta WHERE key = 'verify_threads'")).scalar())
+        conn.execute(text("UPDATE meta SET value = :v WHERE key = 'verify_threads'"), {"v": str(threads + 1)})
+    report = reg.verify()
+    assert report.build["threads"] == threads + 1  # reported, not failed: a new build cannot be compared
+    assert [(c.name, c.status) for c in report.tasks] == [("a", "not-comparable"), ("b", "not-comparable")]
+    assert f"'threads': ({threads}, {threads + 1})" in report.tasks[0].detail
+
+
+def test_changes_reuse_the_registered_backbone(two, monkeypatch):
+    # building a backbone from its stored bytes is the slow part of a check: the registry builds it once and
+    # every later verify, import and removal reuses it
+    reg, _ = two
+    reg.verify()  # the registry's backbone is built by now
+    built = []
+    real = api.instantiate_backbone
+    monkeypatch.setattr(api, "instantiate_backbone", lambda row: built.append(row) or real(row))
+    bundle = reg.export_bundle("b")
+    reg.remove_task("b")
+    reg.import_bundle(bundle)
+    reg.verify()
+    assert built == [] and reg.task_names() == ["a", "b"]
+
+
+def test_every_change_locks_its_model_row(two, monkeypatch):
+    # on PostgreSQL two writers changing one model are serialised by SELECT ... FOR UPDATE on its row
+    reg, net = two
+    locks = []
+    real = api.get_model
+    monkeypatch.setattr(api, "get_model", lambda s, name, **kw: locks.append(kw.get("for_update")) or real(s, name,
+                                                                                                           **kw))
+    bundle = reg.export_bundle("b")
+    locks.clear()  # reading is not a change
+    reg.remove_task("b")
+    assert True in locks
+    locks.clear()
+    reg.import_bundle(bundle)
+    assert True in locks
+    locks.clear()
+    grow(reg, net, "c", 3)
+    assert True in locks
+
+
+def test_a_corrupted_blob_is_refused_on_export_by_name(two):
+    reg, _ = two
+    flip_param_byte(reg, "a")
+    with pytest.raises(RegistryError, match=r"^task 'a''s stored parameters are corrupted \(sha256 mismatch\)$"):
+        reg.export_bundle("a")
+    assert reg.export_bundle("b")  # the others still export
