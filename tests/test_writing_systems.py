@@ -36,13 +36,13 @@ def test_choose_keeps_scripts_in_two_fonts_and_caps_fonts_and_letters():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scripts")
-    return root, ws.build(root, dirs=[MPL_FONTS], min_scripts=5)
+def folder(tmp_path_factory) -> Path:
+    """``scripts`` built from matplotlib's fonts: DejaVu and STIX draw 14 scripts."""
+    return ws.build(tmp_path_factory.mktemp("scripts"), dirs=[MPL_FONTS], min_scripts=5)
 
 
-def test_build_writes_scripts_with_unseen_test_letters(built):
-    root, folder = built
+def test_build_writes_scripts_with_unseen_test_letters(folder):
+    root = folder.parent
     meta = json.loads((folder / "meta.json").read_text())
     assert {"latin", "greek", "cyrillic", "armenian", "hebrew"} <= set(meta["classes"])
     assert meta["classes"] == sorted(meta["classes"]) and set(meta["letters"]) == set(meta["classes"])
@@ -70,10 +70,10 @@ def test_without_fonts_it_says_which_packages_to_install(tmp_path):
     assert "scripts" in datasets.catalog()
 
 
-def test_font_sets_are_built_and_read_in_one_place(built, tmp_path):
+def test_font_sets_are_built_and_read_in_one_place(folder, tmp_path):
     from scenarios import font_sets
 
-    root, folder = built
+    root = folder.parent
     assert font_sets.build("scripts", root) == folder  # complete already: the builder returns it as is
     assert font_sets.load("scripts", root).class_names == datasets.load("scripts", root=root).class_names
     assert set(font_sets.NAMES) <= set(datasets.catalog())
