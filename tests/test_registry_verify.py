@@ -64,9 +64,11 @@ def test_every_change_locks_its_model_row(two, monkeypatch):
     assert True in locks
 
 
-def test_a_corrupted_blob_is_refused_on_export_by_name(two):
+def test_a_corrupted_blob_is_reported_and_refused_on_export_by_name(two):
     reg, _ = two
     flip_param_byte(reg, "a")
+    report = reg.verify()  # the first task is unreadable: the ones after it are still checked
+    assert [(c.name, c.status) for c in report.tasks] == [("a", "corrupt"), ("b", "equal")] and not report.ok
     with pytest.raises(RegistryError, match=r"^task 'a''s stored parameters are corrupted \(sha256 mismatch\)$"):
         reg.export_bundle("a")
     assert reg.export_bundle("b")  # the others still export
