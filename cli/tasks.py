@@ -102,7 +102,10 @@ def add_task(
     probe_fraction: Annotated[float, typer.Option(help="LP-FT: the first this fraction of the steps trains only "
                                                        "the new parameters, then the copies join")] = \
         DEFAULT.probe_fraction,
-    steps: Annotated[int, typer.Option(min=1)] = DEFAULT.steps,
+    steps: Annotated[int | None, typer.Option(min=1, help="optimizer steps [default: 32 passes over the training "
+                                                         "split, at least 2,000 and at most 20,000]")] = DEFAULT.steps,
+    epochs: Annotated[float | None, typer.Option(min=0.0, help="passes over the training split, instead of "
+                                                               "--steps")] = DEFAULT.epochs,
     batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT.batch_size,
     lr: Annotated[float | None, typer.Option(min=0.0, help="learning rate [default: a short sweep of 0.05, 0.1, "
                                                            "0.2 on the held-out split picks it]")] = DEFAULT.lr,
@@ -144,8 +147,8 @@ def add_task(
                                  adapter_dim=adapter_dim, fork_layers=fork_layers, fork_pool=_fork_pool(fork_pool),
                                  fork_select=fork_select, fork_finetune=fork_finetune,
                                  finetune_lr_scale=finetune_lr_scale, layer_decay=layer_decay,
-                                 probe_fraction=probe_fraction, steps=steps, batch_size=batch_size, lr=lr,
-                                 lr_sweep=lr_sweep, data_root=data_root, download=download, seed=seed,
+                                 probe_fraction=probe_fraction, steps=steps, epochs=epochs, batch_size=batch_size,
+                                 lr=lr, lr_sweep=lr_sweep, data_root=data_root, download=download, seed=seed,
                                  max_train=max_train, max_test=max_test, max_heldout=max_heldout,
                                  cuda_graph=cuda_graph, deterministic=deterministic, pipeline=pipeline,
                                  on_bad_image=on_bad_value(on_bad_image),

@@ -170,7 +170,9 @@ def train_on_dataset(
                                 max_heldout=r.max_heldout, pipeline=r.pipeline, on_bad_image=r.on_bad_image,
                                 cache_dir=r.cache_dir, progress=progress)
     lr = default_recipe.SHORT_RATES[0] if r.lr is None else r.lr  # a placeholder until the short sweep picks one
-    cfg = TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=lr, seed=r.seed, eval_every=max(1, r.steps // 4),
+    steps = default_recipe.training_steps(train_images=len(train), batch_size=r.batch_size, steps=r.steps,
+                                          epochs=r.epochs)
+    cfg = TrainConfig(steps=steps, batch_size=r.batch_size, lr=lr, seed=r.seed, eval_every=max(1, steps // 4),
                       cuda_graph=r.cuda_graph, finetune_lr_scale=r.finetune_lr_scale, layer_decay=r.layer_decay,
                       probe_fraction=r.probe_fraction, deterministic=r.deterministic)
     short: list[dict] = []
@@ -183,7 +185,7 @@ def train_on_dataset(
     test_acc = evaluate(net, test, [name], batch_size=max(r.batch_size, 128))[name]
     net.to("cpu")  # the registry stores and verifies on the CPU
     return {"task": name, "dataset": dataset, "classes": data.num_classes, "heldout_accuracy": result.best_val_accuracy,
-            "test_accuracy": test_acc, "steps": result.steps, "lr": result.lr, "wall_time_s": result.wall_time_s,
+            "test_accuracy": test_acc, "train_images": len(train), "steps": result.steps, "lr": result.lr, "wall_time_s": result.wall_time_s,
             "train_images_per_s": result.images_per_s, "device": device,
             "fork": dataclasses.asdict(fork), "short_sweep": short}
 

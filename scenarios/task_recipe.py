@@ -28,7 +28,8 @@ class TaskRecipe:
         finetune_lr_scale: Rate of the task's copies of pretrained weights over ``lr``.
         layer_decay: timm's layer-wise rate decay for those copies (None: the regime's default).
         probe_fraction: LP-FT: the share of the steps that trains only the new parameters first.
-        steps: Optimizer steps.
+        steps: Optimizer steps (None: from the data, :func:`scenarios.default_recipe.training_steps`).
+        epochs: Passes over the training split instead of ``steps``.
         batch_size: Global batch size.
         lr: Learning rate (ignored when ``lr_sweep`` is given; None: a short sweep on the held-out split picks it,
             :mod:`scenarios.default_recipe`).
@@ -59,7 +60,8 @@ class TaskRecipe:
     finetune_lr_scale: float = 0.03
     layer_decay: float | None = None
     probe_fraction: float = 0.0
-    steps: int = 1000
+    steps: int | None = None
+    epochs: float | None = None
     batch_size: int = 128
     lr: float | None = None
     lr_sweep: str = ""
@@ -77,9 +79,12 @@ class TaskRecipe:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fork_pool", tuple(self.fork_pool))
-        if self.steps < 1 or self.batch_size < 1 or self.task_tokens < 1:
+        if (self.steps is not None and self.steps < 1) or self.batch_size < 1 or self.task_tokens < 1:
             raise ValueError(f"steps, batch_size and task_tokens must be >= 1, got {self.steps}, {self.batch_size}, "
                              f"{self.task_tokens}")
+        if self.epochs is not None and (self.steps is not None or self.epochs <= 0):
+            raise ValueError(f"epochs must be > 0 and steps not given with it, got epochs {self.epochs}, steps "
+                             f"{self.steps}; give --steps or --epochs")
         if (self.lr is not None and self.lr < 0) or self.finetune_lr_scale < 0:
             raise ValueError(f"lr and finetune_lr_scale must be >= 0, got {self.lr}, {self.finetune_lr_scale}")
         if self.lr_sweep:

@@ -1,6 +1,7 @@
 """Every CLI command through Typer's CliRunner: happy paths, and user errors exit 2 with one clear line and
 leave the registry unchanged."""
 import json
+import math
 import sqlite3
 from pathlib import Path
 
@@ -281,3 +282,9 @@ def test_add_task_without_flags_trains_the_default_recipe(db):
     given = json.loads(ok(cm(db, "add-task", "digits", "--name", "given", *FAST, "--lr", "0.07", "--fork-layers",
                              "0", "--json")).stdout)
     assert given["short_sweep"] == [] and given["lr"] == 0.07 and given["fork"]["layers"] == 0
+    # --epochs: passes over the training split instead of --steps (both: refused)
+    fast = [a for a in FAST if a not in ("--steps", "3")]
+    short = json.loads(ok(cm(db, "add-task", "digits", "--name", "epochs", *fast, "--epochs", "0.05", "--lr", "0.07",
+                             "--json")).stdout)
+    assert short["steps"] == math.ceil(0.05 * short["train_images"] / 16) and short["train_images"] > 1000
+    user_error(cm(db, "add-task", "digits", "--name", "both", *FAST, "--epochs", "1"), "give --steps or --epochs")

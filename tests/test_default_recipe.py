@@ -40,3 +40,21 @@ def test_short_runs_and_refusals():
         short_steps(0)
     with pytest.raises(ValueError, match=r"^need depth >= 1 and patches >= 1, got 0 and 4$"):
         fork(depth=0, patches=4)
+
+
+def test_training_length_follows_the_data():
+    steps = default_recipe.training_steps
+    # 32 passes, within [2,000, 20,000]: the measured sets (6-8k images) get the 2,000 they were measured at
+    assert steps(train_images=8_000, batch_size=128) == 2_000
+    assert steps(train_images=500, batch_size=128) == 2_000
+    assert steps(train_images=20_000, batch_size=128) == 5_000  # 32 × 20,000 / 128
+    assert steps(train_images=20_001, batch_size=128) == 5_001  # rounded up
+    assert steps(train_images=76_128, batch_size=128) == 19_032  # SUN397's train split
+    assert steps(train_images=2_700_000, batch_size=128) == 20_000  # the paper's schedule at most
+    assert steps(train_images=100, batch_size=10, epochs=2.5) == 25
+    assert steps(train_images=3, batch_size=128, epochs=1) == 1
+    assert steps(train_images=8_000, batch_size=128, steps=7) == 7  # given: kept
+    for kw, message in [(dict(steps=5, epochs=1.0), "give steps or epochs, not both"),
+                        (dict(train_images=0), "need train_images >= 1 and batch_size >= 1, got 0 and 128")]:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            steps(**{"train_images": 10, "batch_size": 128, **kw})
