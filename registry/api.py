@@ -258,6 +258,22 @@ def _tensor_from_ref(ref: Reference) -> torch.Tensor:
     return torch.frombuffer(bytearray(ref.logits), dtype=getattr(torch, ref.dtype)).reshape(ref.shape)
 
 
+def compare(name: str, out: torch.Tensor, ref: Reference | None, build: dict) -> TaskCheck:
+    """Task ``name``'s recomputed logits against its stored reference: equal only if the build is the same and
+    the bytes are (sha256 and ``torch.equal``)."""
+    if ref is None:
+        return TaskCheck(name, "corrupt", detail="no stored reference outputs")
+    if ref.build != build:
+        diff = {k: (ref.build.get(k), build.get(k)) for k in build if ref.build.get(k) != build.get(k)}
+        return TaskCheck(name, "not-comparable", detail=f"reference computed on another build: {diff}")
+    if sha256(out.numpy().tobytes()) == ref.sha256 and torch.equal(out, _tensor_from_ref(ref)):
+        return TaskCheck(name, "equal", max_abs_diff=0.0)
+    stored = _tensor_from_ref(ref)
+    mad = (out.double() - stored.double()).abs().max().item() if out.shape == stored.shape else float("inf")
+    return TaskCheck(name, "mismatch", max_abs_diff=mad,
+                     detail=f"logits differ from the stored reference (sha256 {ref.sha256[:16]}…)")
+
+
 def check(
     s: Session,
     model: Model,
@@ -275,29 +291,15 @@ def check(
     with cpu_threads(threads):
         net, problems = assemble(model, backbone=backbone)
         with torch.inference_mode():
-            logits = net(images, original=False) if net.task_names else {}
+            logits = net(images, original=False)  # no task: {}
     checks: list[TaskCheck] = []
     for row in model.tasks:
         if row.name in problems:
             checks.append(problems[row.name])
-            continue
-        out = logits[row.name].contiguous()
-        if row.name in new:
-            checks.append(TaskCheck(row.name, "new", logits=out))
-            continue
-        ref = row.reference
-        if ref is None:
-            checks.append(TaskCheck(row.name, "corrupt", detail="no stored reference outputs"))
-        elif ref.build != build:
-            diff = {k: (ref.build.get(k), build.get(k)) for k in build if ref.build.get(k) != build.get(k)}
-            checks.append(TaskCheck(row.name, "not-comparable", detail=f"reference computed on another build: {diff}"))
-        elif sha256(out.numpy().tobytes()) == ref.sha256 and torch.equal(out, _tensor_from_ref(ref)):
-            checks.append(TaskCheck(row.name, "equal", max_abs_diff=0.0))
+        elif row.name in new:
+            checks.append(TaskCheck(row.name, "new", logits=logits[row.name].contiguous()))
         else:
-            stored = _tensor_from_ref(ref)
-            mad = (out.double() - stored.double()).abs().max().item() if out.shape == stored.shape else float("inf")
-            checks.append(TaskCheck(row.name, "mismatch", max_abs_diff=mad,
-                                    detail=f"logits differ from the stored reference (sha256 {ref.sha256[:16]}…)"))
+            checks.append(compare(row.name, logits[row.name].contiguous(), row.reference, build))
     return Report(model.name, trigger, build, started, utcnow(), checks)
 
 

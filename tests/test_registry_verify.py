@@ -72,3 +72,33 @@ def test_a_corrupted_blob_is_reported_and_refused_on_export_by_name(two):
     with pytest.raises(RegistryError, match=r"^task 'a''s stored parameters are corrupted \(sha256 mismatch\)$"):
         reg.export_bundle("a")
     assert reg.export_bundle("b")  # the others still export
+
+
+def test_a_task_without_its_reference_is_corrupt_and_the_others_still_compared(two):
+    reg, _ = two
+    with reg.engine.begin() as conn:
+        conn.execute(text('DELETE FROM "references" WHERE task_id = (SELECT id FROM tasks WHERE name = :n)'),
+                     {"n": "a"})
+    report = reg.verify()
+    a, b = report.tasks
+    assert (a.name, a.status, a.detail) == ("a", "corrupt", "no stored reference outputs") and not report.ok
+    assert (b.name, b.status, b.max_abs_diff) == ("b", "equal", 0.0)
+
+
+def test_compare_names_the_difference():
+    import torch
+
+    out = torch.tensor([[1.0, 2.0]])
+    build = api.current_build(1)
+    ref = type("Ref", (), dict(logits=out.numpy().tobytes(), sha256=api.sha256(out.numpy().tobytes()),
+                               shape=[1, 2], dtype="float32", build=build))()
+    assert api.compare("t", out, ref, build) == api.TaskCheck("t", "equal", max_abs_diff=0.0)
+    off = torch.tensor([[1.0, 2.5]])
+    got = api.compare("t", off, ref, build)
+    assert (got.status, got.max_abs_diff) == ("mismatch", 0.5)
+    assert got.detail == f"logits differ from the stored reference (sha256 {ref.sha256[:16]}…)"
+    assert api.compare("t", out[:, :1], ref, build).max_abs_diff == float("inf")  # another shape
+    other = {**build, "torch": "0.0"}
+    got = api.compare("t", out, ref, other)
+    assert got.status == "not-comparable"
+    assert got.detail == f"reference computed on another build: {{'torch': ({build['torch']!r}, '0.0')}}"
