@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 import tomllib
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("--modules and --tests are both needed (or --report-only)")
         pyproject = ROOT / "pyproject.toml"
         original = pyproject.read_text()
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still puts the file back
         pyproject.write_text(with_section(original, args.modules.split(","), args.tests.split(",")))
         try:
             subprocess.run([str(MUTMUT), "run", *args.patterns], cwd=ROOT, check=False)
