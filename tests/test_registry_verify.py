@@ -25,6 +25,7 @@ def test_references_are_compared_only_on_the_build_that_made_them(two):
         threads = int(conn.execute(text("SELECT value FROM meta WHERE key = 'verify_threads'")).scalar())
         conn.execute(text("UPDATE meta SET value = :v WHERE key = 'verify_threads'"), {"v": str(threads + 1)})
     report = reg.verify()
+    assert report.model == "default" and report.trigger == "manual"
     assert report.build["threads"] == threads + 1  # reported, not failed: a new build cannot be compared
     assert [(c.name, c.status) for c in report.tasks] == [("a", "not-comparable"), ("b", "not-comparable")]
     assert f"'threads': ({threads}, {threads + 1})" in report.tasks[0].detail
@@ -95,10 +96,22 @@ def test_compare_names_the_difference():
     assert api.compare("t", out, ref, build) == api.TaskCheck("t", "equal", max_abs_diff=0.0)
     off = torch.tensor([[1.0, 2.5]])
     got = api.compare("t", off, ref, build)
-    assert (got.status, got.max_abs_diff) == ("mismatch", 0.5)
+    assert (got.name, got.status, got.max_abs_diff) == ("t", "mismatch", 0.5)
     assert got.detail == f"logits differ from the stored reference (sha256 {ref.sha256[:16]}…)"
     assert api.compare("t", out[:, :1], ref, build).max_abs_diff == float("inf")  # another shape
     other = {**build, "torch": "0.0"}
     got = api.compare("t", out, ref, other)
-    assert got.status == "not-comparable"
+    assert (got.name, got.status) == ("t", "not-comparable")
     assert got.detail == f"reference computed on another build: {{'torch': ({build['torch']!r}, '0.0')}}"
+
+
+def test_equal_means_the_same_bytes_not_equal_values():
+    # torch.equal calls -0.0 and 0.0 equal; their bytes differ, so the stored outputs did change
+    import torch
+
+    build = api.current_build(1)
+    zero = torch.zeros(1, 2)
+    ref = type("Ref", (), dict(logits=zero.numpy().tobytes(), sha256=api.sha256(zero.numpy().tobytes()),
+                               shape=[1, 2], dtype="float32", build=build))()
+    assert torch.equal(-zero, zero)
+    assert api.compare("t", -zero, ref, build).status == "mismatch"
