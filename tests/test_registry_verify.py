@@ -115,3 +115,42 @@ def test_equal_means_the_same_bytes_not_equal_values():
                                shape=[1, 2], dtype="float32", build=build))()
     assert torch.equal(-zero, zero)
     assert api.compare("t", -zero, ref, build).status == "mismatch"
+
+
+def test_an_added_task_is_stored_with_all_it_is(tmp_path):
+    # every column an add writes, read back: the task row, its blob, its reference and build, its metrics, the
+    # verification it passed and the event
+    from sqlalchemy import select
+
+    from registry.db import session
+    from registry.schema import Task
+
+    reg, net = new_registry(tmp_path / "r.db")
+    grow(reg, net, "a", 1)
+    report = grow(reg, net, "b", 2, memory=2, layers="last:2")
+    assert report.trigger == "add:b" and [(c.name, c.status) for c in report.tasks] == [("a", "equal"), ("b", "new")]
+    a, b = reg.tasks()
+    task = net.tasks["b"]
+    assert {k: b[k] for k in ("name", "position", "regime", "mode", "memory", "layers", "num_classes", "dataset",
+                              "param_count", "status")} == {
+        "name": "b", "position": a["position"] + 1, "regime": "masked-memory", "mode": "concatenation", "memory": 2,
+        "layers": list(task.config.layers), "num_classes": 3, "dataset": task.config.dataset,
+        "param_count": sum(p.numel() for p in task.state_dict().values()), "status": "active"}
+    assert b["metrics"] == [{"split": "test", "accuracy": 0.5, "loss": None, "steps": None, "wall_time_s": None,
+                             "device": ""}]
+    data = reg.export_bundle("b")
+    assert b["params_sha256"] == api.sha256(data)
+    with session(reg.engine) as s:
+        row = s.scalars(select(Task).where(Task.name == "b")).one()
+        assert row.params.size == len(data) and row.class_names == list(task.config.class_names)
+        assert row.config == task.config.to_dict()
+        ref = row.reference
+        logits = report.tasks[1].logits
+        assert (ref.shape, ref.dtype, ref.build) == (list(logits.shape), "float32", report.build)
+        assert ref.logits == logits.numpy().tobytes() and ref.sha256 == api.sha256(ref.logits)
+    assert reg.verification_history()[-1] == {**reg.verification_history()[-1], "trigger": "add:b", "ok": True,
+                                              "results": {"a": "equal", "b": "new"}}
+    event = reg.events()[-1]
+    assert (event["kind"], event["task"], event["model"]) == ("add", "b", "default")
+    assert event["detail"] == {"regime": "masked-memory", "mode": "concatenation", "source": "task 'b'",
+                               "sha256": b["params_sha256"]}
