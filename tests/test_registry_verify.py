@@ -154,3 +154,60 @@ def test_an_added_task_is_stored_with_all_it_is(tmp_path):
     assert (event["kind"], event["task"], event["model"]) == ("add", "b", "default")
     assert event["detail"] == {"regime": "masked-memory", "mode": "concatenation", "source": "task 'b'",
                                "sha256": b["params_sha256"]}
+
+
+def test_refused_imports_name_the_bundle_and_the_backbones(two, tmp_path):
+    from continual_mem import MemoryViT, TaskStateError
+    from helpers import make_backbone
+
+    reg, net = two
+    other = MemoryViT(make_backbone("tiny", seed=9))
+    other.add_task("z", 3)
+    path = tmp_path / "z.safetensors"
+    from continual_mem import export_task_bytes
+
+    path.write_bytes(export_task_bytes(other, "z"))
+    theirs, ours = other.backbone_fingerprint()[:12], net.backbone_fingerprint()[:12]
+    with pytest.raises(RegistryError, match=(f"^{path}: task 'z' was trained on backbone {theirs}…, model 'default' "
+                                             f"uses {ours}…; import it into a model with that backbone$")):
+        reg.import_bundle(path)
+    truncated = tmp_path / "cut.safetensors"
+    good = reg.export_bundle("a")
+    truncated.write_bytes(good[: len(good) - 100])
+    with pytest.raises(TaskStateError, match=f"^{truncated} is not a readable safetensors file"):
+        reg.import_bundle(truncated)
+
+
+def test_a_removal_that_breaks_another_task_is_rolled_back_with_its_report(two):
+    from registry import VerificationFailed
+
+    reg, net = two
+    grow(reg, net, "c", 3)
+    flip_param_byte(reg, "a")
+    with pytest.raises(VerificationFailed) as err:
+        reg.remove_task("b")
+    assert str(err.value).startswith("removal of task 'b' rolled back: verification failed for a (corrupt")
+    assert [(c.name, c.status) for c in err.value.report.tasks] == [("a", "corrupt"), ("c", "equal")]
+    assert reg.task_names() == ["a", "b", "c"]
+
+
+def test_a_removal_is_recorded_as_an_event_of_its_task(two):
+    reg, net = two
+    grow(reg, net, "ext", 3, mode="extension")
+    with pytest.raises(RegistryError, match=r"^cannot remove 'b': extension tasks \['ext'\] attend to it; remove "
+                                            r"them first$"):
+        reg.remove_task("b")
+    reg.remove_task("ext")
+    reg.remove_task("b")
+    event = reg.events()[-1]
+    assert (event["kind"], event["model"], event["task"]) == ("remove", "default", "b")
+    assert reg.verification_history()[-1]["trigger"] == "remove:b"
+
+
+def test_a_task_stored_before_extension_tasks_existed_reads_as_reading_none(two):
+    # rows written before configs had "sees" (no extension tasks then) must not block a removal
+    reg, _ = two
+    with reg.engine.begin() as conn:
+        conn.execute(text("UPDATE tasks SET config = json_remove(config, '$.sees')"))
+    reg.remove_task("b")
+    assert reg.task_names() == ["a"]
