@@ -211,3 +211,22 @@ def test_a_task_stored_before_extension_tasks_existed_reads_as_reading_none(two)
         conn.execute(text("UPDATE tasks SET config = json_remove(config, '$.sees')"))
     reg.remove_task("b")
     assert reg.task_names() == ["a"]
+
+
+def test_a_bundle_taken_or_without_a_backbone_is_refused_by_name(two):
+    import json
+    import struct
+
+    reg, net = two
+    bundle = reg.export_bundle("a")
+    with pytest.raises(RegistryError, match="^model 'default' already has a task named 'a'; remove it or rename$"):
+        reg.import_bundle(bundle)
+    n = struct.unpack("<Q", bundle[:8])[0]
+    header = json.loads(bundle[8:8 + n])
+    del header["__metadata__"]["backbone_fingerprint"]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    ours = net.backbone_fingerprint()[:12]
+    with pytest.raises(RegistryError, match=f"^bundle: task 'a' was trained on backbone \\?…, model 'default' uses "
+                                            f"{ours}…; import it into a model with that backbone$"):
+        reg.import_bundle(struct.pack("<Q", len(raw)) + raw + bundle[8 + n:])
