@@ -127,10 +127,11 @@ def test_an_added_task_is_stored_with_all_it_is(tmp_path):
 
     reg, net = new_registry(tmp_path / "r.db")
     grow(reg, net, "a", 1)
-    report = grow(reg, net, "b", 2, memory=2, layers="last:2")
+    report = grow(reg, net, "b", 2, memory=2, layers="last:2", dataset="digits")
     assert report.trigger == "add:b" and [(c.name, c.status) for c in report.tasks] == [("a", "equal"), ("b", "new")]
     a, b = reg.tasks()
     task = net.tasks["b"]
+    assert a["position"] == 1 and task.config.dataset == "digits"
     assert {k: b[k] for k in ("name", "position", "regime", "mode", "memory", "layers", "num_classes", "dataset",
                               "param_count", "status")} == {
         "name": "b", "position": a["position"] + 1, "regime": "masked-memory", "mode": "concatenation", "memory": 2,
@@ -230,3 +231,15 @@ def test_a_bundle_taken_or_without_a_backbone_is_refused_by_name(two):
     with pytest.raises(RegistryError, match=f"^bundle: task 'a' was trained on backbone \\?…, model 'default' uses "
                                             f"{ours}…; import it into a model with that backbone$"):
         reg.import_bundle(struct.pack("<Q", len(raw)) + raw + bundle[8 + n:])
+
+
+def test_an_extension_bundle_from_other_token_tasks_is_refused_by_name(two):
+    reg, net = two
+    grow(reg, net, "ext", 3, mode="extension")
+    bundle = reg.export_bundle("ext")
+    reg.remove_task("ext")
+    reg.remove_task("b")
+    with pytest.raises(RegistryError, match=r"^extension task 'ext' was trained on top of tasks \['a', 'b'\], but "
+                                            r"model 'default' has token tasks \['a'\]; retrain it on the current "
+                                            r"model$"):
+        reg.import_bundle(bundle)
