@@ -127,11 +127,11 @@ def test_an_added_task_is_stored_with_all_it_is(tmp_path):
 
     reg, net = new_registry(tmp_path / "r.db")
     grow(reg, net, "a", 1)
-    report = grow(reg, net, "b", 2, memory=2, layers="last:2", dataset="digits")
+    report = grow(reg, net, "b", 2, memory=2, layers="last:2", dataset="digits", class_names=("x", "y", "z"))
     assert report.trigger == "add:b" and [(c.name, c.status) for c in report.tasks] == [("a", "equal"), ("b", "new")]
     a, b = reg.tasks()
     task = net.tasks["b"]
-    assert a["position"] == 1 and task.config.dataset == "digits"
+    assert a["position"] == 1 and task.config.dataset == "digits" and task.config.class_names == ("x", "y", "z")
     assert {k: b[k] for k in ("name", "position", "regime", "mode", "memory", "layers", "num_classes", "dataset",
                               "param_count", "status")} == {
         "name": "b", "position": a["position"] + 1, "regime": "masked-memory", "mode": "concatenation", "memory": 2,
