@@ -34,7 +34,7 @@ def test_references_are_compared_only_on_the_build_that_made_them(two):
 def test_changes_reuse_the_registered_backbone(two, monkeypatch):
     # building a backbone from its stored bytes is the slow part of a check: the registry builds it once and
     # every later verify, import and removal reuses it
-    reg, _ = two
+    reg, _net = two
     reg.verify()  # the registry's backbone is built by now
     built = []
     real = api.instantiate_backbone
@@ -43,7 +43,8 @@ def test_changes_reuse_the_registered_backbone(two, monkeypatch):
     reg.remove_task("b")
     reg.import_bundle(bundle)
     reg.verify()
-    assert built == [] and reg.task_names() == ["a", "b"]
+    grow(reg, _net, "c", 3)  # an add checks with the training model's backbone
+    assert built == [] and reg.task_names() == ["a", "b", "c"]
 
 
 def test_every_change_locks_its_model_row(two, monkeypatch):
