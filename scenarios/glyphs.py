@@ -62,9 +62,9 @@ CLONE_FAMILIES = ("TeX Gyre", "Free")  # outlines copied from URW's base 35: not
 
 def font_info(path: Path) -> tuple[str, str, set[int]] | None:
     """The font's family name (name table id 1), its full name (id 4, e.g. "Lato Light Italic") and the characters
-    of :data:`CHARACTERS` it draws as themselves, or None if fontTools cannot read it. A letter's glyph must carry the letter's own name (``a``, ``a.alt``), so
-    symbol fonts that put Greek or dingbats at Latin code points (Standard Symbols PS's ``a`` is an alpha) draw
-    nothing."""
+    of :data:`CHARACTERS` it draws as themselves, or None if fontTools cannot read it. A letter's glyph must carry
+    the letter's own name (``a``, ``a.alt``), so symbol fonts that put Greek or dingbats at Latin code points
+    (Standard Symbols PS's ``a`` is an alpha) draw nothing."""
     from fontTools.ttLib import TTFont
 
     try:

@@ -124,7 +124,9 @@ def build(root: Path = Path("data"), *, dirs=FONT_DIRS, min_scripts: int = 20) -
     records: dict[Path, dict] = {}
     letters: dict[str, dict[str, set[str]]] = defaultdict(lambda: {"train": set(), "test": set()})
     for part, cls, _, _, path, ch in kept:
-        records.setdefault(path, font_record(path, path.stem, None, 0))["drawn"] += 1
+        if path not in records:  # font_record hashes the whole file: once per font, not once per drawing
+            records[path] = font_record(path, path.stem, None, 0)
+        records[path]["drawn"] += 1
         letters[cls][part].add(ch)
     meta = {"name": "scripts", "classes": [class_name(s) for s in sorted(by_script)], "side": SIDE, "em": EM,
             "test_share": TEST_SHARE, "fonts_per_script": FONTS_PER_SCRIPT, "letters_per_script": LETTERS_PER_SCRIPT,
