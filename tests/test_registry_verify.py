@@ -5,15 +5,12 @@ import pytest
 from sqlalchemy import text
 
 from registry import RegistryError, api
-from registry_helpers import flip_param_byte, grow, new_registry
+from registry_helpers import flip_param_byte, grow, new_registry, two_task_registry
 
 
 @pytest.fixture
 def two(tmp_path):
-    reg, net = new_registry(tmp_path / "r.db")
-    grow(reg, net, "a", 1)
-    grow(reg, net, "b", 2, memory=2)
-    return reg, net
+    return two_task_registry(tmp_path)
 
 
 def test_references_are_compared_only_on_the_build_that_made_them(two):

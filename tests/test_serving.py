@@ -12,9 +12,10 @@ pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from registry_helpers import two_task_registry  # noqa: E402
 from scenarios.decode import MAX_ASPECT, SHORT_SIDE  # noqa: E402
 from serving import ServeSettings, create_app  # noqa: E402
-from serving_helpers import GPU_ONLY, client, on_gpu, png, png_header, predict, two_task_registry  # noqa: E402
+from serving_helpers import GPU_ONLY, client, on_gpu, png, png_header, predict  # noqa: E402
 
 
 @pytest.fixture

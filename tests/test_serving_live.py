@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
 
-from registry_helpers import grow  # noqa: E402
-from serving_helpers import client, on_gpu, png, predict, probing, two_task_registry, wait_for  # noqa: E402
+from registry_helpers import grow, two_task_registry  # noqa: E402
+from serving_helpers import client, on_gpu, png, predict, probing, wait_for  # noqa: E402
 
 
 @pytest.fixture
