@@ -84,13 +84,21 @@ def test_a_task_without_its_reference_is_corrupt_and_the_others_still_compared(t
     assert (b.name, b.status, b.max_abs_diff) == ("b", "equal", 0.0)
 
 
+def reference_of(logits, build: dict):
+    """What ``api.compare`` reads of a stored reference, for ``logits`` computed on ``build``."""
+    from types import SimpleNamespace
+
+    raw = logits.numpy().tobytes()
+    return SimpleNamespace(logits=raw, sha256=api.sha256(raw), shape=list(logits.shape),
+                           dtype=str(logits.dtype).removeprefix("torch."), build=build)
+
+
 def test_compare_names_the_difference():
     import torch
 
     out = torch.tensor([[1.0, 2.0]])
     build = api.current_build(1)
-    ref = type("Ref", (), dict(logits=out.numpy().tobytes(), sha256=api.sha256(out.numpy().tobytes()),
-                               shape=[1, 2], dtype="float32", build=build))()
+    ref = reference_of(out, build)
     assert api.compare("t", out, ref, build) == api.TaskCheck("t", "equal", max_abs_diff=0.0)
     off = torch.tensor([[1.0, 2.5]])
     got = api.compare("t", off, ref, build)
@@ -109,8 +117,7 @@ def test_equal_means_the_same_bytes_not_equal_values():
 
     build = api.current_build(1)
     zero = torch.zeros(1, 2)
-    ref = type("Ref", (), dict(logits=zero.numpy().tobytes(), sha256=api.sha256(zero.numpy().tobytes()),
-                               shape=[1, 2], dtype="float32", build=build))()
+    ref = reference_of(zero, build)
     assert torch.equal(-zero, zero)
     assert api.compare("t", -zero, ref, build).status == "mismatch"
 
