@@ -232,15 +232,6 @@ def test_settings_are_validated():
         ServeSettings(registry="x.db", device="tpu")
 
 
-def test_batch_buckets_are_powers_of_two_up_to_max_batch():
-    from serving.batcher import bucket_for
-
-    assert [bucket_for(n, 64) for n in (1, 2, 3, 4, 5, 17, 33, 64)] == [1, 2, 4, 4, 8, 32, 64, 64]
-    assert [bucket_for(n, 48) for n in (33, 48)] == [48, 48]
-    with pytest.raises(ValueError, match="1 <= n <= max_batch"):
-        bucket_for(65, 64)
-
-
 @on_gpu
 def test_graph_buckets_answer_what_the_eager_pass_does_at_the_same_shape(registry):
     """The served pass replayed from a CUDA graph at its bucket (padded rows) gives the eager pass's bits there,

@@ -1,0 +1,267 @@
+"""The dynamic batcher on its own, with a stand-in model whose logits name the image they came from: which images
+share a pass, the order rows are handed out in, overlapped passes, failures, undecodable images and the metrics.
+Milliseconds per test, so a mutation run of `serving/batcher.py` can afford them (the property tests in
+`test_batching_properties.py` check the same promises on a real model)."""
+import asyncio
+import io
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("prometheus_client", reason="needs the serve extra: pip install -e '.[serve]'")
+
+from PIL import Image  # noqa: E402
+
+from scenarios.decode import BadImage  # noqa: E402
+from serving.batcher import Answer, Batcher, bucket_for  # noqa: E402
+from serving.metrics import Metrics  # noqa: E402
+from test_device_decode import bogus_huffman  # noqa: E402
+
+
+class Stage:
+    """The device stage's interface: each image becomes one number, its first pixel's red value."""
+
+    pre = SimpleNamespace(img_size=16)
+
+    def __call__(self, canvas, hw, labels, *, train):
+        assert not train and len(labels) == len(canvas) == len(hw)
+        return canvas[:, 0, 0, 0].float(), labels
+
+    def from_images(self, tensors):
+        return torch.stack([t[0, 0, 0].float() for t in tensors])
+
+
+class Net:
+    """Per image value v: task "a" gives [v, v + 0.5], task "b" [2v, 3v, 4v]; "original" is not a served task.
+    ``fail`` makes the next call raise; ``calls`` counts passes and their sizes."""
+
+    task_names = ["a", "b"]
+
+    def __init__(self):
+        self.fail, self.calls = None, []
+
+    def __call__(self, x, *, original):
+        assert original is False
+        self.calls.append(len(x))
+        if self.fail is not None:
+            exc, self.fail = self.fail, None
+            raise exc
+        return {"original": torch.full((len(x), 7), -1.0), "a": torch.stack([x, x + 0.5], 1),
+                "b": torch.stack([2 * x, 3 * x, 4 * x], 1)}
+
+
+def served(version: int = 3):
+    return SimpleNamespace(net=Net(), version=version, stage=Stage(), classes={"a": ("p", "q"), "b": ("x", "y", "z")},
+                           graphs={})
+
+
+def holder(model=None):
+    return SimpleNamespace(device=torch.device("cpu"), current=model or served(), cpu_turns=threading.Lock())
+
+
+def image(v: int) -> np.ndarray:
+    return np.full((5 + v % 3, 4 + v % 2, 3), v, dtype=np.uint8)
+
+
+def jpeg(v: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)).save(out, "JPEG", quality=100)
+    return out.getvalue()
+
+
+def expected(v: float) -> dict[str, list[float]]:
+    return {"a": [v, v + 0.5], "b": [2 * v, 3 * v, 4 * v]}
+
+
+def batcher_for(h, **kw) -> Batcher:
+    opts = dict(max_batch=4, max_wait_ms=1, amp=False)
+    return Batcher(h, Metrics(), **{**opts, **kw})
+
+
+async def serve(b: Batcher, rounds, *, pause_s: float = 0.0):
+    """Each round's images submitted together and awaited; returns each round's answers (or exceptions)."""
+    worker = asyncio.create_task(b.run())
+    out = []
+    try:
+        for images in rounds:
+            futs = []
+            for im in images:
+                futs.append(asyncio.ensure_future(b.submit(im)))
+                if pause_s:
+                    await asyncio.sleep(pause_s)
+            out.append(await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 10))
+    finally:
+        worker.cancel()
+    return out
+
+
+def check(answer, v: float, model) -> None:
+    assert isinstance(answer, Answer), answer
+    assert answer.version == model.version and answer.served is model
+    assert list(answer.logits) == ["a", "b"]  # served tasks only, in the model's order
+    for task, want in expected(v).items():
+        assert answer.logits[task].dtype == np.float32 and answer.logits[task].tolist() == want, (task, v)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_each_image_gets_its_own_rows_in_every_pass(overlap):
+    h = holder()
+    b = batcher_for(h, overlap=overlap)
+    rounds = [[image(v) for v in (10, 20, 30, 40)], [image(5)], [image(v) for v in (7, 9)]]
+    got = asyncio.run(serve(b, rounds))
+    for images, answers in zip(rounds, got):
+        for im, answer in zip(images, answers):
+            check(answer, float(im[0, 0, 0]), h.current)
+    assert b.passes == 3 and h.current.net.calls == [4, 1, 2]
+
+
+def test_a_pass_takes_at_most_max_batch_images_and_whatever_is_queued():
+    h = holder()
+    b = batcher_for(h, max_batch=3)
+    values = list(range(1, 8))
+    (got,) = asyncio.run(serve(b, [[image(v) for v in values]]))
+    for v, answer in zip(values, got):
+        check(answer, float(v), h.current)
+    assert h.current.net.calls == [3, 3, 1] and b.passes == 3
+    assert sample(b.metrics.batch_size, "_sum") == 7 and sample(b.metrics.batch_size, "_count") == 3
+
+
+@pytest.mark.parametrize("wait_ms, passes", [(2000, 1), (0, 3)])
+def test_the_first_image_waits_up_to_max_wait_for_company(wait_ms, passes):
+    # three images 50 ms apart: a 2 s window gathers them into one pass, no window runs each alone
+    h = holder()
+    b = batcher_for(h, max_wait_ms=wait_ms)
+    (got,) = asyncio.run(serve(b, [[image(v) for v in (1, 2, 3)]], pause_s=0.05))
+    for v, answer in zip((1, 2, 3), got):
+        check(answer, float(v), h.current)
+    assert b.passes == passes
+
+
+def test_a_full_batch_does_not_wait_out_the_window():
+    h = holder()
+    b = batcher_for(h, max_batch=2, max_wait_ms=5000)
+
+    async def main():
+        worker = asyncio.create_task(b.run())
+        try:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await asyncio.wait_for(asyncio.gather(b.submit(image(1)), b.submit(image(2))), 10)
+            return loop.time() - t0
+        finally:
+            worker.cancel()
+
+    assert asyncio.run(main()) < 2.0
+
+
+def test_a_failed_pass_fails_its_own_requests_and_the_worker_serves_on():
+    h = holder()
+    b = batcher_for(h)
+    h.current.net.fail = RuntimeError("out of memory")
+    first, second = asyncio.run(serve(b, [[image(1), image(2)], [image(3)]]))
+    assert all(isinstance(a, RuntimeError) and str(a) == "out of memory" for a in first)
+    check(second[0], 3.0, h.current)
+    assert b.passes == 1  # only passes that answered count
+
+
+def test_a_failed_read_back_fails_its_own_requests_and_the_worker_serves_on(monkeypatch):
+    h = holder()
+    b = batcher_for(h)
+    finish = b._finish
+    calls = []
+
+    def flaky(launched, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return finish(launched, **kw)
+
+    monkeypatch.setattr(b, "_finish", flaky)
+    first, second = asyncio.run(serve(b, [[image(1), image(2)], [image(4)]]))
+    assert all(isinstance(a, RuntimeError) and str(a) == "device lost" for a in first)
+    check(second[0], 4.0, h.current)
+
+
+def test_a_request_given_up_on_does_not_disturb_the_others():
+    h = holder()
+    b = batcher_for(h, max_wait_ms=200)
+
+    async def main():
+        worker = asyncio.create_task(b.run())
+        try:
+            gone = asyncio.ensure_future(b.submit(image(1)))
+            kept = asyncio.ensure_future(b.submit(image(2)))
+            await asyncio.sleep(0)
+            gone.cancel()
+            return await asyncio.wait_for(kept, 10)
+        finally:
+            worker.cancel()
+
+    check(asyncio.run(main()), 2.0, h.current)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_undecodable_jpegs_get_their_error_and_the_others_their_rows(overlap):
+    h = holder()
+    b = batcher_for(h, device_decode=True, overlap=overlap)
+    bad = bogus_huffman(jpeg(9))
+    rounds = [[jpeg(40), bad, image(20), jpeg(80)], [bad, bad]]
+    (mixed, all_bad) = asyncio.run(serve(b, rounds))
+    assert isinstance(mixed[1], BadImage) and all(isinstance(a, BadImage) for a in all_bad)
+    for i, v in ((0, 40), (2, 20), (3, 80)):
+        answer = mixed[i]
+        assert isinstance(answer, Answer)
+        assert abs(answer.logits["a"][0] - v) <= 2, (i, answer.logits)  # JPEG rounding of a flat colour
+        assert answer.logits["b"].tolist() == [2 * answer.logits["a"][0], 3 * answer.logits["a"][0],
+                                               4 * answer.logits["a"][0]]
+    assert h.current.net.calls == [3]  # the good images of the first pass only; the second ran no model
+    assert sample(b.metrics.device_decoded, "_total") == 5  # JPEGs only, bad ones included
+
+
+def sample(metric, suffix: str = "") -> float:
+    """One value of a prometheus metric: a counter's or gauge's, a histogram's ``_sum`` or ``_count``."""
+    (family,) = metric.collect()
+    return {s.name: s.value for s in family.samples}[family.name + suffix]
+
+
+def test_metrics_observe_each_pass():
+    h = holder()
+    b = batcher_for(h)
+    asyncio.run(serve(b, [[image(1), image(2)], [image(3)]]))
+    m = b.metrics
+    count = lambda hist: sample(hist, "_count")  # noqa: E731
+    assert count(m.pass_seconds) == count(m.pass_thread_seconds) == count(m.batch_size) == 2
+    assert count(m.pass_device_seconds) == 0  # CUDA only
+    assert sample(m.queue_depth) == 0
+
+
+def test_warm_runs_nothing_on_the_cpu_without_device_decoding():
+    h = holder()
+    batcher_for(h).warm(h.current)
+    assert h.current.net.calls == []
+
+
+def test_warm_with_device_decoding_starts_the_decoder_without_counting():
+    h = holder()
+    b = batcher_for(h, device_decode=True)
+    b.warm(h.current)
+    assert h.current.net.calls == [1]  # one bucket on the CPU (graphs are CUDA only)
+    assert sample(b.metrics.device_decoded, "_total") == 0
+    assert sample(b.metrics.pass_thread_seconds, "_count") == 0 and sample(b.metrics.batch_size, "_count") == 0
+
+
+def test_amp_and_graphs_are_for_cuda_only():
+    b = batcher_for(holder(), amp=True, cuda_graphs=True)
+    assert b.amp is False and b.graphs is False
+    assert b.max_wait == 0.001 and b.max_batch == 4
+
+
+def test_batch_buckets_are_powers_of_two_up_to_max_batch():
+    assert [bucket_for(n, 64) for n in (1, 2, 3, 4, 5, 17, 33, 64)] == [1, 2, 4, 4, 8, 32, 64, 64]
+    assert [bucket_for(n, 48) for n in (33, 48)] == [48, 48]
+    for n, most in ((0, 4), (65, 64)):
+        with pytest.raises(ValueError, match=f"need 1 <= n <= max_batch, got n={n}, max_batch={most}"):
+            bucket_for(n, most)
