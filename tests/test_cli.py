@@ -112,6 +112,10 @@ def test_read_commands(db):
     user_error(cm(db, "show", "zzz"), "no task named 'zzz'")
     rows = json.loads(ok(cm(db, "eval", "--all-tasks", "--max-test", "50", "--device", "cpu", "--json")).stdout)
     assert [r["task"] for r in rows] == ["digits", "digits-ext"] and all(r["pass"] == "shared" for r in rows)
+    assert [r["tasks_computed"] for r in rows] == [1, 1]  # each dataset through its own task (linear in K)
+    together = json.loads(ok(cm(db, "eval", "--one-pass", "--max-test", "50", "--device", "cpu", "--json")).stdout)
+    assert [r["tasks_computed"] for r in together] == [2, 2]
+    assert [r["accuracy"] for r in together] == [r["accuracy"] for r in rows]  # same bits either way
     stored = {t["name"]: next(m["accuracy"] for m in t["metrics"] if m["split"] == "test") for t in tasks}
     full = json.loads(ok(cm(db, "eval", "--task", "digits", "--max-test", "60", "--json")).stdout)
     assert full[0]["accuracy"] == stored["digits"]  # same images, same bits: the number add-task reported

@@ -73,6 +73,11 @@ def test_the_progress_bar_counts_images_from_where_a_resume_starts(reader, tmp_p
     assert bar.tasks == [("jpegs (train)", 30, 16)]
     assert bar.updates == [("tid", 24), ("tid", 30)]  # the last chunk: capped at the image count
     assert bar.events == ["start", "stop"]
+    from scenarios.decode import SubsetReader
+
+    prepared.prepare(SubsetReader(reader, np.arange(24)), name="jpegs", split="train", class_names=("a", "b", "c"),
+                     root=tmp_path / "whole", opts=OPTS, progress=True)  # a fresh build of exactly 3 chunks
+    assert bars[1].tasks == [("jpegs (train)", 24, 0)] and bars[1].updates == [("tid", 8), ("tid", 16), ("tid", 24)]
 
 
 def test_the_bar_stops_when_the_build_fails(tmp_path, monkeypatch, bars):
@@ -140,7 +145,7 @@ def test_an_index_that_needs_unpickling_is_refused(reader, tmp_path):
 
 def test_rows_and_subsets_pick_images_of_the_copy(reader, tmp_path):
     copy = prepare_small(reader, tmp_path)
-    some = prepared.PreparedSet(copy.root, rows=[5, 0, 5])
+    some = prepared.PreparedSet(copy.root, rows=np.array([5, 0, 5], dtype=np.int32))
     part = copy.subset([5, 0, 5])
     for picked in (some, part, copy.subset(np.array([5, 0, 5], dtype=np.int32))):
         assert len(picked) == 3 and picked.rows.dtype == np.int64
