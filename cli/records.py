@@ -2,6 +2,7 @@
 and what it can hold: ``regimes``."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -51,12 +52,17 @@ def show(task: Annotated[str, typer.Argument()], as_json: JsonOpt = False) -> No
     info = next((t for t in reg.tasks(name=state.model) if t["name"] == task), None)
     if info is None:
         raise ValueError(f"no task named {task!r}; see `continual-mem tasks`")
+    t0 = time.perf_counter()
     net = reg.load(state.model)
+    load_s = time.perf_counter() - t0
     cost = task_cost(net, task)
+    everything = reg.tasks(name=state.model)
     info = {**info, "config": net.tasks[task].config.to_dict(), "gflops_per_image": cost.flops / 1e9,
             "ratio_to_backbone": cost.flops / backbone_flops(net), "shared_pass": cost.shared_pass,
             "verification": [{"trigger": r["trigger"], "finished_at": r["finished_at"], "status": r["results"][task]}
-                             for r in reg.verification_history(name=state.model) if task in r["results"]]}
+                             for r in reg.verification_history(name=state.model) if task in r["results"]],
+            "registry": {"tasks": len(everything), "params_bytes": sum(t["params_bytes"] for t in everything),
+                         "load_seconds": load_s}}
 
     def render(i):
         c = i["config"]
@@ -67,7 +73,9 @@ def show(task: Annotated[str, typer.Argument()], as_json: JsonOpt = False) -> No
             ["GFLOPs / image", f"{i['gflops_per_image']:.4f} ({i['ratio_to_backbone']:.3f}x backbone)"],
             ["pass", "shared" if i["shared_pass"] else "own"],
             *[[f"{m['split']} accuracy", f"{m['accuracy']:.4f}"] for m in i["metrics"]],
-            *[[f"verify {v['finished_at'][:19]}", f"{v['status']} ({v['trigger']})"] for v in i["verification"]]]))
+            *[[f"verify {v['finished_at'][:19]}", f"{v['status']} ({v['trigger']})"] for v in i["verification"]],
+            ["model", f"{i['registry']['tasks']} tasks, {i['registry']['params_bytes']:,} bytes of task weights, "
+                      f"loaded in {i['registry']['load_seconds']:.2f} s"]]))
 
     emit(info, as_json, render)
 

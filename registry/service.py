@@ -147,7 +147,8 @@ class Registry:
             model = api.get_model(s, name)
             return [{"name": t.name, "position": t.position, "regime": t.regime, "mode": t.mode, "memory": t.memory,
                      "layers": t.layers, "num_classes": t.num_classes, "dataset": t.dataset,
-                     "param_count": t.param_count, "params_sha256": t.params.sha256, "status": t.status,
+                     "param_count": t.param_count, "params_sha256": t.params.sha256,
+                     "params_bytes": t.params.size, "status": t.status,
                      "created_at": t.created_at.isoformat(),
                      "metrics": [{"split": m.split, "accuracy": m.accuracy, "loss": m.loss, "steps": m.steps,
                                   "wall_time_s": m.wall_time_s, "device": m.device} for m in t.metrics]}

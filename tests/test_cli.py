@@ -109,6 +109,9 @@ def test_read_commands(db):
     shown = json.loads(ok(cm(db, "show", "digits", "--json")).stdout)
     assert shown["config"]["regime"] == "masked-memory" and shown["shared_pass"] is True
     assert shown["verification"][0]["status"] == "new" and shown["gflops_per_image"] > 0
+    assert all(t["params_bytes"] > 4 * t["param_count"] for t in tasks)  # float32 safetensors + header
+    assert shown["registry"]["tasks"] == 2 and shown["registry"]["load_seconds"] > 0
+    assert shown["registry"]["params_bytes"] == sum(t["params_bytes"] for t in tasks)
     user_error(cm(db, "show", "zzz"), "no task named 'zzz'")
     rows = json.loads(ok(cm(db, "eval", "--all-tasks", "--max-test", "50", "--device", "cpu", "--json")).stdout)
     assert [r["task"] for r in rows] == ["digits", "digits-ext"] and all(r["pass"] == "shared" for r in rows)
