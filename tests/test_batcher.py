@@ -30,7 +30,11 @@ class Stage:
         assert not train and len(labels) == len(canvas) == len(hw)
         return canvas[:, 0, 0, 0].float(), labels
 
+    def __init__(self):
+        self.shapes = []  # of the images that reach the stage on the device path
+
     def from_images(self, tensors):
+        self.shapes += [tuple(t.shape) for t in tensors]
         return torch.stack([t[0, 0, 0].float() for t in tensors])
 
 
@@ -129,9 +133,9 @@ def test_a_pass_takes_at_most_max_batch_images_and_whatever_is_queued():
     assert sample(b.metrics.batch_size, "_sum") == 7 and sample(b.metrics.batch_size, "_count") == 3
 
 
-@pytest.mark.parametrize("wait_ms, passes", [(2000, 1), (0, 3)])
+@pytest.mark.parametrize("wait_ms, passes", [(500, 1), (0, 3)])
 def test_the_first_image_waits_up_to_max_wait_for_company(wait_ms, passes):
-    # three images 50 ms apart: a 2 s window gathers them into one pass, no window runs each alone
+    # three images 50 ms apart: a 0.5 s window gathers them into one pass, no window runs each alone
     h = holder()
     b = batcher_for(h, max_wait_ms=wait_ms)
     (got,) = asyncio.run(serve(b, [[image(v) for v in (1, 2, 3)]], pause_s=0.05))
@@ -155,6 +159,27 @@ def test_a_full_batch_does_not_wait_out_the_window():
             worker.cancel()
 
     assert asyncio.run(main()) < 2.0
+
+
+def test_with_a_pass_in_flight_the_next_batch_does_not_wait():
+    # overlap: the GPU is busy with the pass in flight, so what is queued is launched at once, not after a window
+    h = holder()
+    b = batcher_for(h, max_batch=2, max_wait_ms=3000, overlap=True)
+
+    async def main():
+        worker = asyncio.create_task(b.run())
+        try:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            got = await asyncio.wait_for(asyncio.gather(*(b.submit(image(v)) for v in (1, 2, 3))), 10)
+            return got, loop.time() - t0
+        finally:
+            worker.cancel()
+
+    got, seconds = asyncio.run(main())
+    for v, answer in zip((1, 2, 3), got):
+        check(answer, float(v), h.current)
+    assert h.current.net.calls == [2, 1] and seconds < 0.8, seconds
 
 
 def test_a_failed_pass_fails_its_own_requests_and_the_worker_serves_on():
@@ -236,6 +261,45 @@ def test_metrics_observe_each_pass():
     assert count(m.pass_seconds) == count(m.pass_thread_seconds) == count(m.batch_size) == 2
     assert count(m.pass_device_seconds) == 0  # CUDA only
     assert sample(m.queue_depth) == 0
+
+
+def test_large_jpegs_are_shrunk_on_the_device_as_on_the_host():
+    h = holder()
+    b = batcher_for(h, device_decode=True)
+    out = io.BytesIO()
+    Image.fromarray(np.full((300, 900, 3), 60, dtype=np.uint8)).save(out, "JPEG", quality=95)
+    (answer,) = asyncio.run(serve(b, [[out.getvalue()]]))[0]
+    assert isinstance(answer, Answer)
+    assert h.current.stage.shapes == [(3, 256, 512)]  # short side 256, the long side cut to 2x (scenarios.decode)
+
+
+def test_forward_observes_by_default():
+    h = holder()
+    b = batcher_for(h)
+    (row,) = b._forward(h.current, [image(7)])
+    assert row["a"].tolist() == [7.0, 7.5] and sample(b.metrics.pass_thread_seconds, "_count") == 1
+    b._forward(h.current, [image(7)], observe=False)
+    assert sample(b.metrics.pass_thread_seconds, "_count") == 1
+
+
+@pytest.mark.parametrize("device_decode", [False, True])
+def test_warm_runs_one_blank_pass_per_graph_bucket(monkeypatch, device_decode):
+    # the bucket set as on CUDA (graphs are CUDA only; the passes are recorded, not run)
+    h = holder()
+    b = batcher_for(h, max_batch=6, device_decode=device_decode)
+    b.graphs = True
+    seen = []
+    monkeypatch.setattr(b, "_forward", lambda served, images, *, observe: seen.append((served, images, observe)))
+    b.warm(h.current)
+    assert [len(images) for _, images, _ in seen] == [1, 2, 4, 6]
+    assert all(served is h.current and observe is False for served, _, observe in seen)
+    blank = seen[0][1][0]
+    if device_decode:  # a JPEG of the model's input size (it also starts the decoder)
+        decoded = np.asarray(Image.open(io.BytesIO(blank)))
+        assert decoded.shape == (16, 16, 3) and decoded.max() == 0
+    else:
+        assert blank.dtype == np.uint8 and blank.shape == (16, 16, 3) and blank.max() == 0
+    assert all(im is blank for _, images, _ in seen for im in images)
 
 
 def test_warm_runs_nothing_on_the_cpu_without_device_decoding():
