@@ -259,6 +259,8 @@ def test_metrics_observe_each_pass():
     m = b.metrics
     count = lambda hist: sample(hist, "_count")  # noqa: E731
     assert count(m.pass_seconds) == count(m.pass_thread_seconds) == count(m.batch_size) == 2
+    for hist in (m.pass_seconds, m.pass_thread_seconds):  # durations of a stand-in pass: well under a second
+        assert 0 < sample(hist, "_sum") < 2, hist
     assert count(m.pass_device_seconds) == 0  # CUDA only
     assert sample(m.queue_depth) == 0
 
