@@ -5,6 +5,7 @@ Milliseconds per test, so a mutation run of `serving/batcher.py` can afford them
 import asyncio
 import io
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,7 +28,7 @@ class Stage:
     pre = SimpleNamespace(img_size=16)
 
     def __call__(self, canvas, hw, labels, *, train):
-        assert not train and len(labels) == len(canvas) == len(hw)
+        assert train is False and labels.dtype == torch.int64 and len(labels) == len(canvas) == len(hw)
         return canvas[:, 0, 0, 0].float(), labels
 
     def __init__(self):
@@ -45,11 +46,12 @@ class Net:
     task_names = ["a", "b"]
 
     def __init__(self):
-        self.fail, self.calls = None, []
+        self.fail, self.calls, self.delay_s = None, [], 0.0
 
     def __call__(self, x, *, original):
-        assert original is False
+        assert original is False and not torch.is_autocast_enabled("cpu")  # amp is for CUDA only
         self.calls.append(len(x))
+        time.sleep(self.delay_s)
         if self.fail is not None:
             exc, self.fail = self.fail, None
             raise exc
@@ -254,13 +256,14 @@ def sample(metric, suffix: str = "") -> float:
 
 def test_metrics_observe_each_pass():
     h = holder()
+    h.current.net.delay_s = 0.05  # in the pass's thread, before its read-back
     b = batcher_for(h)
     asyncio.run(serve(b, [[image(1), image(2)], [image(3)]]))
     m = b.metrics
     count = lambda hist: sample(hist, "_count")  # noqa: E731
     assert count(m.pass_seconds) == count(m.pass_thread_seconds) == count(m.batch_size) == 2
     for hist in (m.pass_seconds, m.pass_thread_seconds):  # durations of a stand-in pass: well under a second
-        assert 0 < sample(hist, "_sum") < 2, hist
+        assert 0.09 <= sample(hist, "_sum") < 2, hist
     assert count(m.pass_device_seconds) == 0  # CUDA only
     assert sample(m.queue_depth) == 0
 
@@ -323,6 +326,11 @@ def test_amp_and_graphs_are_for_cuda_only():
     b = batcher_for(holder(), amp=True, cuda_graphs=True)
     assert b.amp is False and b.graphs is False
     assert b.max_wait == 0.001 and b.max_batch == 4
+    on_cuda = SimpleNamespace(device=torch.device("cuda"), current=None, cpu_turns=threading.Lock())  # not run
+    b = Batcher(on_cuda, Metrics(), max_batch=8, max_wait_ms=2, amp=True)
+    assert b.amp is True and b.graphs is True  # graphs by default
+    assert b.overlap is False and b.device_decode is False  # each pass read back before the next, host decoding
+    assert batcher_for(on_cuda, amp=False, cuda_graphs=False).graphs is False
 
 
 def test_batch_buckets_are_powers_of_two_up_to_max_batch():
