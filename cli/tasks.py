@@ -191,8 +191,11 @@ def _add_task_job(spec: dict) -> dict | None:
     shard, device = distributed.setup(spec["device"])
     try:
         reg = registry()
-        net = reg.load(state.model)
-        metrics = train_on_dataset(net, spec["dataset"], spec["task"], TaskRecipe.from_dict(spec["recipe"]),
+        recipe = TaskRecipe.from_dict(spec["recipe"])
+        # only what the new task reads: an extension task sees earlier tasks, any other task the backbone alone
+        # (its training, its bits and the stored result do not depend on the other tasks)
+        net = reg.load(state.model, tasks=None if recipe.mode == "extension" else [])
+        metrics = train_on_dataset(net, spec["dataset"], spec["task"], recipe,
                                    device=device if was_launched else pick_device(device),
                                    progress=spec["progress"] and shard.main)
         if shard.main:

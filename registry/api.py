@@ -7,7 +7,7 @@ import datetime as dt
 import hashlib
 import logging
 import platform
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -217,8 +217,10 @@ def _cpu_backbone(backbone: VisionTransformer | None, row: Backbone) -> VisionTr
     return backbone
 
 
-def assemble(model: Model, *, backbone: VisionTransformer | None = None) -> tuple[MemoryViT, dict[str, TaskCheck]]:
-    """Build the model from stored bytes, task by task; unreadable tasks are reported, not attached."""
+def assemble(model: Model, *, backbone: VisionTransformer | None = None,
+             only: Collection[str] | None = None) -> tuple[MemoryViT, dict[str, TaskCheck]]:
+    """Build the model from stored bytes, task by task (``only``: these tasks alone, in the model's order);
+    unreadable tasks are reported, not attached."""
     bb = _cpu_backbone(backbone, model.backbone)
     net = MemoryViT(bb, group_size=model.group_size)
     if backbone is not None and net.backbone_fingerprint() != model.backbone.fingerprint:
@@ -226,6 +228,8 @@ def assemble(model: Model, *, backbone: VisionTransformer | None = None) -> tupl
     problems: dict[str, TaskCheck] = {}
     broken_tokens: list[str] = []
     for row in model.tasks:
+        if only is not None and row.name not in only:
+            continue
         data = row.params.data
         actual = sha256(data)
         cfg = TaskConfig.from_dict(row.config)
@@ -245,9 +249,23 @@ def assemble(model: Model, *, backbone: VisionTransformer | None = None) -> tupl
     return net, problems
 
 
-def load_model(s: Session, name: str, *, backbone: VisionTransformer | None = None) -> MemoryViT:
-    """The full model (backbone + every task, in order), refusing any unreadable task."""
-    net, problems = assemble(get_model(s, name), backbone=backbone)
+def load_model(s: Session, name: str, *, backbone: VisionTransformer | None = None,
+               tasks: Collection[str] | None = None) -> MemoryViT:
+    """The model (backbone + every task, or ``tasks`` and the earlier tasks they read, in order), refusing any
+    unreadable task. Only the tasks loaded are read, hashed and parsed."""
+    model = get_model(s, name)
+    only = None
+    if tasks is not None:
+        sees = {t.name: t.config.get("sees", []) for t in model.tasks}
+        unknown = sorted(set(tasks) - set(sees))
+        if unknown:
+            raise RegistryError(f"model {name!r} has no task {unknown[0]!r}; see `continual-mem tasks`")
+        only, todo = set(), list(tasks)
+        while todo:  # an extension task reads the tokens of the tasks it sees
+            if (n := todo.pop()) not in only:
+                only.add(n)
+                todo.extend(sees[n])
+    net, problems = assemble(model, backbone=backbone, only=only)
     if problems:
         raise RegistryError("; ".join(f"task {p.name!r} is {p.status}: {p.detail}" for p in problems.values()))
     return net

@@ -96,10 +96,11 @@ class Registry:
             return int(s.scalar(select(func.max(Event.id)).where(
                 Event.model_name == name, Event.kind.in_(CHANGE_EVENTS))) or 0)
 
-    def load(self, name: str = DEFAULT_MODEL) -> MemoryViT:
-        """The whole model (backbone + all tasks in order), from stored bytes only."""
+    def load(self, name: str = DEFAULT_MODEL, *, tasks: Sequence[str] | None = None) -> MemoryViT:
+        """The model from stored bytes only: the backbone and every task in order, or only ``tasks`` and the
+        earlier tasks they read (``[]``: the backbone alone; what training a concatenation-mode task needs)."""
         with session(self.engine) as s:
-            return api.load_model(s, name, backbone=self._backbone(s, name))
+            return api.load_model(s, name, backbone=self._backbone(s, name), tasks=tasks)
 
     # ------------------------------------------------------------ changes
     def add_task(
