@@ -217,6 +217,21 @@ def _cpu_backbone(backbone: VisionTransformer | None, row: Backbone) -> VisionTr
     return backbone
 
 
+def closure(model: Model, tasks: Collection[str]) -> set[str]:
+    """``tasks`` and every earlier task they read (an extension task reads the tokens of the tasks it sees)."""
+    sees = {t.name: t.config.get("sees", []) for t in model.tasks}
+    unknown = sorted(set(tasks) - set(sees))
+    if unknown:
+        raise RegistryError(f"model {model.name!r} has no task {unknown[0]!r}; see `continual-mem tasks`")
+    out: set[str] = set()
+    todo = list(tasks)
+    while todo:
+        if (n := todo.pop()) not in out:
+            out.add(n)
+            todo.extend(sees[n])
+    return out
+
+
 def assemble(model: Model, *, backbone: VisionTransformer | None = None,
              only: Collection[str] | None = None) -> tuple[MemoryViT, dict[str, TaskCheck]]:
     """Build the model from stored bytes, task by task (``only``: these tasks alone, in the model's order);
@@ -254,18 +269,7 @@ def load_model(s: Session, name: str, *, backbone: VisionTransformer | None = No
     """The model (backbone + every task, or ``tasks`` and the earlier tasks they read, in order), refusing any
     unreadable task. Only the tasks loaded are read, hashed and parsed."""
     model = get_model(s, name)
-    only = None
-    if tasks is not None:
-        sees = {t.name: t.config.get("sees", []) for t in model.tasks}
-        unknown = sorted(set(tasks) - set(sees))
-        if unknown:
-            raise RegistryError(f"model {name!r} has no task {unknown[0]!r}; see `continual-mem tasks`")
-        only, todo = set(), list(tasks)
-        while todo:  # an extension task reads the tokens of the tasks it sees
-            if (n := todo.pop()) not in only:
-                only.add(n)
-                todo.extend(sees[n])
-    net, problems = assemble(model, backbone=backbone, only=only)
+    net, problems = assemble(model, backbone=backbone, only=None if tasks is None else closure(model, tasks))
     if problems:
         raise RegistryError("; ".join(f"task {p.name!r} is {p.status}: {p.detail}" for p in problems.values()))
     return net
@@ -299,19 +303,24 @@ def check(
     trigger: str,
     backbone: VisionTransformer | None = None,
     new: Sequence[str] = (),
+    only: Collection[str] | None = None,
 ) -> Report:
-    """Recompute every task's logits on the probe (one pass, CPU float32) and compare bytes with the stored
-    references. Tasks in ``new`` get their logits returned (to become their reference). Writes nothing."""
+    """Recompute every task's logits (``only``: those tasks and the tasks they read) on the probe (one pass, CPU
+    float32) and compare bytes with the stored references. Tasks in ``new`` get their logits returned (to become
+    their reference). Writes nothing."""
     started = utcnow()
     threads = verify_threads(s)
     build = current_build(threads)
     images = probe_images(s, model)
     with cpu_threads(threads):
-        net, problems = assemble(model, backbone=backbone)
+        checked = None if only is None else closure(model, only)
+        net, problems = assemble(model, backbone=backbone, only=checked)
         with torch.inference_mode():
             logits = net(images, original=False)  # no task: {}
     checks: list[TaskCheck] = []
     for row in model.tasks:
+        if checked is not None and row.name not in checked:
+            continue
         if row.name in problems:
             checks.append(problems[row.name])
         elif row.name in new:

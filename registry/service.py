@@ -134,11 +134,23 @@ class Registry:
         return self._change("remove", name, task_name, lambda s: changes.remove_task(
             s, name, task_name, backbone=self._backbone(s, name)))
 
-    def verify(self, *, name: str = DEFAULT_MODEL) -> api.Report:
-        """Bit-exact check of every task against its stored reference; always recorded."""
+    def verify(self, *, name: str = DEFAULT_MODEL, tasks: Sequence[str] | None = None,
+               since: int | None = None) -> api.Report:
+        """Bit-exact check against the stored references, always recorded: every task, or only ``tasks``, or only
+        the tasks added or imported after model version ``since`` (:meth:`model_version`); each with the earlier
+        tasks it reads."""
         with session(self.engine) as s:
             model = api.get_model(s, name)
-            report = api.check(s, model, trigger="manual", backbone=self._backbone(s, name))
+            only = None if tasks is None else list(tasks)
+            if since is not None:
+                if since < 0:
+                    raise RegistryError(f"since must be a model version >= 0 (as `verify --json` reports it), "
+                                        f"got {since}")
+                added = set(s.scalars(select(Event.task_name).where(
+                    Event.model_name == name, Event.kind.in_(("add", "import")), Event.id > since)))
+                only = (only or []) + [t.name for t in model.tasks if t.name in added]
+            trigger = "manual" if only is None else f"manual:{','.join(sorted(set(only))) or 'none'}"
+            report = api.check(s, model, trigger=trigger, backbone=self._backbone(s, name), only=only)
             api.record_report(s, model, report)
         return report
 

@@ -131,6 +131,11 @@ def test_read_commands(db):
 def test_verify_passes_then_names_a_corrupted_task(db):
     data = json.loads(ok(cm(db, "verify", "--json")).stdout)
     assert data["ok"] and {t["status"] for t in data["tasks"]} == {"equal"}
+    one = json.loads(ok(cm(db, "verify", "--task", "digits", "--json")).stdout)
+    assert [t["task"] for t in one["tasks"]] == ["digits"] and one["model_version"] == data["model_version"]
+    since = json.loads(ok(cm(db, "verify", "--since", str(data["model_version"]), "--json")).stdout)
+    assert since["ok"] and since["tasks"] == []
+    user_error(cm(db, "verify", "--task", "zzz"), "has no task 'zzz'")
     flip_param_byte(Registry(db), "digits-ext")
     bad = cm(db, "verify")
     assert bad.exit_code == 1

@@ -54,3 +54,24 @@ def test_a_task_trained_beside_the_backbone_alone_is_the_one_trained_beside_ever
     (c1, t1, m1, *acc1), (c2, t2, m2, *acc2) = stored
     assert c1 == c2 and m1 == m2 and acc1 == acc2
     assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+
+
+def test_verify_checks_the_named_tasks_or_those_since_a_version(reg):
+    statuses = lambda report: {c.name: c.status for c in report.tasks}  # noqa: E731
+    assert statuses(reg.verify()) == dict.fromkeys(["a", "b", "ext", "c"], "equal")
+    assert statuses(reg.verify(tasks=["c"])) == {"c": "equal"}
+    assert statuses(reg.verify(tasks=["ext"])) == dict.fromkeys(["a", "b", "ext"], "equal")  # and what it reads
+    version = reg.model_version()
+    assert statuses(reg.verify(since=version)) == {}  # nothing added since
+    net = reg.load(tasks=[])
+    grow(reg, net, "d", 5)
+    assert statuses(reg.verify(since=version)) == {"d": "equal"}
+    flip_param_byte(reg, "b")
+    assert statuses(reg.verify(since=version)) == {"d": "equal"}  # b is not checked: added before
+    report = reg.verify(tasks=["ext"])
+    assert not report.ok and statuses(report) == {"a": "equal", "b": "corrupt", "ext": "blocked"}
+    assert reg.verification_history()[-1]["results"] == {"a": "equal", "b": "corrupt", "ext": "blocked"}
+    with pytest.raises(RegistryError, match="^since must be a model version >= 0"):
+        reg.verify(since=-1)
+    with pytest.raises(RegistryError, match="has no task 'zzz'"):
+        reg.verify(tasks=["zzz"])
