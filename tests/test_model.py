@@ -259,6 +259,27 @@ def test_memory_kv_cache_follows_training(model):
     assert torch.equal(cached, fresh)
 
 
+@pytest.mark.parametrize("mode", ["concatenation", "extension"])  # grouped, and per-task
+def test_memory_kv_is_computed_once_across_forwards_and_redone_for_a_new_parameter(model, mode):
+    x = images(model.backbone, n=2)
+    model.add_task("base", 3, memory=2)
+    task = model.add_task("t", 3, memory=2, mode=mode)
+    with torch.no_grad():
+        first = model(x)
+        entries = {k: v[1] for k, v in model.kv_cache.items()}
+        again = model(x)
+    assert entries and all(model.kv_cache[k][1] is v for k, v in entries.items())  # reused, not recomputed
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    # a replaced parameter is a new stamp, even at the same version counter: its K/V is computed again
+    outs = []
+    for shift in (1.0, 2.0):
+        task.memory = torch.nn.Parameter(task.memory.detach() + shift)  # version 0 both times
+        with torch.no_grad():
+            outs.append(model(x))
+    assert not torch.equal(outs[0]["t"], first["t"]) and not torch.equal(outs[1]["t"], outs[0]["t"])
+    assert torch.equal(outs[1]["base"], first["base"])
+
+
 def test_task_token_starts_as_the_original_class_token(model):
     """A fresh task token is the backbone's CLS as it enters block 0 (position embedding included)."""
     t = model.add_task("t", 3, regime="head+cls")
