@@ -6,7 +6,7 @@ puts the file back as it was, and prints the score per module (killed / mutants 
 
     .venv/bin/python dev/mutation_score.py --modules registry/api.py,registry/changes.py \
         --tests tests/test_registry.py,tests/test_registry_verify.py ["registry.api.x_check*" ...]
-    .venv/bin/python dev/mutation_score.py --report-only        # score what the last run left in mutants/
+    .venv/bin/python dev/mutation_score.py --report-only [--modules ...]   # score what the last run left in mutants/
 
 It is not part of `.ci/run`: a module with a few hundred mutants takes tens of minutes on 2 cores.
 """
@@ -81,19 +81,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tests", default="", help="comma list of test files to run against each mutant")
     p.add_argument("--report-only", action="store_true", help="score the last run, run nothing")
     args = p.parse_args(argv)
-    if not args.report_only:
-        if not args.modules or not args.tests:
-            p.error("--modules and --tests are both needed (or --report-only)")
-        pyproject = ROOT / "pyproject.toml"
-        original = pyproject.read_text()
+    if not args.report_only and not (args.modules and args.tests):
+        p.error("--modules and --tests are both needed (or --report-only)")
+    pyproject = ROOT / "pyproject.toml"
+    original = pyproject.read_text()
+    if args.modules:  # mutmut lists only the modules its settings name: the results are read under them too
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still puts the file back
-        pyproject.write_text(with_section(original, args.modules.split(","), args.tests.split(",")))
-        try:
+        pyproject.write_text(with_section(original, args.modules.split(","), (args.tests or "tests").split(",")))
+    try:
+        if not args.report_only:
             subprocess.run([str(MUTMUT), "run", *args.patterns], cwd=ROOT, check=False)
-        finally:
-            pyproject.write_text(original)
-    results = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout
+        results = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout
+    finally:
+        pyproject.write_text(original)
     res = scores(results)
     print(json.dumps(res, indent=1))
     print(table(res))
