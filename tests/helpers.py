@@ -22,7 +22,10 @@ TRITON_DEVICES = [
 
 def triton_child(script: str, device: str) -> dict:
     """Run ``script`` (it prints ``REPORT`` + JSON) with the fused kernels requested, on ``device``: the CPU runs
-    Triton's interpreter (``TRITON_INTERPRET`` must be set before Triton is imported, hence a child process)."""
+    Triton's interpreter (``TRITON_INTERPRET`` must be set before Triton is imported, hence a child process; if
+    this process was started with it, e.g. for mutation testing, which cannot follow a child, the script runs here)."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return _in_this_process(script, device)
     env = {**os.environ, "CONTINUAL_MEM_ATTENTION": "triton",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     env.pop("TRITON_INTERPRET", None)
@@ -32,6 +35,30 @@ def triton_child(script: str, device: str) -> dict:
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.split("REPORT", 1)[1])
+
+
+def _in_this_process(script: str, device: str) -> dict:
+    """:func:`triton_child`'s script run in this process; the project's modules it patches are put back after."""
+    import contextlib
+    import io
+
+    saved = {name: dict(vars(m)) for name, m in list(sys.modules.items())
+             if name.split(".")[0] in ("continual_mem", "scenarios") and m is not None}
+    argv, env = sys.argv, os.environ.get("CONTINUAL_MEM_ATTENTION")
+    sys.argv, os.environ["CONTINUAL_MEM_ATTENTION"] = ["-c", device], "triton"
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(script, "<triton_child>", "exec"), {"__name__": "__main__"})
+    finally:
+        sys.argv = argv
+        if env is None:
+            os.environ.pop("CONTINUAL_MEM_ATTENTION", None)
+        else:
+            os.environ["CONTINUAL_MEM_ATTENTION"] = env
+        for name, attrs in saved.items():
+            vars(sys.modules[name]).update(attrs)
+    return json.loads(printed.getvalue().split("REPORT", 1)[1])
 
 
 def make_backbone(kind: str = "tiny", seed: int = 0):
