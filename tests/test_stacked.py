@@ -22,12 +22,14 @@ from helpers import images, make_backbone, perturb
 calls = []
 run_blocks = stacked.run_blocks
 stacked.run_blocks = lambda bb, tokens, *a, **k: calls.append(tokens.shape[0]) or run_blocks(bb, tokens, *a, **k)
-bb = make_backbone("tiny")
+bb = make_backbone("dinov2")  # layer scale (gammas O(1)) and register tokens
 bb.blocks[1].attn.qkv.bias = None  # one block without a qkv bias: both paths of the stacked products
-with torch.no_grad():  # timm starts biases at zero, which would hide a dropped bias
+with torch.no_grad():  # timm starts biases at zero and norms at 1/0, which would hide a dropped bias or a swapped norm
     for name, p in bb.named_parameters():
-        if name.endswith("bias") and "norm" not in name:
+        if name.endswith("bias"):
             p.normal_(0, 0.1)
+        elif "norm" in name:
+            p.normal_(1, 0.2)
 net = MemoryViT(bb, group_size=2)
 x = images(bb, n=3).to(dev)
 specs = [dict(memory=2), dict(memory=2), dict(memory=2, layers="last:1"), dict(memory=2), dict(memory=2),
