@@ -49,14 +49,14 @@ def show(task: Annotated[str, typer.Argument()], as_json: JsonOpt = False) -> No
     from continual_mem import backbone_flops, task_cost
 
     reg = registry()
-    info = next((t for t in reg.tasks(name=state.model) if t["name"] == task), None)
+    everything = reg.tasks(name=state.model)
+    info = next((t for t in everything if t["name"] == task), None)
     if info is None:
         raise ValueError(f"no task named {task!r}; see `continual-mem tasks`")
     t0 = time.perf_counter()
     net = reg.load(state.model)
     load_s = time.perf_counter() - t0
     cost = task_cost(net, task)
-    everything = reg.tasks(name=state.model)
     info = {**info, "config": net.tasks[task].config.to_dict(), "gflops_per_image": cost.flops / 1e9,
             "ratio_to_backbone": cost.flops / backbone_flops(net), "shared_pass": cost.shared_pass,
             "verification": [{"trigger": r["trigger"], "finished_at": r["finished_at"], "status": r["results"][task]}
