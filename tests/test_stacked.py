@@ -4,6 +4,8 @@ stay bit-identical as tasks fill groups and open new ones; results match the ora
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import Block
+from torch import nn
 
 from helpers import TRITON_DEVICES, triton_child
 
@@ -31,7 +33,7 @@ with torch.no_grad():  # timm starts biases at zero and norms at 1/0, which woul
         elif "norm" in name:
             p.normal_(1, 0.2)
 net = MemoryViT(bb, group_size=2)
-x = images(bb, n=3).to(dev)
+x = images(bb, n=2).to(dev)  # 2 images, 3 heads: a batch size read off another axis fails
 specs = [dict(memory=2), dict(memory=2), dict(memory=2, layers="last:1"), dict(memory=2), dict(memory=2),
          dict(memory=2, task_tokens=2), dict(memory=2), dict(memory=40)]  # the last: one group per program
 history = []
@@ -90,6 +92,74 @@ def test_supported_policy(monkeypatch):
     swiglu = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                                mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
     assert not stacked.supported(swiglu, torch.float32, cpu)
+
+
+def _refused(change) -> None:
+    """``change`` (one edit of a plain ViT) makes the fused path refuse the backbone; the unedited one passes."""
+    cpu = torch.device("cpu")
+    bb = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                           init_values=0.5)  # layer scale: a plain block may hold one
+    assert stacked.supported(bb, torch.float32, cpu)
+    change(bb)
+    assert not stacked.supported(bb, torch.float32, cpu)
+
+
+class _SubBlock(Block):
+    """A subclass may override ``forward``: the fused path cannot know what it does."""
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def _swap(path: str, module: nn.Module):
+    """An edit that puts ``module`` at ``path`` (dotted, list indices as numbers)."""
+    def change(bb):
+        *parents, last = path.split(".")
+        owner = bb
+        for p in parents:
+            owner = owner[int(p)] if p.isdigit() else getattr(owner, p)
+        setattr(owner, last, module)
+    return change
+
+
+def _sub_block(bb):
+    blk = bb.blocks[1]
+    blk.__class__ = _SubBlock
+
+
+D = 192  # vit_tiny's width
+
+
+@pytest.mark.parametrize("change", [
+    _sub_block,
+    _swap("blocks.1.attn.gate", nn.Linear(D, D)),  # gated attention (timm's `attn_gate`)
+    _swap("blocks.0.mlp.norm", nn.LayerNorm(4 * D)),  # an MLP with a norm inside (scale_mlp_norm)
+    _swap("blocks.1.mlp.act", nn.GELU(approximate="tanh")),  # another GELU: other bits
+    _swap("blocks.1.mlp.act", nn.ReLU()),
+    _swap("blocks.0.attn.proj", nn.modules.linear.NonDynamicallyQuantizableLinear(D, D)),  # a Linear subclass
+    _swap("blocks.1.norm1", nn.LayerNorm(D, bias=False)),
+    _swap("blocks.0.norm2", nn.LayerNorm(D, elementwise_affine=False)),
+    _swap("blocks.1.norm2", nn.RMSNorm(D)),
+    _swap("blocks.0.ls2", _Scale()),  # not a LayerScale
+    _swap("norm", nn.LayerNorm(D, bias=False)),
+    _swap("norm", nn.LayerNorm(D, elementwise_affine=False)),
+    _swap("norm", nn.RMSNorm(D)),
+], ids=["block-subclass", "gated-attention", "mlp-norm", "tanh-gelu", "relu", "linear-subclass",
+        "norm1-no-bias", "norm2-no-affine", "rmsnorm", "other-scale", "final-norm-no-bias",
+        "final-norm-no-affine", "final-rmsnorm"])
+def test_the_fused_path_refuses_blocks_it_does_not_reproduce(change):
+    _refused(change)
+
+
+def test_an_attention_without_a_gate_attribute_is_plain():
+    """timm before 1.0.30 has no ``attn.gate`` at all (we allow timm >= 1.0.15)."""
+    bb = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    for blk in bb.blocks:
+        if hasattr(blk.attn, "gate"):
+            del blk.attn.gate
+    assert stacked.supported(bb, torch.float32, torch.device("cpu"))
 
 
 def test_group_buffer_aligns_every_group():
