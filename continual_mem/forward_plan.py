@@ -18,6 +18,8 @@ from . import stacked, task_paths
 from .kernels import fused_task_attention, use_triton
 from .layers import group_block, task_block
 
+ORIGINAL = "original"  # key of the backbone's own head in every output dict
+
 
 @dataclass(frozen=True)
 class Paths:

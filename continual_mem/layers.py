@@ -106,7 +106,8 @@ def group_block(
         tokens: ``(B, slots * n, D)`` token states of every slot (zeros in empty slots).
         shared_k: The backbone's keys at this block, ``(B, H, N, hd)``.
         shared_v: The backbone's values.
-        memory_k: ``(1, H, slots * m, hd)`` every slot's memory keys at this block, or None.
+        memory_k: ``(1, H, slots * m, hd)`` every slot's memory keys at this block, or None; ``(B, H, slots * m,
+            hd)``, one per row, on the PyTorch path (:mod:`continual_mem.routed`).
         memory_v: Matching values.
         slots: The group's capacity.
         triton: Run the fused Triton kernel (the call's plan decides: ``Paths.triton``), else the PyTorch
@@ -127,8 +128,9 @@ def group_block(
     own_k, own_v = k.view(B, H, slots, n, hd), v.view(B, H, slots, n, hd)
     if memory_k is not None:
         m = memory_k.shape[2] // slots
-        own_k = torch.cat([own_k, memory_k.view(1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
-        own_v = torch.cat([own_v, memory_v.view(1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
+        # one memory for every row (a group), or one per row (a routed group): the same values either way
+        own_k = torch.cat([own_k, memory_k.view(-1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
+        own_v = torch.cat([own_v, memory_v.view(-1, H, slots, m, hd).expand(B, -1, -1, -1, -1)], dim=3)
     out = group_attention_torch(q.view(B, H, slots, n, hd), shared_k, shared_v, own_k, own_v)  # (B, H, L, hd)
     return _finish(blk, tokens, h, out), k, v
 

@@ -9,12 +9,12 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import branches
+from . import branches, routed
 from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
 from .cache_keys import KVKey
 from .checks import dependants, extension_mismatch, name_taken, removal_refused
 from .config import TaskConfig, parse_layers
-from .forward_plan import ForwardPlan, PassState, make_plan
+from .forward_plan import ORIGINAL, ForwardPlan, PassState, make_plan
 from .layers import group_block, task_block
 from .masking import visible_tasks
 from .regimes import get_regime
@@ -22,7 +22,6 @@ from .task import TaskModule
 
 log = logging.getLogger(__name__)
 
-ORIGINAL = "original"  # key of the backbone's own head in every output dict
 DEFAULT_SIZE = 5  # memory per layer, input memory and adapter width when a regime has them and none is given
 
 
@@ -252,7 +251,7 @@ class MemoryViT(nn.Module):
         return params
 
     # ------------------------------------------------------------------ forward
-    def _closure(self, names: Sequence[str]) -> list[str]:
+    def closure(self, names: Sequence[str]) -> list[str]:
         """``names`` plus the earlier tasks they read, in insertion order."""
         want = set(names)
         for n in list(names):
@@ -289,7 +288,7 @@ class MemoryViT(nn.Module):
         """The plan a forward of ``names`` (default all) on ``device`` would run, with every path decision
         (:func:`~continual_mem.forward_plan.make_plan`). Whether grad is on counts (training runs per task)."""
         names = self.task_names if names is None else list(names)
-        return make_plan(self, self._closure(names), original=original, device=torch.device(device))
+        return make_plan(self, self.closure(names), original=original, device=torch.device(device))
 
     def private_stream(self, task: TaskModule, hidden: torch.Tensor) -> torch.Tensor:
         """A late-fork task's private stream from the states entering its fork block
@@ -324,7 +323,7 @@ class MemoryViT(nn.Module):
         unknown = [n for n in names if n not in self.tasks]
         if unknown:
             raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
-        plan = make_plan(self, self._closure(names), original=original, device=x.device)
+        plan = make_plan(self, self.closure(names), original=original, device=x.device)
         state = PassState(x, plan.paths, readers=plan.readers)
         out: dict[str, torch.Tensor] = {}
         bb = self.backbone
@@ -348,3 +347,23 @@ class MemoryViT(nn.Module):
         if plan.reordered:  # the stacked groups ran first: back to the model's order
             out = {k: out[k] for k in (ORIGINAL, *self.tasks) if k in out}
         return out
+
+    def forward_routed(self, x: torch.Tensor, routes: Sequence[Sequence[str]], *, original: bool = False,
+                       tile: int = 1) -> list[dict[str, torch.Tensor]]:
+        """Each image computes only its own tasks (inference; :mod:`continual_mem.routed`).
+
+        Args:
+            x: Images ``(B, 3, H, W)``.
+            routes: ``B`` lists of task names: row ``b`` gets the logits of ``routes[b]``.
+            original: Also give every row the backbone's own head output under ``"original"``.
+            tile: Rows per tile of a per-task unit (late forks, side networks, own passes): part of a routed
+                answer's identity on devices whose kernels depend on the batch size.
+
+        Returns:
+            Per row, ``{task: logits (classes,)}`` in the row's order.
+        """
+        unknown = sorted({n for r in routes for n in r} - set(self.tasks))
+        if unknown:
+            raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
+        return routed.routed_forward(self, x, routes, original=original, tile=tile)
+

@@ -73,7 +73,7 @@ def token_task(model, task: TaskModule, state) -> torch.Tensor:
         token_kv[task.name] = own
     return pool_tokens(model.backbone, tokens, task)
 
-def _group_memory(model, names: tuple[str | None, ...], tasks: list, layer: int,
+def group_memory(model, names: tuple[str | None, ...], tasks: list, layer: int,
                   local: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Every slot's memory K/V of a group at ``layer``, ``(1, H, slots * m, hd)`` (zeros for empty slots;
     image-independent, cached); each task's share is also put in ``local`` under ``KVKey.task(name, layer)``."""
@@ -101,11 +101,17 @@ def _group_tokens(tasks: list, batch: int) -> torch.Tensor:
     empty = torch.zeros_like(ref)
     return torch.cat([t.tokens if t is not None else empty for t in tasks], dim=1).expand(batch, -1, -1)
 
+def pooled_slots(model, tokens: torch.Tensor, slots: int, normed: bool) -> torch.Tensor:
+    """Each slot's pooled features ``(B, slots, D)`` from a group's final token states ``(B, slots * n, D)``
+    (``normed``: the final norm already ran)."""
+    bb = model.backbone
+    B, L, D = tokens.shape
+    return bb.fc_norm((tokens if normed else bb.norm(tokens)).view(B, slots, L // slots, D).mean(dim=2))
+
+
 def _heads(model, tasks: list, tokens: torch.Tensor, normed: bool) -> dict[str, torch.Tensor]:
     """Each slot's logits from a group's final token states ``(B, slots * n, D)``."""
-    bb, G = model.backbone, len(tasks)
-    B, L, D = tokens.shape
-    pooled = bb.fc_norm((tokens if normed else bb.norm(tokens)).view(B, G, L // G, D).mean(dim=2))
+    pooled = pooled_slots(model, tokens, len(tasks), normed)
     return {t.name: t.head(pooled[:, s]) for s, t in enumerate(tasks) if t is not None}
 
 def run_group(model, names: tuple[str | None, ...], state) -> dict[str, torch.Tensor]:
@@ -117,7 +123,7 @@ def run_group(model, names: tuple[str | None, ...], state) -> dict[str, torch.Te
     keep = [(s, t.name) for s, t in enumerate(tasks) if t is not None and t.name in keep_kv]
     kept: dict[str, list] = {name: [] for _, name in keep}
     for i, blk in enumerate(model.backbone.blocks):
-        mk, mv = _group_memory(model, names, tasks, i, mem_kv) or (None, None)
+        mk, mv = group_memory(model, names, tasks, i, mem_kv) or (None, None)
         tokens, k, v = model.group_block(blk, tokens, *backbone_kv[i], mk, mv, G, triton=state.paths.triton)
         for s, name in keep:
             kept[name].append((k[:, :, s * n:(s + 1) * n], v[:, :, s * n:(s + 1) * n]))
@@ -137,7 +143,7 @@ def run_stack(model, units: list[tuple[str | None, ...]], state) -> dict[str, to
     params = [t.memory for tasks in groups for t in tasks if t is not None and t.memory is not None]
     memory = []
     for i in range(model.depth):
-        per = [_group_memory(model, names, tasks, i, mem_kv) for names, tasks in zip(units, groups)]
+        per = [group_memory(model, names, tasks, i, mem_kv) for names, tasks in zip(units, groups)]
         if per[0] is None:
             memory.append(None)
             continue

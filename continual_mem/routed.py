@@ -1,0 +1,197 @@
+"""Routed passes: each image computes only the tasks it asks for.
+
+The backbone runs once for the whole batch, through timm's own code, as in the all-task pass. Then:
+
+- **Grouped tasks** (concatenation-mode token tasks, e.g. masked memory): the tasks rows ask for, of one group
+  shape, run as *routed groups*. A routed group has the model's group capacity, but its slots are filled per row:
+  row ``b``'s slot ``s`` holds the ``s``-th task that row asked for (its class tokens and its memory K/V, gathered
+  from the task's own group cache). One set of kernels per block runs every row, whatever tasks the rows chose, so
+  a thousand such tasks cost about what one group costs.
+- **Per-task units** (late forks, side networks, own passes): each task runs on the rows that asked for it,
+  gathered, in tiles of ``tile`` rows (the last tile padded), so their cost follows the rows, not the task count.
+- **Heads** run over the whole batch's pooled states of their slot, the shape the all-task pass gives them.
+- **Extension tasks** and the tasks they read run as in the all-task pass, on every row (they read the earlier
+  tasks' token K/V in its layout).
+
+Exactness: every kernel's shape depends on the batch size, the group capacity and ``tile``, never on which tasks
+or rows share the pass, so a row's answer does not depend on its neighbours; adding a task changes no routed
+answer. The computations are the all-task pass's own (same group block, same cached memory K/V, same heads), so on
+the CPU a routed answer equals the all-task pass bit for bit (``tests/test_routed.py``); on CUDA routed groups use
+the PyTorch attention, not the fused kernel, and agree with the all-task pass to float tolerance.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import task_paths
+from .backbone import capture_block_inputs, capture_qkv, split_qkv
+from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, make_plan
+
+
+@dataclass(frozen=True)
+class RoutedGroup:
+    """Slot assignment of one routed group: ``slots[b]`` are row ``b``'s tasks (``None``: empty slot)."""
+
+    shape: tuple
+    slots: tuple[tuple[str | None, ...], ...]
+
+
+def assign_slots(routes: Sequence[Sequence[str]], shape_of: dict[str, tuple], capacity: int,
+                 order: Sequence[str]) -> list[RoutedGroup]:
+    """Routed groups for ``routes`` (policy, pure): per group shape, each row's asked tasks of that shape in the
+    model's ``order``, ``capacity`` per group; a row asking for more opens the shape's next routed group."""
+    rank = {n: i for i, n in enumerate(order)}
+    shapes = sorted({shape_of[n] for r in routes for n in r if n in shape_of}, key=repr)
+    out = []
+    for shape in shapes:
+        per_row = [sorted({n for n in r if shape_of.get(n) == shape}, key=rank.__getitem__) for r in routes]
+        for g in range(-(-max(len(p) for p in per_row) // capacity)):
+            chunk = [tuple(p[g * capacity:(g + 1) * capacity]) for p in per_row]
+            out.append(RoutedGroup(shape, tuple(c + (None,) * (capacity - len(c)) for c in chunk)))
+    return out
+
+
+def tiles(rows: Sequence[int], tile: int) -> list[list[int]]:
+    """``rows`` in tiles of ``tile``, the last padded by repeating its last row (policy, pure)."""
+    out = [list(rows[i:i + tile]) for i in range(0, len(rows), tile)]
+    if out and len(out[-1]) < tile:
+        out[-1] += [out[-1][-1]] * (tile - len(out[-1]))
+    return out
+
+
+def routed_forward(model, x: torch.Tensor, routes: Sequence[Sequence[str]], *, original: bool = False,
+                   tile: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Per row, the logits of the tasks it asked for (``routes[b]``, known task names), in its order; see the
+    module doc. :meth:`MemoryViT.forward_routed` checks the names."""
+    if len(routes) != x.shape[0]:
+        raise ValueError(f"routes has {len(routes)} rows but the batch has {x.shape[0]} images; give one task "
+                         "list per image")
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    wanted = list(dict.fromkeys(n for r in routes for n in r))
+    with torch.no_grad():
+        per_task = _run(model, x, routes, wanted, original=original, tile=tile)
+    rows = []
+    for b, r in enumerate(routes):
+        row = {ORIGINAL: per_task[ORIGINAL][b]} if original else {}
+        row.update({n: per_task[n][b] for n in r})
+        rows.append(row)
+    return rows
+
+
+def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, torch.Tensor] | torch.Tensor]:
+    plan = make_plan(model, model.closure(wanted), original=original, device=x.device)
+    full = set(model.closure([n for n in wanted if model.tasks[n].config.sees]))  # extension tasks + what they read
+    grouped: dict[str, tuple] = {}
+    others = []
+    for unit in plan.units:
+        names = _unit_names(unit)
+        if isinstance(unit, (GroupUnit, StackUnit)) and not full.intersection(names):
+            grouped.update({n: model.tasks[n].config.group_shape for n in names})
+        else:
+            others.append(unit)
+    state = PassState(x, replace(plan.paths, kv_in_place=False, stacked=False), readers=plan.readers)
+    out: dict = {}
+    bb = model.backbone
+    if plan.shared:
+        with capture_qkv(bb) as qkv, capture_block_inputs(bb, plan.forks) as block_inputs:
+            state.features = bb.forward_features(x)
+            if original:
+                out[ORIGINAL] = bb.forward_head(state.features)
+            if plan.head_features:
+                state.pre_logits = bb.forward_head(state.features, pre_logits=True)
+            if plan.token_kv:
+                for blk, t in zip(bb.blocks, qkv):
+                    _, k, v = split_qkv(blk.attn, t)
+                    state.backbone_kv.append((k.contiguous(), v.contiguous()))
+        state.block_inputs = block_inputs
+    groups = assign_slots(routes, grouped, model.group_size, model.task_names)
+    for group in groups:
+        out.update(_run_routed_group(model, group, state))
+    for unit in others:
+        names = _unit_names(unit)
+        if isinstance(unit, HeadUnit) or full.intersection(names):
+            res = unit.run(model, state)  # every row: cheap (a head) or read by extension tasks
+            out.update({n: {b: v[b] for b in range(x.shape[0])} for n, v in res.items()})
+            continue
+        rows = [b for b, r in enumerate(routes) if unit.name in r]
+        got: dict[int, torch.Tensor] = {}
+        for chunk in tiles(rows, tile):
+            res = unit.run(model, _rows_state(state, chunk))[unit.name]
+            got.update({b: res[i] for i, b in enumerate(chunk)})
+        out[unit.name] = got
+    return out
+
+
+def _unit_names(unit) -> list[str]:
+    if isinstance(unit, StackUnit):
+        return [n for g in unit.groups for n in g if n is not None]
+    if isinstance(unit, GroupUnit):
+        return [n for n in unit.names if n is not None]
+    return [unit.name]
+
+
+def _rows_state(state: PassState, rows: list[int]) -> PassState:
+    """The shared pass's state restricted to ``rows`` (gathered copies; memory K/V are image-independent)."""
+    idx = torch.tensor(rows, device=state.x.device)
+    return PassState(
+        state.x[idx], state.paths,
+        backbone_kv=[(k[idx], v[idx]) for k, v in state.backbone_kv],
+        pre_logits=None if state.pre_logits is None else state.pre_logits[idx],
+        features=None if state.features is None else state.features[idx],
+        block_inputs={i: t[idx] for i, t in state.block_inputs.items()},
+        mem_kv=state.mem_kv,
+    )
+
+
+def _run_routed_group(model, group: RoutedGroup, state: PassState) -> dict[str, dict[int, torch.Tensor]]:
+    """One routed group: gathered class tokens and memory K/V, the group block on every row, the heads."""
+    B, slots = len(group.slots), model.group_size
+    asked = list(dict.fromkeys(n for row in group.slots for n in row if n is not None))
+    first = model.tasks[asked[0]]
+    n, m, D = first.config.task_tokens, first.config.memory, model.backbone.embed_dim
+    pos = {name: i + 1 for i, name in enumerate(asked)}  # 0: an empty slot
+    idx = torch.tensor([[pos.get(s, 0) for s in row] for row in group.slots], device=state.x.device)  # (B, slots)
+    table = torch.cat([first.tokens.new_zeros(1, n, D), *(model.tasks[a].tokens for a in asked)])
+    tokens = table[idx].view(B, slots * n, D)
+    units = {name: _group_of(model, name) for name in asked}
+    for i, blk in enumerate(model.backbone.blocks):
+        mk = mv = None
+        if i in first.layer_to_slot:
+            parts_k, parts_v = [], []
+            for name in asked:
+                names = units[name]
+                tasks = [model.tasks[t] if t is not None else None for t in names]
+                gk, gv = task_paths.group_memory(model, names, tasks, i, state.mem_kv)
+                s = names.index(name)
+                parts_k.append(gk[:, :, s * m:(s + 1) * m])
+                parts_v.append(gv[:, :, s * m:(s + 1) * m])
+            zero = parts_k[0].new_zeros(parts_k[0].shape)
+            mk = _gather(torch.cat([zero, *parts_k]), idx)
+            mv = _gather(torch.cat([zero, *parts_v]), idx)
+        tokens, _, _ = model.group_block(blk, tokens, *state.backbone_kv[i], mk, mv, slots, triton=False)
+    pooled = task_paths.pooled_slots(model, tokens, slots, normed=False)  # (B, slots, D)
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for s in range(slots):
+        for name in dict.fromkeys(row[s] for row in group.slots if row[s] is not None):
+            logits = model.tasks[name].head(pooled[:, s])  # every row: the all-task pass's shape
+            out.setdefault(name, {}).update({b: logits[b] for b, row in enumerate(group.slots) if row[s] == name})
+    return out
+
+
+def _gather(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table`` ``(T, H, m, hd)`` per-task memory K (or V), ``idx`` ``(B, slots)`` -> ``(B, H, slots * m, hd)``."""
+    B, slots = idx.shape
+    _, H, m, hd = table.shape
+    return table[idx].permute(0, 2, 1, 3, 4).reshape(B, H, slots * m, hd)
+
+
+def _group_of(model, name: str) -> tuple[str | None, ...]:
+    """The names of the all-task pass's group that holds ``name`` (its memory K/V cache is that group's)."""
+    for unit in model.plan():
+        if unit.kind == "group" and name in unit.names:
+            return unit.names
+    raise KeyError(name)

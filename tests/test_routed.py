@@ -1,0 +1,136 @@
+"""Routed passes: each image computes only the tasks it asks for. On the CPU a grouped task's or a head's routed
+answer equals the all-task pass of the same batch bit for bit, and a per-task unit's (late fork, own pass) equals
+the all-task pass of its tile (one row by default), whatever the batch's composition; adding a task changes none;
+bad routes get one clear error."""
+import random
+
+import pytest
+import torch
+
+from helpers import images, make_backbone, perturb
+
+from continual_mem import MemoryViT, TaskError
+from continual_mem.routed import RoutedGroup, assign_slots, tiles
+
+SPECS = [  # two group shapes (one spilling into a second group), a head, a late fork (fine-tuned), an own pass
+    dict(name="a0", num_classes=3, memory=2), dict(name="a1", num_classes=4, memory=2),
+    dict(name="b0", num_classes=5, memory=3, layers="last:2"), dict(name="a2", num_classes=6, memory=2),
+    dict(name="h", num_classes=3, regime="head"),
+    dict(name="f", num_classes=4, memory=2, fork_layers=2, fork_finetune=True),
+    dict(name="own", num_classes=3, regime="memory", memory=2, layers="last:2"),
+    dict(name="a3", num_classes=7, memory=2, task_tokens=1),
+]
+
+
+PER_TASK = ["f", "own"]  # gathered rows, one tile of 1: the bits of a batch of one
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    model = MemoryViT(make_backbone("tiny"), group_size=2)
+    for i, spec in enumerate(SPECS):
+        perturb(model.add_task(**spec), seed=i + 1)
+    return model.eval()
+
+
+def _random_routes(rng: random.Random, names: list[str], batch: int) -> list[list[str]]:
+    return [rng.sample(names, rng.randint(0, 5)) for _ in range(batch)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_routed_answers_equal_the_all_task_pass_whatever_the_composition(net, seed):
+    rng = random.Random(seed)
+    pool = images(net.backbone, n=10, seed=5)
+    batch = rng.choice([1, 3, 6])
+    picks = [rng.randrange(len(pool)) for _ in range(batch)]  # repeats allowed: equal rows, equal answers
+    x = pool[picks]
+    routes = _random_routes(rng, net.task_names, batch)
+    with torch.no_grad():
+        full = net(x)
+        alone = [net(x[b:b + 1], tasks=PER_TASK) for b in range(batch)]
+    got = net.forward_routed(x, routes, original=True)
+    for b, route in enumerate(routes):
+        assert list(got[b]) == ["original", *route]
+        for name in ("original", *route):
+            want = alone[b][name][0] if name in PER_TASK else full[name][b]
+            assert torch.equal(got[b][name], want), (seed, b, name)
+
+
+def test_a_row_s_answer_does_not_depend_on_its_neighbours(net):
+    """The same image and task, beside other rows asking other tasks (same batch size): the same bits."""
+    pool = images(net.backbone, n=6, seed=7)
+    rng = random.Random(3)
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    for _ in range(5):
+        picks = rng.sample(range(len(pool)), 4)
+        routes = _random_routes(rng, net.task_names, 4)
+        for b, row in enumerate(net.forward_routed(pool[picks], routes)):
+            for name, logits in row.items():
+                first = seen.setdefault((picks[b], name), logits)
+                assert torch.equal(first, logits), (picks[b], name)
+    assert len(seen) > 10
+
+
+def test_adding_a_task_changes_no_routed_answer():
+    torch.manual_seed(0)
+    model = MemoryViT(make_backbone("tiny"), group_size=2)
+    for i, spec in enumerate(SPECS[:4]):
+        perturb(model.add_task(**spec), seed=i + 1)
+    x = images(model.backbone, n=3)
+    routes = [["a0"], ["b0", "a1"], ["a2"]]
+    before = model.forward_routed(x, routes)
+    perturb(model.add_task("new", 3, memory=2), seed=11)  # fills a2's group: the slot beside it
+    after = model.forward_routed(x, [r + ["new"] for r in routes])
+    for b, row in enumerate(before):
+        assert all(torch.equal(logits, after[b][name]) for name, logits in row.items())
+
+
+def test_extension_tasks_route_with_what_they_read():
+    torch.manual_seed(0)
+    model = MemoryViT(make_backbone("tiny"), group_size=2)
+    for i, name in enumerate(("p", "q")):
+        perturb(model.add_task(name, 3, memory=2), seed=i + 1)
+    perturb(model.add_task("ext", 4, memory=2, mode="extension"), seed=5)
+    x = images(model.backbone, n=3)
+    with torch.no_grad():
+        full = model(x)
+    got = model.forward_routed(x, [["ext"], ["q"], []])
+    assert torch.equal(got[0]["ext"], full["ext"][0]) and torch.equal(got[1]["q"], full["q"][1]) and got[2] == {}
+
+
+def test_a_tile_of_several_rows_computes_as_a_batch_of_that_size(net):
+    x = images(net.backbone, n=5, seed=2)
+    routes = [["f", "own"], ["own"], ["f"], ["f", "own"], ["f"]]
+    got = net.forward_routed(x, routes, tile=2)
+    with torch.no_grad():  # "f": rows 0 2 | 3 4; "own": rows 0 1 | 3 3 (the last tile padded with its last row)
+        f = [net(x[[0, 2]], tasks=["f"])["f"], net(x[[3, 4]], tasks=["f"])["f"]]
+        own = [net(x[[0, 1]], tasks=["own"])["own"], net(x[[3, 3]], tasks=["own"])["own"]]
+    assert torch.equal(torch.stack([got[b]["f"] for b in (0, 2, 3, 4)]), torch.cat(f))
+    assert torch.equal(torch.stack([got[b]["own"] for b in (0, 1, 3)]), torch.cat(own)[:3])
+
+
+def test_bad_routes_get_one_clear_error(net):
+    x = images(net.backbone, n=2)
+    with pytest.raises(TaskError, match=r"unknown tasks \['nope'\]; known tasks"):
+        net.forward_routed(x, [["a0"], ["nope"]])
+    with pytest.raises(ValueError, match="routes has 1 rows but the batch has 2 images; give one task list per image"):
+        net.forward_routed(x, [["a0"]])
+    with pytest.raises(ValueError, match="tile must be >= 1, got 0"):
+        net.forward_routed(x, [["a0"], []], tile=0)
+
+
+def test_slot_assignment_policy():
+    shape_of = {"a": "A", "b": "A", "c": "A", "d": "D"}
+    groups = assign_slots([["c", "a"], ["b", "a", "c", "d"], []], shape_of, capacity=2, order=["a", "b", "c", "d"])
+    assert groups == [
+        RoutedGroup("A", (("a", "c"), ("a", "b"), (None, None))),  # each row's own tasks, in the model's order
+        RoutedGroup("A", ((None, None), ("c", None), (None, None))),  # the second row's third: the next group
+        RoutedGroup("D", ((None, None), ("d", None), (None, None))),
+    ]
+    assert assign_slots([["x"], []], shape_of, capacity=2, order=["x"]) == []  # not a grouped task
+
+
+def test_tile_policy():
+    assert tiles([4, 7, 9], 2) == [[4, 7], [9, 9]]
+    assert tiles([4, 7], 2) == [[4, 7]] and tiles([], 3) == [] and tiles([5], 1) == [[5]]
