@@ -97,9 +97,9 @@ async def _decoded(state, name: str, data: bytes) -> np.ndarray | bytes:
     return await state.decoders.decode(data, name=name, max_pixels=settings.max_pixels)
 
 
-async def _answer(state, name: str, image: np.ndarray | bytes) -> Answer:
+async def _answer(state, name: str, image: np.ndarray | bytes, tasks: tuple[str, ...] | None) -> Answer:
     try:
-        return await state.model.submit(image)
+        return await state.model.submit(image, tasks)
     except BadImage as exc:
         raise HTTPException(400, f"{name}: cannot decode the image ({exc})") from None
 
@@ -202,7 +202,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         files = await _uploads(request, st.max_upload_bytes)
         # every upload is read before any is queued: a request refused for one bad file costs no pass
         images = await asyncio.gather(*(_decoded(request.app.state, name, data) for name, data in files))
-        answers = await asyncio.gather(*(_answer(request.app.state, name, image)
+        asked = tuple(dict.fromkeys(wanted)) if wanted else None  # a routed pass computes only these
+        answers = await asyncio.gather(*(_answer(request.app.state, name, image, asked)
                                          for (name, _), image in zip(files, images)))
         results, version = [], answers[0].version
         for (name, _), answer in zip(files, answers):

@@ -1,6 +1,7 @@
 """Dynamic batching: request handlers enqueue images and await; one worker task owns the device, gathers up to
-``max_batch`` images (waiting at most ``max_wait_ms`` after the first), runs one pass for every task and hands each
-request its rows.
+``max_batch`` images (waiting at most ``max_wait_ms`` after the first), runs one pass and hands each request its rows.
+A pass computes every task when every image asks for all of them; when some image names its tasks, a routed pass
+(:meth:`~continual_mem.model.MemoryViT.forward_routed`) computes for each image only the tasks it asked for.
 
 An image is either decoded already (an ``(H, W, 3)`` uint8 array from the host decoders) or, with
 ``device_decode``, the bytes of a JPEG that the pass decodes on the model's device (:mod:`serving.device_decode`)."""
@@ -33,9 +34,19 @@ class Answer:
 
 
 def _fail(batch: list, exc: Exception) -> None:
-    for _, fut in batch:
+    for _, _, fut in batch:
         if not fut.done():
             fut.set_exception(exc)
+
+
+def routes_for(asked: list[tuple[str, ...] | None], known: list[str]) -> list[list[str]] | None:
+    """Each image's tasks for a routed pass, or ``None`` when every image asks for every task (the all-task pass)
+    (policy, pure). A task no longer in the model (removed while the request waited) is left out; the request then
+    finds it missing from its answer."""
+    if all(a is None for a in asked):
+        return None
+    have = set(known)
+    return [list(known) if a is None else [n for n in a if n in have] for a in asked]
 
 
 def bucket_for(n: int, max_batch: int) -> int:
@@ -57,6 +68,7 @@ class _Launched:
     names: list[str] = field(default_factory=list)
     bounds: np.ndarray | None = None
     thread_s: float = 0.0
+    per_row: list[tuple[int, list[str], np.ndarray]] | None = None  # routed: each row's offset, tasks, bounds
 
 
 class Batcher:
@@ -75,11 +87,12 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.passes = 0
 
-    async def submit(self, image: np.ndarray | bytes) -> Answer:
+    async def submit(self, image: np.ndarray | bytes, tasks: tuple[str, ...] | None = None) -> Answer:
         """``image``: ``(H, W, 3)`` uint8 already shrunk (:func:`serving.decoding.decode_upload`), or with
-        ``device_decode`` a complete JPEG's bytes; :class:`BadImage` if the pass cannot decode it."""
+        ``device_decode`` a complete JPEG's bytes; :class:`BadImage` if the pass cannot decode it. ``tasks``: the
+        tasks this image needs (``None``: every task)."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((image, future))
+        await self.queue.put((image, tasks, future))
         self.metrics.queue_depth.set(self.queue.qsize())
         return await future
 
@@ -115,7 +128,8 @@ class Batcher:
             served = self.holder.current  # one model per batch: a swap lands between batches
             t0 = time.perf_counter()
             try:
-                launched = await asyncio.to_thread(self._launch_in_turn, served, [img for img, _ in batch])
+                launched = await asyncio.to_thread(self._launch_in_turn, served, [img for img, _, _ in batch],
+                                                   [tasks for _, tasks, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
                 _fail(batch, exc)
                 continue
@@ -138,7 +152,7 @@ class Batcher:
         self.passes += 1
         self.metrics.pass_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(batch))
-        for (_, fut), logits in zip(batch, rows):
+        for (_, _, fut), logits in zip(batch, rows):
             if fut.done():
                 continue
             if isinstance(logits, BadImage):
@@ -146,9 +160,10 @@ class Batcher:
             else:
                 fut.set_result(Answer(logits, served.version, served))
 
-    def _launch_in_turn(self, served: Served, images: list[np.ndarray | bytes]) -> _Launched:
+    def _launch_in_turn(self, served: Served, images: list[np.ndarray | bytes],
+                        asked: list[tuple[str, ...] | None]) -> _Launched:
         with self.holder.cpu_turns:  # on the CPU, never beside a model load (see ModelHolder.cpu_turns)
-            return self._launch(served, images)
+            return self._launch(served, images, asked=asked)
 
     def warm(self, served: Served) -> None:
         """Capture every bucket's graph for ``served`` now (a capture takes a few eager passes; a request that
@@ -167,12 +182,13 @@ class Batcher:
         for bucket in sorted(buckets):
             self._forward(served, [blank] * bucket, observe=False)
 
-    def _forward(self, served: Served, images: list[np.ndarray | bytes], *,
-                 observe: bool = True) -> list[dict[str, np.ndarray] | BadImage]:
+    def _forward(self, served: Served, images: list[np.ndarray | bytes], *, observe: bool = True,
+                 asked: list[tuple[str, ...] | None] | None = None) -> list[dict[str, np.ndarray] | BadImage]:
         """One pass, launched and read back (see :meth:`_launch` and :meth:`_finish`)."""
-        return self._finish(self._launch(served, images, observe=observe), observe=observe)
+        return self._finish(self._launch(served, images, observe=observe, asked=asked), observe=observe)
 
-    def _launch(self, served: Served, images: list[np.ndarray | bytes], *, observe: bool = True) -> _Launched:
+    def _launch(self, served: Served, images: list[np.ndarray | bytes], *, observe: bool = True,
+                asked: list[tuple[str, ...] | None] | None = None) -> _Launched:
         """Queue one pass on the device: the images as one batch (decoding the JPEGs there with
         ``device_decode``), cropped and normalised, every task's logits, and one copy of them all into pinned host
         memory (a copy per task is a synchronisation per task). An image that cannot be decoded gets its
@@ -190,6 +206,10 @@ class Batcher:
             bad = [None] * len(images)
             canvas, hw = pad_batch(images, pin=cuda)
             x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
+        good = [a for a, why in zip(asked or [None] * len(images), bad) if why is None]
+        routes = routes_for(good, served.net.task_names)
+        if routes is not None:
+            return self._launch_routed(served, x, routes, bad, events, t0)
         if self.graphs:
             out = self._replay(served, x)
         else:
@@ -208,6 +228,36 @@ class Batcher:
         bounds = np.cumsum([0] + [out[name].shape[1] for name in names])
         return _Launched(bad, host, done, events, names, bounds, time.perf_counter() - t0)
 
+    def _launch_routed(self, served: Served, x: torch.Tensor, routes: list[list[str]], bad: list,
+                       events: list | None, t0: float) -> _Launched:
+        """A routed pass (each image only its tasks), eager, at ``x``'s bucket on CUDA (rows padded with copies of
+        the last image, so an image meets the same kernels whatever shares its bucket); one copy of every row's
+        logits, row after row, into pinned host memory."""
+        cuda = self.holder.device.type == "cuda"
+        n = len(x)
+        if cuda and (bucket := bucket_for(n, self.max_batch)) > n:
+            x = torch.cat([x, x[-1:].expand(bucket - n, *x.shape[1:])])
+            routes = routes + [routes[-1]] * (bucket - n)
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = served.net.forward_routed(x, routes)[:n]
+        if events:
+            events[1].record()
+        per_row, offset, flat = [], 0, []
+        for row in out:
+            names = [name for name in row if name in served.classes]
+            bounds = np.cumsum([0] + [row[name].shape[0] for name in names])
+            per_row.append((offset, names, bounds))
+            offset += int(bounds[-1])
+            flat += [row[name].float() for name in names]
+        logits = torch.cat(flat) if flat else torch.empty(0, device=x.device)
+        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=cuda)
+        host.copy_(logits, non_blocking=cuda)
+        done = None
+        if cuda:
+            done = torch.cuda.Event(blocking=True)
+            done.record()
+        return _Launched(bad, host, done, events, thread_s=time.perf_counter() - t0, per_row=per_row)
+
     def _finish(self, launched: _Launched, *, observe: bool = True) -> list[dict[str, np.ndarray] | BadImage]:
         """Wait for a launched pass's copy and split its logits into each image's rows, task by task."""
         if launched.host is None:
@@ -219,14 +269,17 @@ class Batcher:
             if launched.events:
                 self.metrics.pass_device_seconds.observe(launched.events[0].elapsed_time(launched.events[1]) / 1e3)
             self.metrics.pass_thread_seconds.observe(launched.thread_s + time.perf_counter() - t0)
-        names, bounds = launched.names, launched.bounds
-        rows = iter(launched.host.numpy())
+        host = launched.host.numpy()
+        if launched.per_row is None:  # one matrix: every row, every task
+            layout = ((host[i], launched.names, launched.bounds) for i in range(len(host)))
+        else:  # routed: rows of their own lengths, one after the other
+            layout = ((host[at:], names, bounds) for at, names, bounds in launched.per_row)
         answers: list[dict[str, np.ndarray] | BadImage] = []
         for why in launched.bad:
             if why is not None:
                 answers.append(why)
                 continue
-            row = next(rows)
+            row, names, bounds = next(layout)
             answers.append({name: row[lo:hi] for name, lo, hi in zip(names, bounds[:-1], bounds[1:])})
         return answers
 

@@ -9,11 +9,11 @@ model process the HTTP processes parse and check uploads and pass on the JPEG by
 pass), so every request meets the same batch and one CUDA context owns the GPU.
 
 Both sides offer the same interface to the app: ``current`` (the model's version, classes and tasks),
-``await submit(image)`` (an :class:`~serving.batcher.Answer`, :class:`BadImage` for an image the pass cannot decode)
+``await submit(image, tasks)`` (an :class:`~serving.batcher.Answer`, :class:`BadImage` for an image the pass cannot decode)
 and ``await status()``.
 
 Messages are length-prefixed pickles on a Unix socket the server's parent created (only processes of the same
-user reach it). HTTP process -> model process: ``("predict", id, image)``, ``("status", id)``. Model process ->
+user reach it). HTTP process -> model process: ``("predict", id, image, tasks)``, ``("status", id)``. Model process ->
 HTTP process: ``("meta", version, classes, tasks)`` (at connection, at each swap, and before the first answer of a
 version), ``("answer", id, version, logits)``, ``("bad", id, reason)``, ``("error", id, reason)``,
 ``("status", id, dict)``.
@@ -105,8 +105,8 @@ class LocalModel:
     def current(self) -> Served:
         return self.holder.current
 
-    async def submit(self, image: np.ndarray | bytes) -> Answer:
-        return await self.batcher.submit(image)
+    async def submit(self, image: np.ndarray | bytes, tasks: tuple[str, ...] | None = None) -> Answer:
+        return await self.batcher.submit(image, tasks)
 
     async def status(self) -> dict:
         return {"model_version": self.holder.current.version, "tasks": len(self.holder.current.tasks),
@@ -136,7 +136,7 @@ class _ModelProcess:
             while True:
                 message = await read_message(reader)
                 if message[0] == "predict":
-                    task = asyncio.create_task(self._predict(writer, message[1], message[2]))
+                    task = asyncio.create_task(self._predict(writer, message[1], message[2], message[3]))
                     self._pending.add(task)
                     task.add_done_callback(self._pending.discard)
                 elif message[0] == "status":
@@ -147,9 +147,10 @@ class _ModelProcess:
             self.seen.pop(writer, None)
             writer.close()
 
-    async def _predict(self, writer: asyncio.StreamWriter, rid: int, image: np.ndarray | bytes) -> None:
+    async def _predict(self, writer: asyncio.StreamWriter, rid: int, image: np.ndarray | bytes,
+                       tasks: tuple[str, ...] | None) -> None:
         try:
-            answer = await self.model.submit(image)
+            answer = await self.model.submit(image, tasks)
         except BadImage as exc:
             reply = ("bad", rid, str(exc))
         except Exception as exc:  # noqa: BLE001 - the request fails, the model process lives on
@@ -267,8 +268,8 @@ class ModelClient:
             raise ModelUnavailable("the model process is gone") from None
         return await fut
 
-    async def submit(self, image: np.ndarray | bytes) -> Answer:
-        return await self._ask("predict", image)
+    async def submit(self, image: np.ndarray | bytes, tasks: tuple[str, ...] | None = None) -> Answer:
+        return await self._ask("predict", image, tasks)
 
     async def status(self) -> dict:
         return await self._ask("status")

@@ -17,7 +17,7 @@ pytest.importorskip("prometheus_client", reason="needs the serve extra: pip inst
 from PIL import Image  # noqa: E402
 
 from scenarios.decode import BadImage  # noqa: E402
-from serving.batcher import Answer, Batcher, bucket_for  # noqa: E402
+from serving.batcher import Answer, Batcher, bucket_for, routes_for  # noqa: E402
 from serving.metrics import Metrics  # noqa: E402
 from test_device_decode import bogus_huffman  # noqa: E402
 
@@ -46,7 +46,13 @@ class Net:
     task_names = ["a", "b"]
 
     def __init__(self):
-        self.fail, self.calls, self.delay_s = None, [], 0.0
+        self.fail, self.calls, self.delay_s, self.routed = None, [], 0.0, []
+
+    def forward_routed(self, x, routes, *, original=False):
+        """Each row only its own tasks, from the same numbers; ``routed`` records each routed pass's routes."""
+        self.routed.append([list(r) for r in routes])
+        out = self(x, original=original)
+        return [{name: out[name][b] for name in r} for b, r in enumerate(routes)]
 
     def __call__(self, x, *, original):
         assert original is False and not torch.is_autocast_enabled("cpu")  # amp is for CUDA only
@@ -95,7 +101,8 @@ async def serve(b: Batcher, rounds, *, pause_s: float = 0.0):
         for images in rounds:
             futs = []
             for im in images:
-                futs.append(asyncio.ensure_future(b.submit(im)))
+                im, tasks = im if isinstance(im, tuple) else (im, None)  # (image, its tasks)
+                futs.append(asyncio.ensure_future(b.submit(im, tasks)))
                 if pause_s:
                     await asyncio.sleep(pause_s)
             out.append(await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 10))
@@ -339,3 +346,40 @@ def test_batch_buckets_are_powers_of_two_up_to_max_batch():
     for n, most in ((0, 4), (65, 64)):
         with pytest.raises(ValueError, match=f"need 1 <= n <= max_batch, got n={n}, max_batch={most}"):
             bucket_for(n, most)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_images_that_name_their_tasks_get_a_routed_pass_with_only_those(overlap):
+    h = holder()
+    b = batcher_for(h, overlap=overlap)
+    rounds = [[(image(10), ("b",)), image(20), (image(30), ("a",))],  # mixed: a routed pass, all tasks for None
+              [image(5), image(6)],  # nobody names tasks: the all-task pass
+              [(image(7), ("b", "a")), (image(9), ("a", "gone"))]]  # "gone": removed while it waited
+    got = asyncio.run(serve(b, rounds))
+    want = [[["b"], ["a", "b"], ["a"]], None, [["b", "a"], ["a"]]]
+    for (images, answers), names in zip(zip(rounds, got), want):
+        for i, (im, answer) in enumerate(zip(images, answers)):
+            im = im[0] if isinstance(im, tuple) else im
+            v = float(im[0, 0, 0])
+            assert isinstance(answer, Answer) and answer.served is h.current
+            assert list(answer.logits) == (names[i] if names else ["a", "b"])
+            for task, row in answer.logits.items():
+                assert row.dtype == np.float32 and row.tolist() == expected(v)[task], (task, v)
+    assert h.current.net.routed == [want[0], want[2]] and h.current.net.calls == [3, 2, 2]
+
+
+def test_a_routed_pass_hands_undecodable_images_their_error():
+    h = holder()
+    b = batcher_for(h, device_decode=True)
+    bad = bogus_huffman(jpeg(9))
+    (answers,) = asyncio.run(serve(b, [[(jpeg(40), ("b",)), (bad, ("a",)), (image(20), ("a",))]]))
+    assert isinstance(answers[1], BadImage)
+    assert list(answers[0].logits) == ["b"] and abs(answers[0].logits["b"][0] - 80) <= 4
+    assert answers[2].logits["a"].tolist() == [20.0, 20.5]
+    assert h.current.net.routed == [[["b"], ["a"]]]  # the good images only
+
+
+def test_routes_policy():
+    assert routes_for([None, None], ["a", "b"]) is None  # every task for every image: the all-task pass
+    assert routes_for([None, ("b",)], ["a", "b"]) == [["a", "b"], ["b"]]
+    assert routes_for([("b", "x", "a"), ()], ["a", "b"]) == [["b", "a"], []]  # the asked order; unknown left out
