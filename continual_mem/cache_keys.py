@@ -9,10 +9,11 @@ from typing import Literal
 @dataclass(frozen=True)
 class KVKey:
     """Memory K/V at block ``layer`` of one task (``task``), of a fixed-capacity group's slots in order (``group``;
-    ``None`` for an empty slot) or of several groups of one shape stacked (``stack``; one tuple of slot names per
-    group)."""
+    ``None`` for an empty slot), of several groups of one shape stacked (``stack``; one tuple of slot names per
+    group), or the tables a routed pass gathers from (``routed``: every grouped task of one shape, every layer;
+    ``layer`` -1)."""
 
-    kind: Literal["task", "group", "stack"]
+    kind: Literal["task", "group", "stack", "routed"]
     names: tuple
     layer: int
 
@@ -27,6 +28,10 @@ class KVKey:
     @classmethod
     def stack(cls, groups: tuple[tuple[str | None, ...], ...], layer: int) -> "KVKey":
         return cls("stack", tuple(tuple(g) for g in groups), layer)
+
+    @classmethod
+    def routed(cls, names: tuple[str, ...]) -> "KVKey":
+        return cls("routed", tuple(names), -1)
 
     def reads(self, name: str) -> bool:
         """Whether the cached value holds ``name``'s memory (it goes when that task is removed)."""

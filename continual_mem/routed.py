@@ -28,6 +28,7 @@ import torch
 
 from . import task_paths
 from .backbone import capture_block_inputs, capture_qkv, split_qkv
+from .cache_keys import KVKey
 from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, make_plan
 
 
@@ -108,9 +109,11 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
                     _, k, v = split_qkv(blk.attn, t)
                     state.backbone_kv.append((k.contiguous(), v.contiguous()))
         state.block_inputs = block_inputs
-    groups = assign_slots(routes, grouped, model.group_size, model.task_names)
-    for group in groups:
-        out.update(_run_routed_group(model, group, state))
+    by_shape = shape_groups(model)
+    for group in assign_slots(routes, grouped, model.group_size, model.task_names):
+        got = _run_routed_group(model, group, tables(model, by_shape[group.shape], state.mem_kv), state)
+        for name, rows in got.items():  # a task may sit in another routed group for another row
+            out.setdefault(name, {}).update(rows)
     for unit in others:
         names = _unit_names(unit)
         if isinstance(unit, HeadUnit) or full.intersection(names):
@@ -147,31 +150,64 @@ def _rows_state(state: PassState, rows: list[int]) -> PassState:
     )
 
 
-def _run_routed_group(model, group: RoutedGroup, state: PassState) -> dict[str, dict[int, torch.Tensor]]:
+@dataclass(frozen=True)
+class Tables:
+    """What routed groups of one shape gather from: row 0 an empty slot, row ``1 + i`` the shape's ``i``-th task
+    (model order). ``tokens``: ``(1 + T, n, D)``; ``memory[layer]``: keys and values ``(1 + T, H, m, hd)``, each
+    task's the slice of its all-task group's cached K/V (the same bits), or None where the shape has no memory."""
+
+    index: dict[str, int]
+    tokens: torch.Tensor
+    memory: list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
+def shape_groups(model) -> dict[tuple, list[tuple[str | None, ...]]]:
+    """The all-task pass's groups, by group shape (model order)."""
+    out: dict[tuple, list] = {}
+    for unit in model.plan():
+        if unit.kind == "group":
+            first = next(n for n in unit.names if n is not None)
+            out.setdefault(model.tasks[first].config.group_shape, []).append(unit.names)
+    return out
+
+
+def tables(model, groups: list[tuple[str | None, ...]], local: dict) -> Tables:
+    """The gather tables of one shape's ``groups``: built once, cached with the model's memory K/V (rebuilt when
+    a task of the shape trains, changes, comes or goes)."""
+    names = tuple(n for g in groups for n in g if n is not None)
+    members = [model.tasks[n] for n in names]
+    params = [p for t in members for p in (t.tokens, t.memory) if p is not None]
+
+    def build() -> Tables:
+        first = members[0]
+        n, m, D = first.config.task_tokens, first.config.memory, model.backbone.embed_dim
+        tokens = torch.cat([first.tokens.new_zeros(1, n, D), *(t.tokens for t in members)])
+        memory: list = []
+        for i in range(model.depth):
+            if i not in first.layer_to_slot:
+                memory.append(None)
+                continue
+            ks, vs = [], []
+            for g in groups:
+                gk, gv = task_paths.group_memory(model, g, [model.tasks[t] if t else None for t in g], i, local)
+                ks += [gk[:, :, s * m:(s + 1) * m] for s, t in enumerate(g) if t is not None]
+                vs += [gv[:, :, s * m:(s + 1) * m] for s, t in enumerate(g) if t is not None]
+            memory.append((torch.cat([ks[0].new_zeros(ks[0].shape), *ks]), torch.cat([vs[0].new_zeros(vs[0].shape), *vs])))
+        return Tables({name: i + 1 for i, name in enumerate(names)}, tokens, memory)
+
+    return task_paths.cached(model, KVKey.routed(names), params, build, local)
+
+
+def _run_routed_group(model, group: RoutedGroup, table: Tables, state: PassState) -> dict[str, dict[int, torch.Tensor]]:
     """One routed group: gathered class tokens and memory K/V, the group block on every row, the heads."""
     B, slots = len(group.slots), model.group_size
-    asked = list(dict.fromkeys(n for row in group.slots for n in row if n is not None))
-    first = model.tasks[asked[0]]
-    n, m, D = first.config.task_tokens, first.config.memory, model.backbone.embed_dim
-    pos = {name: i + 1 for i, name in enumerate(asked)}  # 0: an empty slot
-    idx = torch.tensor([[pos.get(s, 0) for s in row] for row in group.slots], device=state.x.device)  # (B, slots)
-    table = torch.cat([first.tokens.new_zeros(1, n, D), *(model.tasks[a].tokens for a in asked)])
-    tokens = table[idx].view(B, slots * n, D)
-    units = {name: _group_of(model, name) for name in asked}
+    idx = torch.tensor([[table.index[s] if s is not None else 0 for s in row] for row in group.slots],
+                       device=state.x.device)  # (B, slots)
+    _, n, D = table.tokens.shape
+    tokens = table.tokens[idx].view(B, slots * n, D)
     for i, blk in enumerate(model.backbone.blocks):
-        mk = mv = None
-        if i in first.layer_to_slot:
-            parts_k, parts_v = [], []
-            for name in asked:
-                names = units[name]
-                tasks = [model.tasks[t] if t is not None else None for t in names]
-                gk, gv = task_paths.group_memory(model, names, tasks, i, state.mem_kv)
-                s = names.index(name)
-                parts_k.append(gk[:, :, s * m:(s + 1) * m])
-                parts_v.append(gv[:, :, s * m:(s + 1) * m])
-            zero = parts_k[0].new_zeros(parts_k[0].shape)
-            mk = _gather(torch.cat([zero, *parts_k]), idx)
-            mv = _gather(torch.cat([zero, *parts_v]), idx)
+        mem = table.memory[i]
+        mk, mv = (None, None) if mem is None else (_gather(mem[0], idx), _gather(mem[1], idx))
         tokens, _, _ = model.group_block(blk, tokens, *state.backbone_kv[i], mk, mv, slots, triton=False)
     pooled = task_paths.pooled_slots(model, tokens, slots, normed=False)  # (B, slots, D)
     out: dict[str, dict[int, torch.Tensor]] = {}
@@ -187,11 +223,3 @@ def _gather(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     B, slots = idx.shape
     _, H, m, hd = table.shape
     return table[idx].permute(0, 2, 1, 3, 4).reshape(B, H, slots * m, hd)
-
-
-def _group_of(model, name: str) -> tuple[str | None, ...]:
-    """The names of the all-task pass's group that holds ``name`` (its memory K/V cache is that group's)."""
-    for unit in model.plan():
-        if unit.kind == "group" and name in unit.names:
-            return unit.names
-    raise KeyError(name)

@@ -134,3 +134,26 @@ def test_slot_assignment_policy():
 def test_tile_policy():
     assert tiles([4, 7, 9], 2) == [[4, 7], [9, 9]]
     assert tiles([4, 7], 2) == [[4, 7]] and tiles([], 3) == [] and tiles([5], 1) == [[5]]
+
+
+def test_the_gather_tables_follow_changed_and_removed_tasks():
+    torch.manual_seed(0)
+    model = MemoryViT(make_backbone("tiny"), group_size=2)
+    for i, spec in enumerate(SPECS[:4]):
+        perturb(model.add_task(**spec), seed=i + 1)
+    x = images(model.backbone, n=2)
+    routes = [["a0", "a2"], ["a1"]]
+
+    def check():
+        with torch.no_grad():
+            full = model(x)
+        got = model.forward_routed(x, routes)
+        assert all(torch.equal(got[b][n], full[n][b]) for b in range(2) for n in routes[b])
+        return got
+
+    first = check()
+    perturb(model.tasks["a0"], seed=20)  # in place: as a training step writes it
+    assert not torch.equal(check()[0]["a0"], first[0]["a0"])
+    model.remove_task("a1")  # a2 moves into a1's slot
+    routes = [["a0", "a2"], ["a2"]]
+    check()
