@@ -70,6 +70,8 @@ class MemoryViT(nn.Module):
         self._fingerprint: str | None = None
         self.generation = 0  # bumped by invalidate_cache(): writes that version counters do not see
         self.stack_groups = True
+        self._tasks_version = 0  # bumped by attach / remove_task: the packing cache's key
+        self._packing: tuple | None = None
 
     # ------------------------------------------------------------------ structure
     @property
@@ -200,6 +202,7 @@ class MemoryViT(nn.Module):
         if (problem := extension_mismatch(c, self.token_task_names)) is not None:
             raise TaskError(problem)
         self.tasks[c.name] = task
+        self._tasks_version += 1
         log.info("added task %s (%s, %s)", c.name, c.regime, c.mode)
         return task
 
@@ -214,6 +217,7 @@ class MemoryViT(nn.Module):
             raise TaskError(problem)
         task = self.tasks[name]
         del self.tasks[name]
+        self._tasks_version += 1
         # the task's own keys, and its groups' and stacks' (they re-pack)
         self.kv_cache = {k: v for k, v in self.kv_cache.items() if not k.reads(name)}
         return task
@@ -267,6 +271,12 @@ class MemoryViT(nn.Module):
         removal re-packs later tasks (each slot's result does not depend on its position). Groups are for
         inference: while one of a group's tasks trains, the requested tasks run on the per-task path (same
         function, other kernels, so equal to float tolerance, not bit for bit)."""
+        key = (self.group_size, self._tasks_version, tuple(self.tasks))  # names too: a ModuleDict edited by hand
+        if self._packing is None or self._packing[0] != key:
+            self._packing = (key, self._pack())
+        return list(self._packing[1])
+
+    def _pack(self) -> list[Unit]:
         units: list[tuple[str, list[str | None]]] = []
         open_groups: dict[tuple, list[str | None]] = {}
         for name, task in self.tasks.items():

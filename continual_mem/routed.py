@@ -95,6 +95,18 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
         else:
             others.append(unit)
     state = PassState(x, replace(plan.paths, kv_in_place=False, stacked=False), readers=plan.readers)
+    # everything image-independent first, and every index in one non-blocking copy: nothing below waits for the GPU
+    by_shape = shape_groups(model)
+    groups = assign_slots(routes, grouped, model.group_size, model.task_names)
+    tabs = {g.shape: tables(model, by_shape[g.shape], state.mem_kv) for g in groups}
+    gathered = gathered_heads(x.device)
+    index = _Index()
+    slot_ids = [index.add([tabs[g.shape].index[t] if t is not None else 0 for row in g.slots for t in row])
+                for g in groups]
+    head_ids = [_head_indices(g, tabs[g.shape], index) if gathered else {} for g in groups]
+    per_task = [(unit, [index.add(c) for c in tiles([b for b, r in enumerate(routes) if unit.name in r], tile)])
+                for unit in others if not (isinstance(unit, HeadUnit) or full.intersection(_unit_names(unit)))]
+    index.to(x.device)
     out: dict = {}
     bb = model.backbone
     if plan.shared:
@@ -109,22 +121,23 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
                     _, k, v = split_qkv(blk.attn, t)
                     state.backbone_kv.append((k.contiguous(), v.contiguous()))
         state.block_inputs = block_inputs
-    by_shape = shape_groups(model)
-    for group in assign_slots(routes, grouped, model.group_size, model.task_names):
-        got = _run_routed_group(model, group, tables(model, by_shape[group.shape], state.mem_kv), state)
+    for g, group in enumerate(groups):
+        idx = index[slot_ids[g]].view(len(routes), model.group_size)
+        got = _run_routed_group(model, group, tabs[group.shape], idx, {k: index[i] for k, i in head_ids[g].items()},
+                                state)
         for name, rows in got.items():  # a task may sit in another routed group for another row
             out.setdefault(name, {}).update(rows)
+    chunks = {unit: ids for unit, ids in per_task}
     for unit in others:
         names = _unit_names(unit)
         if isinstance(unit, HeadUnit) or full.intersection(names):
             res = unit.run(model, state)  # every row: cheap (a head) or read by extension tasks
             out.update({n: {b: v[b] for b in range(x.shape[0])} for n, v in res.items()})
             continue
-        rows = [b for b, r in enumerate(routes) if unit.name in r]
         got: dict[int, torch.Tensor] = {}
-        for chunk in tiles(rows, tile):
-            res = unit.run(model, _rows_state(state, chunk))[unit.name]
-            got.update({b: res[i] for i, b in enumerate(chunk)})
+        for i in chunks[unit]:
+            res = unit.run(model, _rows_state(state, index[i]))[unit.name]
+            got.update({b: res[j] for j, b in enumerate(index.host(i))})
         out[unit.name] = got
     return out
 
@@ -137,9 +150,38 @@ def _unit_names(unit) -> list[str]:
     return [unit.name]
 
 
-def _rows_state(state: PassState, rows: list[int]) -> PassState:
-    """The shared pass's state restricted to ``rows`` (gathered copies; memory K/V are image-independent)."""
-    idx = torch.tensor(rows, device=state.x.device)
+class _Index:
+    """Integer lists gathered on the host, sent to the device in one copy (pinned, non-blocking on CUDA)."""
+
+    def __init__(self) -> None:
+        self.lists: list[list[int]] = []
+        self.flat: torch.Tensor | None = None
+        self.starts: list[int] = []
+
+    def add(self, values: list[int]) -> int:
+        self.lists.append(list(values))
+        return len(self.lists) - 1
+
+    def host(self, i: int) -> list[int]:
+        return self.lists[i]
+
+    def to(self, device: torch.device) -> None:
+        sizes = [len(v) for v in self.lists]
+        self.starts = [0]
+        for n in sizes:
+            self.starts.append(self.starts[-1] + n)
+        flat = torch.tensor([v for vs in self.lists for v in vs], dtype=torch.int64)
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        self.flat = flat.to(device, non_blocking=True)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.flat[self.starts[i]:self.starts[i + 1]]
+
+
+def _rows_state(state: PassState, idx: torch.Tensor) -> PassState:
+    """The shared pass's state restricted to the rows ``idx`` (gathered copies; memory K/V are
+    image-independent)."""
     return PassState(
         state.x[idx], state.paths,
         backbone_kv=[(k[idx], v[idx]) for k, v in state.backbone_kv],
@@ -159,6 +201,21 @@ class Tables:
     index: dict[str, int]
     tokens: torch.Tensor
     memory: list[tuple[torch.Tensor, torch.Tensor] | None]
+    heads: dict[int, tuple[torch.Tensor, torch.Tensor]]  # width -> weights (1 + T_w, width, D), biases (1 + T_w, width)
+    head_at: dict[str, tuple[int, int]]  # task -> (width, its row in that width's table)
+
+
+def head_width(classes: int) -> int:
+    """The padded width of a gathered head (policy, pure): a power of two, at least 16. A task's width depends
+    on its own class count only, so a task added with more classes never changes another task's product."""
+    return max(16, 1 << (classes - 1).bit_length())
+
+
+def gathered_heads(device: torch.device) -> bool:
+    """Whether a routed pass runs its heads gathered, one batched product per slot and width (policy, pure): on
+    CUDA, where a launch per task would cost more than the heads' arithmetic. On the CPU each head runs as its
+    own linear layer over the whole batch, the all-task pass's product, bit for bit."""
+    return device.type == "cuda"
 
 
 def shape_groups(model) -> dict[tuple, list[tuple[str | None, ...]]]:
@@ -176,7 +233,7 @@ def tables(model, groups: list[tuple[str | None, ...]], local: dict) -> Tables:
     a task of the shape trains, changes, comes or goes)."""
     names = tuple(n for g in groups for n in g if n is not None)
     members = [model.tasks[n] for n in names]
-    params = [p for t in members for p in (t.tokens, t.memory) if p is not None]
+    params = [p for t in members for p in (t.tokens, t.memory, t.head.weight, t.head.bias) if p is not None]
 
     def build() -> Tables:
         first = members[0]
@@ -193,16 +250,42 @@ def tables(model, groups: list[tuple[str | None, ...]], local: dict) -> Tables:
                 ks += [gk[:, :, s * m:(s + 1) * m] for s, t in enumerate(g) if t is not None]
                 vs += [gv[:, :, s * m:(s + 1) * m] for s, t in enumerate(g) if t is not None]
             memory.append((torch.cat([ks[0].new_zeros(ks[0].shape), *ks]), torch.cat([vs[0].new_zeros(vs[0].shape), *vs])))
-        return Tables({name: i + 1 for i, name in enumerate(names)}, tokens, memory)
+        rows: dict[int, list] = {}
+        head_at = {}
+        for t in members:
+            w = head_width(t.config.num_classes)
+            weight = t.head.weight.new_zeros(w, D)
+            weight[:t.config.num_classes] = t.head.weight
+            bias = weight.new_zeros(w)
+            if t.head.bias is not None:
+                bias[:t.config.num_classes] = t.head.bias
+            rows.setdefault(w, [(weight.new_zeros(w, D), bias.new_zeros(w))]).append((weight, bias))
+            head_at[t.name] = (w, len(rows[w]) - 1)
+        heads = {w: (torch.stack([a for a, _ in r]), torch.stack([b for _, b in r])) for w, r in rows.items()}
+        return Tables({name: i + 1 for i, name in enumerate(names)}, tokens, memory, heads, head_at)
 
     return task_paths.cached(model, KVKey.routed(names), params, build, local)
 
 
-def _run_routed_group(model, group: RoutedGroup, table: Tables, state: PassState) -> dict[str, dict[int, torch.Tensor]]:
-    """One routed group: gathered class tokens and memory K/V, the group block on every row, the heads."""
+def _head_indices(group: RoutedGroup, table: Tables, index: "_Index") -> dict[tuple[int, int], int]:
+    """For gathered heads: per (slot, width) present in ``group``, each row's row in that width's table (0: the
+    zero head, for rows whose task there has another width or none)."""
+    out = {}
+    for s in range(len(group.slots[0])):
+        widths = {table.head_at[row[s]][0] for row in group.slots if row[s] is not None}
+        for w in sorted(widths):
+            at = [table.head_at[row[s]][1] if row[s] is not None and table.head_at[row[s]][0] == w else 0
+                  for row in group.slots]
+            out[(s, w)] = index.add(at)
+    return out
+
+
+def _run_routed_group(model, group: RoutedGroup, table: Tables, idx: torch.Tensor,
+                      head_idx: dict[tuple[int, int], torch.Tensor],
+                      state: PassState) -> dict[str, dict[int, torch.Tensor]]:
+    """One routed group: gathered class tokens and memory K/V (``idx``: ``(B, slots)`` rows of ``table``), the
+    group block on every row, then the heads: gathered (``head_idx``, see :func:`gathered_heads`) or per task."""
     B, slots = len(group.slots), model.group_size
-    idx = torch.tensor([[table.index[s] if s is not None else 0 for s in row] for row in group.slots],
-                       device=state.x.device)  # (B, slots)
     _, n, D = table.tokens.shape
     tokens = table.tokens[idx].view(B, slots * n, D)
     for i, blk in enumerate(model.backbone.blocks):
@@ -211,6 +294,16 @@ def _run_routed_group(model, group: RoutedGroup, table: Tables, state: PassState
         tokens, _, _ = model.group_block(blk, tokens, *state.backbone_kv[i], mk, mv, slots, triton=False)
     pooled = task_paths.pooled_slots(model, tokens, slots, normed=False)  # (B, slots, D)
     out: dict[str, dict[int, torch.Tensor]] = {}
+    if head_idx:
+        for (s, w), at in head_idx.items():
+            weights, biases = table.heads[w]
+            logits = torch.baddbmm(biases[at].unsqueeze(1), pooled[:, s].unsqueeze(1),
+                                   weights[at].transpose(1, 2)).squeeze(1)  # (B, w): every row, one product
+            for b, row in enumerate(group.slots):
+                name = row[s]
+                if name is not None and table.head_at[name][0] == w:
+                    out.setdefault(name, {})[b] = logits[b, :model.tasks[name].config.num_classes]
+        return out
     for s in range(slots):
         for name in dict.fromkeys(row[s] for row in group.slots if row[s] is not None):
             logits = model.tasks[name].head(pooled[:, s])  # every row: the all-task pass's shape

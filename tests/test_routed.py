@@ -10,7 +10,8 @@ import torch
 from helpers import images, make_backbone, perturb
 
 from continual_mem import MemoryViT, TaskError
-from continual_mem.routed import RoutedGroup, assign_slots, tiles
+from continual_mem import routed
+from continual_mem.routed import RoutedGroup, assign_slots, head_width, tiles
 
 SPECS = [  # two group shapes (one spilling into a second group), a head, a late fork (fine-tuned), an own pass
     dict(name="a0", num_classes=3, memory=2), dict(name="a1", num_classes=4, memory=2),
@@ -157,3 +158,62 @@ def test_the_gather_tables_follow_changed_and_removed_tasks():
     model.remove_task("a1")  # a2 moves into a1's slot
     routes = [["a0", "a2"], ["a2"]]
     check()
+
+
+def test_gathered_heads_agree_and_keep_each_row_s_bits(net, monkeypatch):
+    """The CUDA head path (one batched product per slot and width), run on the CPU: it agrees with the all-task
+    pass to float tolerance, and a row's bits do not depend on its neighbours or on a wider task added."""
+    monkeypatch.setattr(routed, "gathered_heads", lambda device: True)
+    pool = images(net.backbone, n=6, seed=8)
+    rng = random.Random(4)
+    grouped = ["a0", "a1", "a2", "a3", "b0"]
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    for _ in range(4):
+        picks = rng.sample(range(len(pool)), 3)
+        routes = [rng.sample(grouped, rng.randint(1, 3)) for _ in range(3)]
+        with torch.no_grad():
+            full = net(pool[picks])
+        for b, row in enumerate(net.forward_routed(pool[picks], routes)):
+            for name, logits in row.items():
+                torch.testing.assert_close(logits, full[name][b], rtol=1e-5, atol=1e-5)
+                assert torch.equal(seen.setdefault((picks[b], name), logits), logits)
+    wide = net.add_task("wide", 40, memory=2)  # another width (64): its own table and product
+    try:
+        perturb(wide, seed=30)
+        for (i, name), logits in list(seen.items())[:6]:
+            again = net.forward_routed(pool[[i, 0, 1]], [[name], ["wide"], ["a0"]])[0][name]
+            assert torch.equal(again, logits)
+    finally:
+        net.remove_task("wide")
+
+
+def test_head_width_policy():
+    assert [head_width(c) for c in (1, 16, 17, 100, 128, 129, 397)] == [16, 16, 32, 128, 128, 256, 512]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_routed_answers_agree_and_never_depend_on_the_neighbours(dtype):
+    torch.manual_seed(0)
+    model = MemoryViT(make_backbone("tiny"), group_size=2)
+    for i, spec in enumerate(SPECS):
+        perturb(model.add_task(**spec), seed=i + 1)
+    model = model.to("cuda", dtype).eval()
+    pool = images(model.backbone, n=8, seed=5).to("cuda", dtype)
+    rng = random.Random(1)
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    for trial in range(6):
+        picks = [rng.randrange(len(pool)) for _ in range(4)]
+        routes = _random_routes(rng, model.task_names, 4)
+        with torch.no_grad():
+            full = model(pool[picks])
+        for b, row in enumerate(model.forward_routed(pool[picks], routes)):
+            for name, logits in row.items():
+                torch.testing.assert_close(logits.float(), full[name][b].float(), rtol=tol, atol=tol)
+                assert torch.equal(seen.setdefault((picks[b], name), logits), logits), (trial, name)
+        if trial == 2:  # a task added halfway (a wider head, a new group): no routed answer changes
+            perturb(model.cpu().add_task("late", 40, memory=2), seed=40)
+            model.to("cuda", dtype)
+    assert len(seen) > 15
