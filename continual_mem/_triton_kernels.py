@@ -74,14 +74,15 @@ def _attend_backbone(q, sk_ptr, sv_ptr, sk_sn, sv_sn, N, d, dmask, BLOCK_M: tl.c
 
 @triton.jit(do_not_specialize=["GROUPS", "q_sg", "k_sg", "o_sg"])
 def group_attn(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, mk_ptr, mv_ptr, out_ptr, scale, H, N, GROUPS, MEM,
-               q_sg, q_sb, q_sh, q_sr, k_sg, k_sb, k_sh, k_sr, sk_sb, sk_sh, sk_sn, sv_sb, sv_sh, sv_sn, m_sh, m_sr,
+               q_sg, q_sb, q_sh, q_sr, k_sg, k_sb, k_sh, k_sr, sk_sb, sk_sh, sk_sn, sv_sb, sv_sh, sv_sn, m_sb, m_sh, m_sr,
                o_sg, o_sb, o_sh, o_sr,
                L: tl.constexpr, PACK: tl.constexpr, N_Q: tl.constexpr, M_PER: tl.constexpr, HD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MEM: tl.constexpr,
                IEEE: tl.constexpr):
     """One program per (image, head, pack of ``PACK`` groups); a group is ``L = slots * N_Q`` query rows, groups lie
     ``q_sg``/``k_sg``/``o_sg`` apart, and each has ``MEM`` memory rows (``M_PER`` per slot, image-independent, group
-    after group; none when ``MEM`` is 0). The pack's rows (scaled here) read each block of the backbone's keys and
+    after group, ``m_sb`` apart per image: 0 when every image shares them, as a group's do; none when ``MEM`` is
+    0). The pack's rows (scaled here) read each block of the backbone's keys and
     values once (in place, any row stride), then each row attends to its own slot's token keys (the groups' qkv, in
     place) and memory keys. A pack's tile sizes are fixed by ``PACK``; a group missing from the last pack is masked
     out, and masked keys weigh exactly zero, so a group's bits never depend on ``GROUPS`` (which only sizes the
@@ -102,7 +103,8 @@ def group_attn(q_ptr, k_ptr, v_ptr, sk_ptr, sv_ptr, mk_ptr, mv_ptr, out_ptr, sca
     tk, tv = _load_rows(k_ptr, v_ptr, b * k_sb + h * k_sh + group * k_sg + rows % L * k_sr, rmask, d, dmask)
     if BLOCK_MEM > 0:
         mcols = tl.arange(0, BLOCK_MEM)
-        mk, mv = _load_rows(mk_ptr, mv_ptr, h * m_sh + (pack * PACK * MEM + mcols) * m_sr, mcols < present * MEM,
+        mk, mv = _load_rows(mk_ptr, mv_ptr, b * m_sb + h * m_sh + (pack * PACK * MEM + mcols) * m_sr,
+                            mcols < present * MEM,
                             d, dmask)
     q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
     acc, m_i, l_i = _attend_backbone(q, sk_ptr + b * sk_sb + h * sk_sh, sv_ptr + b * sv_sb + h * sv_sh, sk_sn, sv_sn,

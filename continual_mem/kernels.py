@@ -80,7 +80,8 @@ def group_attention_triton(q: torch.Tensor, shared_k: torch.Tensor, shared_v: to
 
     ``q``, ``tok_k``, ``tok_v``: the group's unscaled queries and its tokens' keys and values, ``(B, H, S * n, hd)``
     (views of the block's qkv output); ``shared_*``: the backbone's ``(B, H, N, hd)``; ``mem_*``: every slot's
-    memory keys and values ``(1, H, S * m, hd)``, or None. Inputs are read in place with their strides (last
+    memory keys and values ``(1, H, S * m, hd)``, or one set per image ``(B, H, S * m, hd)`` (a routed group), or
+    None. Inputs are read in place with their strides (last
     dimension contiguous), so no concatenation, scaling or K/V copy runs before the kernel; the output is laid
     out ``(B, S * n, H, hd)`` so the block's head merge after it is a view. Returns ``(B, H, S * n, hd)``."""
     B, H, rows, hd = q.shape
@@ -156,7 +157,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sk: torch.Tensor,
         mem_k, mem_v = sk, sv  # never read
     group_attn[(B * H * -(-G // pack),)](
         q, k, v, sk, sv, mem_k, mem_v, out, scale, H, sk.shape[2], G, mem,
-        *q.stride()[:4], *k.stride()[:4], *sk.stride()[:3], *sv.stride()[:3], *mem_k.stride()[1:3],
+        *q.stride()[:4], *k.stride()[:4], *sk.stride()[:3], *sv.stride()[:3],
+        mem_k.stride(0) if mem_k.shape[0] > 1 else 0, *mem_k.stride()[1:3],
         *out.stride()[:4],
         L=L, PACK=pack, N_Q=L // slots, M_PER=max(1, mem // slots), HD=hd,
         BLOCK_M=max(16, triton.next_power_of_2(pack * L)), BLOCK_D=max(16, triton.next_power_of_2(hd)),

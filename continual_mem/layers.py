@@ -107,7 +107,7 @@ def group_block(
         shared_k: The backbone's keys at this block, ``(B, H, N, hd)``.
         shared_v: The backbone's values.
         memory_k: ``(1, H, slots * m, hd)`` every slot's memory keys at this block, or None; ``(B, H, slots * m,
-            hd)``, one per row, on the PyTorch path (:mod:`continual_mem.routed`).
+            hd)``, one set per row, for a routed group (:mod:`continual_mem.routed`).
         memory_v: Matching values.
         slots: The group's capacity.
         triton: Run the fused Triton kernel (the call's plan decides: ``Paths.triton``), else the PyTorch

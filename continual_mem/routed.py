@@ -16,11 +16,13 @@ The backbone runs once for the whole batch, through timm's own code, as in the a
 Exactness: every kernel's shape depends on the batch size, the group capacity and ``tile``, never on which tasks
 or rows share the pass, so a row's answer does not depend on its neighbours; adding a task changes no routed
 answer. The computations are the all-task pass's own (same group block, same cached memory K/V, same heads), so on
-the CPU a routed answer equals the all-task pass bit for bit (``tests/test_routed.py``); on CUDA routed groups use
-the PyTorch attention, not the fused kernel, and agree with the all-task pass to float tolerance.
+the CPU a routed answer equals the all-task pass bit for bit (``tests/test_routed.py``). On CUDA a routed group
+runs the per-group fused kernel with one memory set per row, not the stacked path, and the heads run gathered
+(:func:`gathered_heads`): routed answers there agree with the all-task pass to float tolerance, and are as stable.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -30,6 +32,8 @@ from . import task_paths
 from .backbone import capture_block_inputs, capture_qkv, split_qkv
 from .cache_keys import KVKey
 from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, make_plan
+
+_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shape's task names: (tasks, params)}
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
             grouped.update({n: model.tasks[n].config.group_shape for n in names})
         else:
             others.append(unit)
-    state = PassState(x, replace(plan.paths, kv_in_place=False, stacked=False), readers=plan.readers)
+    state = PassState(x, replace(plan.paths, stacked=False), readers=plan.readers)
     # everything image-independent first, and every index in one non-blocking copy: nothing below waits for the GPU
     by_shape = shape_groups(model)
     groups = assign_slots(routes, grouped, model.group_size, model.task_names)
@@ -119,7 +123,7 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
             if plan.token_kv:
                 for blk, t in zip(bb.blocks, qkv):
                     _, k, v = split_qkv(blk.attn, t)
-                    state.backbone_kv.append((k.contiguous(), v.contiguous()))
+                    state.backbone_kv.append((k, v) if plan.paths.kv_in_place else (k.contiguous(), v.contiguous()))
         state.block_inputs = block_inputs
     for g, group in enumerate(groups):
         idx = index[slot_ids[g]].view(len(routes), model.group_size)
@@ -233,7 +237,12 @@ def tables(model, groups: list[tuple[str | None, ...]], local: dict) -> Tables:
     a task of the shape trains, changes, comes or goes)."""
     names = tuple(n for g in groups for n in g if n is not None)
     members = [model.tasks[n] for n in names]
-    params = [p for t in members for p in (t.tokens, t.memory, t.head.weight, t.head.bias) if p is not None]
+    memo = _PARAMS.setdefault(model, {})
+    hit = memo.get(names)
+    if hit is None or any(a is not b for a, b in zip(hit[0], members)):  # nn.Module attribute reads are slow
+        hit = memo[names] = (members, [p for t in members for p in (t.tokens, t.memory, t.head.weight, t.head.bias)
+                                       if p is not None])
+    params = hit[1]
 
     def build() -> Tables:
         first = members[0]
@@ -291,7 +300,7 @@ def _run_routed_group(model, group: RoutedGroup, table: Tables, idx: torch.Tenso
     for i, blk in enumerate(model.backbone.blocks):
         mem = table.memory[i]
         mk, mv = (None, None) if mem is None else (_gather(mem[0], idx), _gather(mem[1], idx))
-        tokens, _, _ = model.group_block(blk, tokens, *state.backbone_kv[i], mk, mv, slots, triton=False)
+        tokens, _, _ = model.group_block(blk, tokens, *state.backbone_kv[i], mk, mv, slots, triton=state.paths.triton)
     pooled = task_paths.pooled_slots(model, tokens, slots, normed=False)  # (B, slots, D)
     out: dict[str, dict[int, torch.Tensor]] = {}
     if head_idx:
@@ -305,9 +314,15 @@ def _run_routed_group(model, group: RoutedGroup, table: Tables, idx: torch.Tenso
                     out.setdefault(name, {})[b] = logits[b, :model.tasks[name].config.num_classes]
         return out
     for s in range(slots):
-        for name in dict.fromkeys(row[s] for row in group.slots if row[s] is not None):
+        rows_of: dict[str, list[int]] = {}
+        for b, row in enumerate(group.slots):
+            if row[s] is not None:
+                rows_of.setdefault(row[s], []).append(b)
+        for name, rows in rows_of.items():
             logits = model.tasks[name].head(pooled[:, s])  # every row: the all-task pass's shape
-            out.setdefault(name, {}).update({b: logits[b] for b, row in enumerate(group.slots) if row[s] == name})
+            got = out.setdefault(name, {})
+            for b in rows:
+                got[b] = logits[b]
     return out
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from helpers import images, make_backbone, perturb
+from helpers import TRITON_DEVICES, images, make_backbone, perturb, triton_child
 
 from continual_mem import MemoryViT, TaskError
 from continual_mem import routed
@@ -217,3 +217,35 @@ def test_on_cuda_routed_answers_agree_and_never_depend_on_the_neighbours(dtype):
             perturb(model.cpu().add_task("late", 40, memory=2), seed=40)
             model.to("cuda", dtype)
     assert len(seen) > 15
+
+
+CHILD = r"""
+import json, random, sys, torch
+dev = torch.device(sys.argv[1])
+from continual_mem import MemoryViT
+from helpers import images, make_backbone, perturb
+torch.manual_seed(0)
+net = MemoryViT(make_backbone("tiny"), group_size=2)
+for i, spec in enumerate([dict(memory=2), dict(memory=2), dict(memory=3, layers="last:2"), dict(memory=2)]):
+    perturb(net.add_task(f"t{i}", 3 + i, **spec), seed=i + 1)
+net.to(dev).eval()
+pool = images(net.backbone, n=4, seed=3).to(dev)
+rng = random.Random(0)
+seen, worst, same = {}, 0.0, True
+for trial in range(3):
+    picks = rng.sample(range(4), 3)
+    routes = [rng.sample(net.task_names, rng.randint(1, 3)) for _ in range(3)]
+    with torch.no_grad():
+        full = net(pool[picks])
+    for b, row in enumerate(net.forward_routed(pool[picks], routes)):
+        for name, logits in row.items():
+            worst = max(worst, float((logits - full[name][b]).abs().max()))
+            same = same and torch.equal(seen.setdefault((picks[b], name), logits), logits)
+print("REPORT" + json.dumps({"worst": worst, "same": same, "seen": len(seen)}))
+"""
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_routed_groups_on_the_fused_kernel_with_one_memory_set_per_row(device):
+    report = triton_child(CHILD, device)
+    assert report["same"] and report["seen"] >= 6 and report["worst"] < 1e-4, report
