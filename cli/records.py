@@ -112,10 +112,13 @@ def predict(
     top_k: Annotated[int, typer.Option(min=1)] = 3,
     device: Annotated[str, typer.Option()] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="images per pass")] = 256,
+    task: Annotated[list[str] | None, typer.Option(help="only this task (repeatable): only these tasks (and the "
+                                                       "earlier tasks an extension task reads) are loaded and run")]
+    = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Every task's top-k predictions for each image, all tasks in one pass per batch (files decoded on every
-    core, cropped on the device as in eval)."""
+    """Every task's top-k predictions for each image (or the ``--task`` ones'), all in one pass per batch (files
+    decoded on every core, cropped on the device as in eval)."""
     import numpy as np
     import torch
 
@@ -127,7 +130,7 @@ def predict(
     for path in images:
         if not path.is_file():
             raise ValueError(f"image {path} does not exist")
-    net = registry().load(state.model)
+    net = registry().load(state.model, tasks=task or None)
     dev = pick_device(device)
     net.to(dev).eval()
     reader = FilesReader([str(p) for p in images], np.zeros(len(images), dtype=np.int64))
@@ -137,7 +140,7 @@ def predict(
     try:
         with torch.no_grad():
             for x, _ in source.eval_batches(batch_size):
-                for name, lg in net(x, original=False).items():
+                for name, lg in net(x, task or None, original=False).items():
                     logits.setdefault(name, []).append(lg.float().cpu())
     except DatasetError as exc:
         raise ValueError(f"{str(exc).split('; remove')[0].removeprefix('predict: ')}; give a .jpg/.png/.webp "

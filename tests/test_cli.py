@@ -152,6 +152,11 @@ def test_predict(db, tmp_path):
     assert [r["image"] for r in result] == paths
     assert set(result[0]["tasks"]) == {"digits", "digits-ext"} and len(result[0]["tasks"]["digits"]) == 2
     assert result[0]["tasks"]["digits"][0]["class"] in [str(d) for d in range(10)]
+    only = json.loads(ok(cm(db, "predict", *paths, "--task", "digits", "--device", "cpu", "--json")).stdout)
+    assert [list(r["tasks"]) for r in only] == [["digits"], ["digits"]]
+    for r, full in zip(only, result):  # the same numbers (top 3 here, top 2 there), fewer tasks loaded and run
+        assert r["tasks"]["digits"][:2] == full["tasks"]["digits"]
+    user_error(cm(db, "predict", *paths, "--task", "nope"), "has no task 'nope'")
     (tmp_path / "bad.png").write_bytes(b"nope")
     user_error(cm(db, "predict", str(tmp_path / "bad.png")), "cannot decode image")
     user_error(cm(db, "predict", str(tmp_path / "missing.png")), "does not exist")
