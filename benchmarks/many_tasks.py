@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "-" if every is None else f"{r['all_task_ratio']:.2f}",
                      "-" if r["gpu_peak_gib"] is None else f"{r['gpu_peak_gib']:.1f}", f"{r['host_rss_gib']:.1f}",
                      f"{build_s:.1f}"])
-        del net
-    result = {"environment": common.environment(args), "group_size": args.group_size, "classes": args.classes,
+        net = routed = None  # free this K's tasks before the next K is built
+    result = {"benchmark": "many_tasks", "environment": common.environment(args), "group_size": args.group_size, "classes": args.classes,
               "fork_share": args.fork_share, "results": results}
     common.report(result, f"Many tasks, one random task per image ({result['environment']['device']})",
                   ["K", "forks", "backbone img/s", "routed img/s", "routed ×", "p50 / p99 ms", "all-task ×",

@@ -46,15 +46,15 @@ def stream(
 @app.command()
 @command
 def bench(
-    which: Annotated[str, typer.Argument(help="inference | training")] = "inference",
+    which: Annotated[str, typer.Argument(help="inference | training | many-tasks")] = "inference",
     args: Annotated[list[str] | None, typer.Argument(help="passed to the benchmark script (after --)")] = None,
 ) -> None:
-    """Run a throughput benchmark (benchmarks/multitask_inference.py or train_throughput.py)."""
+    """Run a throughput benchmark (benchmarks/multitask_inference.py, train_throughput.py or many_tasks.py)."""
     import runpy
 
-    scripts = {"inference": "multitask_inference.py", "training": "train_throughput.py"}
+    scripts = {"inference": "multitask_inference.py", "training": "train_throughput.py", "many-tasks": "many_tasks.py"}
     if which not in scripts:
-        raise ValueError(f"unknown benchmark {which!r}; use inference or training")
+        raise ValueError(f"unknown benchmark {which!r}; use inference, training or many-tasks")
     path = ROOT / "benchmarks" / scripts[which]
     if not path.is_file():
         raise ValueError(f"{path} not found: benchmarks ship with the source checkout, not the wheel")

@@ -197,6 +197,9 @@ def test_bench_and_cost(db):
     result = ok(cm(db, "bench", "inference", "--", "--model", "vit_tiny_patch16_224", "--img-size", "32",
                    "--tasks", "1", "--iters", "1", "--warmup", "0", "--no-reference", "--no-separate"))
     assert '"benchmark": "multitask_inference"' in result.stdout
+    result = ok(cm(db, "bench", "many-tasks", "--", "--model", "vit_tiny_patch16_224", "--img-size", "32",
+                   "--tasks", "1,3", "--batch-size", "2", "--iters", "1", "--warmup", "0"))
+    assert '"benchmark": "many_tasks"' in result.stdout and '"routed_ratio"' in result.stdout
     user_error(cm(db, "bench", "memory"), "unknown benchmark 'memory'")
     rows = json.loads(ok(cm(db, "cost", "--backbone", "vit_base_patch32_224", "--tasks", "10", "--json")).stdout)
     assert rows[0]["name"] == "backbone" and abs(rows[0]["gflops"] - 8.82) < 0.05
