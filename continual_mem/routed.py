@@ -258,7 +258,7 @@ def tables(model, groups: list[tuple[str | None, ...]], local: dict) -> Tables:
                 gk, gv = task_paths.group_memory(model, g, [model.tasks[t] if t else None for t in g], i, local)
                 ks += [gk[:, :, s * m:(s + 1) * m] for s, t in enumerate(g) if t is not None]
                 vs += [gv[:, :, s * m:(s + 1) * m] for s, t in enumerate(g) if t is not None]
-            memory.append((torch.cat([ks[0].new_zeros(ks[0].shape), *ks]), torch.cat([vs[0].new_zeros(vs[0].shape), *vs])))
+            memory.append(tuple(torch.cat([parts[0].new_zeros(parts[0].shape), *parts]) for parts in (ks, vs)))
         rows: dict[int, list] = {}
         head_at = {}
         for t in members:
