@@ -76,6 +76,12 @@ def create(args: argparse.Namespace, **kwargs) -> torch.nn.Module:
 
 def median_seconds(fn, args: argparse.Namespace) -> float:
     """Median wall time of ``fn()`` over ``args.iters`` runs after ``args.warmup`` warm-up runs."""
+    return statistics.median(run_seconds(fn, args))
+
+
+def run_seconds(fn, args: argparse.Namespace) -> list[float]:
+    """Each timed run's seconds of ``fn()`` (CUDA events on the GPU), ``args.iters`` runs after ``args.warmup``
+    warm-up runs."""
     gpu = args.device.startswith("cuda")
     for _ in range(args.warmup):
         fn()
@@ -92,7 +98,7 @@ def median_seconds(fn, args: argparse.Namespace) -> float:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def environment(args: argparse.Namespace) -> dict:

@@ -33,27 +33,6 @@ def host_rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def pass_seconds(fn, args) -> list[float]:
-    """Each timed pass's seconds (CUDA events on the GPU) after the warm-up passes."""
-    gpu = args.device.startswith("cuda")
-    for _ in range(args.warmup):
-        fn()
-    times = []
-    for _ in range(args.iters):
-        if gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -109,9 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
             return net.forward_routed(x, batches[next(turn) % len(batches)])
 
         with torch.inference_mode(), common.autocast(args):
-            base = pass_seconds(lambda: net(x, tasks=[], original=True), args)
-            got = pass_seconds(routed, args)
-            every = pass_seconds(lambda: net(x), args) if k <= args.all_task_max else None
+            base = common.run_seconds(lambda: net(x, tasks=[], original=True), args)
+            got = common.run_seconds(routed, args)
+            every = common.run_seconds(lambda: net(x), args) if k <= args.all_task_max else None
         med_base, med = statistics.median(base), statistics.median(got)
         r = {"tasks": k, "forks": sum(n.startswith("f") for n in names), "build_s": build_s,
              "backbone_s": med_base, "routed_s": med, "routed_ratio": med_base / med,

@@ -73,11 +73,16 @@ def test_a_row_s_answer_does_not_depend_on_its_neighbours(net):
     assert len(seen) > 10
 
 
-def test_adding_a_task_changes_no_routed_answer():
+def _four_grouped_tasks() -> MemoryViT:
     torch.manual_seed(0)
     model = MemoryViT(make_backbone("tiny"), group_size=2)
     for i, spec in enumerate(SPECS[:4]):
         perturb(model.add_task(**spec), seed=i + 1)
+    return model
+
+
+def test_adding_a_task_changes_no_routed_answer():
+    model = _four_grouped_tasks()
     x = images(model.backbone, n=3)
     routes = [["a0"], ["b0", "a1"], ["a2"]]
     before = model.forward_routed(x, routes)
@@ -138,10 +143,7 @@ def test_tile_policy():
 
 
 def test_the_gather_tables_follow_changed_and_removed_tasks():
-    torch.manual_seed(0)
-    model = MemoryViT(make_backbone("tiny"), group_size=2)
-    for i, spec in enumerate(SPECS[:4]):
-        perturb(model.add_task(**spec), seed=i + 1)
+    model = _four_grouped_tasks()
     x = images(model.backbone, n=2)
     routes = [["a0", "a2"], ["a1"]]
 
