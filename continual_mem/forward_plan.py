@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import stacked, task_paths
+from .backbone import capture_block_inputs, capture_qkv, split_qkv
 from .kernels import fused_task_attention, use_triton
 from .layers import group_block, task_block
 
@@ -199,3 +200,24 @@ def make_plan(model, needed: Sequence[str], *, original: bool, device: torch.dev
         readers=frozenset(s for n in needed for s in model.tasks[n].config.sees),
         reordered=bool(stack_units),
     )
+
+
+def backbone_pass(model, plan: ForwardPlan, state: PassState, *, original: bool) -> dict[str, torch.Tensor]:
+    """The shared backbone pass through timm's own code, without an autograd graph (patches never attend to task
+    tokens): it fills ``state`` (features, pooled features, each block's K/V, the blocks' inputs forks read) and
+    returns the original head's output when asked. K/V stay views of timm's qkv output where the plan reads them
+    in place, else one contiguous copy per layer, shared by every task (not one per task)."""
+    out: dict[str, torch.Tensor] = {}
+    bb = model.backbone
+    with torch.no_grad(), capture_qkv(bb) as qkv, capture_block_inputs(bb, plan.forks) as block_inputs:
+        state.features = bb.forward_features(state.x)
+        if original:
+            out[ORIGINAL] = bb.forward_head(state.features)
+        if plan.head_features:
+            state.pre_logits = bb.forward_head(state.features, pre_logits=True)
+        if plan.token_kv:
+            for blk, t in zip(bb.blocks, qkv):
+                _, k, v = split_qkv(blk.attn, t)
+                state.backbone_kv.append((k, v) if plan.paths.kv_in_place else (k.contiguous(), v.contiguous()))
+    state.block_inputs = block_inputs
+    return out

@@ -10,11 +10,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import branches, routed
-from .backbone import capture_block_inputs, capture_qkv, fingerprint, freeze, split_qkv, validate_backbone
+from .backbone import fingerprint, freeze, validate_backbone
 from .cache_keys import KVKey
 from .checks import dependants, extension_mismatch, name_taken, removal_refused
 from .config import TaskConfig, parse_layers
-from .forward_plan import ORIGINAL, ForwardPlan, PassState, make_plan
+from .forward_plan import ORIGINAL, ForwardPlan, PassState, backbone_pass, make_plan
 from .layers import group_block, task_block
 from .masking import visible_tasks
 from .regimes import get_regime
@@ -335,23 +335,7 @@ class MemoryViT(nn.Module):
             raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
         plan = make_plan(self, self.closure(names), original=original, device=x.device)
         state = PassState(x, plan.paths, readers=plan.readers)
-        out: dict[str, torch.Tensor] = {}
-        bb = self.backbone
-        if plan.shared:
-            # Patches never attend to task tokens, so the shared backbone needs no autograd graph at all.
-            with torch.no_grad(), capture_qkv(bb) as qkv, capture_block_inputs(bb, plan.forks) as block_inputs:
-                feats = state.features = bb.forward_features(x)
-                if original:
-                    out[ORIGINAL] = bb.forward_head(feats)
-                if plan.head_features:
-                    state.pre_logits = bb.forward_head(feats, pre_logits=True)
-                if plan.token_kv:
-                    for blk, t in zip(bb.blocks, qkv):
-                        _, k, v = split_qkv(blk.attn, t)
-                        # else one contiguous copy per layer, shared by every task (not one per task)
-                        kv = (k, v) if plan.paths.kv_in_place else (k.contiguous(), v.contiguous())
-                        state.backbone_kv.append(kv)
-            state.block_inputs = block_inputs
+        out = backbone_pass(self, plan, state, original=original) if plan.shared else {}
         for unit in plan.units:
             out.update({k: v for k, v in unit.run(self, state).items() if k in names_wanted})
         if plan.reordered:  # the stacked groups ran first: back to the model's order

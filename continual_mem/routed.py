@@ -29,9 +29,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import task_paths
-from .backbone import capture_block_inputs, capture_qkv, split_qkv
 from .cache_keys import KVKey
-from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, make_plan
+from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, backbone_pass, make_plan
 
 _PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shape's task names: (tasks, params)}
 
@@ -89,6 +88,9 @@ def routed_forward(model, x: torch.Tensor, routes: Sequence[Sequence[str]], *, o
 
 def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, torch.Tensor] | torch.Tensor]:
     plan = make_plan(model, model.closure(wanted), original=original, device=x.device)
+    state = PassState(x, replace(plan.paths, stacked=False), readers=plan.readers)
+    # the backbone's kernels are queued first: the host routes while the device runs them
+    out: dict = backbone_pass(model, plan, state, original=original) if plan.shared else {}
     full = set(model.closure([n for n in wanted if model.tasks[n].config.sees]))  # extension tasks + what they read
     grouped: dict[str, tuple] = {}
     others = []
@@ -98,33 +100,17 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
             grouped.update({n: model.tasks[n].config.group_shape for n in names})
         else:
             others.append(unit)
-    state = PassState(x, replace(plan.paths, stacked=False), readers=plan.readers)
-    # everything image-independent first, and every index in one non-blocking copy: nothing below waits for the GPU
     by_shape = shape_groups(model)
     groups = assign_slots(routes, grouped, model.group_size, model.task_names)
     tabs = {g.shape: tables(model, by_shape[g.shape], state.mem_kv) for g in groups}
     gathered = gathered_heads(x.device)
-    index = _Index()
+    index = _Index()  # every index in one pinned, non-blocking copy: nothing here waits for the device
     slot_ids = [index.add([tabs[g.shape].index[t] if t is not None else 0 for row in g.slots for t in row])
                 for g in groups]
     head_ids = [_head_indices(g, tabs[g.shape], index) if gathered else {} for g in groups]
     per_task = [(unit, [index.add(c) for c in tiles([b for b, r in enumerate(routes) if unit.name in r], tile)])
                 for unit in others if not (isinstance(unit, HeadUnit) or full.intersection(_unit_names(unit)))]
     index.to(x.device)
-    out: dict = {}
-    bb = model.backbone
-    if plan.shared:
-        with capture_qkv(bb) as qkv, capture_block_inputs(bb, plan.forks) as block_inputs:
-            state.features = bb.forward_features(x)
-            if original:
-                out[ORIGINAL] = bb.forward_head(state.features)
-            if plan.head_features:
-                state.pre_logits = bb.forward_head(state.features, pre_logits=True)
-            if plan.token_kv:
-                for blk, t in zip(bb.blocks, qkv):
-                    _, k, v = split_qkv(blk.attn, t)
-                    state.backbone_kv.append((k, v) if plan.paths.kv_in_place else (k.contiguous(), v.contiguous()))
-        state.block_inputs = block_inputs
     for g, group in enumerate(groups):
         idx = index[slot_ids[g]].view(len(routes), model.group_size)
         got = _run_routed_group(model, group, tabs[group.shape], idx, {k: index[i] for k, i in head_ids[g].items()},
