@@ -35,6 +35,45 @@ def insert_and_verify(
     backbone: VisionTransformer | None,
     metrics: Sequence[dict] = (),
 ) -> Report:
+    """Store one task bundle and verify every task with it (see :func:`insert_many_and_verify`)."""
+    return insert_many_and_verify(s, model, [(data, source, metrics)], kind=kind, backbone=backbone)
+
+
+def insert_many_and_verify(
+    s: Session,
+    model: Model,
+    bundles: Sequence[tuple[bytes, str, Sequence[dict]]],
+    *,
+    kind: str,
+    backbone: VisionTransformer | None,
+) -> Report:
+    """Store task bundles ``(data, source, metrics)`` in order, then verify every task in one check: the new ones
+    get their reference outputs, every older one must answer bit for bit as stored. Nothing is committed here."""
+    tokens = [t.name for t in model.tasks if TaskConfig.from_dict(t.config).has_tokens]  # extended as rows come
+    rows = [_insert(s, model, data, source=source, metrics=metrics, tokens=tokens) for data, source, metrics in bundles]
+    s.flush()
+    names = [row.name for row, _ in rows]
+    trigger = f"{kind}:{names[0]}" if len(names) == 1 else f"{kind}:{len(names)} tasks"
+    report = api.check(s, model, trigger=trigger, backbone=backbone, new=names)
+    if not report.ok:
+        what = f"task {names[0]!r}" if len(names) == 1 else f"{len(names)} tasks ({names[0]!r} to {names[-1]!r})"
+        raise VerificationFailed(failure_message(report, f"{kind} of {what}"), report)
+    logits = {c.name: c.logits for c in report.tasks if c.name in names}
+    for row, source in rows:
+        raw = logits[row.name].numpy().tobytes()
+        row.reference = Reference(logits=raw, sha256=api.sha256(raw), shape=list(logits[row.name].shape),
+                                  dtype=str(logits[row.name].dtype).removeprefix("torch."), build=report.build)
+    api.record_report(s, model, report)
+    for row, source in rows:
+        api.log_event(s, kind, model.name, row.name, regime=row.regime, mode=row.mode, source=source,
+                      sha256=row.params.sha256)
+    return report
+
+
+def _insert(s: Session, model: Model, data: bytes, *, source: str, metrics: Sequence[dict],
+            tokens: list[str]) -> tuple[Task, str]:
+    """One bundle checked (backbone, name, extension order against the model's token tasks ``tokens``, to which
+    it is appended) and added to ``model`` as its last task."""
     config, tensors, meta = read_task_bytes(data, source=source)
     if meta.get("backbone_fingerprint") != model.backbone.fingerprint:
         raise RegistryError(
@@ -45,30 +84,21 @@ def insert_and_verify(
     if (problem := name_taken(config.name, (t.name for t in model.tasks), owner=owner,
                               fix="remove it or rename")) is not None:
         raise RegistryError(problem)
-    tokens = [t.name for t in model.tasks if TaskConfig.from_dict(t.config).has_tokens]
     if (problem := extension_mismatch(config, tokens, owner=owner, fix="retrain it on the current model")) is not None:
         raise RegistryError(problem)
+    if config.has_tokens:
+        tokens.append(config.name)
     position = (s.scalar(select(func.max(Task.position)).where(Task.model_id == model.id)) or 0) + 1
     row = Task(model=model, name=config.name, position=position, dataset=config.dataset, mode=config.mode,
                regime=config.regime, memory=config.memory, layers=list(config.layers),
                num_classes=config.num_classes, class_names=list(config.class_names), config=config.to_dict(),
                param_count=sum(t.numel() for t in tensors.values()))
     row.params = TaskParams(data=data, sha256=api.sha256(data), size=len(data))
-    s.add(row)
-    s.flush()
-    report = api.check(s, model, trigger=f"{kind}:{config.name}", backbone=backbone, new=[config.name])
-    if not report.ok:
-        raise VerificationFailed(failure_message(report, f"{kind} of task {config.name!r}"), report)
-    out = next(c for c in report.tasks if c.name == config.name).logits
-    raw = out.numpy().tobytes()
-    row.reference = Reference(logits=raw, sha256=api.sha256(raw), shape=list(out.shape),
-                              dtype=str(out.dtype).removeprefix("torch."), build=report.build)
     for m in metrics:
         row.metrics.append(Metric(**m))
-    api.record_report(s, model, report)
-    api.log_event(s, kind, model.name, config.name, regime=config.regime, mode=config.mode, source=source,
-                  sha256=row.params.sha256)
-    return report
+    s.add(row)
+    s.flush()  # the next bundle's position and name checks see this one
+    return row, source
 
 
 def add_task(
@@ -87,6 +117,18 @@ def import_bundle(
 ) -> Report:
     model = api.get_model(s, model_name, for_update=True)
     return insert_and_verify(s, model, data, kind="import", source=source, backbone=backbone)
+
+
+def import_bundles(
+    s: Session, model_name: str, bundles: Sequence[tuple[bytes, str]], *, backbone: VisionTransformer | None = None
+) -> Report:
+    """Several bundles ``(data, source)`` in one change: appended in order, then one verification of every task
+    (instead of one per bundle: importing K tasks costs one check, not K)."""
+    if not bundles:
+        raise RegistryError("no bundle to import; give one or more task files")
+    model = api.get_model(s, model_name, for_update=True)
+    return insert_many_and_verify(s, model, [(data, source, ()) for data, source in bundles], kind="import",
+                                  backbone=backbone)
 
 
 def _task_row(model: Model, task_name: str) -> Task:

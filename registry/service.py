@@ -120,6 +120,21 @@ class Registry:
         return self._change("import", name, None, lambda s: changes.import_bundle(
             s, name, data, source=source, backbone=self._backbone(s, name)))
 
+    def import_bundles(self, bundles: Sequence[bytes | str | Path], *, name: str = DEFAULT_MODEL) -> api.Report:
+        """Several task bundles (bytes or files) in one change and one verification of every task; all or none
+        is stored."""
+        items = []
+        for i, bundle in enumerate(bundles):
+            if isinstance(bundle, (str, Path)):
+                path = Path(bundle)
+                if not path.is_file():
+                    raise RegistryError(f"bundle file {path} does not exist")
+                items.append((path.read_bytes(), str(path)))
+            else:
+                items.append((bundle, f"bundle {i}"))
+        return self._change("import", name, None, lambda s: changes.import_bundles(
+            s, name, items, backbone=self._backbone(s, name)))
+
     def export_bundle(self, task_name: str, path: str | Path | None = None, *, name: str = DEFAULT_MODEL) -> bytes:
         with session(self.engine) as s:
             data = changes.export_bundle(s, name, task_name)

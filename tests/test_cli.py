@@ -169,6 +169,7 @@ def test_export_import_remove(db, tmp_path):
     user_error(cm(db, "export", "zzz", str(tmp_path / "z.safetensors")), "has no task 'zzz'")
     before = snapshot(Registry(db))
     user_error(cm(db, "import", str(bundle)), "already has a task named 'digits'")
+    user_error(cm(db, "import", str(bundle), str(bundle)), "already has a task named 'digits'")  # one change
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(bundle.read_bytes()[:-64])
     user_error(cm(db, "import", str(truncated)), "is not a readable safetensors file")

@@ -242,12 +242,18 @@ def test_refused_imports_change_nothing(three, tmp_path):
     assert kinds == ["failure", "failure", "failure"]  # the missing file is refused before touching the DB
 
 
-def test_export_import_round_trip_through_a_second_registry(three, tmp_path):
-    reg, net = three
-    second = Registry(tmp_path / "second.db")
+def _second(net, folder) -> Registry:
+    folder.mkdir(parents=True, exist_ok=True)
+    second = Registry(folder / "second.db")
     second.create_model(net.backbone, timm_name="vit_tiny_patch16_224",
                         model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3,
                                       "num_classes": 10})
+    return second
+
+
+def test_export_import_round_trip_through_a_second_registry(three, tmp_path):
+    reg, net = three
+    second = _second(net, tmp_path)
     report = second.import_bundle(reg.export_bundle("a"))
     assert [t.status for t in report.tasks] == ["new"] and report.trigger == "import:a"
     event = second.events()[-1]
@@ -255,6 +261,35 @@ def test_export_import_round_trip_through_a_second_registry(three, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(second.load()(x)["a"], net(x)["a"])
+
+
+def test_many_bundles_import_in_one_change_and_one_verification(three, tmp_path):
+    reg, net = three
+    bundles = [reg.export_bundle(n) for n in ("a", "b", "c")]
+    one_by_one, at_once = _second(net, tmp_path / "1"), _second(net, tmp_path / "2")
+    for b in bundles:
+        one_by_one.import_bundle(b)
+    runs = len(at_once.verification_history())
+    report = at_once.import_bundles(bundles)
+    assert [(t.name, t.status) for t in report.tasks] == [("a", "new"), ("b", "new"), ("c", "new")]
+    assert report.trigger == "import:3 tasks" and len(at_once.verification_history()) == runs + 1  # one check
+    assert [e["task"] for e in at_once.events() if e["kind"] == "import"] == ["a", "b", "c"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(at_once.load()(x)[n], one_by_one.load()(x)[n]) for n in "abc")
+    assert at_once.verify().ok
+    before = snapshot(at_once)
+    with pytest.raises(RegistryError, match="already has a task named 'a'"):  # the second of two: neither lands
+        at_once.import_bundles([export_task_bytes(_fresh_task(net), "fresh"), bundles[0]])
+    with pytest.raises(RegistryError, match="no bundle to import"):
+        at_once.import_bundles([])
+    assert snapshot(at_once) == before
+
+
+def _fresh_task(net) -> MemoryViT:
+    other = MemoryViT(net.backbone)
+    perturb(other.add_task("fresh", 3), seed=4)
+    return other
 
 
 def test_remove_respects_extension_dependants(three):
