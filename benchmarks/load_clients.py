@@ -15,16 +15,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def client_process(url: str, requests: int, clients: int, images_per_request: int, image: bytes, sent) -> dict:
+def client_process(url: str, requests: int, clients: int, images_per_request: int, image: bytes, sent,
+                   route_tasks: int = 0) -> dict:
     """One load process: ``clients`` concurrent connections, each sending its next request as soon as it has an
     answer, until the load processes together have sent ``requests`` and ``sent[1]`` is 0 (``sent``: a shared
     array of the count and a hold that keeps the load going until a live add has reached the answers; one count
     for all processes: a process whose connections are answered faster sends more, so every connection stays busy
-    to the end). aiohttp, not httpx:
+    to the end). ``route_tasks`` > 0: each request names one random task of ``task0`` .. (``?tasks=``), as
+    requests for one product line each do. aiohttp, not httpx:
     httpx spends ~6 ms of CPU per multipart request (measured on this project's CPU host: 173 requests/s from
     one process; aiohttp 2,300 at 0.36 ms), so an httpx load generator measures itself, not the server."""
+    import random
+
     import aiohttp
 
+    rng = random.Random(os.getpid())
     latencies, errors, versions = [], [], set()
     cpu0 = time.process_time()
 
@@ -42,7 +47,8 @@ def client_process(url: str, requests: int, clients: int, images_per_request: in
                 form.add_field("files", image, filename=f"img{i}.jpg", content_type="image/jpeg")
             t0 = time.perf_counter()
             try:
-                async with session.post(f"{url}/predict", data=form) as r:
+                params = {"tasks": f"task{rng.randrange(route_tasks)}"} if route_tasks else None
+                async with session.post(f"{url}/predict", data=form, params=params) as r:
                     if r.status != 200:
                         errors.append(f"{r.status}: {(await r.text())[:200]}")
                     else:
@@ -95,8 +101,9 @@ def start_client() -> None:
     import aiohttp  # noqa: F401 - imported before the clock starts
 
 
-def client_in_worker(url: str, requests: int, clients: int, images_per_request: int, image: bytes) -> dict:
-    return client_process(url, requests, clients, images_per_request, image, _SENT)
+def client_in_worker(url: str, requests: int, clients: int, images_per_request: int, image: bytes,
+                     route_tasks: int = 0) -> dict:
+    return client_process(url, requests, clients, images_per_request, image, _SENT, route_tasks)
 
 
 def shares(total: int, parts: int) -> list[int]:
