@@ -275,31 +275,43 @@ def _head_indices(group: RoutedGroup, table: Tables, index: "_Index") -> dict[tu
     return out
 
 
-def _run_routed_group(model, group: RoutedGroup, table: Tables, idx: torch.Tensor,
-                      head_idx: dict[tuple[int, int], torch.Tensor],
-                      state: PassState) -> dict[str, dict[int, torch.Tensor]]:
-    """One routed group: gathered class tokens and memory K/V (``idx``: ``(B, slots)`` rows of ``table``), the
-    group block on every row, then the heads: gathered (``head_idx``, see :func:`gathered_heads`) or per task."""
-    B, slots = len(group.slots), model.group_size
+def routed_pooled(model, table: Tables, idx: torch.Tensor, state: PassState) -> torch.Tensor:
+    """A routed group's pooled features ``(B, slots, D)``: class tokens and memory K/V gathered from ``table``
+    (``idx``: ``(B, slots)`` rows of it, 0 for an empty slot), the group block on every row."""
+    B, slots = idx.shape
     _, n, D = table.tokens.shape
     tokens = table.tokens[idx].view(B, slots * n, D)
     for i, blk in enumerate(model.backbone.blocks):
         mem = table.memory[i]
         mk, mv = (None, None) if mem is None else (_gather(mem[0], idx), _gather(mem[1], idx))
         tokens, _, _ = model.group_block(blk, tokens, *state.backbone_kv[i], mk, mv, slots, triton=state.paths.triton)
-    pooled = task_paths.pooled_slots(model, tokens, slots, normed=False)  # (B, slots, D)
+    return task_paths.pooled_slots(model, tokens, slots, normed=False)
+
+
+def gathered_head(table: Tables, pooled: torch.Tensor, slot: int, width: int, at: torch.Tensor) -> torch.Tensor:
+    """Every row's head of one width on one slot in one batched product, ``(B, width)``: row ``b`` uses row
+    ``at[b]`` of that width's table (0: the zero head)."""
+    weights, biases = table.heads[width]
+    return torch.baddbmm(biases[at].unsqueeze(1), pooled[:, slot].unsqueeze(1),
+                         weights[at].transpose(1, 2)).squeeze(1)
+
+
+def _run_routed_group(model, group: RoutedGroup, table: Tables, idx: torch.Tensor,
+                      head_idx: dict[tuple[int, int], torch.Tensor],
+                      state: PassState) -> dict[str, dict[int, torch.Tensor]]:
+    """One routed group's logits per task and row: heads gathered (``head_idx``, see :func:`gathered_heads`) or
+    one per task."""
+    pooled = routed_pooled(model, table, idx, state)
     out: dict[str, dict[int, torch.Tensor]] = {}
     if head_idx:
         for (s, w), at in head_idx.items():
-            weights, biases = table.heads[w]
-            logits = torch.baddbmm(biases[at].unsqueeze(1), pooled[:, s].unsqueeze(1),
-                                   weights[at].transpose(1, 2)).squeeze(1)  # (B, w): every row, one product
+            logits = gathered_head(table, pooled, s, w, at)
             for b, row in enumerate(group.slots):
                 name = row[s]
                 if name is not None and table.head_at[name][0] == w:
                     out.setdefault(name, {})[b] = logits[b, :model.tasks[name].config.num_classes]
         return out
-    for s in range(slots):
+    for s in range(idx.shape[1]):
         rows_of: dict[str, list[int]] = {}
         for b, row in enumerate(group.slots):
             if row[s] is not None:

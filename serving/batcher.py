@@ -68,7 +68,7 @@ class _Launched:
     names: list[str] = field(default_factory=list)
     bounds: np.ndarray | None = None
     thread_s: float = 0.0
-    per_row: list[tuple[int, list[str], np.ndarray]] | None = None  # routed: each row's offset, tasks, bounds
+    per_row: list[list[tuple[str, int, int]]] | None = None  # routed: each row's (task, start, end) in ``host``
 
 
 class Batcher:
@@ -179,8 +179,11 @@ class Batcher:
 
             blank = encode_jpeg(torch.zeros((3, side, side), dtype=torch.uint8)).numpy().tobytes()
         buckets = {bucket_for(n, self.max_batch) for n in range(1, self.max_batch + 1)} if self.graphs else {1}
+        routed = [(served.net.task_names[0],)] if self.graphs and served.net.task_names else []
         for bucket in sorted(buckets):
             self._forward(served, [blank] * bucket, observe=False)
+            if routed:  # and the bucket's routed graph (if the model has grouped tasks), for requests naming tasks
+                self._forward(served, [blank] * bucket, observe=False, asked=routed * bucket)
 
     def _forward(self, served: Served, images: list[np.ndarray | bytes], *, observe: bool = True,
                  asked: list[tuple[str, ...] | None] | None = None) -> list[dict[str, np.ndarray] | BadImage]:
@@ -230,26 +233,36 @@ class Batcher:
 
     def _launch_routed(self, served: Served, x: torch.Tensor, routes: list[list[str]], bad: list,
                        events: list | None, t0: float) -> _Launched:
-        """A routed pass (each image only its tasks), eager, at ``x``'s bucket on CUDA (rows padded with copies of
-        the last image, so an image meets the same kernels whatever shares its bucket); one copy of every row's
-        logits, row after row, into pinned host memory."""
+        """A routed pass (each image only its tasks) at ``x``'s bucket on CUDA (rows padded with copies of the
+        last image, so an image meets the same kernels whatever shares its bucket): the bucket's routed CUDA graph
+        when the routes fit it (:class:`~continual_mem.routed_graph.RoutedGraph`), else eager; one copy of the
+        answers into pinned host memory."""
         cuda = self.holder.device.type == "cuda"
         n = len(x)
         if cuda and (bucket := bucket_for(n, self.max_batch)) > n:
             x = torch.cat([x, x[-1:].expand(bucket - n, *x.shape[1:])])
             routes = routes + [routes[-1]] * (bucket - n)
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = served.net.forward_routed(x, routes)[:n]
+        graph = self._routed_graph(served, x) if self.graphs else None
+        layout = graph.layout(routes) if graph is not None else None
+        if layout is not None:
+            logits = graph(x, layout)[:n].float()
+            width = logits.shape[1]
+            per_row = [[(name, b * width + lo, b * width + hi) for name, lo, hi in row if name in served.classes]
+                       for b, row in enumerate(layout.rows[:n])]
+        else:
+            with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = served.net.forward_routed(x, routes)[:n]
+            per_row, flat, at = [], [], 0
+            for row in out:
+                names = [name for name in row if name in served.classes]
+                per_row.append([])
+                for name in names:
+                    per_row[-1].append((name, at, at + row[name].shape[0]))
+                    at += row[name].shape[0]
+                    flat.append(row[name].float())
+            logits = torch.cat(flat) if flat else torch.empty(0, device=x.device)
         if events:
             events[1].record()
-        per_row, offset, flat = [], 0, []
-        for row in out:
-            names = [name for name in row if name in served.classes]
-            bounds = np.cumsum([0] + [row[name].shape[0] for name in names])
-            per_row.append((offset, names, bounds))
-            offset += int(bounds[-1])
-            flat += [row[name].float() for name in names]
-        logits = torch.cat(flat) if flat else torch.empty(0, device=x.device)
         host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=cuda)
         host.copy_(logits, non_blocking=cuda)
         done = None
@@ -257,6 +270,18 @@ class Batcher:
             done = torch.cuda.Event(blocking=True)
             done.record()
         return _Launched(bad, host, done, events, thread_s=time.perf_counter() - t0, per_row=per_row)
+
+    def _routed_graph(self, served: Served, x: torch.Tensor):
+        """The routed CUDA graph of ``x``'s batch size (captured on first use), or None for a model without
+        grouped tasks."""
+        from continual_mem.routed import shape_groups
+        from continual_mem.routed_graph import RoutedGraph
+
+        key = ("routed", len(x))
+        if key not in served.graphs:
+            served.graphs[key] = RoutedGraph(served.net, x, autocast_dtype=torch.bfloat16 if self.amp else None) \
+                if shape_groups(served.net) else None
+        return served.graphs[key]
 
     def _finish(self, launched: _Launched, *, observe: bool = True) -> list[dict[str, np.ndarray] | BadImage]:
         """Wait for a launched pass's copy and split its logits into each image's rows, task by task."""
@@ -271,16 +296,18 @@ class Batcher:
             self.metrics.pass_thread_seconds.observe(launched.thread_s + time.perf_counter() - t0)
         host = launched.host.numpy()
         if launched.per_row is None:  # one matrix: every row, every task
-            layout = ((host[i], launched.names, launched.bounds) for i in range(len(host)))
-        else:  # routed: rows of their own lengths, one after the other
-            layout = ((host[at:], names, bounds) for at, names, bounds in launched.per_row)
+            every = list(zip(launched.names, launched.bounds[:-1], launched.bounds[1:]))
+            rows, flats = iter([every] * len(host)), iter(host)
+        else:  # routed: each row's answers where the pass put them
+            rows = iter(launched.per_row)
+            flats = iter([host.reshape(-1)] * len(launched.per_row))
         answers: list[dict[str, np.ndarray] | BadImage] = []
         for why in launched.bad:
             if why is not None:
                 answers.append(why)
                 continue
-            row, names, bounds = next(layout)
-            answers.append({name: row[lo:hi] for name, lo, hi in zip(names, bounds[:-1], bounds[1:])})
+            row, flat = next(rows), next(flats)
+            answers.append({name: flat[lo:hi] for name, lo, hi in row})
         return answers
 
     def _on_device(self, served: Served, images: list[np.ndarray | bytes], *,

@@ -301,9 +301,13 @@ def test_warm_runs_one_blank_pass_per_graph_bucket(monkeypatch, device_decode):
     b = batcher_for(h, max_batch=6, device_decode=device_decode)
     b.graphs = True
     seen = []
-    monkeypatch.setattr(b, "_forward", lambda served, images, *, observe: seen.append((served, images, observe)))
+    asked = []
+    monkeypatch.setattr(b, "_forward", lambda served, images, *, observe, **kw: (
+        seen.append((served, images, observe)), asked.append(kw.get("asked"))))
     b.warm(h.current)
-    assert [len(images) for _, images, _ in seen] == [1, 2, 4, 6]
+    # each bucket: the all-task graph, then the routed one (a request naming the first task)
+    assert [len(images) for _, images, _ in seen] == [1, 1, 2, 2, 4, 4, 6, 6]
+    assert asked == [x for n in (1, 2, 4, 6) for x in (None, [("a",)] * n)]
     assert all(served is h.current and observe is False for served, _, observe in seen)
     blank = seen[0][1][0]
     if device_decode:  # a JPEG of the model's input size (it also starts the decoder)

@@ -251,3 +251,36 @@ print("REPORT" + json.dumps({"worst": worst, "same": same, "seen": len(seen)}))
 def test_routed_groups_on_the_fused_kernel_with_one_memory_set_per_row(device):
     report = triton_child(CHILD, device)
     assert report["same"] and report["seen"] >= 6 and report["worst"] < 1e-4, report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
+def test_a_routed_graph_replays_the_eager_routed_pass():
+    from continual_mem.routed_graph import RoutedGraph
+
+    torch.manual_seed(0)
+    model = MemoryViT(make_backbone("tiny"), group_size=2)
+    for i, spec in enumerate(SPECS):
+        perturb(model.add_task(**spec), seed=i + 1)
+    model = model.to("cuda", torch.bfloat16).eval()
+    pool = images(model.backbone, n=8, seed=5).to("cuda", torch.bfloat16)
+    graph = RoutedGraph(model, pool[:4])
+    grouped = ["a0", "a1", "a2", "a3", "b0"]
+    rng = random.Random(2)
+    for _ in range(4):
+        picks = rng.sample(range(8), 4)
+        routes = [rng.sample(grouped, rng.randint(0, 2)) for _ in range(4)]
+        layout = graph.layout(routes)
+        out = graph(pool[picks], layout).clone()
+        eager = model.forward_routed(pool[picks], routes)
+        for b, row in enumerate(layout.rows):
+            assert [name for name, _, _ in row] == routes[b]
+            for name, lo, hi in row:
+                assert torch.equal(out[b, lo:hi], eager[b][name]), (b, name)
+    assert graph.layout([["f"], []]) is None  # a late fork: not in the graph, the eager pass serves it
+    assert graph.layout([["a0", "a1", "a2"], []]) is None  # three of one shape: more than a group holds
+    model.cpu()
+    perturb(model.add_task("late", 3, memory=2), seed=9)
+    model.cuda()
+    with pytest.raises(RuntimeError, match="changed since capture"):
+        graph(pool[:4], graph.layout([[], [], [], []]))
