@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .forward_plan import PassState, backbone_pass, make_plan
-from .graphs import CAPTURE_MODE
+from .graphs import CAPTURE_MODE, ModelStamp
 from .model import MemoryViT
 from .routed import gathered_head, routed_pooled, shape_groups, tables
 
@@ -66,7 +66,7 @@ class RoutedGraph:
         self.static_x = example.clone()
         self.static_slots = {shape: torch.zeros(batch, slots, dtype=torch.int64, device=dev) for shape in self.tables}
         self.static_heads = {key: torch.zeros(batch, dtype=torch.int64, device=dev) for key in self.keys}
-        self._stamp = self._state_stamp()
+        self._stamp = ModelStamp(self.model)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self._context():
@@ -83,10 +83,6 @@ class RoutedGraph:
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast("cuda", dtype=self.autocast_dtype))
         return stack
-
-    def _state_stamp(self) -> tuple:
-        return (self.model.generation,
-                tuple((n, tuple(p._version for p in t.parameters())) for n, t in self.model.tasks.items()))
 
     def _pass(self) -> torch.Tensor:
         """Every grouped task's routed group and every (slot, width) head product: ``(B, columns)``."""
@@ -127,7 +123,7 @@ class RoutedGraph:
     def __call__(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Replay for ``x`` with ``layout``'s indices; returns the graph's output ``(B, columns)`` (overwritten by
         the next replay: copy what you keep)."""
-        if self._state_stamp() != self._stamp:
+        if self._stamp.changed():
             raise RuntimeError("tasks or parameters changed since capture; build a new RoutedGraph")
         if x.shape != self.static_x.shape or x.dtype != self.static_x.dtype:
             raise ValueError(f"captured for input {tuple(self.static_x.shape)} {self.static_x.dtype}, got "

@@ -284,3 +284,22 @@ def test_a_routed_graph_replays_the_eager_routed_pass():
     model.cuda()
     with pytest.raises(RuntimeError, match="changed since capture"):
         graph(pool[:4], graph.layout([[], [], [], []]))
+
+
+def test_a_graph_s_model_stamp_sees_every_change():
+    from continual_mem.graphs import ModelStamp
+
+    model = _four_grouped_tasks()
+    stamp = ModelStamp(model)
+    assert not stamp.changed()
+    with torch.no_grad():
+        model.tasks["a2"].memory.add_(0)  # an in-place write, as a training step makes
+    assert stamp.changed()
+    stamp = ModelStamp(model)
+    task = model.remove_task("a1")
+    assert stamp.changed()
+    model.attach(task)  # the same object back, at the end: another order
+    assert stamp.changed()
+    stamp = ModelStamp(model)
+    model.invalidate_cache()
+    assert stamp.changed()
