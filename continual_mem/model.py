@@ -193,13 +193,14 @@ class MemoryViT(nn.Module):
         if grid[0] % c.fork_pool[0] or grid[1] % c.fork_pool[1]:
             raise TaskError(f"task {c.name!r}: fork_pool {c.fork_pool[0]}x{c.fork_pool[1]} does not divide the "
                             f"{grid[0]}x{grid[1]} patch grid; pick divisors of the grid")
-        forked = [s for s in c.sees if self.tasks[s].config.fork_layers] if set(c.sees) <= set(self.tasks) else []
+        forked = [s for s in c.sees if self.tasks[s].config.fork_layers] if all(s in self.tasks for s in c.sees) \
+            else []
         if forked:
             raise TaskError(
                 f"extension task {c.name!r} would read late-fork tasks {forked}, whose tokens live in private "
                 "branches; use concatenation mode, or add the extension task to a model without late-fork tasks"
             )
-        if (problem := extension_mismatch(c, self.token_task_names)) is not None:
+        if c.mode == "extension" and (problem := extension_mismatch(c, self.token_task_names)) is not None:
             raise TaskError(problem)
         self.tasks[c.name] = task
         self._tasks_version += 1
