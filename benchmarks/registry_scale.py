@@ -1,6 +1,7 @@
 """The registry at many tasks: how long importing, loading, verifying and adding a task take as K grows.
 
-For each K it builds a registry (random-weight backbone, K masked-memory tasks imported in one change), then times
+For each K it builds a registry (random-weight backbone, K masked-memory tasks made and imported in one change:
+``serve_load.build_registry``), then times
 ``load`` (every task, and one task), ``verify`` (every task, and one task), and ``continual-mem add-task`` (a
 fresh process, the same dataset and steps at every K), and reports the registry's size.
 
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from serve_load import build_registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,29 +30,6 @@ def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
-
-
-def build(path: Path, args, k: int) -> float:
-    """A registry of ``k`` masked-memory tasks with nonzero parameters, imported in one change; its seconds."""
-    import timm
-
-    from continual_mem import MemoryViT, export_task_bytes
-    from registry import Registry
-
-    kwargs = {"img_size": args.img_size, "num_classes": 0}
-    torch.manual_seed(0)
-    bb = timm.create_model(args.model, **kwargs).eval()
-    reg = Registry(path)
-    reg.create_model(bb, timm_name=args.model, model_kwargs=kwargs)
-    net = MemoryViT(bb)
-    g = torch.Generator().manual_seed(0)
-    for i in range(k):
-        task = net.add_task(f"task{i}", 10, memory=args.memory)
-        with torch.no_grad():
-            for p in task.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    seconds, _ = timed(lambda: reg.import_bundles([export_task_bytes(net, n) for n in net.task_names]))
-    return seconds
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k in [int(v) for v in args.tasks.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "reg.db"
-            import_s = build(path, args, k)
+            import_s, _ = timed(lambda: build_registry(path, args, k))  # K tasks made, then one bulk import
             reg = Registry(path)
             load_all, _ = timed(reg.load)
             load_one, _ = timed(lambda: reg.load(tasks=["task0"]))
@@ -85,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "verify_all_s": verify_all, "verify_one_s": verify_one, "verify_ok": report.ok,
                  "add_task_s": add_s, "registry_mib": path.stat().st_size / 2**20}
         results.append(r)
-        rows.append([str(k), f"{import_s:.1f}", f"{load_all:.2f} / {load_one:.2f}", f"{verify_all:.2f} / {verify_one:.2f}",
-                     f"{add_s:.1f}", f"{r['registry_mib']:.1f}"])
+        rows.append([str(k), f"{import_s:.1f}", f"{load_all:.2f} / {load_one:.2f}",
+                     f"{verify_all:.2f} / {verify_one:.2f}", f"{add_s:.1f}", f"{r['registry_mib']:.1f}"])
         print(f"K={k}: add-task {add_s:.1f} s", file=sys.stderr, flush=True)
     env = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
            "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "model": args.model,

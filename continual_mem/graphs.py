@@ -20,6 +20,15 @@ from .step import train_step
 CAPTURE_MODE = "thread_local"
 
 
+def inference_context(autocast_dtype: torch.dtype | None) -> contextlib.ExitStack:
+    """Inference mode, and CUDA autocast to ``autocast_dtype`` when given: what a captured forward runs under."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode())
+    if autocast_dtype is not None:
+        stack.enter_context(torch.autocast("cuda", dtype=autocast_dtype))
+    return stack
+
+
 class ModelStamp:
     """What a captured graph depends on, checked before each replay: the model's cache generation, which task
     objects it holds, and every task parameter's version counter. The parameters are listed once, at capture
@@ -79,11 +88,7 @@ class GraphedForward:
             self.static_out = self.model(self.static_x, tasks=self.tasks)
 
     def _context(self):
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.autocast_dtype is not None:
-            stack.enter_context(torch.autocast("cuda", dtype=self.autocast_dtype))
-        return stack
+        return inference_context(self.autocast_dtype)
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._stamp.changed():

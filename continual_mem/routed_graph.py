@@ -12,14 +12,13 @@ tables as they were at capture: after any change of tasks or parameters it refus
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from .forward_plan import PassState, backbone_pass, make_plan
-from .graphs import CAPTURE_MODE, ModelStamp
+from .graphs import CAPTURE_MODE, ModelStamp, inference_context
 from .model import MemoryViT
 from .routed import gathered_head, routed_pooled, shape_groups, tables
 
@@ -78,11 +77,7 @@ class RoutedGraph:
             self.static_out = self._pass()
 
     def _context(self):
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.autocast_dtype is not None:
-            stack.enter_context(torch.autocast("cuda", dtype=self.autocast_dtype))
-        return stack
+        return inference_context(self.autocast_dtype)
 
     def _pass(self) -> torch.Tensor:
         """Every grouped task's routed group and every (slot, width) head product: ``(B, columns)``."""
