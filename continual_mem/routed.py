@@ -9,7 +9,9 @@ The backbone runs once for the whole batch, through timm's own code, as in the a
   a thousand such tasks cost about what one group costs.
 - **Per-task units** (late forks, side networks, own passes): each task runs on the rows that asked for it,
   gathered, in tiles of ``tile`` rows (the last tile padded), so their cost follows the rows, not the task count.
-- **Heads** run over the whole batch's pooled states of their slot, the shape the all-task pass gives them.
+- **Heads**: on the CPU each asked head runs over the whole batch's pooled states of its slot, the shape the
+  all-task pass gives it; on CUDA one gathered product per slot and head width (:func:`gathered_heads`).
+- The serving fast path replays this as a CUDA graph (:mod:`continual_mem.routed_graph`).
 - **Extension tasks** and the tasks they read run as in the all-task pass, on every row (they read the earlier
   tasks' token K/V in its layout).
 
