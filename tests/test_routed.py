@@ -20,10 +20,11 @@ SPECS = [  # two group shapes (one spilling into a second group), a head, a late
     dict(name="f", num_classes=4, memory=2, fork_layers=2, fork_finetune=True),
     dict(name="own", num_classes=3, regime="memory", memory=2, layers="last:2"),
     dict(name="a3", num_classes=7, memory=2, task_tokens=1),
+    dict(name="lad", num_classes=3, regime="ladder"),  # a side network: reads every block's input and the features
 ]
 
 
-PER_TASK = ["f", "own"]  # gathered rows, one tile of 1: the bits of a batch of one
+PER_TASK = ["f", "own", "lad"]  # gathered rows, one tile of 1: the bits of a batch of one
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,11 @@ def test_bad_routes_get_one_clear_error(net):
         net.forward_routed(x, [["a0"], []], tile=0)
 
 
+def test_slot_assignment_follows_the_model_s_order_not_the_names():
+    groups = assign_slots([["a", "b"]], {"a": "A", "b": "A"}, capacity=2, order=["b", "a"])
+    assert groups == [RoutedGroup("A", (("b", "a"),))]
+
+
 def test_slot_assignment_policy():
     shape_of = {"a": "A", "b": "A", "c": "A", "d": "D"}
     groups = assign_slots([["c", "a"], ["b", "a", "c", "d"], []], shape_of, capacity=2, order=["a", "b", "c", "d"])
@@ -139,6 +145,7 @@ def test_slot_assignment_policy():
 
 def test_tile_policy():
     assert tiles([4, 7, 9], 2) == [[4, 7], [9, 9]]
+    assert tiles([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5, 5]]  # the last tile padded, not another
     assert tiles([4, 7], 2) == [[4, 7]] and tiles([], 3) == [] and tiles([5], 1) == [[5]]
 
 
@@ -303,3 +310,12 @@ def test_a_graph_s_model_stamp_sees_every_change():
     stamp = ModelStamp(model)
     model.invalidate_cache()
     assert stamp.changed()
+
+
+def test_a_pass_of_own_pass_tasks_alone_runs_no_backbone_pass_of_its_own(net):
+    """Only an own-pass task asked, no original head: the shared pass computes nothing, the tiles still run."""
+    x = images(net.backbone, n=2, seed=6)
+    got = net.forward_routed(x, [["own"], ["own"]])
+    with torch.no_grad():
+        alone = [net(x[b:b + 1], tasks=["own"], original=False)["own"][0] for b in range(2)]
+    assert all(torch.equal(got[b]["own"], alone[b]) for b in range(2))
