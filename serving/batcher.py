@@ -65,10 +65,9 @@ class _Launched:
     host: torch.Tensor | None = None  # every task's logits, copied into pinned memory behind the pass
     done: torch.cuda.Event | None = None  # recorded after that copy (CUDA)
     events: list | None = None  # around the pass, for its GPU time
-    names: list[str] = field(default_factory=list)
-    bounds: np.ndarray | None = None
+    columns: list[tuple[str, int, int]] = field(default_factory=list)  # every row's (task, start, end) in a row
     thread_s: float = 0.0
-    per_row: list[list[tuple[str, int, int]]] | None = None  # routed: each row's (task, start, end) in ``host``
+    rows: list[list[tuple[str, int, int]]] | None = None  # routed: each row's own (task, start, end) in ``host``
 
 
 class Batcher:
@@ -221,15 +220,26 @@ class Batcher:
         if events:
             events[1].record()
         names = [name for name in out if name in served.classes]
-        logits = torch.cat([out[name][: len(x)].float() for name in names], dim=1)
+        bounds = np.cumsum([0] + [out[name].shape[1] for name in names])
+        launched = self._copy_out(torch.cat([out[name][: len(x)].float() for name in names], dim=1), bad, events, t0)
+        launched.columns = list(zip(names, bounds[:-1].tolist(), bounds[1:].tolist()))
+        return launched
+
+    def _copy_out(self, logits: torch.Tensor, bad: list, events: list | None, t0: float) -> _Launched:
+        """One copy of a pass's answers into pinned host memory, queued behind the pass, and an event after it."""
+        cuda = self.holder.device.type == "cuda"
         host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=cuda)
         host.copy_(logits, non_blocking=cuda)
         done = None
         if cuda:
             done = torch.cuda.Event(blocking=True)  # waited on without spinning a core
             done.record()
-        bounds = np.cumsum([0] + [out[name].shape[1] for name in names])
-        return _Launched(bad, host, done, events, names, bounds, time.perf_counter() - t0)
+        return _Launched(bad, host, done, events, thread_s=time.perf_counter() - t0)
+
+    def _to_bucket(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded to its batch bucket with copies of its last image."""
+        bucket = bucket_for(len(x), self.max_batch)
+        return x if bucket == len(x) else torch.cat([x, x[-1:].expand(bucket - len(x), *x.shape[1:])])
 
     def _launch_routed(self, served: Served, x: torch.Tensor, routes: list[list[str]], bad: list,
                        events: list | None, t0: float) -> _Launched:
@@ -237,39 +247,33 @@ class Batcher:
         last image, so an image meets the same kernels whatever shares its bucket): the bucket's routed CUDA graph
         when the routes fit it (:class:`~continual_mem.routed_graph.RoutedGraph`), else eager; one copy of the
         answers into pinned host memory."""
-        cuda = self.holder.device.type == "cuda"
         n = len(x)
-        if cuda and (bucket := bucket_for(n, self.max_batch)) > n:
-            x = torch.cat([x, x[-1:].expand(bucket - n, *x.shape[1:])])
-            routes = routes + [routes[-1]] * (bucket - n)
+        if self.holder.device.type == "cuda":
+            x = self._to_bucket(x)
+            routes = routes + [routes[-1]] * (len(x) - n)
         graph = self._routed_graph(served, x) if self.graphs else None
         layout = graph.layout(routes) if graph is not None else None
         if layout is not None:
             logits = graph(x, layout)[:n].float()
             width = logits.shape[1]
-            per_row = [[(name, b * width + lo, b * width + hi) for name, lo, hi in row if name in served.classes]
-                       for b, row in enumerate(layout.rows[:n])]
+            rows = [[(name, b * width + lo, b * width + hi) for name, lo, hi in row if name in served.classes]
+                    for b, row in enumerate(layout.rows[:n])]
         else:
             with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = served.net.forward_routed(x, routes)[:n]
-            per_row, flat, at = [], [], 0
+            rows, flat, at = [], [], 0
             for row in out:
-                names = [name for name in row if name in served.classes]
-                per_row.append([])
-                for name in names:
-                    per_row[-1].append((name, at, at + row[name].shape[0]))
+                rows.append([])
+                for name in (name for name in row if name in served.classes):
+                    rows[-1].append((name, at, at + row[name].shape[0]))
                     at += row[name].shape[0]
                     flat.append(row[name].float())
             logits = torch.cat(flat) if flat else torch.empty(0, device=x.device)
         if events:
             events[1].record()
-        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=cuda)
-        host.copy_(logits, non_blocking=cuda)
-        done = None
-        if cuda:
-            done = torch.cuda.Event(blocking=True)
-            done.record()
-        return _Launched(bad, host, done, events, thread_s=time.perf_counter() - t0, per_row=per_row)
+        launched = self._copy_out(logits, bad, events, t0)
+        launched.rows = rows
+        return launched
 
     def _routed_graph(self, served: Served, x: torch.Tensor):
         """The routed CUDA graph of ``x``'s batch size (captured on first use), or None for a model without
@@ -294,20 +298,19 @@ class Batcher:
             if launched.events:
                 self.metrics.pass_device_seconds.observe(launched.events[0].elapsed_time(launched.events[1]) / 1e3)
             self.metrics.pass_thread_seconds.observe(launched.thread_s + time.perf_counter() - t0)
-        host = launched.host.numpy()
-        if launched.per_row is None:  # one matrix: every row, every task
-            every = list(zip(launched.names, launched.bounds[:-1], launched.bounds[1:]))
-            rows, flats = iter([every] * len(host)), iter(host)
+        flat = launched.host.numpy().reshape(-1)
+        if launched.rows is None:  # one matrix: every row the same columns, ``width`` apart
+            width = launched.host.shape[1]
+            rows = iter([(name, i * width + lo, i * width + hi) for name, lo, hi in launched.columns]
+                        for i in range(len(launched.host)))
         else:  # routed: each row's answers where the pass put them
-            rows = iter(launched.per_row)
-            flats = iter([host.reshape(-1)] * len(launched.per_row))
+            rows = iter(launched.rows)
         answers: list[dict[str, np.ndarray] | BadImage] = []
         for why in launched.bad:
             if why is not None:
                 answers.append(why)
                 continue
-            row, flat = next(rows), next(flats)
-            answers.append({name: flat[lo:hi] for name, lo, hi in row})
+            answers.append({name: flat[lo:hi] for name, lo, hi in next(rows)})
         return answers
 
     def _on_device(self, served: Served, images: list[np.ndarray | bytes], *,
@@ -334,9 +337,8 @@ class Batcher:
         launches hundreds of small kernels per pass, which starves the event loop's threads of the GIL."""
         from continual_mem.graphs import GraphedForward
 
-        bucket = bucket_for(len(x), self.max_batch)
-        if bucket > len(x):
-            x = torch.cat([x, x[-1:].expand(bucket - len(x), *x.shape[1:])])
+        x = self._to_bucket(x)
+        bucket = len(x)
         graph = served.graphs.get(bucket)
         if graph is None:
             graph = served.graphs[bucket] = GraphedForward(
