@@ -177,9 +177,7 @@ def export(task: Annotated[str, typer.Argument()], file: Annotated[Path, typer.A
 def import_(files: Annotated[list[Path], typer.Argument(help="one or more task bundles, in order")]) -> None:
     """Attach task bundles in one change and one verification (refuses another backbone, a duplicate name or a
     corrupted file; then nothing is stored)."""
-    reg = registry()
-    report = (reg.import_bundle(files[0], name=state.model) if len(files) == 1
-              else reg.import_bundles(files, name=state.model))
+    report = registry().import_bundles(files, name=state.model)
     new = [c.name for c in report.tasks if c.status == "new"]
     older = [c for c in report.tasks if c.status != "new"]
     shown = ", ".join(f"{c.name} {c.status}" for c in older[:20]) + (f" and {len(older) - 20} more" if len(older) > 20

@@ -112,13 +112,6 @@ def add_task(
                              backbone=net.backbone, metrics=metrics)
 
 
-def import_bundle(
-    s: Session, model_name: str, data: bytes, *, source: str, backbone: VisionTransformer | None = None
-) -> Report:
-    model = api.get_model(s, model_name, for_update=True)
-    return insert_and_verify(s, model, data, kind="import", source=source, backbone=backbone)
-
-
 def import_bundles(
     s: Session, model_name: str, bundles: Sequence[tuple[bytes, str]], *, backbone: VisionTransformer | None = None
 ) -> Report:

@@ -110,19 +110,11 @@ class Registry:
                             lambda s: changes.add_task(s, name, net, task_name, metrics=metrics))
 
     def import_bundle(self, bundle: bytes | str | Path, *, name: str = DEFAULT_MODEL) -> api.Report:
-        if isinstance(bundle, (str, Path)):
-            path = Path(bundle)
-            if not path.is_file():
-                raise RegistryError(f"bundle file {path} does not exist")
-            data, source = path.read_bytes(), str(path)
-        else:
-            data, source = bundle, "bundle"
-        return self._change("import", name, None, lambda s: changes.import_bundle(
-            s, name, data, source=source, backbone=self._backbone(s, name)))
+        return self.import_bundles([bundle], name=name)
 
     def import_bundles(self, bundles: Sequence[bytes | str | Path], *, name: str = DEFAULT_MODEL) -> api.Report:
-        """Several task bundles (bytes or files) in one change and one verification of every task; all or none
-        is stored."""
+        """Task bundles (bytes or files) in one change and one verification of every task; all or none is
+        stored."""
         items = []
         for i, bundle in enumerate(bundles):
             if isinstance(bundle, (str, Path)):
@@ -131,7 +123,7 @@ class Registry:
                     raise RegistryError(f"bundle file {path} does not exist")
                 items.append((path.read_bytes(), str(path)))
             else:
-                items.append((bundle, f"bundle {i}"))
+                items.append((bundle, "bundle" if len(bundles) == 1 else f"bundle {i}"))
         return self._change("import", name, None, lambda s: changes.import_bundles(
             s, name, items, backbone=self._backbone(s, name)))
 
