@@ -33,6 +33,12 @@ class KVKey:
     def routed(cls, names: tuple[str, ...]) -> "KVKey":
         return cls("routed", tuple(names), -1)
 
+    @property
+    def outgrown(self) -> bool:
+        """Whether an added task can leave this entry unread for good: a stack or routed key lists every group or
+        task of a shape, so a new task of that shape gives the shape a new key."""
+        return self.kind in ("stack", "routed")
+
     def reads(self, name: str) -> bool:
         """Whether the cached value holds ``name``'s memory (it goes when that task is removed)."""
         groups = self.names if self.kind == "stack" else (self.names,)

@@ -204,6 +204,8 @@ class MemoryViT(nn.Module):
             raise TaskError(problem)
         self.tasks[c.name] = task
         self._tasks_version += 1
+        # entries listing a whole shape would stay cached, never read again, at every addition
+        self.kv_cache = {k: v for k, v in self.kv_cache.items() if not k.outgrown}
         log.info("added task %s (%s, %s)", c.name, c.regime, c.mode)
         return task
 
@@ -361,4 +363,3 @@ class MemoryViT(nn.Module):
         if unknown:
             raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
         return routed.routed_forward(self, x, routes, original=original, tile=tile)
-

@@ -34,7 +34,7 @@ from . import task_paths
 from .cache_keys import KVKey
 from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, backbone_pass, make_plan
 
-_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shape's task names: (tasks, params)}
+_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {first task: (names, tasks, params)}
 
 
 @dataclass(frozen=True)
@@ -225,12 +225,13 @@ def tables(model, groups: list[tuple[str | None, ...]], local: dict) -> Tables:
     a task of the shape trains, changes, comes or goes)."""
     names = tuple(n for g in groups for n in g if n is not None)
     members = [model.tasks[n] for n in names]
-    memo = _PARAMS.setdefault(model, {})
-    hit = memo.get(names)
-    if hit is None or any(a is not b for a, b in zip(hit[0], members)):  # nn.Module attribute reads are slow
-        hit = memo[names] = (members, [p for t in members for p in (t.tokens, t.memory, t.head.weight, t.head.bias)
-                                       if p is not None])
-    params = hit[1]
+    memo = _PARAMS.setdefault(model, {})  # one entry per shape (its first task): nn.Module attribute reads are slow
+    hit = memo.get(names[0])
+    if hit is None or hit[0] != names or any(a is not b for a, b in zip(hit[1], members)):
+        hit = memo[names[0]] = (names, members, [p for t in members
+                                                 for p in (t.tokens, t.memory, t.head.weight, t.head.bias)
+                                                 if p is not None])
+    params = hit[2]
 
     def build() -> Tables:
         first = members[0]

@@ -74,7 +74,7 @@ def token_task(model, task: TaskModule, state) -> torch.Tensor:
     return pool_tokens(model.backbone, tokens, task)
 
 def group_memory(model, names: tuple[str | None, ...], tasks: list, layer: int,
-                  local: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+                 local: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Every slot's memory K/V of a group at ``layer``, ``(1, H, slots * m, hd)`` (zeros for empty slots;
     image-independent, cached); each task's share is also put in ``local`` under ``KVKey.task(name, layer)``."""
     first = next(t for t in tasks if t is not None)

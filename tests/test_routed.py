@@ -162,11 +162,16 @@ def test_the_gather_tables_follow_changed_and_removed_tasks():
         return got
 
     first = check()
+    routed_keys = [k for k in model.kv_cache if k.kind == "routed"]
+    assert len(routed_keys) == 1  # the one shape's tables
     perturb(model.tasks["a0"], seed=20)  # in place: as a training step writes it
     assert not torch.equal(check()[0]["a0"], first[0]["a0"])
     model.remove_task("a1")  # a2 moves into a1's slot
     routes = [["a0", "a2"], ["a2"]]
     check()
+    model.add_task("a4", 3, memory=2)  # the shape's tables get a new key: the old entry must not stay behind
+    check()
+    assert [k.names for k in model.kv_cache if k.kind == "routed"] == [("a0", "a2", "a4")]
 
 
 def test_gathered_heads_agree_and_keep_each_row_s_bits(net, monkeypatch):
