@@ -5,7 +5,10 @@ late forks), sends batches where every image names one random task (as requests 
 times, per pass: the backbone alone (the model's own head only), the routed pass
 (:meth:`MemoryViT.forward_routed`) and, up to ``--all-task-max`` tasks, the all-task pass (every image runs every
 task). It reports throughput against the backbone, p50 / p99 pass latency, GPU memory and host memory, and
-how long building the K tasks took.
+how long building the K tasks took. With forks it also times one fork task on every image (backbone plus one
+fork, the per-task cost ``c``) and reports the routed pass against the routed bound ``1 / (1 + c)``.
+``--resident-tasks N`` holds at most N forks of a family on the device (paged by use); ``--offload`` keeps every
+fork's weights in pinned host memory.
 
     python benchmarks/many_tasks.py --tasks 1,10 --batch-size 8                       # CPU smoke run
     python benchmarks/many_tasks.py --device cuda --dtype bf16-cast --model vit_small_patch14_dinov2 \\
@@ -25,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from continual_mem import MemoryViT  # noqa: E402
+from continual_mem import MemoryViT, fork_batch  # noqa: E402
 
 
 def host_rss_gib() -> float:
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fork-layers", type=int, default=8)
     p.add_argument("--fork-select", type=int, default=96)
     p.add_argument("--all-task-max", type=int, default=100, help="time the all-task pass up to this K")
+    p.add_argument("--resident-tasks", type=int, default=None, help="forks of a family held on the device at once")
+    p.add_argument("--offload", action="store_true", help="forks' weights in pinned host memory, paged in by use")
     p.add_argument("--seed", type=int, default=0)
     args = common.resolve(p.parse_args(argv))
     if not 0 <= args.fork_share <= 1:
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.reset_peak_memory_stats()
         net, build_s = build(bb, k, args, rng)
         names = net.task_names
+        forks = [n for n in names if n.startswith("f")]
+        net.resident_tasks = args.resident_tasks
         batches = [[[rng.choice(names)] for _ in range(args.batch_size)] for _ in range(8)]  # rotate: 8 mixes
         turn = iter(range(10**9))
 
@@ -89,10 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
 
         with torch.inference_mode(), common.autocast(args):
             base = common.run_seconds(lambda: net(x, tasks=[], original=True), args)
+            one = common.run_seconds(lambda: net(x, tasks=forks[:1], original=True), args) if forks else None
+            if args.offload and forks:
+                fork_batch.offload(net, forks)
             got = common.run_seconds(routed, args)
             every = common.run_seconds(lambda: net(x), args) if k <= args.all_task_max else None
         med_base, med = statistics.median(base), statistics.median(got)
-        r = {"tasks": k, "forks": sum(n.startswith("f") for n in names), "build_s": build_s,
+        bound = med_base / statistics.median(one) if one else None  # 1 / (1 + c)
+        r = {"tasks": k, "forks": len(forks), "build_s": build_s, "fork_bound_ratio": bound,
+             "routed_over_bound": med_base / med / bound if bound else None,
+             "resident_tasks": args.resident_tasks, "offload": args.offload,
              "backbone_s": med_base, "routed_s": med, "routed_ratio": med_base / med,
              "routed_p50_ms": 1e3 * percentile(got, 0.5), "routed_p99_ms": 1e3 * percentile(got, 0.99),
              "all_task_s": statistics.median(every) if every else None,
@@ -102,15 +115,18 @@ def main(argv: list[str] | None = None) -> dict:
              "host_rss_gib": host_rss_gib()}
         results.append(r)
         rows.append([str(k), str(r["forks"]), f"{r['images_per_s_backbone']:,.0f}", f"{r['images_per_s_routed']:,.0f}",
-                     f"{r['routed_ratio']:.2f}", f"{r['routed_p50_ms']:.1f} / {r['routed_p99_ms']:.1f}",
+                     f"{r['routed_ratio']:.2f}", "-" if bound is None else f"{bound:.2f}",
+                     f"{r['routed_p50_ms']:.1f} / {r['routed_p99_ms']:.1f}",
                      "-" if every is None else f"{r['all_task_ratio']:.2f}",
                      "-" if r["gpu_peak_gib"] is None else f"{r['gpu_peak_gib']:.1f}", f"{r['host_rss_gib']:.1f}",
                      f"{build_s:.1f}"])
         net = routed = None  # free this K's tasks before the next K is built
-    result = {"benchmark": "many_tasks", "environment": common.environment(args), "group_size": args.group_size, "classes": args.classes,
-              "fork_share": args.fork_share, "results": results}
+    result = {"benchmark": "many_tasks", "environment": common.environment(args), "group_size": args.group_size,
+              "classes": args.classes, "fork_share": args.fork_share, "fork_layers": args.fork_layers,
+              "fork_select": args.fork_select, "results": results}
     common.report(result, f"Many tasks, one random task per image ({result['environment']['device']})",
-                  ["K", "forks", "backbone img/s", "routed img/s", "routed ×", "p50 / p99 ms", "all-task ×",
+                  ["K", "forks", "backbone img/s", "routed img/s", "routed ×", "bound 1/(1+c)", "p50 / p99 ms",
+                   "all-task ×",
                    "GPU GiB", "host GiB", "build s"], rows, args.json_out)
     return result
 

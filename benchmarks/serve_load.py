@@ -46,6 +46,8 @@ def build_registry(path: Path, args, k: int) -> None:
     net = MemoryViT(bb)
     for i in range(k):
         _new_task(net, f"task{i}", seed=i, memory=args.memory)
+    if not k:  # K = 0: the served baseline, the backbone and one linear head (the server answers tasks only)
+        net.add_task("task0", 100, regime="head")
     reg.import_bundles([export_task_bytes(net, n) for n in net.task_names])  # one change, one verification
 
 
@@ -119,7 +121,7 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
 
     from registry import Registry
 
-    old = [f"task{i}" for i in range(k)]
+    old = [f"task{i}" for i in range(max(k, 1))]  # K = 0 serves one head, task0
     if args.route:  # the probe asks for 8 of them, spread out (asking all of K = 1,000 in every probe is not a load)
         old = old[::max(1, k // 8)]
     probes: list[dict] = []
@@ -129,7 +131,7 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
     sent = ctx.Array("l", [0, int(args.live_add)])  # requests sent; hold the load until the add is served
 
     def send_probe(c: httpx.AsyncClient):
-        return c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"},
+        return c.post(f"{url}/predict", params={"tasks": ",".join(old), "logits": "true"} if old else {"logits": "true"},
                       files=[("files", ("probe.jpg", probe, "image/jpeg"))])
 
     async def prober(c: httpx.AsyncClient, hold_limit_s: float = 300.0):
@@ -157,7 +159,7 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
         try:
             reg = Registry(reg_path)
             net = await asyncio.to_thread(reg.load)
-            await asyncio.to_thread(add_task, reg, net, f"task{k}", seed=1000, memory=args.memory)
+            await asyncio.to_thread(add_task, reg, net, f"task{max(k, 1)}", seed=1000, memory=args.memory)
         except BaseException:
             with sent.get_lock():  # the load must not wait for an add that will not come
                 sent[1] = 0
@@ -169,7 +171,7 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
         t0, streak = time.perf_counter(), 0
         while streak < 16 and time.perf_counter() - t0 < timeout:
             tasks = (await c.get(f"{url}/tasks")).json()["tasks"]
-            streak = streak + 1 if len(tasks) == k + 1 else 0
+            streak = streak + 1 if len(tasks) == max(k, 1) + 1 else 0
             await asyncio.sleep(0.01)
         if streak < 16:
             raise RuntimeError(f"the server did not pick up the added task within {timeout:.0f} s")
@@ -185,7 +187,7 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             t0, server_cpu0 = time.perf_counter(), tree_cpu_seconds(server_pid)
             clients = asyncio.gather(*(
                 loop.run_in_executor(pool, client_in_worker, url, args.requests, n, args.images_per_request, image,
-                                     k if args.route else 0)
+                                     max(k, 1) if args.route else 0)
                 for n in shares(args.clients, procs)))
             if on_load is not None:  # once the load runs (the first second of a run profiled only idle workers)
                 await asyncio.sleep(0.5)
@@ -346,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(result)
         print(f"K={k}: served {result['images_per_s']:.0f} img/s, offline {offline:.0f}, p99 {result['p99_ms']:.0f} ms, "
               f"errors {result['errors']}", file=sys.stderr, flush=True)
+    base = next((r for r in rows if r["tasks"] == 0), None)
+    for r in rows:  # served against the served backbone (K = 0: one linear head), same run
+        r["served_over_served_backbone"] = r["images_per_s"] / base["images_per_s"] if base else None
     env = common.environment(args)
     env.update({"img_size": args.img_size, "clients": args.clients, "requests": args.requests,
                 "images_per_request": args.images_per_request, "upload": args.upload_size,
@@ -356,9 +361,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "overlap_passes": args.overlap_passes, "route": args.route})
     result = {"environment": env, "results": rows}
     common.report(result, f"serve load, {args.model} {args.img_size}px, {args.clients} clients, {env['device']}",
-                  ["K", "served img/s", "offline img/s", "ratio", "× backbone", "p50/p99 ms", "pass ms wall/thr/gpu",
+                  ["K", "served img/s", "× served K=0", "offline img/s", "ratio", "× backbone", "p50/p99 ms",
+                   "pass ms wall/thr/gpu",
                    "lag ms", "cpu ms/req server/client", "clients waiting", "errors", "swaps", "probe changes", "bit-identical"],
-                  [[str(r["tasks"]), f"{r['images_per_s']:,.0f}", f"{r['offline_images_per_s']:,.0f}",
+                  [[str(r["tasks"]), f"{r['images_per_s']:,.0f}",
+                    "-" if base is None else f"{r['served_over_served_backbone']:.2f}",
+                    f"{r['offline_images_per_s']:,.0f}",
                     f"{r['served_over_offline']:.2f}", f"{r['served_over_offline_backbone']:.2f}",
                     f"{r['p50_ms']:.0f}/{r['p99_ms']:.0f}",
                     f"{r['mean_pass_ms']:.1f}/{r['mean_pass_thread_ms']:.1f}/{r['mean_pass_device_ms']:.1f}",

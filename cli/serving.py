@@ -37,6 +37,12 @@ def serve(
                                                     "process)")] = True,
     switch_interval_ms: Annotated[float, typer.Option(min=0.001, help="on CUDA, the interpreter's GIL switch "
                                                                  "interval while serving (Python's default: 5)")] = 0.2,
+    resident_tasks: Annotated[int | None, typer.Option(min=1, help="fine-tuned late forks of one family held on "
+                                                                   "the device at once, paged in by use (default: "
+                                                                   "all)")] = None,
+    page_forks: Annotated[bool, typer.Option(help="keep fine-tuned late forks' weights in pinned host memory, "
+                                                  "paged in by use (requests without tasks= then route every "
+                                                  "task)")] = False,
     keep_alive_s: Annotated[float, typer.Option(min=1.0, help="how long an idle client connection stays open "
                                                            "(uvicorn's default of 5 s races with clients that "
                                                            "reuse pooled connections)")] = 75.0,
@@ -55,7 +61,8 @@ def serve(
                              max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
                              poll_interval_s=poll_s, amp=amp, decode_workers=decode_workers, jpeg_decode=jpeg_decode,
                              overlap_passes=overlap_passes,
-                             switch_interval_ms=switch_interval_ms, workers=workers, shared_model=shared_model)
+                             switch_interval_ms=switch_interval_ms, workers=workers, shared_model=shared_model,
+                             resident_tasks=resident_tasks, page_forks=page_forks)
     if workers == 1:  # the model in the server's own process
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s)
         return

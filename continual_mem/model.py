@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import branches, routed
+from . import branches, paging, routed
 from .backbone import fingerprint, freeze, validate_backbone
 from .cache_keys import KVKey
 from .checks import dependants, extension_mismatch, name_taken, removal_refused
@@ -55,6 +55,8 @@ class MemoryViT(nn.Module):
         stack_groups: On CUDA with Triton, run every group of one shape in one set of launches per block
             (:mod:`continual_mem.stacked`; default True). Set False for the per-group path. Either way a task's
             bits never depend on the other tasks; the two paths' bits differ from each other.
+        resident_tasks: Routed passes of fine-tuned late forks hold at most this many tasks of one family on the
+            device, paged in by use, least recently used out (:mod:`continual_mem.paging`); None (default): all.
     """
 
     def __init__(self, backbone: VisionTransformer, *, group_size: int = 4) -> None:
@@ -70,6 +72,7 @@ class MemoryViT(nn.Module):
         self._fingerprint: str | None = None
         self.generation = 0  # bumped by invalidate_cache(): writes that version counters do not see
         self.stack_groups = True
+        self.resident_tasks: int | None = None
         self._tasks_version = 0  # bumped by attach / remove_task: the packing cache's key
         self._packing: tuple | None = None
 
@@ -336,7 +339,11 @@ class MemoryViT(nn.Module):
         unknown = [n for n in names if n not in self.tasks]
         if unknown:
             raise TaskError(f"unknown tasks {unknown}; known tasks: {self.task_names}")
-        plan = make_plan(self, self.closure(names), original=original, device=x.device)
+        needed = self.closure(names)
+        if paged := paging.paged_names(self.tasks[n] for n in needed):
+            raise TaskError(f"tasks {paged} are paged to host memory: they run in routed passes "
+                            "(forward_routed, the server's ?tasks=); ask for the others by name")
+        plan = make_plan(self, needed, original=original, device=x.device)
         state = PassState(x, plan.paths, readers=plan.readers)
         out = backbone_pass(self, plan, state, original=original) if plan.shared else {}
         for unit in plan.units:

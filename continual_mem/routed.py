@@ -7,8 +7,11 @@ The backbone runs once for the whole batch, through timm's own code, as in the a
   row ``b``'s slot ``s`` holds the ``s``-th task that row asked for (its class tokens and its memory K/V, gathered
   from the task's own group cache). One set of kernels per block runs every row, whatever tasks the rows chose, so
   a thousand such tasks cost about what one group costs.
-- **Per-task units** (late forks, side networks, own passes): each task runs on the rows that asked for it,
-  gathered, in tiles of ``tile`` rows (the last tile padded), so their cost follows the rows, not the task count.
+- **Fine-tuned late forks** of one family run batched, each row with its own task's weights, paged in by use
+  (:mod:`continual_mem.fork_batch`, :mod:`continual_mem.paging`).
+- **Other per-task units** (plain late forks, side networks, own passes): each task runs on the rows that asked
+  for it, gathered, in tiles of ``tile`` rows (the last tile padded), so their cost follows the rows, not the task
+  count.
 - **Heads**: on the CPU each asked head runs over the whole batch's pooled states of its slot, the shape the
   all-task pass gives it; on CUDA one gathered product per slot and head width (:func:`gathered_heads`).
 - The serving fast path replays this as a CUDA graph (:mod:`continual_mem.routed_graph`).
@@ -30,9 +33,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import task_paths
+from . import fork_batch, paging, task_paths
 from .cache_keys import KVKey
-from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, backbone_pass, make_plan
+from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, TokenUnit, backbone_pass, make_plan
+from .row_linear import head_width
 
 _PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {first task: (names, tasks, params)}
 
@@ -90,6 +94,7 @@ def routed_forward(model, x: torch.Tensor, routes: Sequence[Sequence[str]], *, o
 
 def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, torch.Tensor] | torch.Tensor]:
     plan = make_plan(model, model.closure(wanted), original=original, device=x.device)
+    fence = paging.fence(x.device)  # slot stores may overwrite what passes queued before this one read
     state = PassState(x, replace(plan.paths, stacked=False), readers=plan.readers)
     # the backbone's kernels are queued first: the host routes while the device runs them
     out: dict = backbone_pass(model, plan, state, original=original) if plan.shared else {}
@@ -102,6 +107,17 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
             grouped.update({n: model.tasks[n].config.group_shape for n in names})
         else:
             others.append(unit)
+    forks = {}  # fine-tuned late forks run batched, one family per pass, each row with its own weights
+    for unit in others:
+        if isinstance(unit, TokenUnit) and unit.name not in full:
+            t = model.tasks[unit.name]
+            if (key := fork_batch.family(t)) is not None:
+                forks[unit.name] = key
+    others = [u for u in others if not (isinstance(u, TokenUnit) and u.name in forks)]
+    families = {}
+    for g in assign_slots(routes, forks, 1, model.task_names):
+        families.setdefault(g.shape, []).append([row[0] for row in g.slots])
+    fork_passes = [fork_batch.prepare(model, passes, x.device, fence) for passes in families.values()]
     by_shape = shape_groups(model)
     groups = assign_slots(routes, grouped, model.group_size, model.task_names)
     tabs = {g.shape: tables(model, by_shape[g.shape], state.mem_kv) for g in groups}
@@ -118,6 +134,9 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
         got = _run_routed_group(model, group, tabs[group.shape], idx, {k: index[i] for k, i in head_ids[g].items()},
                                 state)
         for name, rows in got.items():  # a task may sit in another routed group for another row
+            out.setdefault(name, {}).update(rows)
+    for fp in fork_passes:
+        for name, rows in fork_batch.run_passes(model, fp, state).items():
             out.setdefault(name, {}).update(rows)
     chunks = {unit: ids for unit, ids in per_task}
     for unit in others:
@@ -195,12 +214,6 @@ class Tables:
     memory: list[tuple[torch.Tensor, torch.Tensor] | None]
     heads: dict[int, tuple[torch.Tensor, torch.Tensor]]  # width -> weights (1 + T_w, width, D), biases (1 + T_w, width)
     head_at: dict[str, tuple[int, int]]  # task -> (width, its row in that width's table)
-
-
-def head_width(classes: int) -> int:
-    """The padded width of a gathered head (policy, pure): a power of two, at least 16. A task's width depends
-    on its own class count only, so a task added with more classes never changes another task's product."""
-    return max(16, 1 << (classes - 1).bit_length())
 
 
 def gathered_heads(device: torch.device) -> bool:

@@ -26,3 +26,9 @@ class RowLinear(nn.Linear):
         weight = torch.cat([self.weight, self.weight.new_zeros(pad, self.in_features)])
         bias = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(pad)])
         return F.linear(x, weight, bias)[..., :self.out_features]
+
+
+def head_width(classes: int) -> int:
+    """The padded width of a gathered head (policy, pure): a power of two, at least 16. A task's width depends
+    on its own class count only, so a task added with more classes never changes another task's product."""
+    return max(16, 1 << (classes - 1).bit_length())

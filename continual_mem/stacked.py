@@ -29,7 +29,7 @@ from .kernels import add_layer_norm_triton, stacked_attention_triton
 ALIGN = 256  # elements between group starts: every group's slice starts equally aligned whatever the group count
 
 
-def _plain_block(blk: nn.Module) -> bool:
+def plain_block(blk: nn.Module) -> bool:
     """timm's pre-norm block with the pieces the fused path reproduces (nothing else hidden in it)."""
     if type(blk) is not Block:
         return False
@@ -57,7 +57,7 @@ def supported(backbone: VisionTransformer, dtype: torch.dtype, device: torch.dev
     norm = backbone.norm
     if not (isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None):
         return False
-    return all(_plain_block(b) and b.attn.qkv.weight.dtype == dtype for b in backbone.blocks)
+    return all(plain_block(b) and b.attn.qkv.weight.dtype == dtype for b in backbone.blocks)
 
 
 def group_buffer(groups: int, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:

@@ -39,14 +39,27 @@ def _fail(batch: list, exc: Exception) -> None:
             fut.set_exception(exc)
 
 
-def routes_for(asked: list[tuple[str, ...] | None], known: list[str]) -> list[list[str]] | None:
+def routes_for(asked: list[tuple[str, ...] | None], known: list[str], *,
+               route_all: bool = False) -> list[list[str]] | None:
     """Each image's tasks for a routed pass, or ``None`` when every image asks for every task (the all-task pass)
-    (policy, pure). A task no longer in the model (removed while the request waited) is left out; the request then
-    finds it missing from its answer."""
-    if all(a is None for a in asked):
+    (policy, pure). ``route_all``: the model cannot run the all-task pass (paged tasks), every pass routes. A task
+    no longer in the model (removed while the request waited) is left out; the request then finds it missing from
+    its answer."""
+    if all(a is None for a in asked) and not route_all:
         return None
     have = set(known)
     return [list(known) if a is None else [n for n in a if n in have] for a in asked]
+
+
+WARM_EVERY_TASK_MAX = 64  # tasks; above it the all-task pass's graphs are captured on first use
+
+
+def warm_every_task(tasks: int, *, paged: bool) -> bool:
+    """Whether warming a model captures its all-task graphs (policy, pure): not for a model with paged tasks (it
+    has no all-task pass) nor one of more than :data:`WARM_EVERY_TASK_MAX` tasks. Requests to such a model name
+    their tasks; capturing every task's pass for every bucket took 226 s at K = 1,001 (H200), which a live swap
+    then waits for."""
+    return not paged and tasks <= WARM_EVERY_TASK_MAX
 
 
 def bucket_for(n: int, max_batch: int) -> int:
@@ -179,8 +192,10 @@ class Batcher:
             blank = encode_jpeg(torch.zeros((3, side, side), dtype=torch.uint8)).numpy().tobytes()
         buckets = {bucket_for(n, self.max_batch) for n in range(1, self.max_batch + 1)} if self.graphs else {1}
         routed = [(served.net.task_names[0],)] if self.graphs and served.net.task_names else []
+        every = warm_every_task(len(served.net.task_names), paged=served.paged)
         for bucket in sorted(buckets):
-            self._forward(served, [blank] * bucket, observe=False)
+            if every or not routed:
+                self._forward(served, [blank] * bucket, observe=False)
             if routed:  # and the bucket's routed graph (if the model has grouped tasks), for requests naming tasks
                 self._forward(served, [blank] * bucket, observe=False, asked=routed * bucket)
 
@@ -209,9 +224,13 @@ class Batcher:
             canvas, hw = pad_batch(images, pin=cuda)
             x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
         good = [a for a, why in zip(asked or [None] * len(images), bad) if why is None]
-        routes = routes_for(good, served.net.task_names)
+        routes = routes_for(good, served.net.task_names, route_all=served.paged)
         if routes is not None:
             return self._launch_routed(served, x, routes, bad, events, t0)
+        if not served.classes:  # a model without tasks: every image gets an empty answer, no pass
+            launched = self._copy_out(x.new_zeros(len(x), 0, dtype=torch.float32), bad, None, t0)
+            launched.columns = []
+            return launched
         if self.graphs:
             out = self._replay(served, x)
         else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from continual_mem import MemoryViT
+from continual_mem import MemoryViT, fork_batch, paging
 from scenarios.pipeline import Preprocess
 from scenarios.streaming import DeviceStage
 
@@ -33,6 +33,7 @@ class Served:
     # bucket -> GraphedForward: captured before the model serves (start-up, or the loader's thread before a swap),
     # else by the batch worker on first use
     graphs: dict = field(default_factory=dict)
+    paged: bool = False  # some task lives in host memory (``page_forks``): every pass routes
 
 
 class ModelHolder:
@@ -59,7 +60,10 @@ class ModelHolder:
         picked up by the next poll)."""
         for _ in range(5):
             version = self.registry.model_version(self.settings.model)
-            net = self.registry.load(self.settings.model).to(self.device).eval()
+            net = self.registry.load(self.settings.model).eval()
+            if self.settings.page_forks:  # into pinned host packs before the rest goes to the device
+                fork_batch.offload(net)
+            fork_batch.place(net, self.device).resident_tasks = self.settings.resident_tasks
             if self.registry.model_version(self.settings.model) == version:
                 break
         pre = Preprocess.for_backbone(net.backbone, "inception")  # timm's eval crop, as `eval` and `predict`
@@ -67,7 +71,8 @@ class ModelHolder:
                   "preserving": net.tasks[n].config.preserving, "dataset": net.tasks[n].config.dataset}
                  for n in net.task_names]
         classes = {n: net.tasks[n].config.class_labels for n in net.task_names}
-        return Served(net, version, DeviceStage(pre, self.device), classes, tasks)
+        return Served(net, version, DeviceStage(pre, self.device), classes, tasks,
+                      paged=bool(paging.paged_names(net.tasks.values())))
 
     def _load_prepared(self) -> Served:
         with self.cpu_turns:

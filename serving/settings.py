@@ -38,6 +38,11 @@ class ServeSettings:
             5 ms). The batch worker takes the GIL back several times per pass, and each time it can wait a whole
             interval while the event loop parses HTTP. ``benchmarks/gil_handoff.py`` reproduces this: a pass with
             6 hand-offs beside a busy thread costs 14.5x its time alone at 5 ms, 1.8x at 0.2 ms.
+        resident_tasks: Fine-tuned late forks of one family held on the device at once, paged in by use, least
+            recently used out (:mod:`continual_mem.paging`); None: all of them.
+        page_forks: Keep every fine-tuned late fork's weights in pinned host memory (loaded there, never on the
+            device whole), paged in by use: a model's fork count is then capped by host memory, not the GPU's.
+            Requests without ``tasks=`` then get a routed pass of every task.
     """
 
     registry: str
@@ -58,6 +63,8 @@ class ServeSettings:
     workers: int = 1
     shared_model: bool = True
     model_socket: str = ""
+    resident_tasks: int | None = None
+    page_forks: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -72,6 +79,8 @@ class ServeSettings:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.resident_tasks is not None and self.resident_tasks < 1:
+            raise ValueError(f"resident_tasks must be >= 1 (or None: every task), got {self.resident_tasks}")
         if self.switch_interval_ms <= 0:
             raise ValueError(f"switch_interval_ms must be > 0, got {self.switch_interval_ms}")
         if self.decode_workers not in ("auto", "threads", "processes"):

@@ -67,7 +67,7 @@ class Net:
 
 def served(version: int = 3):
     return SimpleNamespace(net=Net(), version=version, stage=Stage(), classes={"a": ("p", "q"), "b": ("x", "y", "z")},
-                           graphs={})
+                           graphs={}, paged=False)
 
 
 def holder(model=None):
@@ -318,6 +318,22 @@ def test_warm_runs_one_blank_pass_per_graph_bucket(monkeypatch, device_decode):
     assert all(im is blank for _, images, _ in seen for im in images)
 
 
+def test_warm_captures_only_routed_graphs_for_paged_or_large_models(monkeypatch):
+    from serving.batcher import WARM_EVERY_TASK_MAX, warm_every_task
+
+    assert warm_every_task(WARM_EVERY_TASK_MAX, paged=False) and not warm_every_task(WARM_EVERY_TASK_MAX + 1,
+                                                                                      paged=False)
+    assert not warm_every_task(1, paged=True)
+    h = holder()
+    h.current.paged = True
+    b = batcher_for(h, max_batch=4)
+    b.graphs = True
+    asked = []
+    monkeypatch.setattr(b, "_forward", lambda served, images, *, observe, **kw: asked.append(kw.get("asked")))
+    b.warm(h.current)
+    assert asked == [[("a",)] * n for n in (1, 2, 4)]  # the routed graphs; the all-task ones on first use
+
+
 def test_warm_runs_nothing_on_the_cpu_without_device_decoding():
     h = holder()
     batcher_for(h).warm(h.current)
@@ -387,3 +403,4 @@ def test_routes_policy():
     assert routes_for([None, None], ["a", "b"]) is None  # every task for every image: the all-task pass
     assert routes_for([None, ("b",)], ["a", "b"]) == [["a", "b"], ["b"]]
     assert routes_for([("b", "x", "a"), ()], ["a", "b"]) == [["b", "a"], []]  # the asked order; unknown left out
+    assert routes_for([None, None], ["a", "b"], route_all=True) == [["a", "b"], ["a", "b"]]  # paged tasks

@@ -23,6 +23,37 @@ def registry(tmp_path):
     return two_task_registry(tmp_path)
 
 
+def test_a_model_without_tasks_answers_every_image_with_no_tasks(tmp_path):
+    from registry_helpers import new_registry
+
+    reg, _ = new_registry(tmp_path / "empty.db")
+    with client(reg) as c:
+        r = predict(c, png(1), png(2))
+        assert r.status_code == 200, r.text
+        assert [res["tasks"] for res in r.json()["results"]] == [{}, {}]
+
+
+def test_paged_forks_are_served_from_host_memory_with_the_resident_answers(tmp_path):
+    from registry_helpers import grow, new_registry
+
+    reg, net = new_registry(tmp_path / "forks.db")
+    for i, name in enumerate(("f1", "f2", "f3")):
+        grow(reg, net, name, i + 1, fork_layers=2, fork_finetune=True)
+    grow(reg, net, "m", 4)
+    uploads = [png(1), png(2)]
+    answers = {}
+    for paged in (False, True):
+        with client(reg, page_forks=paged, resident_tasks=1 if paged else None) as c:
+            got = predict(c, *uploads, tasks="f1,f3,m,f2", logits="true")
+            assert got.status_code == 200, got.text
+            answers[paged] = [r["tasks"] for r in got.json()["results"]]
+            if paged:  # no all-task pass: requests without tasks= get a routed pass of every task
+                every = predict(c, *uploads, logits="true").json()["results"]
+                assert [r["tasks"] for r in every] == answers[paged]
+    assert answers[True] == answers[False]
+    assert list(answers[True][0]) == ["f1", "f3", "m", "f2"]
+
+
 def test_top_probabilities_are_torch_softmax_and_topk():
     import torch
 

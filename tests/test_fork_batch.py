@@ -1,0 +1,192 @@
+"""Routed fine-tuned late forks run batched (each row with its own task's weights) and paged by use: they agree with
+the per-task path to float tolerance, and a row's answer never depends on the other rows, the other tasks, the
+store's capacity or where its task was paged from."""
+import random
+
+import pytest
+import torch
+
+from helpers import images, make_backbone, perturb
+
+from continual_mem import MemoryViT, TaskError, fork_batch, paging
+
+FORKS = [  # (name, spec): families by fork, tokens, memory layers, selection/pooling and head width
+    ("a", dict(num_classes=3, memory=2, fork_layers=2)),
+    ("b", dict(num_classes=5, memory=2, fork_layers=2)),  # a's family: same padded head width
+    ("c", dict(num_classes=4, memory=2, fork_layers=1, fork_select=4)),
+    ("d", dict(num_classes=3, memory=3, fork_layers=2, fork_pool=3, layers="last:1")),
+    ("e", dict(num_classes=20, memory=2, fork_layers=2)),  # wider head: a family of its own
+    ("g", dict(num_classes=3, memory=2, fork_layers=2, task_tokens=2)),
+    ("h", dict(num_classes=4, memory=2, fork_layers=2)),  # a's family too
+]
+
+
+def _model(capacity=None) -> MemoryViT:
+    torch.manual_seed(0)
+    model = MemoryViT(make_backbone("dinov2"), group_size=2)
+    perturb(model.add_task("m", 3, memory=2), seed=1)  # a grouped task beside them
+    for i, (name, spec) in enumerate(FORKS):
+        perturb(model.add_task(name, fork_finetune=True, **spec), seed=i + 2)
+    model.resident_tasks = capacity
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def net():
+    return _model()
+
+
+def _routes(rng, names, batch):
+    return [rng.sample(names, rng.randint(0, 3)) for _ in range(batch)]
+
+
+def test_batched_forks_agree_with_the_per_task_path(net):
+    x = images(net.backbone, n=5, seed=3)
+    rng = random.Random(0)
+    routes = [[n for n, _ in FORKS[b::2]] for b in range(5)]
+    routes += _routes(rng, net.task_names, 3)
+    x = torch.cat([x, x[:3]])
+    got = net.forward_routed(x, routes)
+    with torch.no_grad():
+        for b, route in enumerate(routes):
+            alone = net(x[b:b + 1], tasks=route, original=False) if route else {}
+            for name in route:
+                torch.testing.assert_close(got[b][name], alone[name][0], rtol=1e-4, atol=1e-5)
+    assert all(fork_batch.family(net.tasks[n]) is not None for n, _ in FORKS)
+
+
+def test_a_row_s_answer_depends_on_nothing_but_its_image_and_task():
+    """Random compositions, and stores of every capacity (tasks paged in, evicted, paged back into other
+    slots, a batch asking more than a store holds): the same image and task give the same bits."""
+    nets = {cap: _model(cap) for cap in (None, 1, 2)}
+    pool = images(nets[None].backbone, n=6, seed=7)
+    names = nets[None].task_names
+    rng = random.Random(5)
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    for step in range(6):
+        picks = [rng.randrange(len(pool)) for _ in range(4)]
+        routes = _routes(rng, names, 4)
+        for cap, model in nets.items():
+            for b, row in enumerate(model.forward_routed(pool[picks], routes)):
+                for name, logits in row.items():
+                    first = seen.setdefault((picks[b], name), logits)
+                    assert torch.equal(first, logits), (step, cap, picks[b], name)
+    assert len(seen) > 12
+    store = fork_batch.store(nets[1], nets[1].tasks["a"], torch.device("cpu"))
+    assert store.slots == 1 and store.page_ins > 2  # paged in, out and in again
+
+
+def test_offloaded_tasks_give_the_same_bits_and_only_run_routed():
+    model = _model()
+    x = images(model.backbone, n=3, seed=2)
+    routes = [["a", "m"], ["b", "c"], ["d", "e", "g"]]
+    before = model.forward_routed(x, routes)
+    moved = fork_batch.offload(model)
+    task = model.tasks["a"]
+    assert paging.paged(task) and moved >= sum(p.numel() * p.element_size() for p in task.parameters())
+    after = model.forward_routed(x, routes)
+    assert all(torch.equal(v, after[b][k]) for b, row in enumerate(before) for k, v in row.items())
+    with pytest.raises(TaskError, match=r"tasks \['a'\] are paged to host memory: they run in routed passes"):
+        model(x, tasks=["a", "m"])
+    assert set(model(x, tasks=["m"])) == {"original", "m"}
+    assert fork_batch.offload(model, ["a"]) == 0  # already paged
+
+
+def test_a_task_changed_in_place_is_paged_in_again():
+    model = _model(capacity=4)
+    fork_batch.offload(model, ["a"])
+    x = images(model.backbone, n=2, seed=4)
+    before = model.forward_routed(x, [["a"], ["b"]])
+    with torch.no_grad():
+        model.tasks["a"].head.bias.add_(1.0)  # a view of its host pack
+        model.tasks["b"].blocks[0].mlp.fc2.bias.add_(0.5)  # a resident task
+    after = model.forward_routed(x, [["a"], ["b"]])
+    torch.testing.assert_close(after[0]["a"], before[0]["a"] + 1.0, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(after[1]["b"], before[1]["b"])
+    with torch.no_grad():
+        torch.testing.assert_close(after[1]["b"], model(x[1:], tasks=["b"])["b"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_which_tasks_batch_together():
+    model = _model()
+    fam = {n: fork_batch.family(model.tasks[n]) for n, _ in FORKS}
+    assert fam["a"] == fam["b"]
+    assert len({fam[n] for n in "acdeg"}) == 5
+    plain = model.add_task("plain", 3, memory=2, fork_layers=2)
+    adapted = model.add_task("adapted", 3, memory=2, fork_layers=2, fork_finetune=True, adapter_dim=4)
+    assert fork_batch.family(plain) is None and fork_batch.family(adapted) is None
+    assert fork_batch.family(model.tasks["m"]) is None
+    with pytest.raises(ValueError, match="task 'plain' is not a fine-tuned late fork that routed passes batch"):
+        fork_batch.offload(model, ["plain"])
+    qk = MemoryViT(make_backbone("qknorm"))
+    assert fork_batch.family(qk.add_task("q", 3, memory=2, fork_layers=1, fork_finetune=True)) is None
+
+
+def test_the_store_pages_least_recently_used_first():
+    model = _model()
+    t = {n: model.tasks[n] for n in "abh"}
+    store = paging.SlotStore(fork_batch.layout(t["a"]), fork_batch.sources, device=torch.device("cpu"),
+                             dtype=torch.float32, capacity=2)
+    first = store.ensure([t["a"], t["b"]])
+    assert sorted(first.values()) == [1, 2] and store.page_ins == 2
+    assert store.ensure([t["a"]]) == {"a": first["a"]} and store.page_ins == 2  # resident: no copy; a is newest
+    assert store.ensure([t["h"]]) == {"h": first["b"]} and list(store.resident) == ["a", "h"]  # b was oldest
+    store.ensure([t["a"]])
+    assert store.ensure([t["h"], t["b"]]) == {"h": first["b"], "b": first["a"]}  # h is oldest but asked for
+    assert list(store.resident) == ["h", "b"] and store.page_ins == 4
+    with torch.no_grad():
+        t["h"].head.bias.add_(1.0)
+    assert store.ensure([t["h"]]) == {"h": first["b"]} and store.page_ins == 5  # changed: copied into its slot
+    assert list(store.resident) == ["b", "h"]  # nothing else evicted
+    with torch.no_grad():
+        t["b"].head.bias.add_(1.0)
+    assert store.ensure([t["b"], t["a"]]) == {"b": first["a"], "a": first["b"]}  # b (oldest, changed) stays put
+    views = store.views()
+    assert torch.equal(views["head.bias"][first["a"]][:5], t["b"].head.bias)
+    assert torch.equal(store.flat[0], torch.zeros_like(store.flat[0]))  # the empty slot
+    with pytest.raises(ValueError, match="3 tasks asked at once but the store holds 2; ask in chunks"):
+        store.ensure([t["a"], t["b"], t["h"]])
+    with pytest.raises(ValueError, match="a slot store needs capacity >= 1, got 0"):
+        paging.SlotStore(store.layout, fork_batch.sources, device=torch.device("cpu"), dtype=torch.float32,
+                         capacity=0)
+    grows = paging.SlotStore(store.layout, fork_batch.sources, device=torch.device("cpu"), dtype=torch.float32)
+    assert sorted(grows.ensure([t["a"], t["b"], t["h"]]).values()) == [1, 2, 3] and grows.slots >= 3
+
+
+def test_chunk_policy():
+    assert paging.chunks(["a", "b", "c"], None) == [["a", "b", "c"]]
+    assert paging.chunks(["a", "b", "c"], 3) == [["a", "b", "c"]]
+    assert paging.chunks(["a", "b", "c"], 2) == [["a", "b"], ["c"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_forks_batch_page_asynchronously_and_never_depend_on_the_neighbours(dtype):
+    """Resident, paged through one or two slots (copies on their own stream) and offloaded to pinned host memory:
+    the same image and task give the same bits, and agree with the per-task path to float tolerance."""
+    nets = {}
+    for cap, offload in ((None, False), (1, False), (2, True)):
+        model = _model(cap).to("cuda", dtype)
+        if offload:
+            fork_batch.offload(model)
+            assert model.tasks["a"].tokens.is_pinned()
+        nets[(cap, offload)] = model
+    ref = _model().to("cuda", dtype)
+    pool = images(ref.backbone, n=8, seed=7).to("cuda", dtype)
+    names = ref.task_names
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-4)
+    rng = random.Random(9)
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    with torch.inference_mode():
+        for step in range(6):
+            picks = [rng.randrange(len(pool)) for _ in range(8)]
+            routes = _routes(rng, names, 8)
+            for key, model in nets.items():
+                for b, row in enumerate(model.forward_routed(pool[picks], routes)):
+                    for name, logits in row.items():
+                        first = seen.setdefault((picks[b], name), logits)
+                        assert torch.equal(first, logits), (step, key, picks[b], name)
+        for (i, name), logits in seen.items():
+            torch.testing.assert_close(logits.float(), ref(pool[i:i + 1], tasks=[name])[name][0].float(), **tol)
+    assert len(seen) > 20
