@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.inference_mode(), common.autocast(args):
             base = common.run_seconds(lambda: net(x, tasks=[], original=True), args)
             one = common.run_seconds(lambda: net(x, tasks=forks[:1], original=True), args) if forks else None
+            every = common.run_seconds(lambda: net(x), args) if k <= args.all_task_max else None
             if args.offload and forks:
                 fork_batch.offload(net, forks)
             got = common.run_seconds(routed, args)
-            every = common.run_seconds(lambda: net(x), args) if k <= args.all_task_max else None
         med_base, med = statistics.median(base), statistics.median(got)
         bound = med_base / statistics.median(one) if one else None  # 1 / (1 + c)
         r = {"tasks": k, "forks": len(forks), "build_s": build_s, "fork_bound_ratio": bound,

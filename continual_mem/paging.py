@@ -189,6 +189,11 @@ def chunks(names: Sequence[str], capacity: int | None) -> list[list[str]]:
 def offload(task, layout: Layout, sources, modules: dict[str, tuple[nn.Module, str]]) -> int:
     """Move ``task``'s paged tensors into one host buffer (pinned where CUDA is present): ``modules[entry]`` is
     the (module, attribute) owning each entry's parameter, rebound to a view of the buffer. Returns its bytes."""
+    with torch.inference_mode(False):  # the pack's version counter is its stamp: not an inference tensor
+        return _offload(task, layout, sources, modules)
+
+
+def _offload(task, layout: Layout, sources, modules: dict[str, tuple[nn.Module, str]]) -> int:
     srcs = list(sources(task))
     flat = torch.zeros(layout.size, dtype=srcs[0].dtype, pin_memory=torch.cuda.is_available())
     views = entry_views(flat, layout)
