@@ -226,3 +226,29 @@ def task_attn_bwd(q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, out_ptr, do_ptr, lse_pt
     tile_p = pmask[:, None] & dmask[None, :]
     tl.store(dpk_ptr + (pid * P + pcols[:, None]) * HD + d[None, :], dpk.to(dpk_ptr.dtype.element_ty), mask=tile_p)
     tl.store(dpv_ptr + (pid * P + pcols[:, None]) * HD + d[None, :], dpv.to(dpv_ptr.dtype.element_ty), mask=tile_p)
+
+
+@triton.jit
+def row_gemm(x_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, M, N, K, x_sb, x_sm, w_ss, w_sn, b_ss, y_sb, y_sm,
+             HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """``y[b] = x[b] @ w[idx[b]].T (+ bias[idx[b]])``: every row of the batch with the weights of its own slot,
+    read in place from the store (no gathered copy). One program per (row tile, column tile, image); the reduction
+    runs over ``K`` in a fixed order, so an image's result never depends on the others or on the batch size."""
+    pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(idx_ptr + b)  # int64: a store's slots are far apart
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + b * x_sb + rm[:, None] * x_sm
+    w_cols = w_ptr + slot * w_ss + rn[None, :] * w_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(x_rows + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(w_cols + kk[:, None], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc += _dot(a, w, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + slot * b_ss + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + b * y_sb + rm[:, None] * y_sm + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import paging
+from .kernels import row_linear_triton
 from .layers import memory_kv
 from .paging import Layout, SlotStore
 from .row_linear import head_width
@@ -113,40 +114,54 @@ def run(model, like, views: dict[str, torch.Tensor], idx: torch.Tensor, state) -
         x = h
         if memory is not None and i in like.layer_to_slot:
             x = torch.cat([h, memory[:, like.layer_to_slot[i]]], dim=1)
-        p = {name[len(f"blocks.{j}."):]: v[idx] for name, v in views.items() if name.startswith(f"blocks.{j}.")}
-        h = row_block(ref, p, x)[:, :keep]
+        prefix = f"blocks.{j}."
+        if state.paths.triton:  # the linear layers read their slot's weights in place from the store
+            p = {name[len(prefix):]: v for name, v in views.items() if name.startswith(prefix)}
+            h = row_block(ref, p, x, idx)[:, :keep]
+        else:
+            p = {name[len(prefix):]: v[idx] for name, v in views.items() if name.startswith(prefix)}
+            h = row_block(ref, p, x)[:, :keep]
     pooled = bb.fc_norm(bb.norm(h[:, :n]).mean(dim=1))
     w, b = views["head.weight"][idx], views["head.bias"][idx]
     return torch.baddbmm(b.unsqueeze(1), pooled.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
 
 
-def row_block(ref, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def row_block(ref, p: dict[str, torch.Tensor], x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
     """timm's pre-norm block (``ref``'s structure: heads, norms' eps, attention scale) on ``x`` ``(B, N, D)``,
-    row ``b`` with the weights ``p[name][b]`` (``name`` as in ``ref.named_parameters()``)."""
+    row ``b`` with the weights ``p[name][b]`` (``name`` as in ``ref.named_parameters()``); with ``idx``, ``p``
+    holds whole store views and row ``b`` uses slot ``idx[b]``: the linear layers read it in place (Triton)."""
     B, N, D = x.shape
     heads = ref.attn.num_heads
-    qkv = _linear(_norm(x, p, "norm1", ref.norm1.eps), p, "attn.qkv").view(B, N, 3, heads, D // heads)
+    qkv = _linear(_norm(x, p, "norm1", ref.norm1.eps, idx), p, "attn.qkv", idx).view(B, N, 3, heads, D // heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     a = F.scaled_dot_product_attention(q, k, v, scale=ref.attn.scale).transpose(1, 2).reshape(B, N, D)
-    x = x + _scale(_linear(a, p, "attn.proj"), p, "ls1")
-    h = F.gelu(_linear(_norm(x, p, "norm2", ref.norm2.eps), p, "mlp.fc1"))
-    return x + _scale(_linear(h, p, "mlp.fc2"), p, "ls2")
+    x = x + _scale(_linear(a, p, "attn.proj", idx), p, "ls1", idx)
+    h = F.gelu(_linear(_norm(x, p, "norm2", ref.norm2.eps, idx), p, "mlp.fc1", idx))
+    return x + _scale(_linear(h, p, "mlp.fc2", idx), p, "ls2", idx)
 
 
-def _norm(x: torch.Tensor, p: dict, name: str, eps: float) -> torch.Tensor:
-    return torch.addcmul(p[f"{name}.bias"].unsqueeze(1), F.layer_norm(x, x.shape[-1:], eps=eps),
-                         p[f"{name}.weight"].unsqueeze(1))
+def _row(p: dict, name: str, idx: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's copy of the vector ``name`` (gathered from a store view when ``idx`` is given)."""
+    v = p.get(name)
+    return v if v is None or idx is None else v[idx]
 
 
-def _linear(x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
+def _norm(x: torch.Tensor, p: dict, name: str, eps: float, idx: torch.Tensor | None) -> torch.Tensor:
+    return torch.addcmul(_row(p, f"{name}.bias", idx).unsqueeze(1), F.layer_norm(x, x.shape[-1:], eps=eps),
+                         _row(p, f"{name}.weight", idx).unsqueeze(1))
+
+
+def _linear(x: torch.Tensor, p: dict, name: str, idx: torch.Tensor | None) -> torch.Tensor:
     w, b = p[f"{name}.weight"], p.get(f"{name}.bias")
+    if idx is not None:
+        return row_linear_triton(x, w, b, idx)
     if b is None:
         return torch.bmm(x, w.transpose(1, 2))
     return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
 
-def _scale(x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
-    gamma = p.get(f"{name}.gamma")
+def _scale(x: torch.Tensor, p: dict, name: str, idx: torch.Tensor | None) -> torch.Tensor:
+    gamma = _row(p, f"{name}.gamma", idx)
     return x if gamma is None else x * gamma.unsqueeze(1)
 
 
@@ -183,8 +198,9 @@ def store(model, like, device: torch.device) -> SlotStore:
     stores = _STORES.setdefault(model, {})
     got = stores.get(key)
     if got is None or got.capacity != model.resident_tasks or got.device != device:
+        members = sum(family(t) == key for t in model.tasks.values())  # sized once: growing copies every slot
         got = stores[key] = SlotStore(layout(like), sources, device=device, dtype=like.tokens.dtype,
-                                      capacity=model.resident_tasks)
+                                      capacity=model.resident_tasks, slots=members)
     return got
 
 

@@ -248,3 +248,32 @@ def _same_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
         return k, v
     return k.contiguous(), v.contiguous()
 
+
+
+def row_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      idx: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, M, K)``, row ``b`` through the linear layer ``weight[idx[b]]`` ``(N, K)`` (plus
+    ``bias[idx[b]]``), ``weight`` ``(S, N, K)`` and ``bias`` ``(S, N)`` read in place (a slot store's views,
+    :mod:`continual_mem.paging`). Returns ``(B, M, N)`` in ``x``'s dtype; tiles by :func:`row_gemm_launch`."""
+    from ._triton_kernels import row_gemm
+
+    B, M, K = x.shape
+    N = weight.shape[1]
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    if weight.stride(2) != 1 or (bias is not None and bias.stride(1) != 1):
+        raise ValueError("weight and bias need contiguous rows")
+    y = torch.empty(B, M, N, device=x.device, dtype=x.dtype)
+    launch = row_gemm_launch(M, x.dtype)
+    grid = (-(-M // launch["BLOCK_M"]), -(-N // launch["BLOCK_N"]), B)
+    row_gemm[grid](x, weight, bias if bias is not None else weight, idx, y, M, N, K, x.stride(0), x.stride(1),
+                   weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0, y.stride(0),
+                   y.stride(1), HAS_BIAS=bias is not None, **launch)
+    return y
+
+
+def row_gemm_launch(rows: int, dtype: torch.dtype) -> dict:
+    """Tiles of :func:`row_linear_triton` (policy, pure): they depend on an image's row count and the dtype only,
+    never on the batch."""
+    return {"BLOCK_M": 64 if rows <= 64 else 128, "BLOCK_N": 128, "BLOCK_K": 64, "IEEE": dtype == torch.float32,
+            "num_warps": 8, "num_stages": 3}

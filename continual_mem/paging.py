@@ -74,17 +74,18 @@ def fence(device: torch.device) -> torch.cuda.Event | None:
 
 class SlotStore:
     """A family's device slots (see the module doc). ``sources(task)`` gives a task's tensors in layout order;
-    ``capacity`` None grows the store to hold every task asked for."""
+    ``capacity`` None grows the store to hold every task asked for (from ``slots``)."""
 
     def __init__(self, layout: Layout, sources, *, device: torch.device, dtype: torch.dtype,
-                 capacity: int | None = None) -> None:
+                 capacity: int | None = None, slots: int = 1) -> None:
         if capacity is not None and capacity < 1:
             raise ValueError(f"a slot store needs capacity >= 1, got {capacity}")
         self.layout = layout
         self.sources = sources
         self.capacity = capacity
         self.device, self.dtype = device, dtype
-        self.flat = torch.zeros(1 + (capacity or 1), layout.size, device=device, dtype=dtype)
+        size = capacity if capacity is not None else max(1, slots)  # ``slots``: the first size of a growing store
+        self.flat = torch.zeros(1 + size, layout.size, device=device, dtype=dtype)
         self.resident: OrderedDict[str, tuple[int, object, int]] = OrderedDict()  # name -> (slot, task ref, stamp)
         self.free = list(range(self.flat.shape[0] - 1, 0, -1))
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from helpers import images, make_backbone, perturb
+from helpers import TRITON_DEVICES, images, make_backbone, perturb, triton_child
 
 from continual_mem import MemoryViT, TaskError, fork_batch, paging
 
@@ -175,7 +175,7 @@ def test_on_cuda_forks_batch_page_asynchronously_and_never_depend_on_the_neighbo
     ref = _model().to("cuda", dtype)
     pool = images(ref.backbone, n=8, seed=7).to("cuda", dtype)
     names = ref.task_names
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-4)
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-4)
     rng = random.Random(9)
     seen: dict[tuple[int, str], torch.Tensor] = {}
     with torch.inference_mode():
@@ -190,3 +190,35 @@ def test_on_cuda_forks_batch_page_asynchronously_and_never_depend_on_the_neighbo
         for (i, name), logits in seen.items():
             torch.testing.assert_close(logits.float(), ref(pool[i:i + 1], tasks=[name])[name][0].float(), **tol)
     assert len(seen) > 20
+
+
+CHILD = r"""
+import json, random, sys, torch
+dev = torch.device(sys.argv[1])
+from continual_mem import MemoryViT, paging
+from helpers import images, make_backbone, perturb
+torch.manual_seed(0)
+net = MemoryViT(make_backbone("dinov2"), group_size=2)
+for i, c in enumerate((3, 5, 4)):  # one family, its layers' weights read in place by the row kernel
+    perturb(net.add_task(f"f{i}", c, memory=2, fork_layers=2, fork_finetune=True), seed=i + 1)
+net.to(dev).eval()
+pool = images(net.backbone, n=4, seed=3).to(dev)
+rng = random.Random(0)
+seen, worst, same = {}, 0.0, True
+for trial in range(3):
+    picks = rng.sample(range(4), 3)
+    routes = [rng.sample(net.task_names, rng.randint(1, 2)) for _ in range(3)]
+    for b, row in enumerate(net.forward_routed(pool[picks], routes)):
+        for name, logits in row.items():
+            with torch.no_grad():
+                alone = net(pool[picks[b]:picks[b] + 1], tasks=[name], original=False)[name][0]
+            worst = max(worst, float((logits - alone).abs().max()))
+            same = same and torch.equal(seen.setdefault((picks[b], name), logits), logits)
+print("REPORT" + json.dumps({"worst": worst, "same": same, "seen": len(seen)}))
+"""
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_the_row_kernel_reads_each_slot_in_place_and_agrees(device):
+    report = triton_child(CHILD, device)
+    assert report["same"] and report["seen"] >= 5 and report["worst"] < 1e-4, report
