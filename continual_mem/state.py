@@ -92,7 +92,7 @@ def build_task(model: MemoryViT, config: TaskConfig, tensors: dict[str, torch.Te
             f"task {config.name!r} was trained on backbone {fingerprint[:12]}…, this model's backbone is "
             f"{mine[:12]}…; attach it to the backbone it was trained on"
         )
-    task = TaskModule(config, model.backbone)
+    task = TaskModule(config, model.backbone, init=False)  # every tensor is loaded below (strict)
     expected = task.state_dict()
     if set(expected) != set(tensors):
         raise TaskStateError(

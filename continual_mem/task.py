@@ -34,7 +34,9 @@ class TaskModule(nn.Module):
         head: Linear classifier on the pooled final token state.
     """
 
-    def __init__(self, config: TaskConfig, backbone: VisionTransformer) -> None:
+    def __init__(self, config: TaskConfig, backbone: VisionTransformer, *, init: bool = True) -> None:
+        """``init=False``: the parameters' shapes only (zeros), for a task whose stored tensors are loaded next;
+        building a thousand tasks from a registry would otherwise run the backbone's embedding once each."""
         super().__init__()
         self.config = config
         dim = backbone.embed_dim
@@ -44,18 +46,21 @@ class TaskModule(nn.Module):
         spec = config.spec
 
         self.tokens: nn.Parameter | None = None
-        if spec.class_tokens:
+        if spec.class_tokens and not init:
+            self.tokens = nn.Parameter(torch.zeros(1, config.task_tokens, dim, **factory))
+        elif spec.class_tokens:
             cls0 = block0_class_token(backbone)  # (1, D)
             tokens = cls0.repeat(config.task_tokens, 1)
             if config.task_tokens > 1:  # break the symmetry between otherwise identical tokens
                 tokens[1:] += torch.randn_like(tokens[1:]) * MEMORY_INIT_STD
             self.tokens = nn.Parameter(tokens.unsqueeze(0))
+        draw = torch.randn if init else torch.zeros
         self.memory: nn.Parameter | None = None
         if spec.layer_memory:
-            self.memory = nn.Parameter(torch.randn(len(config.layers), config.memory, dim, **factory) * MEMORY_INIT_STD)
+            self.memory = nn.Parameter(draw(len(config.layers), config.memory, dim, **factory) * MEMORY_INIT_STD)
         self.input_memory: nn.Parameter | None = None
         if spec.input_memory:
-            self.input_memory = nn.Parameter(torch.randn(1, config.input_memory, dim, **factory) * MEMORY_INIT_STD)
+            self.input_memory = nn.Parameter(draw(1, config.input_memory, dim, **factory) * MEMORY_INIT_STD)
         self.adapters: nn.ModuleList | None = None
         depth = len(backbone.blocks)
         # after attention and after the MLP: in every block (adapter regimes) or in the late-fork branch's blocks
@@ -76,8 +81,9 @@ class TaskModule(nn.Module):
             self.backbone = copy.deepcopy(backbone)
         self.side: nn.Module | None = spec.modules(config, backbone) if spec.modules is not None else None
         self.head = RowLinear(backbone.num_features, config.num_classes, **factory)
-        nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
-        nn.init.zeros_(self.head.bias)
+        if init:
+            nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
+            nn.init.zeros_(self.head.bias)
 
     @property
     def name(self) -> str:
