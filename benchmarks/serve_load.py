@@ -45,22 +45,23 @@ def build_registry(path: Path, args, k: int) -> None:
     reg.create_model(bb, timm_name=args.model, model_kwargs=kwargs)
     net = MemoryViT(bb)
     for i in range(k):
-        _new_task(net, f"task{i}", seed=i, memory=args.memory)
+        _new_task(net, f"task{i}", seed=i, memory=args.memory, fork_layers=args.fork_layers)
     if not k:  # K = 0: the served baseline, the backbone and one linear head (the server answers tasks only)
         net.add_task("task0", 100, regime="head")
     reg.import_bundles([export_task_bytes(net, n) for n in net.task_names])  # one change, one verification
 
 
-def _new_task(net, name: str, *, seed: int, memory: int) -> None:
+def _new_task(net, name: str, *, seed: int, memory: int, fork_layers: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
-    task = net.add_task(name, 100, memory=memory)
+    fork = dict(fork_layers=fork_layers, fork_finetune=True) if fork_layers else {}
+    task = net.add_task(name, 100, memory=memory, **fork)
     with torch.no_grad():
         for p in task.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def add_task(reg, net, name: str, *, seed: int, memory: int) -> None:
-    _new_task(net, name, seed=seed, memory=memory)
+def add_task(reg, net, name: str, *, seed: int, memory: int, fork_layers: int = 0) -> None:
+    _new_task(net, name, seed=seed, memory=memory, fork_layers=fork_layers)
     reg.add_task(net, name)
 
 
@@ -159,7 +160,8 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
         try:
             reg = Registry(reg_path)
             net = await asyncio.to_thread(reg.load)
-            await asyncio.to_thread(add_task, reg, net, f"task{max(k, 1)}", seed=1000, memory=args.memory)
+            await asyncio.to_thread(add_task, reg, net, f"task{max(k, 1)}", seed=1000, memory=args.memory,
+                                    fork_layers=args.fork_layers)
         except BaseException:
             with sent.get_lock():  # the load must not wait for an add that will not come
                 sent[1] = 0
@@ -287,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the server's --overlap-passes")
     p.add_argument("--no-shared-model", dest="shared_model", action="store_false",
                    help="with --workers > 1, a model per server process (the server's --no-shared-model)")
+    p.add_argument("--fork-layers", type=int, default=0,
+                   help="tasks are fine-tuned late forks of this many blocks (0: masked memory)")
+    p.add_argument("--server-args", default="", help="more `serve` options, e.g. '--page-forks --resident-tasks 8'")
     p.add_argument("--route", action="store_true",
                    help="each request names one random task (?tasks=taskN): routed passes; the offline rate is the "
                         "routed pass too, and the backbone alone is measured beside it")
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k in [int(v) for v in args.tasks.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             reg_path = Path(tmp) / "serve.db"
-            cached = (args.registry_cache / f"{args.model}_{args.img_size}px_k{k}_m{args.memory}.db"
+            cached = (args.registry_cache / f"{args.model}_{args.img_size}px_k{k}_m{args.memory}_f{args.fork_layers}.db"
                       if args.registry_cache else None)
             if cached is not None and cached.is_file():
                 _copy_sqlite(cached, reg_path)
@@ -325,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "--poll-s", "0.2", "--decode-workers", args.decode_workers, "--jpeg-decode", args.jpeg_decode,
                  "--switch-interval-ms", str(args.switch_interval_ms), "--workers", str(args.workers),
                  "--shared-model" if args.shared_model else "--no-shared-model",
-                 "--overlap-passes", args.overlap_passes], cwd=ROOT, stdout=log,
+                 "--overlap-passes", args.overlap_passes, *args.server_args.split()], cwd=ROOT, stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
             try:
@@ -358,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "adder_threads": args.adder_threads,
                 "decode_workers": args.decode_workers, "jpeg_decode": args.jpeg_decode, "switch_interval_ms": args.switch_interval_ms,
                 "server_workers": args.workers, "shared_model": args.shared_model,
-                "overlap_passes": args.overlap_passes, "route": args.route})
+                "overlap_passes": args.overlap_passes, "route": args.route, "fork_layers": args.fork_layers,
+                "server_args": args.server_args})
     result = {"environment": env, "results": rows}
     common.report(result, f"serve load, {args.model} {args.img_size}px, {args.clients} clients, {env['device']}",
                   ["K", "served img/s", "× served K=0", "offline img/s", "ratio", "× backbone", "p50/p99 ms",
