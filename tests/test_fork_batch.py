@@ -55,22 +55,29 @@ def test_batched_forks_agree_with_the_per_task_path(net):
     assert all(fork_batch.family(net.tasks[n]) is not None for n, _ in FORKS)
 
 
+def _same_bits_everywhere(nets: dict, pool: torch.Tensor, names: list[str], rng: random.Random, *,
+                          batch: int) -> dict[tuple[int, str], torch.Tensor]:
+    """Six random batches through every model of ``nets``: each (image, task) answer, asserted bit-equal wherever
+    it came up."""
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    for step in range(6):
+        picks = [rng.randrange(len(pool)) for _ in range(batch)]
+        routes = _routes(rng, names, batch)
+        for key, model in nets.items():
+            for b, row in enumerate(model.forward_routed(pool[picks], routes)):
+                for name, logits in row.items():
+                    first = seen.setdefault((picks[b], name), logits)
+                    assert torch.equal(first, logits), (step, key, picks[b], name)
+    return seen
+
+
 def test_a_row_s_answer_depends_on_nothing_but_its_image_and_task():
     """Random compositions, and stores of every capacity (tasks paged in, evicted, paged back into other
     slots, a batch asking more than a store holds): the same image and task give the same bits."""
     nets = {cap: _model(cap) for cap in (None, 1, 2)}
     pool = images(nets[None].backbone, n=6, seed=7)
     names = nets[None].task_names
-    rng = random.Random(5)
-    seen: dict[tuple[int, str], torch.Tensor] = {}
-    for step in range(6):
-        picks = [rng.randrange(len(pool)) for _ in range(4)]
-        routes = _routes(rng, names, 4)
-        for cap, model in nets.items():
-            for b, row in enumerate(model.forward_routed(pool[picks], routes)):
-                for name, logits in row.items():
-                    first = seen.setdefault((picks[b], name), logits)
-                    assert torch.equal(first, logits), (step, cap, picks[b], name)
+    seen = _same_bits_everywhere(nets, pool, names, random.Random(5), batch=4)
     assert len(seen) > 12
     store = fork_batch.store(nets[1], nets[1].tasks["a"], torch.device("cpu"))
     assert store.slots == 1 and store.page_ins > 2  # paged in, out and in again
@@ -176,17 +183,8 @@ def test_on_cuda_forks_batch_page_asynchronously_and_never_depend_on_the_neighbo
     pool = images(ref.backbone, n=8, seed=7).to("cuda", dtype)
     names = ref.task_names
     tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-4)
-    rng = random.Random(9)
-    seen: dict[tuple[int, str], torch.Tensor] = {}
     with torch.inference_mode():
-        for step in range(6):
-            picks = [rng.randrange(len(pool)) for _ in range(8)]
-            routes = _routes(rng, names, 8)
-            for key, model in nets.items():
-                for b, row in enumerate(model.forward_routed(pool[picks], routes)):
-                    for name, logits in row.items():
-                        first = seen.setdefault((picks[b], name), logits)
-                        assert torch.equal(first, logits), (step, key, picks[b], name)
+        seen = _same_bits_everywhere(nets, pool, names, random.Random(9), batch=8)
         for (i, name), logits in seen.items():
             torch.testing.assert_close(logits.float(), ref(pool[i:i + 1], tasks=[name])[name][0].float(), **tol)
     assert len(seen) > 20
