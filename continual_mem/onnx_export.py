@@ -7,6 +7,12 @@ mean, std, interpolation, crop fraction), and which backbone the graph carries (
 
 Tasks that need their own pass (``memory``, ``full``, ``input-memory``, ``hybrid``, ``adapters``,
 ``memory+adapters``) are refused: a graph of the shared pass would not contain them; leave them out with ``tasks=``.
+
+``routed=True`` exports a routed pass instead (:mod:`continual_mem.routed`): inputs ``images`` and ``task``
+(``(B,)`` int64, each image's index into the sidecar's task list), one output ``logits`` ``(B, width)``. Each image
+computes the backbone and its own task only, so the graph's cost does not grow with the task count. Row ``b``'s
+first ``classes`` columns are its task's logits; the rest are zeros. It holds grouped tasks (concatenation-mode token
+tasks without a fork, e.g. masked memory); others are refused.
 """
 from __future__ import annotations
 
@@ -16,8 +22,11 @@ from pathlib import Path
 
 import torch
 
+from . import routed
 from .backbone import fingerprint
+from .forward_plan import PassState, backbone_pass, make_plan
 from .model import ORIGINAL, MemoryViT
+from .row_linear import head_width
 
 class _SharedPass(torch.nn.Module):
     """``images -> (original?, task_1, ..., task_k)`` as a tuple (ONNX outputs are positional)."""
@@ -31,6 +40,39 @@ class _SharedPass(torch.nn.Module):
         return tuple(([out[ORIGINAL]] if self.original else []) + [out[t] for t in self.tasks])
 
 
+class _RoutedPass(torch.nn.Module):
+    """``(images, task) -> logits``: row ``b`` through exported task ``task[b]`` only. Per group shape, one routed
+    group whose first slot holds the row's task (if it has that shape); per head width one gathered product;
+    each row keeps the product of its own task's width, padded to the widest."""
+
+    def __init__(self, net: MemoryViT, tasks: list[str]) -> None:
+        super().__init__()
+        self.net, self.tasks = net, tasks
+        self.width = max(head_width(net.tasks[t].config.num_classes) for t in tasks)
+        self.shapes = sorted({net.tasks[t].config.group_shape for t in tasks}, key=repr)
+
+    def forward(self, images: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        by_shape = routed.shape_groups(net)
+        members = [n for shape in self.shapes for g in by_shape[shape] for n in g if n is not None]
+        plan = make_plan(net, net.closure(members), original=False, device=images.device)
+        state = PassState(images, plan.paths, readers=plan.readers)
+        backbone_pass(net, plan, state, original=False)
+        out = images.new_zeros(images.shape[0], self.width)
+        for shape in self.shapes:
+            table = routed.tables(net, by_shape[shape], state.mem_kv)
+            slot = [table.index.get(t, 0) for t in self.tasks]  # 0: the empty slot, for another shape's tasks
+            idx = torch.zeros(images.shape[0], net.group_size, dtype=torch.int64)
+            idx[:, 0] = torch.tensor(slot, dtype=torch.int64)[task]
+            pooled = routed.routed_pooled(net, table, idx, state)
+            for w in sorted({table.head_at[t][0] for t in self.tasks if t in table.head_at}):
+                rows = torch.tensor([table.head_at[t][1] if table.head_at.get(t, (0,))[0] == w else 0
+                                     for t in self.tasks], dtype=torch.int64)[task]
+                logits = routed.gathered_head(table, pooled, 0, w, rows)
+                out = torch.where((rows > 0).unsqueeze(1), torch.nn.functional.pad(logits, (0, self.width - w)), out)
+        return out
+
+
 def export_onnx(
     net: MemoryViT,
     path: str | Path,
@@ -40,6 +82,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     batch_size: int = 1,
     extra_metadata: dict | None = None,
+    routed: bool = False,
 ) -> dict:
     """Write ``net``'s shared pass to ``path`` (and ``path`` with ``.json`` as the sidecar); return the sidecar.
 
@@ -50,6 +93,7 @@ def export_onnx(
         dynamic_batch: Let the batch dimension vary (else it is fixed at ``batch_size``).
         batch_size: Example batch size used for tracing (the fixed size without ``dynamic_batch``).
         extra_metadata: Merged into the sidecar (e.g. the registry version).
+        routed: Export a routed pass (see the module doc): inputs ``images`` and ``task``, output ``logits``.
     """
     import timm.data
 
@@ -62,10 +106,18 @@ def export_onnx(
         raise ValueError(f"task {own[0]!r} ({net.tasks[own[0]].config.regime}) needs its own pass and cannot be in "
                          "the shared-pass graph; leave it out with --tasks (shared-pass tasks: "
                          f"{', '.join(t for t in net.task_names if net.tasks[t].config.preserving) or 'none'})")
+    grouped = {n for u in net.plan() if u.kind == "group" for n in u.names if n is not None}
+    if routed and (other := [t for t in names if t not in grouped]):
+        raise ValueError(f"task {other[0]!r} is not a grouped task (concatenation-mode masked memory without a fork); "
+                         f"a routed graph holds those only: leave it out with --tasks (grouped tasks: "
+                         f"{', '.join(t for t in net.task_names if t in grouped) or 'none'})")
+    if routed and not names:
+        raise ValueError("a routed graph needs at least one task; give --tasks or add a task first")
     if opset < 14:
         raise ValueError(f"opset {opset} is too old for the attention ops; use 14 or newer")
-    original = getattr(net.backbone, "num_classes", 0) > 0
-    outputs = ([ORIGINAL] if original else []) + names
+    original = getattr(net.backbone, "num_classes", 0) > 0 and not routed
+    outputs = ["logits"] if routed else ([ORIGINAL] if original else []) + names
+    inputs = ["images", "task"] if routed else ["images"]
     size = int(net.backbone.patch_embed.img_size[0])
     cfg = timm.data.resolve_data_config({}, model=net.backbone)
     path = Path(path)
@@ -77,13 +129,17 @@ def export_onnx(
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on Python-side shapes
-            torch.onnx.export(_SharedPass(net, names, original), (torch.zeros(batch_size, 3, size, size),), str(tmp),
-                              dynamo=False, input_names=["images"], output_names=outputs, opset_version=opset,
-                              dynamic_axes={n: {0: "batch"} for n in ["images", *outputs]} if dynamic_batch else None)
+            example = torch.zeros(batch_size, 3, size, size)
+            module, args = ((_RoutedPass(net, names), (example, torch.zeros(batch_size, dtype=torch.int64)))
+                            if routed else (_SharedPass(net, names, original), (example,)))
+            torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=inputs, output_names=outputs,
+                              opset_version=opset,
+                              dynamic_axes={n: {0: "batch"} for n in [*inputs, *outputs]} if dynamic_batch else None)
     finally:
         net.to(device).train(was_training)
     sidecar = {
-        "format": "continual-mem-onnx/1", "input": "images", "outputs": outputs, "opset": opset,
+        "format": "continual-mem-onnx/1", "input": "images", "inputs": inputs, "outputs": outputs, "opset": opset,
+        "routed": routed,
         "dynamic_batch": dynamic_batch, "batch_size": None if dynamic_batch else batch_size,
         "preprocess": {"size": size, "mean": list(cfg["mean"]), "std": list(cfg["std"]),
                        "interpolation": cfg["interpolation"], "crop_pct": cfg["crop_pct"],
@@ -101,11 +157,15 @@ def export_onnx(
     return sidecar
 
 
-def run_onnx(path: str | Path, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The graph's outputs on ``images`` through onnxruntime's CPU provider, by output name."""
+def run_onnx(path: str | Path, images: torch.Tensor, task: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The graph's outputs on ``images`` (and, for a routed graph, each image's ``task`` index) through
+    onnxruntime's CPU provider, by output name."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    values = session.run(None, {"images": images.detach().cpu().float().numpy()})
+    feed = {"images": images.detach().cpu().float().numpy()}
+    if task is not None:
+        feed["task"] = task.detach().cpu().to(torch.int64).numpy()
+    values = session.run(None, feed)
     return {n: torch.from_numpy(v) for n, v in zip(names, values)}

@@ -267,6 +267,10 @@ def test_export_onnx_and_serve_errors(db, tmp_path):
     assert r["outputs"] == ["original", "digits", "digits-ext"] and r["max_abs_diff"] < 1e-4
     assert json.loads((tmp_path / "m.json").read_text())["tasks"][0]["name"] == "digits"
     user_error(cm(db, "export-onnx", str(tmp_path / "x.onnx"), "--tasks", "nope"), "unknown task 'nope'")
+    r = json.loads(ok(cm(db, "export-onnx", str(tmp_path / "r.onnx"), "--routed", "--tasks", "digits",
+                         "--json")).stdout)
+    assert r["outputs"] == ["logits"] and r["max_abs_diff"] < 1e-4
+    user_error(cm(db, "export-onnx", str(tmp_path / "y.onnx"), "--routed"), "'digits-ext' is not a grouped task")
     user_error(cm(tmp_path / "absent.db", "serve"), "no registry at")
 
 

@@ -74,3 +74,45 @@ def test_same_top1_on_a_real_dataset(net, tmp_path):
     assert len(x) == 359
     for t in ("a", "b", "c"):
         assert torch.equal(ours[t].argmax(-1), ref[t].argmax(-1)), t
+
+
+def _grouped() -> MemoryViT:
+    m = MemoryViT(make_backbone("dinov2"), group_size=2)
+    for i, (name, classes, kw) in enumerate([("p", 3, {}), ("q", 20, {}), ("r", 4, dict(memory=2)), ("s", 5, {})]):
+        perturb(m.add_task(name, classes, **kw), seed=i + 1)  # two group shapes, two head widths (16, 32)
+    return m.eval()
+
+
+def test_a_routed_graph_answers_each_image_with_its_own_task(tmp_path):
+    net = _grouped()
+    side = export_onnx(net, tmp_path / "r.onnx", routed=True)
+    assert side["inputs"] == ["images", "task"] and side["outputs"] == ["logits"] and side["routed"]
+    names = [t["name"] for t in side["tasks"]]
+    x = images(net.backbone, n=6, seed=4)
+    task = torch.tensor([0, 1, 2, 3, 1, 0])
+    got = run_onnx(tmp_path / "r.onnx", x, task)["logits"]
+    assert got.shape == (6, 32)
+    ref = net.forward_routed(x, [[names[i]] for i in task.tolist()])
+    for b, i in enumerate(task.tolist()):
+        classes = len(side["tasks"][i]["classes"])
+        torch.testing.assert_close(got[b, :classes], ref[b][names[i]], rtol=1e-4, atol=1e-4)
+        assert torch.equal(got[b, classes:], torch.zeros(32 - classes)) or classes > 16  # beyond: the width's pad
+    alone = run_onnx(tmp_path / "r.onnx", x[1:2], task[1:2])["logits"]
+    assert torch.equal(alone[0], got[1])  # a row's answer does not depend on its neighbours
+
+
+def test_a_routed_graph_re_exported_after_an_addition_keeps_old_answers(tmp_path):
+    net = _grouped()
+    x, task = images(net.backbone, n=4, seed=2), torch.tensor([3, 2, 1, 0])
+    export_onnx(net, tmp_path / "v1.onnx", routed=True)
+    before = run_onnx(tmp_path / "v1.onnx", x, task)["logits"]
+    perturb(net.add_task("wide", 40), seed=9)  # a wider head (64) and the next slot of p's group
+    export_onnx(net, tmp_path / "v2.onnx", routed=True)
+    after = run_onnx(tmp_path / "v2.onnx", x, task)["logits"]
+    assert after.shape == (4, 64) and torch.equal(after[:, :32], before)
+
+
+def test_a_routed_graph_refuses_tasks_outside_groups(net, tmp_path):
+    with pytest.raises(ValueError, match="task 'b' is not a grouped task .* leave it out with --tasks"):
+        export_onnx(net, tmp_path / "r.onnx", routed=True)
+    assert not (tmp_path / "r.onnx").exists()
