@@ -247,7 +247,7 @@ def row_gemm(x_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, M, N, K, x_sb, x_sm, w_ss, w_s
         kk = k0 + rk
         a = tl.load(x_rows + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         w = tl.load(w_cols + kk[:, None], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc += _dot(a, w, IEEE)
+        acc += _dot(a, w.to(a.dtype), IEEE)  # float32 weights under autocast: multiplied in the inputs' dtype
     if HAS_BIAS:
         acc += tl.load(b_ptr + slot * b_ss + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + b * y_sb + rm[:, None] * y_sm + rn[None, :], acc.to(y_ptr.dtype.element_ty),

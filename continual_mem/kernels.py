@@ -254,11 +254,14 @@ def row_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       idx: torch.Tensor) -> torch.Tensor:
     """``x`` ``(B, M, K)``, row ``b`` through the linear layer ``weight[idx[b]]`` ``(N, K)`` (plus
     ``bias[idx[b]]``), ``weight`` ``(S, N, K)`` and ``bias`` ``(S, N)`` read in place (a slot store's views,
-    :mod:`continual_mem.paging`). Returns ``(B, M, N)`` in ``x``'s dtype; tiles by :func:`row_gemm_launch`."""
+    :mod:`continual_mem.paging`). Returns ``(B, M, N)`` in ``x``'s dtype (autocast's, under autocast); tiles by
+    :func:`row_gemm_launch`."""
     from ._triton_kernels import row_gemm
 
     B, M, K = x.shape
     N = weight.shape[1]
+    if torch.is_autocast_enabled(x.device.type):  # as autocast runs a linear layer: in its dtype
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if x.stride(2) != 1:
         x = x.contiguous()
     if weight.stride(2) != 1 or (bias is not None and bias.stride(1) != 1):

@@ -168,10 +168,13 @@ def test_chunk_policy():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
 def test_on_cuda_forks_batch_page_asynchronously_and_never_depend_on_the_neighbours(dtype):
     """Resident, paged through one or two slots (copies on their own stream) and offloaded to pinned host memory:
-    the same image and task give the same bits, and agree with the per-task path to float tolerance."""
+    the same image and task give the same bits, and agree with the per-task path to float tolerance. "autocast":
+    float32 weights under bf16 autocast, as the server runs."""
+    amp = dtype == "autocast"
+    dtype = torch.float32 if amp else dtype
     nets = {}
     for cap, offload in ((None, False), (1, False), (2, True)):
         model = _model(cap).to("cuda", dtype)
@@ -182,8 +185,8 @@ def test_on_cuda_forks_batch_page_asynchronously_and_never_depend_on_the_neighbo
     ref = _model().to("cuda", dtype)
     pool = images(ref.backbone, n=8, seed=7).to("cuda", dtype)
     names = ref.task_names
-    tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-4)
-    with torch.inference_mode():
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 or amp else dict(rtol=1e-3, atol=1e-4)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         seen = _same_bits_everywhere(nets, pool, names, random.Random(9), batch=8)
         for (i, name), logits in seen.items():
             torch.testing.assert_close(logits.float(), ref(pool[i:i + 1], tasks=[name])[name][0].float(), **tol)
