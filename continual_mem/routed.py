@@ -24,6 +24,8 @@ answer. The computations are the all-task pass's own (same group block, same cac
 the CPU a routed answer equals the all-task pass bit for bit (``tests/test_routed.py``). On CUDA a routed group
 runs the per-group fused kernel with one memory set per row, not the stacked path, and the heads run gathered
 (:func:`gathered_heads`): routed answers there agree with the all-task pass to float tolerance, and are as stable.
+Batched forks run their own arithmetic (a private branch) and agree with the per-task path to float tolerance,
+with the same stability (``tests/test_fork_batch.py``).
 """
 from __future__ import annotations
 
