@@ -215,27 +215,14 @@ for trial in range(3):
                 alone = net(pool[picks[b]:picks[b] + 1], tasks=[name], original=False)[name][0]
             worst = max(worst, float((logits - alone).abs().max()))
             same = same and torch.equal(seen.setdefault((picks[b], name), logits), logits)
-print("REPORT" + json.dumps({"worst": worst, "same": same, "seen": len(seen)}))
-"""
-
-
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_the_row_kernel_reads_each_slot_in_place_and_agrees(device):
-    report = triton_child(CHILD, device)
-    assert report["same"] and report["seen"] >= 5 and report["worst"] < 1e-4, report
-
-
-KERNEL = r"""
-import json, sys, torch
+report = {"worst": worst, "same": same, "seen": len(seen)}
+# the kernel alone, against float64; float32 weights under autocast as the server runs them (bf16 on the GPU;
+# the interpreter's bf16 is unreliable, so float16 there)
 from continual_mem.kernels import row_linear_triton
-dev = torch.device(sys.argv[1])
-torch.manual_seed(0)
-x, w, b = torch.randn(3, 10, 48), torch.randn(5, 64, 48), torch.randn(5, 64)
-x, w, b = x.to(dev), w.to(dev), b.to(dev)
+x, w, b = (t.to(dev) for t in (torch.randn(3, 10, 48), torch.randn(5, 64, 48), torch.randn(5, 64)))
 idx = torch.tensor([1, 4, 2], device=dev)
 ref = torch.baddbmm(b[idx].double().unsqueeze(1), x.double(), w[idx].double().transpose(1, 2))
-report = {"fp32": float((row_linear_triton(x, w, b, idx).double() - ref).abs().max())}
-# float32 weights under autocast, as the server runs (bf16 on the GPU; the interpreter's bf16 is unreliable)
+report["fp32"] = float((row_linear_triton(x, w, b, idx).double() - ref).abs().max())
 for name in ["float16"] + (["bfloat16"] if dev.type == "cuda" else []):
     with torch.autocast(dev.type, dtype=getattr(torch, name)):
         y = row_linear_triton(x, w, b, idx)
@@ -245,8 +232,11 @@ print("REPORT" + json.dumps(report))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_the_row_kernel_under_autocast_multiplies_in_autocast_s_dtype(device):
-    report = triton_child(KERNEL, device)
+def test_the_row_kernel_reads_each_slot_in_place_agrees_and_follows_autocast(device):
+    report = triton_child(CHILD, device)
+    assert report["same"] and report["seen"] >= 5 and report["worst"] < 1e-4, report
     assert report["fp32"] < 1e-4, report
-    for name, (dtype, rel) in ((k, v) for k, v in report.items() if k != "fp32"):
-        assert dtype == f"torch.{name}" and rel < 2e-2, report
+    for name in ("float16", "bfloat16"):
+        if name in report:
+            assert report[name][0] == f"torch.{name}" and report[name][1] < 2e-2, report
+
