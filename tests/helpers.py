@@ -132,3 +132,21 @@ def check_private_addition(net, x, before, name: str, own) -> tuple[dict, dict]:
     for key in ("original", "old"):
         assert torch.equal(out[key], before[key])
     return out, ref
+
+
+def routed_trials(net, pool, reference, *, trials: int = 3, rows: int = 3, most: int = 3, seed: int = 0) -> dict:
+    """Random routed batches of ``rows`` images from ``pool`` (1..``most`` tasks each): the worst distance of a
+    routed answer from ``reference(picks, b, name)``, and whether every (image, task) answer was the same bits
+    wherever it came up."""
+    import random
+
+    rng = random.Random(seed)
+    seen, worst, same = {}, 0.0, True
+    for _ in range(trials):
+        picks = rng.sample(range(len(pool)), rows)
+        routes = [rng.sample(net.task_names, rng.randint(1, most)) for _ in range(rows)]
+        for b, row in enumerate(net.forward_routed(pool[picks], routes)):
+            for name, logits in row.items():
+                worst = max(worst, float((logits - reference(picks, b, name)).abs().max()))
+                same = same and torch.equal(seen.setdefault((picks[b], name), logits), logits)
+    return {"worst": worst, "same": same, "seen": len(seen)}

@@ -194,28 +194,22 @@ def test_on_cuda_forks_batch_page_asynchronously_and_never_depend_on_the_neighbo
 
 
 CHILD = r"""
-import json, random, sys, torch
+import json, sys, torch
 dev = torch.device(sys.argv[1])
-from continual_mem import MemoryViT, paging
-from helpers import images, make_backbone, perturb
+from continual_mem import MemoryViT
+from helpers import images, make_backbone, perturb, routed_trials
 torch.manual_seed(0)
 net = MemoryViT(make_backbone("dinov2"), group_size=2)
 for i, c in enumerate((3, 5, 4)):  # one family, its layers' weights read in place by the row kernel
     perturb(net.add_task(f"f{i}", c, memory=2, fork_layers=2, fork_finetune=True), seed=i + 1)
 net.to(dev).eval()
 pool = images(net.backbone, n=4, seed=3).to(dev)
-rng = random.Random(0)
-seen, worst, same = {}, 0.0, True
-for trial in range(3):
-    picks = rng.sample(range(4), 3)
-    routes = [rng.sample(net.task_names, rng.randint(1, 2)) for _ in range(3)]
-    for b, row in enumerate(net.forward_routed(pool[picks], routes)):
-        for name, logits in row.items():
-            with torch.no_grad():
-                alone = net(pool[picks[b]:picks[b] + 1], tasks=[name], original=False)[name][0]
-            worst = max(worst, float((logits - alone).abs().max()))
-            same = same and torch.equal(seen.setdefault((picks[b], name), logits), logits)
-report = {"worst": worst, "same": same, "seen": len(seen)}
+def alone(picks, b, name):  # the per-task path on that image alone
+    with torch.no_grad():
+        return net(pool[picks[b]:picks[b] + 1], tasks=[name], original=False)[name][0]
+
+
+report = routed_trials(net, pool, alone, most=2)
 # the kernel alone, against float64; float32 weights under autocast as the server runs them (bf16 on the GPU;
 # the interpreter's bf16 is unreliable, so float16 there)
 from continual_mem.kernels import row_linear_triton
