@@ -13,6 +13,7 @@ the same whether the task was resident, paged in, or moved between slots.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections import OrderedDict
@@ -139,7 +140,7 @@ class SlotStore:
         stream = self.copy_stream
         if stream is not None:
             stream.wait_event(after) if after is not None else stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if stream is not None else _nothing():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for t in tasks:
                 old = self.resident.pop(t.name, None)
                 slot = old[0] if old is not None else self.free.pop()
@@ -149,6 +150,7 @@ class SlotStore:
                 self.page_ins += 1
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
+        log.debug("paged in %d tasks (%d resident of %d slots)", len(tasks), len(self.resident), self.slots)
 
     @torch.no_grad()
     def _copy(self, task, row: torch.Tensor) -> None:
@@ -159,14 +161,8 @@ class SlotStore:
         views = entry_views(row, self.layout)  # a shorter head leaves rows whose logits are never read
         for (name, _), src in zip(self.layout.entries, self.sources(task)):
             views[name][:src.shape[0]].copy_(src, non_blocking=True)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+            if src.is_cuda:  # read on the copy stream: the allocator must not hand its memory out before that
+                src.record_stream(torch.cuda.current_stream())
 
 
 def stamp(task) -> int:
