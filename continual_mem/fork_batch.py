@@ -197,7 +197,7 @@ def store(model, like, device: torch.device) -> SlotStore:
     key = family(like)
     stores = _STORES.setdefault(model, {})
     got = stores.get(key)
-    if got is None or got.capacity != model.resident_tasks or got.device != device:
+    if got is None or got.capacity != model.resident_tasks or got.device != device or got.dtype != like.tokens.dtype:
         members = sum(family(t) == key for t in model.tasks.values())  # sized once: growing copies every slot
         got = stores[key] = SlotStore(layout(like), sources, device=device, dtype=like.tokens.dtype,
                                       capacity=model.resident_tasks, slots=members)
