@@ -215,6 +215,16 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
     versions = {v for p in parts for v in p["versions"]}
     first = {t: a["top"][0]["index"] for t, a in alone_before["results"][0]["tasks"].items()}
     changed = sum(1 for p in probes for t, a in p["results"][0]["tasks"].items() if a["top"][0]["index"] != first[t])
+    # where answers moved: per model version, the probes whose logits differ from the first probe's, and by how much
+    ref = {t: np.asarray(a["logits"]) for t, a in alone_before["results"][0]["tasks"].items()}
+    moved: dict[int, list] = {}
+    for p in probes:
+        d = [float(np.abs(np.asarray(a["logits"]) - ref[t]).max()) for t, a in p["results"][0]["tasks"].items()]
+        moved.setdefault(p["model_version"], []).append(max(d, default=0.0))
+    moved_summary = {str(v): {"probes": len(d), "differing": sum(x > 0 for x in d), "max_abs": max(d)}
+                     for v, d in sorted(moved.items())}
+    after_diff = max((float(np.abs(np.asarray(alone_after["results"][0]["tasks"][t]["logits"]) - ref[t]).max())
+                      for t in old), default=0.0)
     bits = all(alone_after["results"][0]["tasks"][t]["logits"] == alone_before["results"][0]["tasks"][t]["logits"]
                for t in old)
     lat = sorted(latencies)
@@ -241,7 +251,8 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             "server_cpu_ms_per_request": 1e3 * server_cpu / max(1, len(latencies)),
             "client_cpu_ms_per_request": 1e3 * sum(p["cpu_s"] for p in parts) / max(1, len(latencies)),
             "server_cores_busy": server_cpu / wall,
-            "probe_top1_changes": changed, "probe_alone_bit_identical_after_add": bits}
+            "probe_top1_changes": changed, "probe_alone_bit_identical_after_add": bits,
+            "probe_logits_moved_by_version": moved_summary, "probe_alone_after_add_max_abs_diff": after_diff}
 
 
 def _profile(pid: int, out: Path) -> subprocess.Popen:
