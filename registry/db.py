@@ -56,6 +56,10 @@ def open_engine(location: str | Path) -> Engine:
             s.add(Meta(key="verify_threads", value=str(min(2, os.cpu_count() or 1))))
         else:
             version = s.scalar(select(Meta.value).where(Meta.key == "schema_version"))
+            if version == "1":  # version 2 only adds a table: create it, touch nothing else
+                Base.metadata.create_all(s.connection())
+                s.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                version = str(SCHEMA_VERSION)
             if version != str(SCHEMA_VERSION):
                 raise RegistryError(
                     f"registry {url} has schema version {version}, this continual-mem expects {SCHEMA_VERSION}; "

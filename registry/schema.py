@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: task_stats (created on open of a version-1 registry; nothing else changed)
 
 
 def utcnow() -> dt.datetime:
@@ -100,6 +100,7 @@ class Task(Base):
     params: Mapped["TaskParams"] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     reference: Mapped["Reference"] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     metrics: Mapped[list["Metric"]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+    stats: Mapped["TaskStats | None"] = relationship(cascade="all, delete-orphan", passive_deletes=True)
 
 
 class TaskParams(Base):
@@ -111,6 +112,18 @@ class TaskParams(Base):
     data: Mapped[bytes] = deferred(mapped_column(LargeBinary))
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
+
+
+class TaskStats(Base):
+    """A task's class statistics (``continual_mem.class_stats``; safetensors), written once with the task or later
+    by ``continual-mem stats``, never changed: task-agnostic prediction reads them."""
+
+    __tablename__ = "task_stats"
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[bytes] = deferred(mapped_column(LargeBinary))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Reference(Base):

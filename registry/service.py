@@ -13,13 +13,15 @@ from sqlalchemy.orm import Session
 from timm.models.vision_transformer import VisionTransformer
 
 from continual_mem import MemoryViT
+from continual_mem.class_stats import ClassStats
 
-from . import api, changes
+from . import api, changes, stats
 from .db import open_engine, session, to_url
 from .errors import RegistryError, VerificationFailed
 from .schema import Event, Model, Task, VerificationRun
 
-CHANGE_EVENTS = ("init", "add", "import", "remove")  # events that change what a model computes
+# events that change what a model computes (class statistics: what its task-agnostic answers are)
+CHANGE_EVENTS = ("init", "add", "import", "remove", "stats")
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,10 +106,30 @@ class Registry:
 
     # ------------------------------------------------------------ changes
     def add_task(
-        self, net: MemoryViT, task_name: str, *, name: str = DEFAULT_MODEL, metrics: Sequence[dict] = ()
+        self, net: MemoryViT, task_name: str, *, name: str = DEFAULT_MODEL, metrics: Sequence[dict] = (),
+        class_stats: ClassStats | None = None,
     ) -> api.Report:
-        return self._change("add", name, task_name,
-                            lambda s: changes.add_task(s, name, net, task_name, metrics=metrics))
+        """Store ``net``'s task ``task_name`` (and its class statistics, in the same transaction) and verify."""
+        def run(s: Session) -> api.Report:
+            report = changes.add_task(s, name, net, task_name, metrics=metrics)
+            if class_stats is not None:
+                stats.store(s, api.get_model(s, name), task_name, class_stats.to_bytes())
+            return report
+
+        return self._change("add", name, task_name, run)
+
+    def set_class_stats(self, task_name: str, class_stats: ClassStats, *, name: str = DEFAULT_MODEL) -> None:
+        """Write a task's class statistics; refused if it has them already (they never change)."""
+        def run(s: Session) -> None:
+            stats.store(s, api.get_model(s, name, for_update=True), task_name, class_stats.to_bytes())
+            api.log_event(s, "stats", name, task_name, classes=class_stats.num_classes)
+
+        self._change("stats", name, task_name, run)
+
+    def class_stats(self, tasks: Sequence[str] | None = None, *, name: str = DEFAULT_MODEL) -> list[ClassStats]:
+        """Class statistics of ``tasks`` (default every task) in task order; RegistryError for a task without."""
+        with session(self.engine) as s:
+            return stats.read(s, api.get_model(s, name), tasks)
 
     def import_bundle(self, bundle: bytes | str | Path, *, name: str = DEFAULT_MODEL) -> api.Report:
         return self.import_bundles([bundle], name=name)
@@ -158,6 +180,7 @@ class Registry:
                 only = (only or []) + [t.name for t in model.tasks if t.name in added]
             trigger = "manual" if only is None else f"manual:{','.join(sorted(set(only))) or 'none'}"
             report = api.check(s, model, trigger=trigger, backbone=self._backbone(s, name), only=only)
+            report = stats.check(s, model, report, only=only)
             api.record_report(s, model, report)
         return report
 
@@ -165,7 +188,8 @@ class Registry:
     def tasks(self, *, name: str = DEFAULT_MODEL) -> list[dict]:
         with session(self.engine) as s:
             model = api.get_model(s, name)
-            return [{"name": t.name, "position": t.position, "regime": t.regime, "mode": t.mode, "memory": t.memory,
+            with_stats = stats.has_stats(s, model)
+            return [{"name": t.name, "position": t.position, "class_stats": with_stats[t.name], "regime": t.regime, "mode": t.mode, "memory": t.memory,
                      "layers": t.layers, "num_classes": t.num_classes, "dataset": t.dataset,
                      "param_count": t.param_count, "params_sha256": t.params.sha256,
                      "params_bytes": t.params.size, "status": t.status,
