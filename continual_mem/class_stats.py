@@ -247,3 +247,10 @@ def combine(agnostic: TaskAgnostic, scores: torch.Tensor, logits: dict[str, torc
             if rows.any():
                 cls[rows] = logits[name][rows].argmax(1).to(cls.device)
     return task, cls
+
+
+def predict(model, agnostic: TaskAgnostic, x: torch.Tensor, *, mode: str = "head") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's ``(task index in agnostic.tasks, class within that task)`` from one pass of ``model`` (with
+    ``mode="head"`` the pass computes every task's logits too)."""
+    feats, logits = features_and_logits(model, x, agnostic.tasks if mode == "head" else [])
+    return combine(agnostic, agnostic.scores(feats), logits, mode=mode)

@@ -162,6 +162,39 @@ def test_predict(db, tmp_path):
     user_error(cm(db, "predict", str(tmp_path / "missing.png")), "does not exist")
 
 
+def test_task_agnostic_predict_eval_and_stats(db, tmp_path):
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    got = json.loads(ok(cm(db, "predict", *paths, "--task-agnostic", "--device", "cpu", "--json")).stdout)
+    assert [r["image"] for r in got] == paths
+    assert all(r["task"] in ("digits", "digits-ext") and r["class"] in [str(d) for d in range(10)] for r in got)
+    only = json.loads(ok(cm(db, "predict", *paths, "--task-agnostic", "--task", "digits", "--json")).stdout)
+    assert {r["task"] for r in only} == {"digits"}
+    ev = json.loads(ok(cm(db, "eval", "--task-agnostic", "--max-test", "40", "--device", "cpu", "--json")).stdout)
+    assert ev["classes"] == 20 and ev["images"] == 80 and set(ev["per_task"]) == {"digits", "digits-ext"}
+    assert 0.0 <= ev["accuracy"] <= ev["task_accuracy"] <= 1.0
+    # a task from a bundle has no statistics: refused with the fix, which then works once
+    ok(cm(db, "export", "digits", str(tmp_path / "d.safetensors")))
+    other = tmp_path / "other.db"
+    with sqlite3.connect(db) as src, sqlite3.connect(other) as dst:
+        src.backup(dst)
+    ok(cm(other, "remove", "digits-ext"))
+    ok(cm(other, "remove", "digits"))
+    ok(cm(other, "import", str(tmp_path / "d.safetensors")))
+    before = snapshot(Registry(other))
+    user_error(cm(other, "predict", *paths, "--task-agnostic"), "have no class statistics; compute them with "
+                                                                 "`continual-mem stats digits`")
+    user_error(cm(other, "eval", "--task-agnostic"), "continual-mem stats digits")
+    assert snapshot(Registry(other)) == before
+    ok(cm(other, "stats", "digits", "--device", "cpu"))
+    user_error(cm(other, "stats", "digits"), "already has class statistics")
+    user_error(cm(other, "stats", "nope"), "no task named 'nope'")
+    assert json.loads(ok(cm(other, "predict", *paths, "--task-agnostic", "--json")).stdout)[0]["task"] == "digits"
+
+
 def test_export_import_remove(db, tmp_path):
     bundle = tmp_path / "digits.safetensors"
     ok(cm(db, "export", "digits", str(bundle)))
