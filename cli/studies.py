@@ -18,21 +18,47 @@ from .tasks import add_task, eval_, init
 
 
 # ----------------------------------------------------------------------------------------------- studies
+DEFAULT_STRATEGIES = "naive,lwf,ewc,head,head+cls,masked-memory,memory"
+
+
 @app.command()
 @command
 def stream(
     datasets: Annotated[str, typer.Argument(help="comma list, e.g. fashion-mnist,mnist-5k,digits")],
     strategies: Annotated[str, typer.Option(help="comma list of naive, lwf, ewc, l2p, head, head+cls, "
-                                                 "masked-memory, masked-memory-ext, memory, late-fork-k2, pooled-fork-k6")] =
-    "naive,lwf,ewc,head,head+cls,masked-memory,memory",
+                                                 "masked-memory, masked-memory-ext, memory, late-fork-k2, pooled-fork-k6;"
+                                                 " class-incremental: ours, prototype, naive, lwf, ewc, replay")] =
+    DEFAULT_STRATEGIES,
     budget: Annotated[str, typer.Option(help="tiny (CPU, minutes) | gpu")] = "tiny",
     device: Annotated[str, typer.Option()] = "auto",
     recipe: Annotated[str, typer.Option(help="avalanche (constant lr) | paper (warm-up + cosine + clipping for "
                                              "every strategy)")] = "avalanche",
+    scenario: Annotated[str, typer.Option(help="task-incremental (one experience per dataset, task given) | "
+                                               "class-incremental (each dataset's classes split into experiences; "
+                                               "answers over every class seen, task not given)")] =
+    "task-incremental",
+    experiences: Annotated[int, typer.Option(min=1, help="class-incremental: experiences per dataset")] = 5,
+    seeds: Annotated[str, typer.Option(help="class-incremental: comma list of class orders")] = "0",
     out_dir: Annotated[Path, typer.Option("--out")] = Path("stream_results"),
 ) -> None:
-    """Avalanche comparison on a task-incremental stream (offline DINOv2 backbone): table, JSON, heatmap."""
+    """Avalanche comparison on a task-incremental or class-incremental stream (offline DINOv2 backbone)."""
     from scenarios import compare
+
+    if scenario == "class-incremental":
+        from scenarios import class_incremental
+
+        learners = strategies if strategies != DEFAULT_STRATEGIES else ",".join(class_incremental.LEARNERS)
+        for name in datasets.split(","):
+            payload = class_incremental.main([
+                "--dataset", name, "--experiences", str(experiences), "--learners", learners, "--seeds", seeds,
+                "--budget", budget, "--device", pick_device(device), "--out", str(out_dir / name)])
+            out.print(table(f"class-incremental {name}, {experiences} experiences, seeds {seeds}",
+                            ["learner", "final avg acc", "forgetting"],
+                            [[r["learner"], f"{r['final_accuracy']:.4f} ± {r['final_accuracy_sd']:.4f}",
+                              f"{r['forgetting']:.4f}"] for r in payload["summary"]]))
+        return
+    if scenario != "task-incremental":
+        raise ValueError(f"unknown --scenario {scenario!r}; use task-incremental or class-incremental")
 
     unknown = [s for s in strategies.split(",") if s not in compare.STRATEGIES]
     if unknown:

@@ -166,14 +166,18 @@ class TaskAgnostic:
         stats: Each task's statistics, in the model's task order.
         method: ``"prototype"`` (cosine to the class means) or ``"gaussian"`` (the log-density of a Gaussian per
             class, with the task's within-class covariance shrunk towards a scaled identity).
-        shrinkage: ``"gaussian"`` only: the covariance is ``(1 - s) * cov + s * mean(diag(cov)) * I``.
+        shrinkage: ``"gaussian"`` only: the covariance is ``(1 - s) * cov + s * mean(diag(cov)) * I``, with ``s``
+            given, or ``"oas"``: chosen per task from its statistics by the Oracle Approximating Shrinkage estimator
+            (Chen et al. 2010, as scikit-learn's ``OAS``): strong for a task with few images per feature, weak for
+            one with many.
     """
 
-    def __init__(self, stats: Sequence[ClassStats], *, method: str = "gaussian", shrinkage: float = 0.1) -> None:
+    def __init__(self, stats: Sequence[ClassStats], *, method: str = "gaussian",
+                 shrinkage: float | str = "oas") -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not 0.0 < shrinkage <= 1.0:
-            raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
+        if shrinkage != "oas" and not (isinstance(shrinkage, (int, float)) and 0.0 < shrinkage <= 1.0):
+            raise ValueError(f"shrinkage must be 'oas' or in (0, 1], got {shrinkage!r}")
         if not stats:
             raise StatsError("no task has class statistics: task-agnostic prediction needs at least one")
         dims = {s.dim for s in stats}
@@ -202,7 +206,16 @@ class TaskAgnostic:
         return torch.bucketize(column, ends, right=True)
 
 
-def _scorer(stats: ClassStats, method: str, shrinkage: float):
+def oas_shrinkage(cov: torch.Tensor, n: int) -> float:
+    """The OAS estimator's shrinkage of the sample covariance ``cov`` of ``n`` samples (scikit-learn's formula)."""
+    p = cov.shape[0]
+    mu = cov.diagonal().mean()
+    alpha = (cov * cov).mean()
+    den = (n + 1.0) * (alpha - mu * mu / p)
+    return 1.0 if den <= 0 else float(min(1.0, (alpha + mu * mu) / den))
+
+
+def _scorer(stats: ClassStats, method: str, shrinkage: float | str):
     """One task's scoring function ``(B, D) -> (B, C)`` (float32), from its statistics alone."""
     means = stats.means.double()
     if method == "prototype":
@@ -214,6 +227,8 @@ def _scorer(stats: ClassStats, method: str, shrinkage: float):
         return prototype
     n, C, D = int(stats.counts.sum()), stats.num_classes, stats.dim
     cov = stats.scatter.double() / max(1, n - C)
+    if shrinkage == "oas":
+        shrinkage = max(1e-6, oas_shrinkage(cov, max(1, n - C)))
     cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(D, dtype=cov.dtype)
     chol = torch.linalg.cholesky(cov)
     # whitening: z = L^-1 h, so (h - mu)^T cov^-1 (h - mu) = |z - m|^2; float64 keeps the expanded form exact enough

@@ -72,7 +72,7 @@ class StrategyResult:
     note: str = ""
 
 
-def _evaluator():
+def evaluator():
     from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
@@ -107,7 +107,7 @@ def run_strategy(name: str, stream: Stream, backbone, cfg: CompareConfig) -> Str
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     plugins = [PaperRecipePlugin()] if cfg.recipe == "paper" else None
     common = dict(train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=max(64, cfg.batch_size),
-                  device=cfg.device, evaluator=_evaluator(), plugins=plugins)
+                  device=cfg.device, evaluator=evaluator(), plugins=plugins)
     common.update(model=model, optimizer=opt, criterion=torch.nn.CrossEntropyLoss())
     if name == "lwf":
         strategy = LwF(alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature, **common)

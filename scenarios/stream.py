@@ -50,7 +50,7 @@ class PreprocessedImages(Dataset):
         return x[0], self.targets[i]
 
 
-def _cap(data: ImageSet | PreparedSet, limit: int | None, seed: int) -> ImageSet | PreparedSet:
+def cap(data: ImageSet | PreparedSet, limit: int | None, seed: int) -> ImageSet | PreparedSet:
     if limit is None or len(data) <= limit:
         return data
     _, keep = stratified_split(data.labels, holdout=limit / len(data), seed=seed)
@@ -97,9 +97,9 @@ def task_stream(
         label = len(tasks) - 1
         # task-aware datasets (task_set etc.): what LwF/EWC and multi-head models read
         train.append(_make_taskaware_classification_dataset(
-            PreprocessedImages(_cap(data.train, max_train, seed), pre), task_labels=label))
+            PreprocessedImages(cap(data.train, max_train, seed), pre), task_labels=label))
         test.append(_make_taskaware_classification_dataset(
-            PreprocessedImages(_cap(data.test, max_test, seed), pre), task_labels=label))
+            PreprocessedImages(cap(data.test, max_test, seed), pre), task_labels=label))
     bm = with_classes_timeline(with_task_labels(benchmark_from_datasets(train=train, test=test)))
     for stream in bm.streams.values():  # avalanche 0.6 gives sets here; MultiHeadClassifier indexes with them
         for exp in stream:

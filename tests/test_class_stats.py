@@ -135,3 +135,26 @@ def test_bad_arguments_are_value_errors():
     other = collect("b", [(torch.cat([h, h], 1), y)], 2)
     with pytest.raises(StatsError, match="feature sizes"):
         TaskAgnostic([stats, other])
+
+
+def test_oas_shrinkage_is_scikit_learns():
+    from sklearn.covariance import empirical_covariance, oas
+
+    from continual_mem.class_stats import oas_shrinkage
+
+    for n in (15, 60, 400):
+        x = blobs(11, 1, n=n, d=8)[0].double().numpy()
+        assert math.isclose(oas_shrinkage(torch.from_numpy(empirical_covariance(x)), n), oas(x)[1], rel_tol=1e-9)
+
+
+def test_oas_shrinks_a_task_with_few_images_more():
+    few, many = blobs(12, 2, n=6, d=8), blobs(12, 2, n=500, d=8)
+    small, large = (collect("t", [b], 2) for b in (few, many))
+    assert TaskAgnostic([small]).scores(few[0]).isfinite().all()  # 10 dof in 8 dims: invertible only when shrunk
+    from continual_mem.class_stats import oas_shrinkage
+
+    def s(st):
+        n = int(st.counts.sum()) - 2
+        return oas_shrinkage(st.scatter.double() / n, n)
+
+    assert s(small) > 3 * s(large)

@@ -89,7 +89,7 @@ def test_paper_recipe_plugin_warms_up_decays_restarts_and_clips(stream):
     from avalanche.core import SupervisedPlugin
     from avalanche.training import Naive
 
-    from scenarios.compare import _evaluator
+    from scenarios.compare import evaluator
     from scenarios.stream import PaperRecipePlugin
 
     bb, st = stream
@@ -108,7 +108,7 @@ def test_paper_recipe_plugin_warms_up_decays_restarts_and_clips(stream):
     spy = Spy()
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
                      criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2, device="cpu",
-                     plugins=[PaperRecipePlugin(warmup_fraction=0.2, max_grad_norm=0.01), spy], evaluator=_evaluator())
+                     plugins=[PaperRecipePlugin(warmup_fraction=0.2, max_grad_norm=0.01), spy], evaluator=evaluator())
     for exp in st.benchmark.train_stream:
         strategy.train(exp)
     per_exp = 2 * 5  # 2 epochs of 160 images in batches of 32
