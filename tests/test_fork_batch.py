@@ -114,6 +114,21 @@ def test_a_task_changed_in_place_is_paged_in_again():
         torch.testing.assert_close(after[1]["b"], model(x[1:], tasks=["b"])["b"][0], rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_cast_after_a_routed_pass_routes_in_its_new_dtype():
+    """The slot store follows the model's dtype (a store kept from before the cast would run the old copies)."""
+    model = _model()
+    x = images(model.backbone, n=3, seed=5)
+    routes = [["a"], ["b"], ["h"]]
+    model.forward_routed(x, routes)
+    model.to(torch.float64)
+    got = model.forward_routed(x.double(), routes)
+    assert all(row[name].dtype == torch.float64 for row, r in zip(got, routes) for name in r)
+    with torch.no_grad():
+        for b, r in enumerate(routes):
+            torch.testing.assert_close(got[b][r[0]], model(x[b:b + 1].double(), tasks=r)[r[0]][0], rtol=1e-9,
+                                       atol=1e-10)
+
+
 def test_which_tasks_batch_together():
     model = _model()
     fam = {n: fork_batch.family(model.tasks[n]) for n, _ in FORKS}
