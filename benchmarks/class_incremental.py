@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
-from continual_mem.class_stats import TaskAgnostic, backbone_features, collect, combine  # noqa: E402
+from continual_mem.class_stats import TaskAgnostic, backbone_features, collect, combine, oas_shrinkage  # noqa: E402
 from scenarios import datasets  # noqa: E402
 from scenarios.pipeline import Preprocess  # noqa: E402
 from scenarios.recipes import sources  # noqa: E402
@@ -93,6 +93,8 @@ def pooled_lda(stats, h: torch.Tensor, shrinkage: float) -> torch.Tensor:
     means = torch.cat([s.means for s in stats]).double()
     n = sum(int(s.counts.sum()) for s in stats)
     cov = sum(s.scatter.double() for s in stats) / max(1, n - len(means))
+    if shrinkage == "oas":
+        shrinkage = oas_shrinkage(cov, max(1, n - len(means)))
     cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
     w = torch.linalg.solve(cov, means.T)
     return (h.double() @ w - 0.5 * (means * w.T).sum(1)).argmax(1)
