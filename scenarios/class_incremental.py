@@ -76,6 +76,7 @@ class AgnosticLearner(DynamicModule):
         self.task_kwargs = task_kwargs or {}
         self.classes: list[list[int]] = []  # per experience: its global classes, in local order
         self.stats: list = []
+        self._agnostic: TaskAgnostic | None = None
 
     @property
     def names(self) -> list[str]:
@@ -112,7 +113,9 @@ class AgnosticLearner(DynamicModule):
             return out
         if not self.stats:  # nothing learnt yet: every class alike
             return out.fill_(0.0)
-        agnostic = TaskAgnostic(self.stats, method=self.method)
+        if self._agnostic is None or len(self._agnostic.tasks) != len(self.stats):
+            self._agnostic = TaskAgnostic(self.stats, method=self.method)  # one factorisation per experience
+        agnostic = self._agnostic
         task, cls = predict(self.model, agnostic, x, mode="head" if self.train_tasks else "stats")
         glob = torch.tensor([c for classes in self.classes[: len(self.stats)] for c in classes], device=x.device)
         starts = torch.tensor([a for a, _ in agnostic.bounds], device=x.device)
