@@ -190,7 +190,7 @@ class TaskAgnostic:
         for s in stats:
             self.bounds.append((at, at + s.num_classes))
             at += s.num_classes
-        self._scorers = [_scorer(s, method, shrinkage) for s in stats]
+        self._scorers = [_Scorer(s, method, shrinkage) for s in stats]
 
     @property
     def num_classes(self) -> int:
@@ -199,6 +199,12 @@ class TaskAgnostic:
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, classes)`` float32 scores on the features' device, one task's columns at a time."""
         return torch.cat([f(features) for f in self._scorers], dim=1)
+
+    def to(self, device) -> "TaskAgnostic":
+        """Keep the scoring tensors on ``device`` (a server scores every pass there)."""
+        for f in self._scorers:
+            f.to(device)
+        return self
 
     def task_of(self, column: torch.Tensor) -> torch.Tensor:
         """The task index of each union column."""
@@ -215,32 +221,37 @@ def oas_shrinkage(cov: torch.Tensor, n: int) -> float:
     return 1.0 if den <= 0 else float(min(1.0, (alpha + mu * mu) / den))
 
 
-def _scorer(stats: ClassStats, method: str, shrinkage: float | str):
+class _Scorer:
     """One task's scoring function ``(B, D) -> (B, C)`` (float32), from its statistics alone."""
-    means = stats.means.double()
-    if method == "prototype":
-        w = torch.nn.functional.normalize(means, dim=1).T.float().contiguous()  # (D, C)
 
-        def prototype(h: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.normalize(h.float(), dim=1) @ w.to(h.device)
+    def __init__(self, stats: ClassStats, method: str, shrinkage: float | str) -> None:
+        self.method = method
+        means = stats.means.double()
+        if method == "prototype":
+            self.weight = torch.nn.functional.normalize(means, dim=1).T.float().contiguous()  # (D, C)
+            return
+        n, C, D = int(stats.counts.sum()), stats.num_classes, stats.dim
+        cov = stats.scatter.double() / max(1, n - C)
+        if shrinkage == "oas":
+            shrinkage = max(1e-6, oas_shrinkage(cov, max(1, n - C)))
+        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(D, dtype=cov.dtype)
+        chol = torch.linalg.cholesky(cov)
+        # whitening: z = L^-1 h, so (h - mu)^T cov^-1 (h - mu) = |z - m|^2; float64 keeps the expanded form exact
+        self.white = torch.linalg.solve_triangular(chol, torch.eye(D, dtype=cov.dtype), upper=False).T.contiguous()
+        self.m = (means @ self.white).T.contiguous()  # (D, C)
+        self.const = -0.5 * (self.m * self.m).sum(0) - chol.diagonal().log().sum()  # -|m|^2/2 - logdet(cov)/2
 
-        return prototype
-    n, C, D = int(stats.counts.sum()), stats.num_classes, stats.dim
-    cov = stats.scatter.double() / max(1, n - C)
-    if shrinkage == "oas":
-        shrinkage = max(1e-6, oas_shrinkage(cov, max(1, n - C)))
-    cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(D, dtype=cov.dtype)
-    chol = torch.linalg.cholesky(cov)
-    # whitening: z = L^-1 h, so (h - mu)^T cov^-1 (h - mu) = |z - m|^2; float64 keeps the expanded form exact enough
-    white = torch.linalg.solve_triangular(chol, torch.eye(D, dtype=cov.dtype), upper=False).T.contiguous()  # (D, D)
-    m = means @ white  # (C, D)
-    const = -0.5 * (m * m).sum(1) - chol.diagonal().log().sum()  # - |m|^2 / 2 - logdet(cov) / 2
+    def to(self, device) -> "_Scorer":
+        for key, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, key, value.to(device))
+        return self
 
-    def gaussian(h: torch.Tensor) -> torch.Tensor:
-        z = h.double() @ white.to(h.device)
-        return (z @ m.T.to(h.device) - 0.5 * (z * z).sum(1, keepdim=True) + const.to(h.device)).float()
-
-    return gaussian
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.method == "prototype":
+            return torch.nn.functional.normalize(h.float(), dim=1) @ self.weight.to(h.device)
+        z = h.double() @ self.white.to(h.device)
+        return (z @ self.m.to(h.device) - 0.5 * (z * z).sum(1, keepdim=True) + self.const.to(h.device)).float()
 
 
 def combine(agnostic: TaskAgnostic, scores: torch.Tensor, logits: dict[str, torch.Tensor] | None = None, *,

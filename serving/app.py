@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from scenarios.decode import BadImage, host_cores
 
+from .agnostic import AGNOSTIC
 from .batcher import Answer
 from .decoding import Decoders, check_header, use_processes
 from .device_decode import device_decodable
@@ -41,9 +42,18 @@ class TaskAnswer(BaseModel):
     logits: list[float] | None = None
 
 
+class AgnosticAnswer(BaseModel):
+    """``?task_agnostic=true``: the one answer over every task's classes, and the task it came from."""
+
+    task: str
+    class_name: str = Field(serialization_alias="class")
+    index: int
+
+
 class ImageAnswer(BaseModel):
     image: str
     tasks: dict[str, TaskAnswer]
+    task_agnostic: AgnosticAnswer | None = None
 
 
 class PredictResponse(BaseModel):
@@ -95,6 +105,27 @@ async def _decoded(state, name: str, data: bytes) -> np.ndarray | bytes:
         check_header(data, name=name, max_pixels=settings.max_pixels)
         return data
     return await state.decoders.decode(data, name=name, max_pixels=settings.max_pixels)
+
+
+def _check_agnostic(current, wanted: list[str] | None) -> None:
+    """A task-agnostic request answers over every task, each of which needs class statistics (HTTP 400 / 409)."""
+    if wanted:
+        raise HTTPException(400, "task_agnostic answers over every task's classes; drop tasks=")
+    missing = [t["name"] for t in current.tasks if not t.get("class_stats")]
+    if missing or not current.tasks:
+        fix = f"run `continual-mem stats {missing[0]}`" if missing else "add a task first"
+        raise HTTPException(409, f"task-agnostic answers need every task's class statistics; "
+                                 f"{'tasks ' + str(missing[:5]) + ' have none' if missing else 'no task'}: {fix}")
+
+
+def _agnostic_answer(answer: Answer) -> AgnosticAnswer:
+    got = answer.logits.get(AGNOSTIC)
+    if got is None:  # the model swapped to one without statistics while the request waited
+        raise HTTPException(409, "task-agnostic answers are unavailable: a task has no class statistics; run "
+                                 "`continual-mem stats TASK`")
+    task = answer.served.tasks[int(got[0])]["name"]
+    index = int(got[1])
+    return AgnosticAnswer(task=task, class_name=answer.served.classes[task][index], index=index)
 
 
 async def _answer(state, name: str, image: np.ndarray | bytes, tasks: tuple[str, ...] | None) -> Answer:
@@ -189,10 +220,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.post("/predict", response_model=PredictResponse, response_model_by_alias=True)
     async def predict(request: Request, tasks: str = "", top_k: int | None = None,
-                      logits: bool = False) -> PredictResponse:
+                      logits: bool = False, task_agnostic: bool = False) -> PredictResponse:
         st: ServeSettings = request.app.state.settings
         wanted = [t for t in tasks.split(",") if t] if tasks else None
         known = request.app.state.model.current.classes
+        if task_agnostic:
+            _check_agnostic(request.app.state.model.current, wanted)
         unknown = [t for t in wanted or [] if t not in known]
         if unknown:
             raise HTTPException(404, f"unknown task {unknown[0]!r}; known tasks: {', '.join(known) or 'none'}")
@@ -203,11 +236,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
         # every upload is read before any is queued: a request refused for one bad file costs no pass
         images = await asyncio.gather(*(_decoded(request.app.state, name, data) for name, data in files))
         asked = tuple(dict.fromkeys(wanted)) if wanted else None  # a routed pass computes only these
+        if task_agnostic:
+            asked = (AGNOSTIC,)
         answers = await asyncio.gather(*(_answer(request.app.state, name, image, asked)
                                          for (name, _), image in zip(files, images)))
         results, version = [], answers[0].version
         for (name, _), answer in zip(files, answers):
             classes = answer.served.classes
+            if task_agnostic:
+                results.append(ImageAnswer(image=name, tasks={}, task_agnostic=_agnostic_answer(answer)))
+                version = max(version, answer.version)
+                continue
             per_task = {}
             for task in wanted or list(answer.logits):
                 if task not in answer.logits:  # removed while this request waited

@@ -17,6 +17,7 @@ import torch
 from scenarios.decode import MAX_ASPECT, SHORT_SIDE, BadImage
 from scenarios.streaming import pad_batch
 
+from . import agnostic
 from .device_decode import decode_jpegs
 from .holder import ModelHolder, Served
 from .metrics import Metrics
@@ -224,23 +225,31 @@ class Batcher:
             canvas, hw = pad_batch(images, pin=cuda)
             x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
         good = [a for a, why in zip(asked or [None] * len(images), bad) if why is None]
+        good, wants = agnostic.split(good)  # task-agnostic asks: every task, and one answer over all of them
+        wants = wants if served.agnostic is not None else [False] * len(wants)
         routes = routes_for(good, served.net.task_names, route_all=served.paged)
         if routes is not None:
-            return self._launch_routed(served, x, routes, bad, events, t0)
+            return self._launch_routed(served, x, routes, bad, events, t0, wants=wants)
         if not served.classes:  # a model without tasks: every image gets an empty answer, no pass
             launched = self._copy_out(x.new_zeros(len(x), 0, dtype=torch.float32), bad, None, t0)
             launched.columns = []
             return launched
         if self.graphs:
-            out = self._replay(served, x)
+            out = self._replay(served, x)  # at the bucket's size, the backbone's own output included
         else:
             with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = served.net(x, original=False)
+                out = served.net(x, original=any(wants))
+        names = [name for name in out if name in served.classes]
+        cols = [out[name][: len(x)].float() for name in names]
+        widths = [c.shape[1] for c in cols]
+        if any(wants):
+            xb = self._to_bucket(x) if self.graphs else x
+            cols.append(agnostic.all_task_answers(served, xb, out)[: len(x)])
+            names, widths = [*names, agnostic.AGNOSTIC], [*widths, 2]
         if events:
             events[1].record()
-        names = [name for name in out if name in served.classes]
-        bounds = np.cumsum([0] + [out[name].shape[1] for name in names])
-        launched = self._copy_out(torch.cat([out[name][: len(x)].float() for name in names], dim=1), bad, events, t0)
+        bounds = np.cumsum([0] + widths)
+        launched = self._copy_out(torch.cat(cols, dim=1), bad, events, t0)
         launched.columns = list(zip(names, bounds[:-1].tolist(), bounds[1:].tolist()))
         return launched
 
@@ -261,16 +270,17 @@ class Batcher:
         return x if bucket == len(x) else torch.cat([x, x[-1:].expand(bucket - len(x), *x.shape[1:])])
 
     def _launch_routed(self, served: Served, x: torch.Tensor, routes: list[list[str]], bad: list,
-                       events: list | None, t0: float) -> _Launched:
+                       events: list | None, t0: float, *, wants: list[bool]) -> _Launched:
         """A routed pass (each image only its tasks) at ``x``'s bucket on CUDA (rows padded with copies of the
         last image, so an image meets the same kernels whatever shares its bucket): the bucket's routed CUDA graph
         when the routes fit it (:class:`~continual_mem.routed_graph.RoutedGraph`), else eager; one copy of the
-        answers into pinned host memory."""
+        answers into pinned host memory. Task-agnostic asks (``wants``) take the eager pass (the graph has no
+        backbone features)."""
         n = len(x)
         if self.holder.device.type == "cuda":
             x = self._to_bucket(x)
             routes = routes + [routes[-1]] * (len(x) - n)
-        graph = self._routed_graph(served, x) if self.graphs else None
+        graph = self._routed_graph(served, x) if self.graphs and not any(wants) else None
         layout = graph.layout(routes) if graph is not None else None
         if layout is not None:
             logits = graph(x, layout)[:n].float()
@@ -279,14 +289,20 @@ class Batcher:
                     for b, row in enumerate(layout.rows[:n])]
         else:
             with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = served.net.forward_routed(x, routes)[:n]
+                full = served.net.forward_routed(x, routes, original=any(wants))
+                extra = agnostic.routed_answers(served, x, full, wants + [False] * (len(x) - n)) \
+                    if any(wants) else {}
             rows, flat, at = [], [], 0
-            for row in out:
+            for b, row in enumerate(full[:n]):
                 rows.append([])
                 for name in (name for name in row if name in served.classes):
                     rows[-1].append((name, at, at + row[name].shape[0]))
                     at += row[name].shape[0]
                     flat.append(row[name].float())
+                if b in extra:
+                    rows[-1].append((agnostic.AGNOSTIC, at, at + 2))
+                    at += 2
+                    flat.append(extra[b])
             logits = torch.cat(flat) if flat else torch.empty(0, device=x.device)
         if events:
             events[1].record()

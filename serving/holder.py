@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from continual_mem import MemoryViT, fork_batch, paging
+from continual_mem.class_stats import TaskAgnostic
+from registry import RegistryError
 from scenarios.pipeline import Preprocess
 from scenarios.streaming import DeviceStage
 
@@ -34,6 +36,7 @@ class Served:
     # else by the batch worker on first use
     graphs: dict = field(default_factory=dict)
     paged: bool = False  # some task lives in host memory (``page_forks``): every pass routes
+    agnostic: TaskAgnostic | None = None  # every task's class statistics, when every task has them
 
 
 class ModelHolder:
@@ -67,12 +70,25 @@ class ModelHolder:
             if self.registry.model_version(self.settings.model) == version:
                 break
         pre = Preprocess.for_backbone(net.backbone, "inception")  # timm's eval crop, as `eval` and `predict`
+        agnostic, with_stats = self._agnostic(net)
         tasks = [{"name": n, "classes": net.tasks[n].config.num_classes, "regime": net.tasks[n].config.regime,
-                  "preserving": net.tasks[n].config.preserving, "dataset": net.tasks[n].config.dataset}
-                 for n in net.task_names]
+                  "preserving": net.tasks[n].config.preserving, "dataset": net.tasks[n].config.dataset,
+                  "class_stats": n in with_stats} for n in net.task_names]
         classes = {n: net.tasks[n].config.class_labels for n in net.task_names}
         return Served(net, version, DeviceStage(pre, self.device), classes, tasks,
-                      paged=bool(paging.paged_names(net.tasks.values())))
+                      paged=bool(paging.paged_names(net.tasks.values())), agnostic=agnostic)
+
+    def _agnostic(self, net) -> tuple[TaskAgnostic | None, set[str]]:
+        """Task-agnostic scores on the device when every task has class statistics, and the tasks that have them."""
+        flags = {t["name"]: t["class_stats"] for t in self.registry.tasks(name=self.settings.model)}
+        with_stats = {n for n in net.task_names if flags.get(n)}
+        if not net.task_names or len(with_stats) < len(net.task_names):
+            return None, with_stats
+        try:
+            stats = self.registry.class_stats(net.task_names, name=self.settings.model)
+        except RegistryError:  # changed since the flags were read: the next poll reloads
+            return None, set()
+        return TaskAgnostic(stats).to(self.device), with_stats
 
     def _load_prepared(self) -> Served:
         with self.cpu_turns:

@@ -327,3 +327,68 @@ def test_jpegs_are_decoded_by_nvjpeg_inside_the_pass_on_cuda(registry):
         assert "continual_mem_device_decoded_images_total 3.0" in text, text
 
 
+
+
+def test_task_agnostic_answers_are_the_library_s_and_need_every_task_s_statistics(tmp_path):
+    """?task_agnostic=true: one answer over every task's classes, the same as class_stats.predict on eval's input;
+    refused (409, one line, the fix) while a task has no statistics, and with tasks= (400)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from continual_mem.class_stats import TaskAgnostic, collect, predict as agnostic_predict
+    from registry_helpers import new_registry
+    from scenarios.decode import FilesReader
+    from scenarios.pipeline import Preprocess
+    from scenarios.streaming import DecodedImages
+
+    reg, net = new_registry(tmp_path / "r.db")
+    g = torch.Generator().manual_seed(0)
+    for name, classes in (("a", 3), ("b", 4)):
+        net.add_task(name, classes)
+        h = torch.randn(classes * 10, 48, generator=g) + torch.randn(1, 48, generator=g)
+        reg.add_task(net, name, class_stats=collect(name, [(h, torch.arange(classes).repeat_interleave(10))],
+                                                    classes) if name == "a" else None)
+    images = [png(s, (64, 48)) for s in range(3)]
+    with client(reg) as c:
+        r = predict(c, *images, task_agnostic="true")
+        assert r.status_code == 409 and "tasks ['b'] have none" in r.json()["detail"]
+        assert "continual-mem stats b" in r.json()["detail"] and "\n" not in r.json()["detail"]
+        h = torch.randn(40, 48, generator=g)
+        reg.set_class_stats("b", collect("b", [(h, torch.arange(4).repeat_interleave(10))], 4))
+        deadline = time.time() + 10
+        while predict(c, images[0], task_agnostic="true").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)  # the server picks the statistics up on its next poll
+        got = predict(c, *images, task_agnostic="true").json()["results"]
+        assert predict(c, images[0], tasks="a", task_agnostic="true").status_code == 400
+    net = reg.load()
+    agn = TaskAgnostic(reg.class_stats())
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for i, data in enumerate(images):
+            (Path(d) / f"{i}.png").write_bytes(data)
+            paths.append(str(Path(d) / f"{i}.png"))
+        src = DecodedImages(FilesReader(paths, np.zeros(3, dtype=np.int64)),
+                            Preprocess.for_backbone(net.backbone, "inception"), workers=0)
+        x, _ = next(iter(src.eval_batches(3)))
+    task, cls = agnostic_predict(net.eval(), agn, x)
+    expected = [{"task": agn.tasks[t], "index": c, "class": net.tasks[agn.tasks[t]].config.class_labels[c]}
+                for t, c in zip(task.tolist(), cls.tolist())]
+    assert [r["task_agnostic"] for r in got] == expected
+    assert all(r["tasks"] == {} for r in got)
+    # in a routed pass (a neighbour names its task) the answer is the all-task pass's (CPU: the same bits)
+    from serving.agnostic import AGNOSTIC
+    from serving.batcher import Batcher
+    from serving.holder import ModelHolder
+    from serving.metrics import Metrics
+
+    holder = ModelHolder(ServeSettings(registry=reg.url))
+    served = holder.current = holder.load()
+    b = Batcher(holder, Metrics(), max_batch=4, max_wait_ms=1, amp=False)
+    arrays = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in images]
+    alone = b._forward(served, arrays, asked=[(AGNOSTIC,)] * 3)
+    mixed = b._forward(served, arrays, asked=[("a",), (AGNOSTIC,), ("b",)])
+    assert np.array_equal(mixed[1][AGNOSTIC], alone[1][AGNOSTIC])
+    assert AGNOSTIC not in mixed[0] and set(mixed[1]) == {"a", "b", AGNOSTIC}
+    assert [int(v) for v in alone[1][AGNOSTIC]] == [agn.tasks.index(expected[1]["task"]), expected[1]["index"]]
