@@ -61,8 +61,32 @@ def test_http_processes_get_the_answers_of_a_model_in_their_own_process(shared):
             assert predict(c, png(3), tasks="z").status_code == 404
             health = c.get("/health").json()
             assert health["passes"] >= 4 and health["tasks"] == 2 and health["swaps"] == 0
+            refused = predict(c, png(3), task_agnostic="true")  # no task has class statistics yet
+            assert refused.status_code == 409 and "continual-mem stats a" in refused.json()["detail"]
     assert answers["shared"] == answers["local"]
     assert tasks["shared"] == tasks["local"]
+
+
+def test_task_agnostic_answers_cross_the_socket(shared):
+    import torch
+
+    from continual_mem.class_stats import collect
+
+    reg, _, settings, _ = shared
+    g = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        h = torch.randn(30, 48, generator=g) + 3 * torch.randn(1, 48, generator=g)
+        reg.set_class_stats(name, collect(name, [(h, torch.arange(3).repeat_interleave(10))], 3))
+    uploads = [jpeg(0), png(3), png(4)]
+    got = {}
+    for mode, s in (("shared", settings), ("local", dataclasses.replace(settings, model_socket=""))):
+        with TestClient(create_app(s)) as c:
+            deadline = time.time() + 30
+            while predict(c, png(3), task_agnostic="true").status_code != 200 and time.time() < deadline:
+                time.sleep(0.05)  # the model process picks the statistics up on its next poll
+            got[mode] = predict(c, *uploads, task_agnostic="true").json()["results"]
+    assert got["shared"] == got["local"]
+    assert all(r["task_agnostic"]["task"] in ("a", "b") for r in got["shared"])
 
 
 def test_live_add_and_remove_reach_the_http_side_with_old_answers_bit_identical(shared):
