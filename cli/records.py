@@ -221,9 +221,23 @@ def stats(
 @app.command("export")
 @command
 def export(task: Annotated[str, typer.Argument()], file: Annotated[Path, typer.Argument()]) -> None:
-    """Write TASK as a bundle (safetensors + JSON config + backbone fingerprint)."""
-    data = registry().export_bundle(task, file, name=state.model)
-    out.print(f"exported {task} to {file} ({len(data):,} bytes)")
+    """Write TASK as a bundle (safetensors + JSON config + backbone fingerprint), and its class statistics beside
+    it (FILE with suffix .stats.safetensors), which `import` reads back."""
+    reg = registry()
+    data = reg.export_bundle(task, file, name=state.model)
+    extra = ""
+    if {t["name"]: t["class_stats"] for t in reg.tasks(name=state.model)}.get(task):
+        path = _stats_path(file)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_bytes(reg.class_stats([task], name=state.model)[0].to_bytes())
+        tmp.replace(path)
+        extra = f" and its class statistics to {path}"
+    out.print(f"exported {task} to {file} ({len(data):,} bytes){extra}")
+
+
+def _stats_path(bundle: Path) -> Path:
+    """Where a bundle's class statistics travel: beside it, ``NAME.stats.safetensors``."""
+    return bundle.with_name(bundle.name.removesuffix(".safetensors") + ".stats.safetensors")
 
 
 @app.command("import")
@@ -231,7 +245,10 @@ def export(task: Annotated[str, typer.Argument()], file: Annotated[Path, typer.A
 def import_(files: Annotated[list[Path], typer.Argument(help="one or more task bundles, in order")]) -> None:
     """Attach task bundles in one change and one verification (refuses another backbone, a duplicate name or a
     corrupted file; then nothing is stored)."""
-    report = registry().import_bundles(files, name=state.model)
+    from continual_mem.class_stats import ClassStats
+
+    stats = [ClassStats.from_bytes(p.read_bytes(), source=str(p)) for p in map(_stats_path, files) if p.is_file()]
+    report = registry().import_bundles(files, name=state.model, class_stats=stats)
     new = [c.name for c in report.tasks if c.status == "new"]
     older = [c for c in report.tasks if c.status != "new"]
     shown = ", ".join(f"{c.name} {c.status}" for c in older[:20]) + (f" and {len(older) - 20} more" if len(older) > 20

@@ -134,9 +134,10 @@ class Registry:
     def import_bundle(self, bundle: bytes | str | Path, *, name: str = DEFAULT_MODEL) -> api.Report:
         return self.import_bundles([bundle], name=name)
 
-    def import_bundles(self, bundles: Sequence[bytes | str | Path], *, name: str = DEFAULT_MODEL) -> api.Report:
-        """Task bundles (bytes or files) in one change and one verification of every task; all or none is
-        stored."""
+    def import_bundles(self, bundles: Sequence[bytes | str | Path], *, name: str = DEFAULT_MODEL,
+                       class_stats: Sequence[ClassStats] = ()) -> api.Report:
+        """Task bundles (bytes or files) in one change and one verification of every task, with the class
+        statistics of any of them; all or none is stored."""
         items = []
         for i, bundle in enumerate(bundles):
             if isinstance(bundle, (str, Path)):
@@ -146,8 +147,13 @@ class Registry:
                 items.append((path.read_bytes(), str(path)))
             else:
                 items.append((bundle, "bundle" if len(bundles) == 1 else f"bundle {i}"))
-        return self._change("import", name, None, lambda s: changes.import_bundles(
-            s, name, items, backbone=self._backbone(s, name)))
+        def run(s: Session) -> api.Report:
+            report = changes.import_bundles(s, name, items, backbone=self._backbone(s, name))
+            for st in class_stats:
+                stats.store(s, api.get_model(s, name), st.task, st.to_bytes())
+            return report
+
+        return self._change("import", name, None, run)
 
     def export_bundle(self, task_name: str, path: str | Path | None = None, *, name: str = DEFAULT_MODEL) -> bytes:
         with session(self.engine) as s:

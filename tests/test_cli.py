@@ -176,13 +176,20 @@ def test_task_agnostic_predict_eval_and_stats(db, tmp_path):
     ev = json.loads(ok(cm(db, "eval", "--task-agnostic", "--max-test", "40", "--device", "cpu", "--json")).stdout)
     assert ev["classes"] == 20 and ev["images"] == 80 and set(ev["per_task"]) == {"digits", "digits-ext"}
     assert 0.0 <= ev["accuracy"] <= ev["task_accuracy"] <= 1.0
-    # a task from a bundle has no statistics: refused with the fix, which then works once
+    # the statistics travel beside an exported bundle and come back with it
     ok(cm(db, "export", "digits", str(tmp_path / "d.safetensors")))
+    stats_file = tmp_path / "d.stats.safetensors"
+    assert stats_file.is_file()
     other = tmp_path / "other.db"
     with sqlite3.connect(db) as src, sqlite3.connect(other) as dst:
         src.backup(dst)
     ok(cm(other, "remove", "digits-ext"))
     ok(cm(other, "remove", "digits"))
+    ok(cm(other, "import", str(tmp_path / "d.safetensors")))
+    assert Registry(other).class_stats()[0].to_bytes() == stats_file.read_bytes()
+    # without them, a task has no statistics: refused with the fix, which then works once
+    ok(cm(other, "remove", "digits"))
+    stats_file.unlink()
     ok(cm(other, "import", str(tmp_path / "d.safetensors")))
     before = snapshot(Registry(other))
     user_error(cm(other, "predict", *paths, "--task-agnostic"), "have no class statistics; compute them with "

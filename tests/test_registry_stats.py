@@ -114,3 +114,15 @@ def test_a_version_1_registry_gains_the_table_and_keeps_its_tasks(tmp_path):
     assert [s.task for s in again.class_stats()] == ["a"]
     with again.engine.connect() as conn:
         assert conn.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar_one() == "2"
+
+
+def test_an_import_brings_its_statistics_in_the_same_change(reg_net, tmp_path):
+    reg, _ = reg_net
+    bundle = reg.export_bundle("a")
+    other, _ = new_registry(tmp_path / "other.db")
+    before = snapshot(other)
+    with pytest.raises(RegistryError, match="do not fit task 'a'"):
+        other.import_bundles([bundle], class_stats=[stats_for("a", 2, 1)])
+    assert snapshot(other) == before  # neither the task nor its statistics
+    other.import_bundles([bundle], class_stats=reg.class_stats(["a"]))
+    assert other.class_stats()[0].to_bytes() == reg.class_stats(["a"])[0].to_bytes()
