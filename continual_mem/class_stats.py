@@ -10,8 +10,8 @@ From every task's statistics, :class:`TaskAgnostic` scores an image against the 
 - ``"gaussian"``: the log-density of a Gaussian per class, with the task's own within-class covariance (shrunk
   towards a scaled identity);
 
-and :func:`combine` turns those scores plus the tasks' own heads into one answer (``"head"``: the statistics pick the
-task, its own head picks the class). A task's scores use its own statistics only, so adding a task appends columns
+and :func:`combine` turns those scores into one answer: ``"stats"`` (default) takes the best column; ``"head"`` lets
+the statistics pick the task and its own head pick the class. A task's scores use its own statistics only, so adding a task appends columns
 and changes no earlier one: which task wins for an image changes only if the new task scores higher; every task's
 own outputs and stored statistics never change.
 """
@@ -255,7 +255,7 @@ class _Scorer:
 
 
 def combine(agnostic: TaskAgnostic, scores: torch.Tensor, logits: dict[str, torch.Tensor] | None = None, *,
-            mode: str = "head") -> tuple[torch.Tensor, torch.Tensor]:
+            mode: str = "stats") -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's ``(task index, class within that task)`` (policy, pure). ``"stats"``: the best union column;
     ``"head"``: the statistics pick the task (its best class's score), that task's own head picks the class
     (``logits[task]``, ``(B, classes of the task)``)."""
@@ -275,8 +275,9 @@ def combine(agnostic: TaskAgnostic, scores: torch.Tensor, logits: dict[str, torc
     return task, cls
 
 
-def predict(model, agnostic: TaskAgnostic, x: torch.Tensor, *, mode: str = "head") -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's ``(task index in agnostic.tasks, class within that task)`` from one pass of ``model`` (with
-    ``mode="head"`` the pass computes every task's logits too)."""
+def predict(model, agnostic: TaskAgnostic, x: torch.Tensor, *, mode: str = "stats") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's ``(task index in agnostic.tasks, class within that task)`` from one pass of ``model``: the
+    backbone alone (``mode="stats"``, the default, picked by measurement: ``docs/task_agnostic.md``), or with
+    every task's logits (``"head"``)."""
     feats, logits = features_and_logits(model, x, agnostic.tasks if mode == "head" else [])
     return combine(agnostic, agnostic.scores(feats), logits, mode=mode)

@@ -44,7 +44,7 @@ class AgnosticResult:
 
 
 def evaluate_agnostic(net: MemoryViT, agnostic: TaskAgnostic, *, split: str = "test", data_root: str = "data",
-                      device: str, batch_size: int = 256, max_test: int | None = None, mode: str = "head",
+                      device: str, batch_size: int = 256, max_test: int | None = None, mode: str = "stats",
                       pipeline: str = "auto", on_bad_image: str = "skip",
                       cache_dir: str | None = None) -> AgnosticResult:
     """Every task's evaluation images, each scored against every task's classes: right if both the winning task

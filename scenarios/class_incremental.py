@@ -70,9 +70,10 @@ class AgnosticLearner(DynamicModule):
     one-hot score at the task-agnostic answer's global class."""
 
     def __init__(self, model: MemoryViT, num_classes: int, *, method: str = "gaussian", train: bool = True,
-                 task_kwargs: dict | None = None) -> None:
+                 mode: str = "stats", task_kwargs: dict | None = None) -> None:
         super().__init__()
         self.model, self.num_classes, self.method, self.train_tasks = model, num_classes, method, train
+        self.mode = mode if train else "stats"  # combine's mode: the class from the statistics or the task's head
         self.task_kwargs = task_kwargs or {}
         self.classes: list[list[int]] = []  # per experience: its global classes, in local order
         self.stats: list = []
@@ -116,7 +117,7 @@ class AgnosticLearner(DynamicModule):
         if self._agnostic is None or len(self._agnostic.tasks) != len(self.stats):
             self._agnostic = TaskAgnostic(self.stats, method=self.method)  # one factorisation per experience
         agnostic = self._agnostic
-        task, cls = predict(self.model, agnostic, x, mode="head" if self.train_tasks else "stats")
+        task, cls = predict(self.model, agnostic, x, mode=self.mode)
         glob = torch.tensor([c for classes in self.classes[: len(self.stats)] for c in classes], device=x.device)
         starts = torch.tensor([a for a, _ in agnostic.bounds], device=x.device)
         out[torch.arange(len(x), device=x.device), glob[starts[task.to(x.device)] + cls.to(x.device)]] = 0.0

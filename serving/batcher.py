@@ -225,7 +225,7 @@ class Batcher:
             canvas, hw = pad_batch(images, pin=cuda)
             x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
         good = [a for a, why in zip(asked or [None] * len(images), bad) if why is None]
-        good, wants = agnostic.split(good)  # task-agnostic asks: every task, and one answer over all of them
+        good, wants = agnostic.split(good)  # task-agnostic asks: the backbone alone, and one answer over all tasks
         wants = wants if served.agnostic is not None else [False] * len(wants)
         routes = routes_for(good, served.net.task_names, route_all=served.paged)
         if routes is not None:
@@ -235,21 +235,15 @@ class Batcher:
             launched.columns = []
             return launched
         if self.graphs:
-            out = self._replay(served, x)  # at the bucket's size, the backbone's own output included
+            out = self._replay(served, x)
         else:
             with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = served.net(x, original=any(wants))
-        names = [name for name in out if name in served.classes]
-        cols = [out[name][: len(x)].float() for name in names]
-        widths = [c.shape[1] for c in cols]
-        if any(wants):
-            xb = self._to_bucket(x) if self.graphs else x
-            cols.append(agnostic.all_task_answers(served, xb, out)[: len(x)])
-            names, widths = [*names, agnostic.AGNOSTIC], [*widths, 2]
+                out = served.net(x, original=False)
         if events:
             events[1].record()
-        bounds = np.cumsum([0] + widths)
-        launched = self._copy_out(torch.cat(cols, dim=1), bad, events, t0)
+        names = [name for name in out if name in served.classes]
+        bounds = np.cumsum([0] + [out[name].shape[1] for name in names])
+        launched = self._copy_out(torch.cat([out[name][: len(x)].float() for name in names], dim=1), bad, events, t0)
         launched.columns = list(zip(names, bounds[:-1].tolist(), bounds[1:].tolist()))
         return launched
 
