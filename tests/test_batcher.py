@@ -67,7 +67,7 @@ class Net:
 
 def served(version: int = 3):
     return SimpleNamespace(net=Net(), version=version, stage=Stage(), classes={"a": ("p", "q"), "b": ("x", "y", "z")},
-                           graphs={}, paged=False)
+                           graphs={}, paged=False, agnostic=None)
 
 
 def holder(model=None):
