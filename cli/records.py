@@ -226,7 +226,7 @@ def export(task: Annotated[str, typer.Argument()], file: Annotated[Path, typer.A
     reg = registry()
     data = reg.export_bundle(task, file, name=state.model)
     extra = ""
-    if {t["name"]: t["class_stats"] for t in reg.tasks(name=state.model)}.get(task):
+    if task in reg.tasks_with_class_stats(name=state.model):
         path = _stats_path(file)
         tmp = path.with_name(path.name + ".partial")
         tmp.write_bytes(reg.class_stats([task], name=state.model)[0].to_bytes())

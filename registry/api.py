@@ -115,6 +115,13 @@ def get_model(s: Session, name: str, *, for_update: bool = False) -> Model:
     return row
 
 
+def task_row(model: Model, task_name: str) -> Task:
+    row = next((t for t in model.tasks if t.name == task_name), None)
+    if row is None:
+        raise RegistryError(f"model {model.name!r} has no task {task_name!r}; see `continual-mem tasks`")
+    return row
+
+
 def log_event(s: Session, kind: str, model_name: str, task_name: str | None = None, **detail) -> None:
     s.add(Event(kind=kind, model_name=model_name, task_name=task_name, detail=detail))
 

@@ -124,16 +124,9 @@ def import_bundles(
                                   backbone=backbone)
 
 
-def _task_row(model: Model, task_name: str) -> Task:
-    row = next((t for t in model.tasks if t.name == task_name), None)
-    if row is None:
-        raise RegistryError(f"model {model.name!r} has no task {task_name!r}; see `continual-mem tasks`")
-    return row
-
-
 def export_bundle(s: Session, model_name: str, task_name: str) -> bytes:
     """The stored bundle (safetensors + JSON config + backbone fingerprint), checked against its sha256."""
-    row = _task_row(api.get_model(s, model_name), task_name)
+    row = api.task_row(api.get_model(s, model_name), task_name)
     if api.sha256(row.params.data) != row.params.sha256:
         raise RegistryError(f"task {task_name!r}'s stored parameters are corrupted (sha256 mismatch)")
     return row.params.data
@@ -141,7 +134,7 @@ def export_bundle(s: Session, model_name: str, task_name: str) -> bytes:
 
 def remove_task(s: Session, model_name: str, task_name: str, *, backbone: VisionTransformer | None = None) -> Report:
     model = api.get_model(s, model_name, for_update=True)
-    row = _task_row(model, task_name)
+    row = api.task_row(model, task_name)
     readers = dependants(task_name, {t.name: t.config.get("sees", []) for t in model.tasks})
     if (problem := removal_refused(task_name, readers)) is not None:
         raise RegistryError(problem)

@@ -126,6 +126,11 @@ class Registry:
 
         self._change("stats", name, task_name, run)
 
+    def tasks_with_class_stats(self, *, name: str = DEFAULT_MODEL) -> set[str]:
+        """The tasks that have class statistics (cheap: no task rows' details, no bytes)."""
+        with session(self.engine) as s:
+            return stats.with_stats(s, api.get_model(s, name))
+
     def class_stats(self, tasks: Sequence[str] | None = None, *, name: str = DEFAULT_MODEL) -> list[ClassStats]:
         """Class statistics of ``tasks`` (default every task) in task order; RegistryError for a task without."""
         with session(self.engine) as s:
@@ -194,8 +199,9 @@ class Registry:
     def tasks(self, *, name: str = DEFAULT_MODEL) -> list[dict]:
         with session(self.engine) as s:
             model = api.get_model(s, name)
-            with_stats = stats.has_stats(s, model)
-            return [{"name": t.name, "position": t.position, "class_stats": with_stats[t.name], "regime": t.regime, "mode": t.mode, "memory": t.memory,
+            with_stats = stats.with_stats(s, model)
+            return [{"name": t.name, "position": t.position, "class_stats": t.name in with_stats,
+                     "regime": t.regime, "mode": t.mode, "memory": t.memory,
                      "layers": t.layers, "num_classes": t.num_classes, "dataset": t.dataset,
                      "param_count": t.param_count, "params_sha256": t.params.sha256,
                      "params_bytes": t.params.size, "status": t.status,

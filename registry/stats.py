@@ -15,17 +15,10 @@ from .errors import RegistryError
 from .schema import Model, Task, TaskStats
 
 
-def _row(model: Model, task_name: str) -> Task:
-    row = next((t for t in model.tasks if t.name == task_name), None)
-    if row is None:
-        raise RegistryError(f"model {model.name!r} has no task {task_name!r}; see `continual-mem tasks`")
-    return row
-
-
 def store(s: Session, model: Model, task_name: str, data: bytes) -> None:
     """Attach ``data`` (:meth:`ClassStats.to_bytes`) to ``task_name``; refused if the task has statistics already
     (they never change) or if they do not fit the task."""
-    row = _row(model, task_name)
+    row = api.task_row(model, task_name)
     if s.scalar(select(TaskStats.task_id).where(TaskStats.task_id == row.id)) is not None:
         raise RegistryError(f"task {task_name!r} already has class statistics; they are written once and never "
                             "change (add the task again under another name to recompute them)")
@@ -54,16 +47,30 @@ def read(s: Session, model: Model, names: Sequence[str] | None = None) -> list[C
                             f"compute them with `continual-mem stats {missing[0]}` (once per task)")
     out = []
     for t in rows:
-        r = found[t.id]
-        if api.sha256(r.data) != r.sha256:
-            raise RegistryError(f"task {t.name!r}'s stored class statistics are corrupted (sha256 mismatch)")
-        out.append(ClassStats.from_bytes(r.data, source=f"class statistics of {t.name!r}"))
+        got, problem = _stored(found[t.id], t)
+        if problem is not None:
+            raise RegistryError(f"task {t.name!r}'s stored class statistics are corrupted ({problem})")
+        out.append(got)
     return out
 
 
-def has_stats(s: Session, model: Model) -> dict[str, bool]:
+def _stored(row: TaskStats, task: Task) -> tuple[ClassStats | None, str | None]:
+    """A stored row's statistics, or what is wrong with them: bytes against their sha256, readable, the task's."""
+    if api.sha256(row.data) != row.sha256:
+        return None, "do not match their sha256"
+    try:
+        got = ClassStats.from_bytes(row.data)
+    except StatsError as exc:
+        return None, f"unreadable: {exc}"
+    if got.task != task.name or got.num_classes != task.num_classes:
+        return None, f"belong to task {got.task!r} ({got.num_classes} classes)"
+    return got, None
+
+
+def with_stats(s: Session, model: Model) -> set[str]:
+    """The model's tasks that have class statistics (one query, no bytes read)."""
     ids = set(s.scalars(select(TaskStats.task_id).where(TaskStats.task_id.in_([t.id for t in model.tasks]))))
-    return {t.name: t.id in ids for t in model.tasks}
+    return {t.name for t in model.tasks if t.id in ids}
 
 
 def check(s: Session, model: Model, report: Report, only: Collection[str] | None = None) -> Report:
@@ -73,17 +80,9 @@ def check(s: Session, model: Model, report: Report, only: Collection[str] | None
     rows = {t.id: t for t in model.tasks if t.name in names and (only is None or t.name in only)}
     bad: dict[str, str] = {}
     for r in s.scalars(select(TaskStats).where(TaskStats.task_id.in_(list(rows))).options(undefer(TaskStats.data))):
-        name = rows[r.task_id].name
-        if api.sha256(r.data) != r.sha256:
-            bad[name] = "stored class statistics do not match their sha256"
-            continue
-        try:
-            stats = ClassStats.from_bytes(r.data)
-        except StatsError as exc:
-            bad[name] = f"stored class statistics unreadable: {exc}"
-            continue
-        if stats.task != name or stats.num_classes != rows[r.task_id].num_classes:
-            bad[name] = f"stored class statistics belong to task {stats.task!r} ({stats.num_classes} classes)"
+        _, problem = _stored(r, rows[r.task_id])
+        if problem is not None:
+            bad[rows[r.task_id].name] = f"stored class statistics {problem}"
     if not bad:
         return report
     report.tasks = [TaskCheck(c.name, "corrupt", c.max_abs_diff, "; ".join(filter(None, [c.detail, bad[c.name]])))

@@ -80,8 +80,7 @@ class ModelHolder:
 
     def _agnostic(self, net) -> tuple[TaskAgnostic | None, set[str]]:
         """Task-agnostic scores on the device when every task has class statistics, and the tasks that have them."""
-        flags = {t["name"]: t["class_stats"] for t in self.registry.tasks(name=self.settings.model)}
-        with_stats = {n for n in net.task_names if flags.get(n)}
+        with_stats = self.registry.tasks_with_class_stats(name=self.settings.model) & set(net.task_names)
         if not net.task_names or len(with_stats) < len(net.task_names):
             return None, with_stats
         try:
