@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
-from continual_mem.class_stats import TaskAgnostic, backbone_features, collect, combine, oas_shrinkage  # noqa: E402
+from continual_mem import MemoryViT  # noqa: E402
+from continual_mem.class_stats import (  # noqa: E402
+    TaskAgnostic, backbone_features, collect, combine, shrunk_covariance)
 from scenarios import datasets  # noqa: E402
 from scenarios.pipeline import Preprocess  # noqa: E402
 from scenarios.recipes import sources  # noqa: E402
@@ -44,7 +46,7 @@ def features(net, data, *, device: str, max_train: int | None, max_test: int | N
     pre = Preprocess.for_backbone(net, data.augment)
     train, _, test = sources(data, "test", pre, device, seed=0, max_train=max_train, max_test=max_test,
                              heldout=0.01)
-    model = _Wrap(net)
+    model = MemoryViT(net)  # the backbone alone, frozen
     out = []
     for src in (train, test):
         hs, ys = [], []
@@ -53,11 +55,6 @@ def features(net, data, *, device: str, max_train: int | None, max_test: int | N
             ys.append(y.cpu())
         out.append((torch.cat(hs), torch.cat(ys)))
     return out
-
-
-class _Wrap:
-    def __init__(self, backbone) -> None:
-        self.backbone = backbone
 
 
 def train_head(h: torch.Tensor, y: torch.Tensor, classes: int, *, steps: int = 300, lr: float = 0.01,
@@ -92,10 +89,7 @@ def pooled_lda(stats, h: torch.Tensor, shrinkage: float) -> torch.Tensor:
     """The best union column of streaming LDA: one covariance pooled over every task's scatter."""
     means = torch.cat([s.means for s in stats]).double()
     n = sum(int(s.counts.sum()) for s in stats)
-    cov = sum(s.scatter.double() for s in stats) / max(1, n - len(means))
-    if shrinkage == "oas":
-        shrinkage = oas_shrinkage(cov, max(1, n - len(means)))
-    cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    cov = shrunk_covariance(sum(s.scatter.double() for s in stats), n - len(means), shrinkage)
     w = torch.linalg.solve(cov, means.T)
     return (h.double() @ w - 0.5 * (means * w.T).sum(1)).argmax(1)
 

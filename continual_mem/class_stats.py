@@ -103,16 +103,17 @@ def backbone_features(model, x: torch.Tensor) -> torch.Tensor:
         return bb.forward_head(bb.forward_features(x), pre_logits=True)
 
 
+def pooled_features(model, x: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """The backbone's pooled features of a pass whose own output was ``original``: that output itself for a
+    backbone without a classifier (``num_classes=0``, as the registry's), else one more backbone pass."""
+    return original if model.backbone.num_classes == 0 else backbone_features(model, x)
+
+
 def features_and_logits(model, x: torch.Tensor, tasks: Sequence[str]) -> tuple[torch.Tensor, dict]:
-    """One pass: the backbone's pooled features and ``tasks``' logits. A backbone without a classifier
-    (``num_classes=0``, as the registry's) gives its features as its own output; one with a classifier needs a
-    second backbone pass for them."""
+    """One pass: the backbone's pooled features and ``tasks``' logits."""
     with torch.no_grad():
         out = model(x, tasks=list(tasks), original=True)
-    feats = out.pop(ORIGINAL)
-    if model.backbone.num_classes != 0:
-        feats = backbone_features(model, x)
-    return feats, out
+    return pooled_features(model, x, out.pop(ORIGINAL)), out
 
 
 def collect(task: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> ClassStats:
@@ -184,7 +185,6 @@ class TaskAgnostic:
         if len(dims) != 1:
             raise StatsError(f"class statistics of different feature sizes {sorted(dims)}: not one backbone")
         self.tasks = [s.task for s in stats]
-        self.method, self.shrinkage = method, shrinkage
         self.bounds: list[tuple[int, int]] = []
         at = 0
         for s in stats:
@@ -221,6 +221,17 @@ def oas_shrinkage(cov: torch.Tensor, n: int) -> float:
     return 1.0 if den <= 0 else float(min(1.0, (alpha + mu * mu) / den))
 
 
+def shrunk_covariance(scatter: torch.Tensor, dof: int, shrinkage: float | str) -> torch.Tensor:
+    """The within-class covariance of a ``scatter`` with ``dof`` degrees of freedom (images minus classes), shrunk
+    towards ``mean(diag) * I`` by ``shrinkage`` (a share, or ``"oas"``: :func:`oas_shrinkage`'s, at least 1e-6)."""
+    dof = max(1, dof)
+    cov = scatter / dof
+    if shrinkage == "oas":
+        shrinkage = max(1e-6, oas_shrinkage(cov, dof))
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    return (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean().clamp_min(1e-12) * eye
+
+
 class _Scorer:
     """One task's scoring function ``(B, D) -> (B, C)`` (float32), from its statistics alone."""
 
@@ -230,11 +241,8 @@ class _Scorer:
         if method == "prototype":
             self.weight = torch.nn.functional.normalize(means, dim=1).T.float().contiguous()  # (D, C)
             return
-        n, C, D = int(stats.counts.sum()), stats.num_classes, stats.dim
-        cov = stats.scatter.double() / max(1, n - C)
-        if shrinkage == "oas":
-            shrinkage = max(1e-6, oas_shrinkage(cov, max(1, n - C)))
-        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(D, dtype=cov.dtype)
+        D = stats.dim
+        cov = shrunk_covariance(stats.scatter.double(), int(stats.counts.sum()) - stats.num_classes, shrinkage)
         chol = torch.linalg.cholesky(cov)
         # whitening: z = L^-1 h, so (h - mu)^T cov^-1 (h - mu) = |z - m|^2; float64 keeps the expanded form exact
         self.white = torch.linalg.solve_triangular(chol, torch.eye(D, dtype=cov.dtype), upper=False).T.contiguous()

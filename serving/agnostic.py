@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from continual_mem.class_stats import backbone_features, combine
+from continual_mem.class_stats import combine, pooled_features
 from continual_mem.forward_plan import ORIGINAL
 
 AGNOSTIC = "@task-agnostic"
@@ -28,7 +28,6 @@ def routed_answers(served, x: torch.Tensor, rows: list[dict[str, torch.Tensor]],
     of the bucket (``rows[b][ORIGINAL]``: the backbone's own output, its pooled features when it has no
     classifier, as the registry's backbones; else one more backbone pass)."""
     agnostic = served.agnostic
-    net = served.net
-    feats = torch.stack([r[ORIGINAL] for r in rows]) if net.backbone.num_classes == 0 else backbone_features(net, x)
+    feats = pooled_features(served.net, x, torch.stack([r[ORIGINAL] for r in rows]))
     task, cls = combine(agnostic, agnostic.scores(feats), mode="stats")
     return {b: torch.stack([task[b], cls[b]]).float() for b, want in enumerate(wants) if want}
