@@ -184,7 +184,6 @@ def _add_task_job(spec: dict) -> dict | None:
     """Train and store one task. Every process of a multi-process job runs this; only rank 0 writes the registry
     (after training, so a failure anywhere leaves it untouched) and returns the metrics."""
     from continual_mem import distributed
-    from scenarios.agnostic import stats_on_dataset
     from scenarios.recipes import train_on_dataset
 
     state.registry, state.model = spec["registry"], spec["model"]  # spawned workers start with a fresh module
@@ -196,16 +195,14 @@ def _add_task_job(spec: dict) -> dict | None:
         # only what the new task reads: an extension task sees earlier tasks, any other task the backbone alone
         # (its training, its bits and the stored result do not depend on the other tasks)
         net = reg.load(state.model, tasks=None if recipe.mode == "extension" else [])
+        # rank 0 also computes the task's class statistics (task-agnostic prediction), stored with it
         metrics = train_on_dataset(net, spec["dataset"], spec["task"], recipe,
                                    device=device if was_launched else pick_device(device),
-                                   progress=spec["progress"] and shard.main)
+                                   progress=spec["progress"] and shard.main, class_stats=shard.main)
         if shard.main:
+            stats = metrics.pop("class_stats")
             metrics["processes"] = shard.world
             where = metrics["device"] if shard.world == 1 else f"{shard.world} x {metrics['device'].split(':')[0]} (DDP)"
-            # its class statistics (task-agnostic prediction), stored with it: one pass over its training images
-            stats = stats_on_dataset(net.to(metrics["device"]), spec["task"], spec["dataset"], recipe,
-                                     device=metrics["device"], batch_size=max(recipe.batch_size, 128))
-            net.to("cpu")
             report = reg.add_task(net, spec["task"], name=state.model, class_stats=stats, metrics=[
                 {"split": "heldout", "accuracy": metrics["heldout_accuracy"], "steps": metrics["steps"],
                  "wall_time_s": metrics["wall_time_s"], "device": where},

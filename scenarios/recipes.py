@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from continual_mem import MemoryViT
+from continual_mem.class_stats import collect_from_source
 from continual_mem.regimes import get_regime
 from continual_mem.train import TrainConfig, evaluate, fit
 from continual_mem.train import lr_sweep as sweep
@@ -148,9 +149,12 @@ def train_on_dataset(
     *,
     device: str,
     progress: bool = False,
+    class_stats: bool = False,
 ) -> dict:
     """Load ``dataset``, add task ``name`` to ``net`` as ``recipe`` says, train it (best state on the held-out
-    split), evaluate it on the test split; return its metrics. ``net`` ends on the CPU."""
+    split), evaluate it on the test split; return its metrics (``class_stats``: also the task's class statistics
+    from its training images, under ``"class_stats"``, a :class:`~continual_mem.class_stats.ClassStats`). ``net``
+    ends on the CPU."""
     r = recipe
     data = datasets.load(dataset, root=r.data_root, download=r.download)
     bb = net.backbone
@@ -183,11 +187,13 @@ def train_on_dataset(
             cfg, short = _short_sweep(net, name, train, held, cfg, data.num_classes, progress=progress)
         result = fit(net, name, train, held, cfg, progress=progress)
     test_acc = evaluate(net, test, [name], batch_size=max(r.batch_size, 128))[name]
+    extra = {"class_stats": collect_from_source(net, name, train, data.num_classes,
+                                                batch_size=max(r.batch_size, 128))} if class_stats else {}
     net.to("cpu")  # the registry stores and verifies on the CPU
     return {"task": name, "dataset": dataset, "classes": data.num_classes, "heldout_accuracy": result.best_val_accuracy,
             "test_accuracy": test_acc, "train_images": len(train), "steps": result.steps, "lr": result.lr, "wall_time_s": result.wall_time_s,
             "train_images_per_s": result.images_per_s, "device": device,
-            "fork": dataclasses.asdict(fork), "short_sweep": short}
+            "fork": dataclasses.asdict(fork), "short_sweep": short, **extra}
 
 
 def _short_sweep(net: MemoryViT, name: str, train, held, cfg: TrainConfig, num_classes: int, *,
