@@ -150,3 +150,16 @@ def routed_trials(net, pool, reference, *, trials: int = 3, rows: int = 3, most:
                 worst = max(worst, float((logits - reference(picks, b, name)).abs().max()))
                 same = same and torch.equal(seen.setdefault((picks[b], name), logits), logits)
     return {"worst": worst, "same": same, "seen": len(seen)}
+
+
+def bright_regions(n: int, seed: int, regions: list[tuple[slice, slice]], side: int):
+    """``n`` grey ``side``-pixel images of dark noise, class ``c`` with ``regions[c]`` (rows, columns) bright: an
+    ``ImageSet`` whose label is where the light is."""
+    from scenarios.types import ImageSet
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(regions), (n,), generator=g)
+    imgs = torch.randint(0, 60, (n, 1, side, side), generator=g)
+    for i, c in enumerate(labels.tolist()):
+        imgs[i, 0][regions[c]] += 180
+    return ImageSet(imgs.clamp(0, 255).to(torch.uint8), labels)

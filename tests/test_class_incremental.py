@@ -6,26 +6,21 @@ import torch
 
 pytest.importorskip("avalanche", reason="needs the avalanche extra: pip install -e '.[avalanche]'")
 
-from helpers import make_backbone  # noqa: E402
+from helpers import bright_regions, make_backbone  # noqa: E402
 from scenarios.class_incremental import AgnosticLearner, class_stream, run_learner, summary  # noqa: E402
 from scenarios.compare import CompareConfig  # noqa: E402
 from scenarios.datasets import ImageSet, TaskData  # noqa: E402
 
 
-def bright_quadrant(n: int, seed: int) -> ImageSet:
+def bright_band(n: int, seed: int) -> ImageSet:
     """Six classes: which of six vertical bands is bright."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 6, (n,), generator=g)
-    imgs = torch.randint(0, 60, (n, 1, 24, 24), generator=g)
-    for i, c in enumerate(labels.tolist()):
-        imgs[i, 0, :, c * 4:(c + 1) * 4] += 180
-    return ImageSet(imgs.clamp(0, 255).to(torch.uint8), labels)
+    return bright_regions(n, seed, [(slice(None), slice(c * 4, c * 4 + 4)) for c in range(6)], 24)
 
 
 @pytest.fixture(scope="module")
 def setting():
     bb = make_backbone("tiny")
-    data = TaskData("bands", tuple("abcdef"), bright_quadrant(240, 0), bright_quadrant(96, 1), "none")
+    data = TaskData("bands", tuple("abcdef"), bright_band(240, 0), bright_band(96, 1), "none")
     bm, _ = class_stream(data, experiences=3, seed=0, backbone=bb)
     return bb, bm
 
@@ -35,7 +30,7 @@ def test_the_stream_splits_disjoint_classes(setting):
     seen = [set(e.classes_in_this_experience) for e in bm.train_stream]
     assert len(seen) == 3 and all(len(s) == 2 for s in seen) and set().union(*seen) == set(range(6))
     with pytest.raises(ValueError, match="--experiences must be between 1 and 6"):
-        class_stream(TaskData("bands", tuple("abcdef"), bright_quadrant(12, 0), bright_quadrant(12, 1), "none"),
+        class_stream(TaskData("bands", tuple("abcdef"), bright_band(12, 0), bright_band(12, 1), "none"),
                      experiences=7, seed=0, backbone=make_backbone("tiny"))
 
 

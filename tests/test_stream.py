@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("avalanche", reason="needs the avalanche extra: pip install -e '.[avalanche]'")
 
 from continual_mem import MemoryViT  # noqa: E402
-from helpers import make_backbone  # noqa: E402
+from helpers import bright_regions, make_backbone  # noqa: E402
 from scenarios.compare import CompareConfig, heatmap, markdown, run_strategy  # noqa: E402
 from scenarios.datasets import ImageSet, TaskData  # noqa: E402
 from scenarios.stream import AvalancheMemoryViT, task_stream  # noqa: E402
@@ -14,13 +14,8 @@ from test_train import quadrant_data  # noqa: E402
 
 def quadrants(n: int, seed: int) -> ImageSet:
     """Class = which quadrant is bright: a different cue from the first task's overall brightness."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    imgs = torch.randint(0, 60, (n, 1, 16, 16), generator=g)
-    for i, c in enumerate(labels.tolist()):
-        r, q = divmod(c, 2)
-        imgs[i, 0, r * 8:(r + 1) * 8, q * 8:(q + 1) * 8] += 180
-    return ImageSet(imgs.clamp(0, 255).to(torch.uint8), labels)
+    return bright_regions(n, seed, [(slice(r * 8, r * 8 + 8), slice(q * 8, q * 8 + 8))
+                                    for r, q in (divmod(c, 2) for c in range(4))], 16)
 
 
 @pytest.fixture(scope="module")
