@@ -140,6 +140,7 @@ def run(train, test, *, experiences: int, seed: int, shrinkage: float) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="mnist-5k,fashion-mnist,animal-mnist")
+    p.add_argument("--data-root", default="data", help="where catalog datasets and built natural suites live")
     p.add_argument("--experiences", type=int, default=5)
     p.add_argument("--seeds", default="0,1,2", help="class orders (and head initialisations)")
     p.add_argument("--img-size", type=int, default=112, help="DINOv2 ViT-S/14 input size")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     cached = {}
     for name in args.datasets.split(","):
         t0 = time.perf_counter()
-        data = datasets.load(name)
+        data = datasets.load(name, root=args.data_root)
         path = args.cache / f"{name}_{args.img_size}px_{args.max_train}_{args.max_test}.pt" if args.cache else None
         if path is not None and path.is_file():  # the backbone is frozen: its features of a split never change
             cached[name] = (*torch.load(path), 0.0)

