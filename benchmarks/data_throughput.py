@@ -1,5 +1,6 @@
 """End-to-end training and evaluation throughput per input path, same model and run: a JPEG folder through
-each pipeline (PIL loader, on-the-fly decoding, prepared copy), a device-resident uint8 set and synthetic tensors.
+each pipeline (PIL loader, on-the-fly decoding, prepared copy of raw pixels, compact copy of re-encoded JPEGs
+decoded on the GPU), a device-resident uint8 set and synthetic tensors.
 
 Training is ``continual_mem.train.fit`` itself (masked-memory task, SGD, optional CUDA graph), timed from a warm-up
 step to the end with the device synchronised at both ends; evaluation is ``continual_mem.train.evaluate``. For
@@ -33,6 +34,7 @@ from scenarios import datasets, prepared  # noqa: E402
 from scenarios.datasets import ImageSet  # noqa: E402
 from scenarios.decode import host_cores, reader_for  # noqa: E402
 from scenarios.pipeline import DeviceImages, LoaderImages, Preprocess  # noqa: E402
+from scenarios.compact import prepared_images  # noqa: E402
 from scenarios.streaming import DecodedImages, PreparedImages  # noqa: E402
 from scenarios.synthetic import make_image_folder  # noqa: E402
 
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--loader-steps", type=int, default=40, help="steps for the slow PIL loader variant")
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--variants", default="synthetic,resident,prepared,decode,loader")
+    p.add_argument("--variants", default="synthetic,resident,prepared,compact,compact-host,decode,loader")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the compact copy")
     p.add_argument("--cache-dir", type=Path, default=None, help="prepared copies [default: FOLDER.prepared]")
     args = common.resolve(p.parse_args(argv))
     gpu = args.device.startswith("cuda")
@@ -206,16 +209,21 @@ def main(argv: list[str] | None = None) -> dict:
     cache = args.cache_dir or Path(str(args.folder) + ".prepared")
     variants = args.variants.split(",")
 
-    # the prepared copies (timed: the one-off cost of the prepared path)
-    t0 = time.perf_counter()
-    with Probe() as probe:
-        train_ps = prepared.prepare(reader_for(data.train), name=data.name, split="train",
-                                    class_names=data.class_names, root=cache)
-        test_ps = prepared.prepare(reader_for(data.test), name=data.name, split="test",
-                                   class_names=data.class_names, root=cache)
-    prep = {"seconds": time.perf_counter() - t0, "images_per_s": (len(train_ps) + len(test_ps)) / probe.wall,
-            "gigabytes": (train_ps.meta["bytes"] + test_ps.meta["bytes"]) / 1e9, **probe.finish()}
+    # the prepared copies (timed: the one-off cost of each prepared path)
+    def build(encoding: str) -> tuple[dict, prepared.PreparedSet, prepared.PreparedSet]:
+        opts = prepared.PrepareOptions(encoding=encoding, quality=args.quality)
+        t0 = time.perf_counter()
+        with Probe() as probe:
+            parts = [prepared.prepare(reader_for(part), name=data.name, split=split, class_names=data.class_names,
+                                      root=cache, opts=opts) for split, part in (("train", data.train),
+                                                                                 ("test", data.test))]
+        count, stored = sum(len(ps) for ps in parts), sum(ps.meta["bytes"] for ps in parts)
+        return ({"encoding": encoding, "seconds": time.perf_counter() - t0, "images_per_s": count / probe.wall,
+                 "gigabytes": stored / 1e9, "kb_per_image": stored / count / 1e3,
+                 "x_source_jpeg_bytes": stored / count / 1e3 / data_info["mean_kb"], **probe.finish()}, *parts)
 
+    prep, train_ps, test_ps = build("raw")
+    compact = build("jpeg") if {"compact", "compact-host"} & set(variants) else None
     def make(kind: str, split: str):
         part = data.train if split == "train" else data.test
         ps = train_ps if split == "train" else test_ps
@@ -223,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
             return DeviceImages(resident(ps, 256), pre, device)
         if kind == "prepared":
             return PreparedImages(ps, pre, device)
+        if kind in ("compact", "compact-host"):  # decoded by nvJPEG on the device, or by host worker processes
+            return prepared_images(compact[1] if split == "train" else compact[2], pre, device,
+                                   decoder="host" if kind == "compact-host" else "device")
         if kind == "decode":
             return DecodedImages(reader_for(part), pre, device, name=data.name)
         if kind == "loader":
@@ -280,25 +291,37 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         r["train_ratio_to_resident"] = r["train_images_per_s"] / ref["train_images_per_s"] if ref else None
         r["eval_ratio_to_resident"] = r["eval_images_per_s"] / ref["eval_images_per_s"] if ref else None
-    best_file = max((r for r in rows if r["variant"] in ("prepared", "decode")), key=lambda r: r["train_images_per_s"],
+    best_file = max((r for r in rows if r["variant"] in ("prepared", "compact", "compact-host", "decode")),
+                    key=lambda r: r["train_images_per_s"],
                     default=None)
     env = common.environment(args)
     env.update({"img_size": img_size, "cuda_graph": args.cuda_graph and gpu, "host_cores": host_cores(),
                 "regime": "masked-memory"})
     nvjpeg = nvjpeg_rate(sorted((args.folder / "train").rglob("*.jpg")), args.batch_size) if gpu else None
-    result = {"environment": env, "data": data_info, "prepare": prep, "results": rows, "failed": failed,
+    result = {"environment": env, "data": data_info, "prepare": prep,
+              "prepare_compact": compact[0] if compact else None, "results": rows, "failed": failed,
               "nvjpeg_decode_only_images_per_s": nvjpeg,
               "targets": {"decode_train_ratio": next((r["train_ratio_to_resident"] for r in rows
                                                       if r["variant"] == "decode"), None),
                           "prepared_train_ratio": next((r["train_ratio_to_resident"] for r in rows
                                                         if r["variant"] == "prepared"), None),
+                          "compact_train_ratio": next((r["train_ratio_to_resident"] for r in rows
+                                                       if r["variant"] == "compact"), None),
+                          "compact_eval_ratio": next((r["eval_ratio_to_resident"] for r in rows
+                                                      if r["variant"] == "compact"), None),
+                          "compact_host_train_ratio": next((r["train_ratio_to_resident"] for r in rows
+                                                            if r["variant"] == "compact-host"), None),
+                          "compact_x_source_jpeg_bytes": compact[0]["x_source_jpeg_bytes"] if compact else None,
                           "best_file_path": best_file["variant"] if best_file else None}}
     table_rows = [[r["variant"], f"{r['train_images_per_s']:,.0f}",
                    f"{r['train_ratio_to_resident']:.2f}" if ref else "-", f"{r['eval_images_per_s']:,.0f}",
                    f"{r['eval_ratio_to_resident']:.2f}" if ref else "-", f"{r['train_cpu_cores_busy']:.1f}",
                    f"{r['train_peak_rss_gb']:.1f}"] for r in rows]
-    table_rows.append(["prepare (once)", f"{prep['images_per_s']:,.0f} decoded", "", "", "",
-                       f"{prep['cpu_cores_busy']:.1f}", f"{prep['peak_rss_gb']:.1f}"])
+    for built in (prep, compact[0] if compact else None):
+        if built:
+            table_rows.append([f"prepare {built['encoding']} (once; {built['kb_per_image']:.0f} KB/img, "
+                               f"{built['x_source_jpeg_bytes']:.2f}x source)", f"{built['images_per_s']:,.0f} decoded",
+                               "", "", "", f"{built['cpu_cores_busy']:.1f}", f"{built['peak_rss_gb']:.1f}"])
     if nvjpeg:
         table_rows.append(["nvJPEG decode only", f"{nvjpeg:,.0f} decoded", "", "", "", "", ""])
     common.report(result, f"input paths, {args.model} {img_size}px, batch {args.batch_size}, {env['device']}",

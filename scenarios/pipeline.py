@@ -153,13 +153,14 @@ def batches(data, pre: Preprocess, device: str | torch.device = "cpu", *, on_bad
             name: str = "dataset", workers: int | None = None):
     """The batch source for ``data``: on the device for an :class:`ImageSet`, streamed for a prepared copy or a
     reader of image files (:mod:`scenarios.streaming`), a PIL DataLoader for any other dataset."""
+    from .compact import prepared_images
     from .prepared import PreparedSet
-    from .streaming import DecodedImages, PreparedImages
+    from .streaming import DecodedImages
 
     if isinstance(data, ImageSet):
         return DeviceImages(data, pre, device)
     if isinstance(data, PreparedSet):
-        return PreparedImages(data, pre, device)
+        return prepared_images(data, pre, device)
     if is_reader(data):
         return DecodedImages(data, pre, device, on_bad=on_bad, name=name, workers=workers)
     return LoaderImages(data, pre, device, workers=workers or max(1, host_cores() - 1))

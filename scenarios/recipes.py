@@ -46,28 +46,42 @@ def choose_pipeline(pipeline: str, *, file_backed: bool, prepared_exists: bool, 
     return pipeline
 
 
-def _fits_on_disk(reader, opts: PrepareOptions, cache_dir: str | None) -> tuple[bool, float]:
-    """Whether a prepared copy of ``reader`` (estimated at 4:3 images) takes at most half the free disk there."""
-    estimate = len(reader) * opts.short_side * opts.short_side * 4 / 3 * 3
+def fits_on_disk(reader, opts: PrepareOptions, cache_dir: str | None) -> tuple[bool, float]:
+    """Whether a prepared copy of ``reader`` (estimated at 4:3 images; a compact copy at a tenth of raw pixels)
+    takes at most half the free disk there, and its estimated gigabytes."""
+    estimate = len(reader) * opts.short_side * opts.short_side * 4 / 3 * 3 / (10 if opts.encoding == "jpeg" else 1)
     where = Path(cache_dir) if cache_dir else prepared.default_root()
     while not where.exists() and where != where.parent:
         where = where.parent
     return estimate <= 0.5 * shutil.disk_usage(where).free, estimate / 1e9
 
 
-def _stage(part, *, data: datasets.TaskData, split: str, pipeline: str, opts: PrepareOptions,
+def encoding_for(reader, opts: PrepareOptions, encoding: str, cache_dir: str | None) -> str:
+    """The encoding a prepared copy of ``reader`` takes (:func:`~scenarios.prepared.choose_encoding`, given
+    whether raw pixels fit on the disk)."""
+    raw_fits = encoding != "auto" or fits_on_disk(reader, dataclasses.replace(opts, encoding="raw"), cache_dir)[0]
+    return prepared.choose_encoding(encoding, raw_fits=raw_fits)
+
+
+def _stage(part, *, data: datasets.TaskData, split: str, pipeline: str, opts: PrepareOptions, encoding: str,
            cache_dir: str | None, progress: bool):
-    """One split as what its pipeline reads: an ImageSet, a PreparedSet, a reader or a PIL dataset."""
+    """One split as what its pipeline reads: an ImageSet, a PreparedSet, a reader or a PIL dataset. With
+    ``encoding="auto"`` a finished copy of either encoding is used as it is."""
     if isinstance(part, ImageSet) or pipeline == "loader":
         return part
     reader = reader_for(part)
-    found = prepared.find(reader, name=data.name, split=split, opts=opts, root=cache_dir)
-    fits, gigabytes = _fits_on_disk(reader, opts, cache_dir) if found is None else (True, 0.0)
+    found = next((ps for e in (prepared.ENCODINGS if encoding == "auto" else (encoding,))
+                  if (ps := prepared.find(reader, name=data.name, split=split,
+                                          opts=dataclasses.replace(opts, encoding=e), root=cache_dir)) is not None),
+                 None)
+    if found is None:
+        opts = dataclasses.replace(opts, encoding=encoding_for(reader, opts, encoding, cache_dir))
+    fits, gigabytes = fits_on_disk(reader, opts, cache_dir) if found is None else (True, 0.0)
     kind = choose_pipeline(pipeline, file_backed=True, prepared_exists=found is not None, fits_on_disk=fits)
     if kind == "prepared":
         if found is None:
-            log.info("%s (%s): decoding %d images once into a prepared copy (about %.1f GB; --pipeline decode "
-                     "skips it)", data.name, split, len(reader), gigabytes)
+            log.info("%s (%s): decoding %d images once into a prepared copy (%s, about %.1f GB; --pipeline decode "
+                     "skips it)", data.name, split, len(reader), opts.encoding, gigabytes)
         return found or prepared.prepare(reader, name=data.name, split=split, class_names=data.class_names,
                                          opts=opts, root=cache_dir, progress=progress)
     if pipeline == "auto":
@@ -80,8 +94,8 @@ def _stage(part, *, data: datasets.TaskData, split: str, pipeline: str, opts: Pr
 def prepare_task(data: datasets.TaskData, *, cache_dir: str | None = None, on_bad_image: OnBad = "skip",
                  progress: bool = False) -> datasets.TaskData:
     """``data`` with its file-backed splits replaced by prepared copies (built if missing)."""
-    stage = dict(data=data, pipeline="prepared", opts=PrepareOptions(on_bad=on_bad_image), cache_dir=cache_dir,
-                 progress=progress)
+    stage = dict(data=data, pipeline="prepared", opts=PrepareOptions(on_bad=on_bad_image), encoding="auto",
+                 cache_dir=cache_dir, progress=progress)
     return dataclasses.replace(data, train=_stage(data.train, split="train", **stage),
                                test=_stage(data.test, split="test", **stage))
 
@@ -117,14 +131,16 @@ def sources(
     cache_dir: str | None = None,
     progress: bool = False,
     heldout: float = 0.05,
+    encoding: str = "auto",
 ):
     """Training, held-out (``heldout`` of the train split, 5% by default, stratified; capped at ``max_heldout``)
     and evaluation batch sources.
 
     File-backed datasets take the input path :func:`choose_pipeline` picks; ``pipeline="prepared"`` builds the
-    prepared copy first if there is none (under ``cache_dir``, default ``$CONTINUAL_MEM_HOME/prepared``)."""
-    opts = PrepareOptions(on_bad=on_bad_image)
-    stage = dict(data=data, pipeline=pipeline, opts=opts, cache_dir=cache_dir, progress=progress)
+    prepared copy first if there is none (under ``cache_dir``, default ``$CONTINUAL_MEM_HOME/prepared``), encoded
+    as ``encoding`` says (``auto``: :func:`encoding_for`; a finished copy of either encoding is used as it is)."""
+    stage = dict(data=data, pipeline=pipeline, opts=PrepareOptions(on_bad=on_bad_image), encoding=encoding,
+                 cache_dir=cache_dir, progress=progress)
     train = _stage(data.train, split="train", **stage)
     labels = _labels(train)
     keep, held = stratified_split(labels, holdout=heldout, seed=seed)

@@ -22,11 +22,11 @@ from torch.utils.data import Dataset
 from continual_mem import MemoryViT
 from continual_mem.train import TrainConfig, clip_grad_norm_per_group, lr_at
 
+from .compact import prepared_images
 from .datasets import ImageSet, TaskData, load
 from .pipeline import DeviceImages, Preprocess
 from .prepared import PreparedSet
 from .recipes import prepare_task
-from .streaming import PreparedImages
 from .splits import stratified_split
 
 
@@ -36,7 +36,7 @@ class PreprocessedImages(Dataset):
 
     def __init__(self, data: ImageSet | PreparedSet, pre: Preprocess) -> None:
         self.source = DeviceImages(data, pre, "cpu") if isinstance(data, ImageSet) else \
-            PreparedImages(data, pre, "cpu", prefetch=0)
+            prepared_images(data, pre, "cpu", prefetch=0)
         self.targets = data.labels.tolist()
 
     def __len__(self) -> int:

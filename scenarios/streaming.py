@@ -73,12 +73,12 @@ class DeviceStage:
         """A padded ``(B, H, W, 3)`` uint8 batch holding images ``lo:lo+B`` of a global batch of ``n`` (the random
         draws cover all ``n``)."""
         canvas, hw, labels = self.upload(canvas, hw, labels)
-        return self._finish(canvas.permute(0, 3, 1, 2).contiguous(), hw, labels, train=train, g=g, n=n, lo=lo)
+        return self.finish(canvas.permute(0, 3, 1, 2).contiguous(), hw, labels, train=train, g=g, n=n, lo=lo)
 
-    def from_images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Images already on the device, ``(3, h, w)`` uint8 each (decoded there, e.g. by nvJPEG), laid out as a
-        padded batch the way :func:`pad_batch` and :func:`~scenarios.prepared.place` do on the host (last row and
-        column repeated once), then cropped and normalised for evaluation."""
+    def layout(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images already on the device, ``(3, h, w)`` uint8 each (decoded there, e.g. by nvJPEG), as a padded
+        ``(B, 3, H, W)`` batch laid out the way :func:`pad_batch` and :func:`~scenarios.prepared.place` do on the
+        host (last row and column repeated once), and their ``(B, 2)`` heights and widths."""
         H = _round_up(max(int(im.shape[1]) for im in images))
         W = _round_up(max(int(im.shape[2]) for im in images))
         canvas = torch.empty((len(images), 3, H, W), dtype=torch.uint8, device=self.device)
@@ -91,8 +91,13 @@ class DeviceStage:
             canvas[rows, :, h, :w] = group[:, :, h - 1]  # H, W > h, w always (_round_up)
             canvas[rows, :, :h + 1, w] = canvas[rows, :, :h + 1, w - 1]
         hw = torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.int64, device=self.device)
+        return canvas, hw
+
+    def from_images(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Images already on the device (:meth:`layout`), cropped and normalised for evaluation."""
+        canvas, hw = self.layout(images)
         labels = torch.zeros(len(images), dtype=torch.int64, device=self.device)
-        return self._finish(canvas, hw, labels, train=False, g=None, n=None, lo=0)[0]
+        return self.finish(canvas, hw, labels, train=False)[0]
 
     def from_flat(self, flat: torch.Tensor, meta: torch.Tensor, labels: torch.Tensor, canvas: tuple[int, int], *,
                   train: bool, g: torch.Generator | None = None, n: int | None = None,
@@ -108,10 +113,14 @@ class DeviceStage:
         xx = torch.minimum(torch.arange(W, device=dev)[None, :], (w - 1)[:, None])  # (B, W)
         pixel = off[:, None, None] + (yy[:, :, None] * w[:, None, None] + xx[:, None, :]) * 3  # (B, H, W)
         x = flat[pixel[:, None] + torch.arange(3, device=dev).view(1, 3, 1, 1)]  # (B, 3, H, W) uint8
-        return self._finish(x, meta[:, 1:3], labels, train=train, g=g, n=n, lo=lo)
+        return self.finish(x, meta[:, 1:3], labels, train=train, g=g, n=n, lo=lo)
 
-    def _finish(self, x: torch.Tensor, hw: torch.Tensor, labels: torch.Tensor, *, train: bool,
-                g: torch.Generator | None, n: int | None, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self, x: torch.Tensor, hw: torch.Tensor, labels: torch.Tensor, *, train: bool,
+               g: torch.Generator | None = None, n: int | None = None,
+               lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A padded ``(B, 3, H, W)`` uint8 batch on the device (``hw``: each image's size) cropped (training:
+        inception boxes and flips from ``g``, drawn for all ``n`` images of the global batch; else timm's centre
+        crop) and normalised."""
         hw = hw.float()
         x = crop_batch(x.float(), hw[:, 0], hw[:, 1], self.pre, train=train, g=g, n=n, lo=lo)  # 0..255
         return torch.addcmul(self.shift, x, self.scale), labels
@@ -175,9 +184,8 @@ class PreparedImages:
         def positions(key):
             return step_indices(len(self), key[-1], batch_size, seed)[lo:hi].numpy()
 
-        flat, meta, labels, canvas = self._fetch(("train", batch_size, seed, shard, step), positions)
-        return self.stage.from_flat(flat, meta, labels, canvas, train=True, g=step_generator(seed, step, self.device),
-                                    n=n, lo=lo)
+        return self._model_batch(self._fetch(("train", batch_size, seed, shard, step), positions), train=True,
+                                 g=step_generator(seed, step, self.device), n=n, lo=lo)
 
     def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Evaluation batches of ``shard``'s contiguous part of the set, in order."""
@@ -189,13 +197,17 @@ class PreparedImages:
             return np.arange(starts[b], min(starts[b] + batch_size, hi)) if b < len(starts) else None
 
         for b in range(len(starts)):
-            flat, meta, labels, canvas = self._fetch(("eval", batch_size, shard, b), positions)
-            yield self.stage.from_flat(flat, meta, labels, canvas, train=False)
+            yield self._model_batch(self._fetch(("eval", batch_size, shard, b), positions), train=False)
 
     def eval_one(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``i`` alone, preprocessed for evaluation (per-sample datasets such as Avalanche's)."""
-        flat, meta, labels, canvas = self._host(np.array([i]))
-        return self.stage.from_flat(flat, meta, labels, canvas, train=False)
+        return self._model_batch(self._host(np.array([i])), train=False)
+
+    def _model_batch(self, host: tuple, *, train: bool, g: torch.Generator | None = None, n: int | None = None,
+                     lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`_host` prepared, as a model batch on the device."""
+        flat, meta, labels, canvas = host
+        return self.stage.from_flat(flat, meta, labels, canvas, train=train, g=g, n=n, lo=lo)
 
 
 # ----------------------------------------------------------------------------------------------- decoding

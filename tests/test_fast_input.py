@@ -165,7 +165,7 @@ def test_sources_pick_the_fast_paths(folder, tmp_path, monkeypatch):
 
     assert kinds(pipeline="decode") == ["DecodedImages"] * 3
     assert kinds(pipeline="loader") == ["LoaderImages"] * 3
-    monkeypatch.setattr(recipes, "_fits_on_disk", lambda *a: (False, 1e3))
+    monkeypatch.setattr(recipes, "fits_on_disk", lambda *a: (False, 1e3))
     assert kinds() == ["DecodedImages"] * 3  # auto, no copy, no room for one: decode on the fly
     monkeypatch.undo()
     assert kinds() == ["PreparedImages"] * 3  # auto: builds the copy on first use

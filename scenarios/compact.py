@@ -1,0 +1,113 @@
+"""Compact prepared copies as a batch source: JPEG bytes read from the page cache, decoded in batches on the GPU.
+
+A compact copy (:mod:`scenarios.prepared`, ``encoding="jpeg"``) holds each image re-encoded once at a 256 px short
+side (~20 KB instead of ~196 KB of raw pixels). :class:`CompactImages` is :class:`~scenarios.streaming.PreparedImages`
+with one step more: host threads read a batch's JPEG bytes a few steps ahead, and each thread decodes its batch
+with nvJPEG (``torchvision.io.decode_jpeg`` on a list: one batched call, the hardware decoder where the GPU has
+one) and lays it out as a padded batch, on its own CUDA stream, so decoding overlaps the training step in flight.
+The training stream waits for that batch's event only when it takes the batch: no host synchronisation.
+
+The other decoder, ``host``: :class:`CompactReader` hands the copy's JPEGs to
+:class:`~scenarios.streaming.DecodedImages`, which decodes them with libjpeg-turbo in worker processes (one per host
+core): small re-encoded images at a fixed short side decode several times faster than the source files, and the
+GPU's time stays the model's. :func:`choose_decoder` picks.
+
+The data a step sees still depends only on ``(seed, step)`` (the same images, crop boxes and flips as every other
+source); the pixels differ from the raw copy's by the JPEG re-encoding (a few grey levels, ``tests``). On a CPU
+device the ``device`` decoder decodes with libjpeg-turbo in the threads.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .augment import Preprocess
+from .prepared import PreparedSet
+from .streaming import DecodedImages, PreparedImages
+
+DECODERS = ("auto", "device", "host")
+
+
+def choose_decoder(decoder: str, *, device: str) -> str:
+    """Where a compact copy is decoded (policy, pure): ``device`` (nvJPEG on the GPU, no host cores) or ``host``
+    (worker processes). ``auto``: nvJPEG on a CUDA device, else the host."""
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; use auto, device or host")
+    if decoder != "auto":
+        return decoder
+    return "device" if str(device).startswith("cuda") else "host"
+
+
+class CompactReader:
+    """A compact copy's JPEGs as a reader of encoded images (:class:`scenarios.decode.Reader`), for
+    :class:`~scenarios.streaming.DecodedImages`."""
+
+    def __init__(self, data: PreparedSet) -> None:
+        if data.encoding != "jpeg":
+            raise ValueError(f"{data.root} holds {data.encoding} pixels, not JPEGs; read it with PreparedImages")
+        self.data = data
+        self.labels = data.index[data.rows, 3].copy()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def read(self, i: int) -> bytes:
+        return self.data.encoded(np.array([i]))[0].numpy().tobytes()
+
+    def name(self, i: int) -> str:
+        return f"{self.data.root.name}[{int(self.data.rows[i])}]"
+
+    def fingerprint(self) -> dict:
+        return {"kind": "compact", "root": str(self.data.root), "count": len(self),
+                "rows": int(np.asarray(self.data.rows).sum())}
+
+
+class CompactImages(PreparedImages):
+    """A compact (JPEG) :class:`PreparedSet` as a batch source; arguments as :class:`PreparedImages`."""
+
+    def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
+                 threads: int | None = None, prefetch: int = 4) -> None:
+        if data.encoding != "jpeg":
+            raise ValueError(f"{data.root} holds {data.encoding} pixels, not JPEGs; read it with PreparedImages")
+        # nvJPEG decodes one batch at a time (torchvision holds one decoder behind a lock): two threads keep it busy
+        super().__init__(data, pre, device, threads=threads or 2, prefetch=prefetch)
+        self.decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _host(self, positions: np.ndarray) -> tuple:
+        """Batch ``positions`` decoded and laid out on the device (on the decode stream, with the event that says
+        it is done), with its labels."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        blobs = self.data.encoded(positions)
+        labels = torch.from_numpy(self.data.index[self.data.rows[positions], 3].copy())
+        if self.decode_stream is None:
+            canvas, hw = self.stage.layout(decode_jpeg(blobs, mode=ImageReadMode.RGB))
+            return canvas, hw, labels, None
+        with torch.cuda.stream(self.decode_stream):
+            images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
+            canvas, hw = self.stage.layout(images)
+            labels = labels.pin_memory().to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return canvas, hw, labels, done
+
+    def _model_batch(self, host: tuple, *, train: bool, g: torch.Generator | None = None, n: int | None = None,
+                     lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        canvas, hw, labels, done = host
+        if done is not None:  # the step's stream waits for the decode on the device, not on the host
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            for t in (canvas, hw, labels):
+                t.record_stream(current)  # made on the decode stream, used on this one
+        return self.stage.finish(canvas, hw, labels, train=train, g=g, n=n, lo=lo)
+
+
+def prepared_images(data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
+                    decoder: str = "auto", **kwargs) -> PreparedImages | DecodedImages:
+    """The batch source of a prepared copy, by its encoding and, for a compact one, where it is decoded (the one
+    place that decides; ``kwargs`` go to :class:`PreparedImages`)."""
+    if data.encoding != "jpeg":
+        return PreparedImages(data, pre, device, **kwargs)
+    if choose_decoder(decoder, device=str(device)) == "host":
+        return DecodedImages(CompactReader(data), pre, device, name=data.root.name, short_side=None)
+    return CompactImages(data, pre, device, **kwargs)

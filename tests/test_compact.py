@@ -1,0 +1,141 @@
+"""Compact prepared copies (re-encoded JPEGs decoded in batches, ``scenarios.compact``): against the raw copy, their
+build (resume, bad files, folder keys), the batches' dependence on ``(seed, step)`` only, and the path policy."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from continual_mem.distributed import Shard
+from input_helpers import PRE, SHORT, folder, prepare_small, reader  # noqa: F401 - fixtures
+from scenarios import datasets, prepared, recipes
+from scenarios.compact import CompactImages, CompactReader, choose_decoder, prepared_images
+from scenarios.datasets import DatasetError
+from scenarios.decode import FilesReader
+from scenarios.pipeline import batches
+from scenarios.prepared import PrepareOptions, choose_encoding
+from scenarios.streaming import PreparedImages
+
+
+@pytest.fixture(scope="module")
+def copies(reader, tmp_path_factory):
+    root = tmp_path_factory.mktemp("copies")
+    return prepare_small(reader, root), prepare_small(reader, root, encoding="jpeg")
+
+
+def test_the_compact_copy_holds_the_raw_copys_images_within_jpeg_tolerance_in_far_fewer_bytes(copies):
+    raw, compact = copies
+    assert (raw.encoding, compact.encoding) == ("raw", "jpeg")
+    assert raw.root != compact.root  # keyed apart: neither is mistaken for the other
+    assert np.array_equal(raw.index[:, 1:], compact.index[:, 1:])  # same images, sizes and labels, in order
+    assert compact.meta["quality"] == 90 and compact.meta["bytes"] == (compact.root / "images.jpg").stat().st_size
+    assert compact.meta["bytes"] < 0.5 * raw.meta["bytes"]
+    assert int(compact.nbytes.sum()) == compact.meta["bytes"]
+    for i in range(len(raw)):
+        blob = compact.encoded(np.array([i]))[0].numpy().tobytes()
+        assert blob[:3] == b"\xff\xd8\xff" and blob[-2:] == b"\xff\xd9"  # one whole JPEG per image
+        a, b = raw.image(i).astype(int), compact.image(i).astype(int)
+        assert a.shape == b.shape
+        assert np.abs(a - b).mean() < 4, i  # grey levels: q90 re-encoding of smooth photos
+    sub = compact.subset([4, 1])
+    assert np.array_equal(sub.image(0), compact.image(4)) and sub.labels.tolist() == compact.labels[[4, 1]].tolist()
+
+
+def test_compact_and_raw_batches_agree_within_jpeg_tolerance(copies):
+    raw, compact = copies
+    a, b = PreparedImages(raw, PRE), CompactImages(compact, PRE)
+    for step in (0, 3):
+        (xa, ya), (xb, yb) = a.train_batch(step, 8, seed=1), b.train_batch(step, 8, seed=1)
+        assert torch.equal(ya, yb)  # the same images, boxes and flips: only the pixels' re-encoding differs
+        assert (xa - xb).abs().mean() < 0.1 and (xa - xb).abs().mean() > 0  # normalised units (~1/std per level)
+    for (xa, ya), (xb, yb) in zip(a.eval_batches(10), b.eval_batches(10), strict=True):
+        assert torch.equal(ya, yb) and (xa - xb).abs().mean() < 0.1
+    assert (a.eval_one(5)[0] - b.eval_one(5)[0]).abs().mean() < 0.1
+
+
+def test_compact_batches_depend_only_on_seed_and_step_whatever_the_ranks(copies):
+    _, compact = copies
+    src = CompactImages(compact, PRE)
+    x, y = src.train_batch(2, 9, seed=5)
+    assert torch.equal(CompactImages(compact, PRE, prefetch=0).train_batch(2, 9, seed=5)[0], x)  # a resumed run
+    parts = [CompactImages(compact, PRE).train_batch(2, 9, seed=5, shard=Shard(r, 3)) for r in range(3)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert not torch.equal(src.train_batch(2, 9, seed=6)[0], x)
+
+
+def test_the_batch_source_follows_the_copys_encoding(copies):
+    raw, compact = copies
+    assert type(batches(raw, PRE)) is PreparedImages
+    assert type(batches(compact, PRE)).__name__ == "DecodedImages"  # on the CPU: decoded by worker processes
+    assert type(prepared_images(compact, PRE, decoder="device", prefetch=0)) is CompactImages
+    with pytest.raises(ValueError, match="not JPEGs; read it with PreparedImages"):
+        CompactImages(raw, PRE)
+
+
+def test_an_interrupted_compact_build_resumes_to_the_same_bytes(reader, tmp_path, monkeypatch):
+    whole = prepare_small(reader, tmp_path / "whole", encoding="jpeg")
+    calls = {"n": 0}
+    real = prepared._write_json
+
+    def crash_after_first_chunk(path, data):
+        real(path, data)
+        calls["n"] += 1
+        if path.name == "progress.json" and calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepared, "CHUNK", 8)
+    monkeypatch.setattr(prepared, "_write_json", crash_after_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_small(reader, tmp_path / "cut", encoding="jpeg")
+    monkeypatch.setattr(prepared, "_write_json", real)
+    resumed = prepare_small(reader, tmp_path / "cut", encoding="jpeg")
+    assert (resumed.root / "images.jpg").read_bytes() == (whole.root / "images.jpg").read_bytes()
+    assert np.array_equal(resumed.index, whole.index)
+
+
+def test_bad_files_are_skipped_or_fail_as_chosen_in_a_compact_build(tmp_path, folder):
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "imgs")
+    files = sorted((tmp_path / "imgs").rglob("*.jpg"))[:10]
+    victim = files[3]
+    victim.write_bytes(b"not a jpeg")
+    r = FilesReader([str(f) for f in files], np.zeros(len(files), dtype=np.int64))
+    skipped = prepare_small(r, tmp_path / "c", encoding="jpeg")
+    assert len(skipped) == len(r) - 1 and victim.name in skipped.meta["bad"][0]
+    with pytest.raises(DatasetError, match=victim.name):
+        prepare_small(r, tmp_path / "f", encoding="jpeg", on_bad="fail")
+
+
+def test_encoding_options_and_policy():
+    with pytest.raises(ValueError, match="encoding must be raw or jpeg"):
+        PrepareOptions(encoding="png")
+    with pytest.raises(ValueError, match="quality must be between 1 and 100"):
+        PrepareOptions(encoding="jpeg", quality=0)
+    with pytest.raises(ValueError, match="unknown encoding 'webp'; use auto, raw or jpeg"):
+        choose_encoding("webp", raw_fits=True)
+    assert choose_encoding("auto", raw_fits=True) == "raw"  # the fastest path measured, where it fits
+    assert choose_encoding("auto", raw_fits=False) == "jpeg"  # else a tenth of the bytes
+    assert choose_encoding("raw", raw_fits=False) == "raw" and choose_encoding("jpeg", raw_fits=True) == "jpeg"
+
+
+def test_sources_build_the_chosen_encoding_and_reuse_a_copy_of_the_other(tmp_path, folder, monkeypatch):
+    data = datasets.load(f"imagefolder:{folder}")
+    common = dict(seed=0, max_train=None, max_test=None, cache_dir=str(tmp_path))
+
+    def kinds(**kw):
+        return [type(s).__name__ for s in recipes.sources(data, "test", PRE, "cpu", **common, **kw)]
+
+    def built():
+        return sorted(json.loads(p.read_text())["encoding"] for p in tmp_path.glob("*/meta.json"))
+
+    real = recipes.fits_on_disk
+    monkeypatch.setattr(recipes, "fits_on_disk", lambda r, opts, c: (opts.encoding == "jpeg", 1.0))
+    assert kinds() == ["DecodedImages"] * 3  # auto, raw pixels do not fit: the compact copy (host workers on a CPU)
+    assert built() == ["jpeg", "jpeg"]
+    monkeypatch.setattr(recipes, "fits_on_disk", real)
+    assert kinds() == ["DecodedImages"] * 3  # auto takes the compact copy already there, builds no raw one
+    assert built() == ["jpeg", "jpeg"]
+    assert kinds(encoding="raw") == ["PreparedImages"] * 3  # asked for raw: builds it
+    assert built() == ["jpeg", "jpeg", "raw", "raw"]
+    assert kinds(pipeline="prepared", encoding="jpeg") == ["DecodedImages"] * 3
