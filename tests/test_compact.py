@@ -139,3 +139,50 @@ def test_sources_build_the_chosen_encoding_and_reuse_a_copy_of_the_other(tmp_pat
     assert kinds(encoding="raw") == ["PreparedImages"] * 3  # asked for raw: builds it
     assert built() == ["jpeg", "jpeg", "raw", "raw"]
     assert kinds(pipeline="prepared", encoding="jpeg") == ["DecodedImages"] * 3
+
+
+def test_host_decoding_of_a_compact_copy_gives_the_threads_batches_on_the_cpu(copies):
+    """The ``host`` decoder (worker processes through DecodedImages) and the threads' decoder read the same JPEGs
+    with the same library: identical batches, for training and evaluation; a copy pickled to a worker maps its
+    file again instead of carrying it."""
+    import pickle
+
+    raw, compact = copies
+    host = prepared_images(compact, PRE, decoder="host")
+    assert type(host).__name__ == "DecodedImages"
+    assert type(prepared_images(compact, PRE, decoder="device")) is CompactImages
+    threads = CompactImages(compact, PRE)
+    for step in (0, 2):
+        (xa, ya), (xb, yb) = host.train_batch(step, 8, seed=1), threads.train_batch(step, 8, seed=1)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for (xa, ya), (xb, yb) in zip(host.eval_batches(10), threads.eval_batches(10), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    blob = pickle.dumps(compact.subset([3, 0]))
+    assert len(blob) < compact.meta["bytes"] / 4
+    again = pickle.loads(blob)
+    assert np.array_equal(again.image(0), compact.image(3))
+    assert choose_decoder("auto", device="cuda") == "device" and choose_decoder("auto", device="cpu") == "host"
+    with pytest.raises(ValueError, match="unknown decoder 'gpu'; use auto, device or host"):
+        choose_decoder("gpu", device="cuda")
+    with pytest.raises(ValueError, match="not JPEGs"):
+        CompactReader(raw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+def test_compact_batches_on_the_gpu(copies):
+    """nvJPEG on the decode stream: batches within JPEG tolerance of the raw copy's, the same for any rank split and
+    for a fresh source, and usable by the training stream without a host synchronisation."""
+    raw, compact = copies
+    gpu, cpu = CompactImages(compact, PRE, "cuda"), PreparedImages(raw, PRE)
+    for step in range(4):  # prefetched batches decode while earlier ones are consumed
+        (xg, yg), (xc, yc) = gpu.train_batch(step, 8, seed=2), cpu.train_batch(step, 8, seed=2)
+        assert xg.is_cuda and torch.equal(yg.cpu(), yc)
+        err = (xg.cpu() - xc).abs().mean()  # nvJPEG against the raw pixels: the re-encoding and the decoder
+        assert err < 0.1, err
+        assert torch.equal(CompactImages(compact, PRE, "cuda", prefetch=0).train_batch(step, 8, seed=2)[0], xg)
+    parts = [CompactImages(compact, PRE, "cuda").train_batch(1, 9, seed=0, shard=Shard(r, 2))[0] for r in range(2)]
+    assert torch.equal(torch.cat(parts), gpu.train_batch(1, 9, seed=0)[0])
+    ev_gpu = torch.cat([x.cpu() for x, _ in gpu.eval_batches(10)])
+    ev_cpu = torch.cat([x for x, _ in cpu.eval_batches(10)])
+    assert ev_gpu.shape[0] == len(compact) and (ev_gpu - ev_cpu).abs().mean() < 0.1
