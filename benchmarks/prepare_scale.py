@@ -33,20 +33,23 @@ def build(folder: Path, cache: Path, encoding: str, *, interrupt_after: float | 
     cmd = [sys.executable, "-m", "cli", "prepare", f"imagefolder:{folder}", "--cache-dir", str(cache),
            "--format", encoding, "--json"]
     t0 = time.perf_counter()
-    stopped_at = None
+    stopped_at, resumed_from = None, None
     with Probe() as probe:
-        if interrupt_after:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if interrupt_after:  # SIGINT as Ctrl-C (restored: a shell's background job starts with it ignored)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             try:
                 proc.wait(timeout=interrupt_after)
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGINT)
                 proc.wait()
                 stopped_at = time.perf_counter() - t0
+                progress = [json.loads(p.read_text()) for p in cache.glob("*/progress.json")]
+                resumed_from = sum(p["rows"] for p in progress)
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True)
     rows = json.loads(done.stdout)
     return {"encoding": encoding, "seconds": time.perf_counter() - t0, "interrupted_after_s": stopped_at,
-            "splits": rows, **probe.finish()}
+            "images_done_when_interrupted": resumed_from, "splits": rows, **probe.finish()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,11 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
               "prepare": built, "images_per_s": images / built["seconds"], "kb_per_image": stored / images / 1e3,
               "x_source_bytes": stored / source_bytes}
     common.report(result, f"prepare {args.encoding}, {len(files):,} images, {host_cores()} cores",
-                  ["images", "seconds", "img/s", "KB/img (source)", "x source bytes", "peak RSS GB", "interrupted at s"],
+                  ["images", "seconds", "img/s", "KB/img (source)", "x source bytes", "peak RSS GB",
+                   "interrupted at s (images done)"],
                   [[f"{images:,}", f"{built['seconds']:.0f}", f"{result['images_per_s']:.0f}",
                     f"{result['kb_per_image']:.1f} ({result['source']['kb_per_image']:.1f})",
                     f"{result['x_source_bytes']:.2f}", f"{built['peak_rss_gb']:.2f}",
-                    f"{built['interrupted_after_s']:.0f}" if built["interrupted_after_s"] else "-"]], args.json_out)
+                    f"{built['interrupted_after_s']:.0f} ({built['images_done_when_interrupted']:,})"
+                    if built["interrupted_after_s"] else "-"]], args.json_out)
     return result
 
 

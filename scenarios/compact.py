@@ -4,13 +4,14 @@ A compact copy (:mod:`scenarios.prepared`, ``encoding="jpeg"``) holds each image
 side (~20 KB instead of ~196 KB of raw pixels). :class:`CompactImages` is :class:`~scenarios.streaming.PreparedImages`
 with one step more: host threads read a batch's JPEG bytes a few steps ahead, and each thread decodes its batch
 with nvJPEG (``torchvision.io.decode_jpeg`` on a list: one batched call, the hardware decoder where the GPU has
-one) and lays it out as a padded batch, on its own CUDA stream, so decoding overlaps the training step in flight.
-The training stream waits for that batch's event only when it takes the batch: no host synchronisation.
+one) and lays it out as a padded batch, on its own CUDA stream, so that decoding can overlap the training step in
+flight; the training stream waits for that batch's event only when it takes the batch: no host synchronisation.
+Measured on an H200 it does not overlap yet (0.54-0.58x device-resident training; docs/data_at_scale.md).
 
 The other decoder, ``host``: :class:`CompactReader` hands the copy's JPEGs to
 :class:`~scenarios.streaming.DecodedImages`, which decodes them with libjpeg-turbo in worker processes (one per host
-core): small re-encoded images at a fixed short side decode several times faster than the source files, and the
-GPU's time stays the model's. :func:`choose_decoder` picks.
+core): the re-encoded images have about a third of a 500x375 source's pixels and need no resize, and the GPU's
+time stays the model's. :func:`choose_decoder` picks.
 
 The data a step sees still depends only on ``(seed, step)`` (the same images, crop boxes and flips as every other
 source); the pixels differ from the raw copy's by the JPEG re-encoding (a few grey levels, ``tests``). On a CPU

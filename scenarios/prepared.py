@@ -3,12 +3,12 @@
 ``prepare`` decodes every image of a split (all host cores, ``torchvision.io``), shrinks it to a fixed short side
 and appends it to one data file; ``index.npy`` holds ``(offset, height, width, label)`` per image. Two encodings:
 
-* ``raw`` (``pixels.u8``): uint8 pixels, ~196 KB per 256 px image. Training reads batches straight from the page
-  cache (:class:`scenarios.streaming.PreparedImages`): no decoding, one memory copy per image. For small images
-  and CPU-only hosts.
+* ``raw`` (``pixels.u8``): uint8 pixels, ~196 KB per 256 px image (~4x a typical source JPEG). Training reads
+  batches straight from the page cache (:class:`scenarios.streaming.PreparedImages`): no decoding, one memory copy
+  per image; the fastest path measured.
 * ``jpeg`` (``images.jpg``, the compact copy, in the spirit of FFCV): each shrunk image re-encoded once as a
-  JPEG (quality 90 by default), ~10x smaller; batches are decoded on the GPU by nvJPEG
-  (:class:`scenarios.compact.CompactImages`). For large datasets on CUDA hosts.
+  JPEG (quality 90 by default), ~10x smaller than raw; batches are decoded by nvJPEG or host workers
+  (:mod:`scenarios.compact`). For datasets whose raw copy would not fit (:func:`choose_encoding`).
 
 The build is
 
