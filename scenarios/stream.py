@@ -36,7 +36,7 @@ class PreprocessedImages(Dataset):
 
     def __init__(self, data: ImageSet | PreparedSet, pre: Preprocess) -> None:
         self.source = DeviceImages(data, pre, "cpu") if isinstance(data, ImageSet) else \
-            prepared_images(data, pre, "cpu", prefetch=0)
+            prepared_images(data, pre, "cpu", decoder="device", prefetch=0)  # one image at a time: no workers
         self.targets = data.labels.tolist()
 
     def __len__(self) -> int:

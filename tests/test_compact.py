@@ -186,3 +186,13 @@ def test_compact_batches_on_the_gpu(copies):
     ev_gpu = torch.cat([x.cpu() for x, _ in gpu.eval_batches(10)])
     ev_cpu = torch.cat([x for x, _ in cpu.eval_batches(10)])
     assert ev_gpu.shape[0] == len(compact) and (ev_gpu - ev_cpu).abs().mean() < 0.1
+
+
+def test_avalanche_samples_of_a_compact_copy_are_its_evaluation_batches(copies):
+    from scenarios.stream import PreprocessedImages
+
+    _, compact = copies
+    samples = PreprocessedImages(compact, PRE)
+    x, y = samples[5]
+    ref_x, ref_y = CompactImages(compact, PRE).eval_one(5)
+    assert torch.equal(x, ref_x[0]) and y == int(ref_y[0]) and len(samples) == len(compact)
