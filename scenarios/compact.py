@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .augment import Preprocess
+from .decode import digest
 from .prepared import PreparedSet
 from .streaming import DecodedImages, PreparedImages
 
@@ -59,8 +60,8 @@ class CompactReader:
         return f"{self.data.root.name}[{int(self.data.rows[i])}]"
 
     def fingerprint(self) -> dict:
-        return {"kind": "compact", "root": str(self.data.root), "count": len(self),
-                "rows": int(np.asarray(self.data.rows).sum())}
+        return {"kind": "compact", "root": str(self.data.root), "source": self.data.meta["source"],
+                "rows": digest(map(str, self.data.rows.tolist()))}
 
 
 class CompactImages(PreparedImages):

@@ -166,6 +166,8 @@ def test_host_decoding_of_a_compact_copy_gives_the_threads_batches_on_the_cpu(co
         choose_decoder("gpu", device="cuda")
     with pytest.raises(ValueError, match="not JPEGs"):
         CompactReader(raw)
+    a, b = CompactReader(compact.subset([0, 3])), CompactReader(compact.subset([1, 2]))
+    assert a.fingerprint() != b.fingerprint() and a.fingerprint() == CompactReader(compact.subset([0, 3])).fingerprint()
 
 
 @pytest.mark.gpu
