@@ -31,10 +31,10 @@ import common  # noqa: E402
 from continual_mem import MemoryViT  # noqa: E402
 from continual_mem.train import TrainConfig, evaluate, fit  # noqa: E402
 from scenarios import datasets, prepared  # noqa: E402
+from scenarios.compact import prepared_images  # noqa: E402
 from scenarios.datasets import ImageSet  # noqa: E402
 from scenarios.decode import host_cores, reader_for  # noqa: E402
 from scenarios.pipeline import DeviceImages, LoaderImages, Preprocess  # noqa: E402
-from scenarios.compact import prepared_images  # noqa: E402
 from scenarios.streaming import DecodedImages, PreparedImages  # noqa: E402
 from scenarios.synthetic import make_image_folder  # noqa: E402
 
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     prep, train_ps, test_ps = build("raw")
     compact = build("jpeg") if {"compact", "compact-host"} & set(variants) else None
+
     def make(kind: str, split: str):
         part = data.train if split == "train" else data.test
         ps = train_ps if split == "train" else test_ps
@@ -297,20 +298,19 @@ def main(argv: list[str] | None = None) -> dict:
     env = common.environment(args)
     env.update({"img_size": img_size, "cuda_graph": args.cuda_graph and gpu, "host_cores": host_cores(),
                 "regime": "masked-memory"})
+
+    def ratio(variant: str, phase: str) -> float | None:
+        return next((r[f"{phase}_ratio_to_resident"] for r in rows if r["variant"] == variant), None)
+
     nvjpeg = nvjpeg_rate(sorted((args.folder / "train").rglob("*.jpg")), args.batch_size) if gpu else None
     result = {"environment": env, "data": data_info, "prepare": prep,
               "prepare_compact": compact[0] if compact else None, "results": rows, "failed": failed,
               "nvjpeg_decode_only_images_per_s": nvjpeg,
-              "targets": {"decode_train_ratio": next((r["train_ratio_to_resident"] for r in rows
-                                                      if r["variant"] == "decode"), None),
-                          "prepared_train_ratio": next((r["train_ratio_to_resident"] for r in rows
-                                                        if r["variant"] == "prepared"), None),
-                          "compact_train_ratio": next((r["train_ratio_to_resident"] for r in rows
-                                                       if r["variant"] == "compact"), None),
-                          "compact_eval_ratio": next((r["eval_ratio_to_resident"] for r in rows
-                                                      if r["variant"] == "compact"), None),
-                          "compact_host_train_ratio": next((r["train_ratio_to_resident"] for r in rows
-                                                            if r["variant"] == "compact-host"), None),
+              "targets": {"decode_train_ratio": ratio("decode", "train"),
+                          "prepared_train_ratio": ratio("prepared", "train"),
+                          "compact_train_ratio": ratio("compact", "train"),
+                          "compact_eval_ratio": ratio("compact", "eval"),
+                          "compact_host_train_ratio": ratio("compact-host", "train"),
                           "compact_x_source_jpeg_bytes": compact[0]["x_source_jpeg_bytes"] if compact else None,
                           "best_file_path": best_file["variant"] if best_file else None}}
     table_rows = [[r["variant"], f"{r['train_images_per_s']:,.0f}",
