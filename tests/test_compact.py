@@ -1,5 +1,5 @@
 """Compact prepared copies (re-encoded JPEGs decoded in batches, ``scenarios.compact``): against the raw copy, their
-build (resume, bad files, folder keys), the batches' dependence on ``(seed, step)`` only, and the path policy."""
+build (bad files, folder keys; resume: test_prepared.py), the batches' dependence on ``(seed, step)`` only, and the path policy."""
 import json
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 
 from continual_mem.distributed import Shard
 from input_helpers import PRE, SHORT, folder, prepare_small, reader  # noqa: F401 - fixtures
-from scenarios import datasets, prepared, recipes
+from scenarios import datasets, recipes
 from scenarios.compact import CompactImages, CompactReader, choose_decoder, prepared_images
 from scenarios.datasets import DatasetError
 from scenarios.decode import FilesReader
@@ -70,27 +70,6 @@ def test_the_batch_source_follows_the_copys_encoding(copies):
     assert type(prepared_images(compact, PRE, decoder="device", prefetch=0)) is CompactImages
     with pytest.raises(ValueError, match="not JPEGs; read it with PreparedImages"):
         CompactImages(raw, PRE)
-
-
-def test_an_interrupted_compact_build_resumes_to_the_same_bytes(reader, tmp_path, monkeypatch):
-    whole = prepare_small(reader, tmp_path / "whole", encoding="jpeg")
-    calls = {"n": 0}
-    real = prepared._write_json
-
-    def crash_after_first_chunk(path, data):
-        real(path, data)
-        calls["n"] += 1
-        if path.name == "progress.json" and calls["n"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(prepared, "CHUNK", 8)
-    monkeypatch.setattr(prepared, "_write_json", crash_after_first_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_small(reader, tmp_path / "cut", encoding="jpeg")
-    monkeypatch.setattr(prepared, "_write_json", real)
-    resumed = prepare_small(reader, tmp_path / "cut", encoding="jpeg")
-    assert (resumed.root / "images.jpg").read_bytes() == (whole.root / "images.jpg").read_bytes()
-    assert np.array_equal(resumed.index, whole.index)
 
 
 def test_bad_files_are_skipped_or_fail_as_chosen_in_a_compact_build(tmp_path, folder):
