@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--loader-steps", type=int, default=40, help="steps for the slow PIL loader variant")
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--variants", default="synthetic,resident,prepared,compact,compact-host,decode,loader")
+    p.add_argument("--variants", default="synthetic,resident,prepared,compact,compact-host,decode,loader",
+                   help="comma list; compact:SHARE sets the host threads' share of JPEG decoding (compact:auto: balanced)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the compact copy")
     p.add_argument("--cache-dir", type=Path, default=None, help="prepared copies [default: FOLDER.prepared]")
     args = common.resolve(p.parse_args(argv))
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "x_source_jpeg_bytes": stored / count / 1e3 / data_info["mean_kb"], **probe.finish()}, *parts)
 
     prep, train_ps, test_ps = build("raw")
-    compact = build("jpeg") if {"compact", "compact-host"} & set(variants) else None
+    compact = build("jpeg") if any(v.startswith("compact") for v in variants) else None
 
     def make(kind: str, split: str):
         part = data.train if split == "train" else data.test
@@ -232,9 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
             return DeviceImages(resident(ps, 256), pre, device)
         if kind == "prepared":
             return PreparedImages(ps, pre, device)
-        if kind in ("compact", "compact-host"):  # decoded by nvJPEG on the device, or by host worker processes
-            return prepared_images(compact[1] if split == "train" else compact[2], pre, device,
-                                   decoder="host" if kind == "compact-host" else "device")
+        if kind == "compact-host":  # decoded by host worker processes
+            return prepared_images(compact[1] if split == "train" else compact[2], pre, device, decoder="host")
+        if kind.startswith("compact"):  # nvJPEG and host threads; compact:SHARE the host's share, compact:auto
+            share = kind.partition(":")[2]
+            return prepared_images(compact[1] if split == "train" else compact[2], pre, device, decoder="device",
+                                   **({"host_share": None if share == "auto" else float(share)} if share else {}))
         if kind == "decode":
             return DecodedImages(reader_for(part), pre, device, name=data.name)
         if kind == "loader":
@@ -246,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         steps = args.loader_steps if kind == "loader" else args.steps
         warm = min(args.warmup_steps, steps // 2)
         source = make(kind, "train")
+        decoder = getattr(source, "decoder", None)  # the compact copy's JPEG decoder, if any
         with Probe() as probe:
             timed = Timed(source, warm, device)
             cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=0.05, eval_every=steps,
@@ -268,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         del source
         eval_probe = probe.finish()
         print(f"{kind}: train {train_rate:.0f} img/s, eval {eval_rate:.0f} img/s", file=sys.stderr, flush=True)
-        return {"variant": kind, "train_images_per_s": train_rate, "eval_images_per_s": eval_rate,
+        shares = {"host_share": decoder.fixed, "host_share_last": decoder.share()} if decoder else {}
+        return {"variant": kind, **shares, "train_images_per_s": train_rate, "eval_images_per_s": eval_rate,
                 "train_steps_timed": steps - warm, "train_cpu_cores_busy": train_probe["cpu_cores_busy"],
                 "train_peak_rss_gb": train_probe["peak_rss_gb"], "eval_cpu_cores_busy": eval_probe["cpu_cores_busy"],
                 "eval_peak_rss_gb": eval_probe["peak_rss_gb"]}
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         r["train_ratio_to_resident"] = r["train_images_per_s"] / ref["train_images_per_s"] if ref else None
         r["eval_ratio_to_resident"] = r["eval_images_per_s"] / ref["eval_images_per_s"] if ref else None
-    best_file = max((r for r in rows if r["variant"] in ("prepared", "compact", "compact-host", "decode")),
+    best_file = max((r for r in rows if r["variant"] in ("prepared", "decode") or r["variant"].startswith("compact")),
                     key=lambda r: r["train_images_per_s"],
                     default=None)
     env = common.environment(args)

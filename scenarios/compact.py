@@ -24,8 +24,9 @@ import torch
 
 from .augment import Preprocess
 from .decode import digest
+from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder
 from .prepared import PreparedSet
-from .streaming import DecodedImages, PreparedImages
+from .streaming import DecodedImages, PreparedImages, round_up
 
 DECODERS = ("auto", "device", "host")
 
@@ -65,43 +66,34 @@ class CompactReader:
 
 
 class CompactImages(PreparedImages):
-    """A compact (JPEG) :class:`PreparedSet` as a batch source; arguments as :class:`PreparedImages`."""
+    """A compact (JPEG) :class:`PreparedSet` as a batch source; arguments as :class:`PreparedImages`, plus
+    ``host_share``, the part of the images decoded by host threads rather than nvJPEG (``None``: balanced by
+    measurement; :class:`~scenarios.gpu_jpeg.JpegBatchDecoder`)."""
 
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
-                 threads: int | None = None, prefetch: int = 4) -> None:
+                 threads: int | None = None, prefetch: int = 4, host_share: float | None = HOST_SHARE) -> None:
         if data.encoding != "jpeg":
             raise ValueError(f"{data.root} holds {data.encoding} pixels, not JPEGs; read it with PreparedImages")
-        # nvJPEG decodes one batch at a time (torchvision holds one decoder behind a lock): two threads keep it busy
+        # two threads keep one decoder busy: one reads and hands over a batch while the other's decodes
         super().__init__(data, pre, device, threads=threads or 2, prefetch=prefetch)
-        self.decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.decoder = JpegBatchDecoder(self.device, share=host_share)
 
     def _host(self, positions: np.ndarray) -> tuple:
-        """Batch ``positions`` decoded and laid out on the device (on the decode stream, with the event that says
-        it is done), with its labels."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        blobs = self.data.encoded(positions)
-        labels = torch.from_numpy(self.data.index[self.data.rows[positions], 3].copy())
-        if self.decode_stream is None:
-            canvas, hw = self.stage.layout(decode_jpeg(blobs, mode=ImageReadMode.RGB))
-            return canvas, hw, labels, None
-        with torch.cuda.stream(self.decode_stream):
-            images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
-            canvas, hw = self.stage.layout(images)
-            labels = labels.pin_memory().to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        return canvas, hw, labels, done
+        """Batch ``positions`` decoded onto the device, packed (CHW images back to back, and their offset, height
+        and width rows), with its labels and padded canvas size."""
+        rows = self.data.index[self.data.rows[positions]]  # (B, 4): offset, h, w, label
+        flat, meta = self.decoder.decode(self.data.encoded(positions), self.data.rows[positions])
+        labels = torch.from_numpy(rows[:, 3].copy())  # uploaded with the batch (DeviceStage.upload)
+        return flat, meta, labels, (round_up(int(rows[:, 1].max())), round_up(int(rows[:, 2].max())))
 
     def _model_batch(self, host: tuple, *, train: bool, g: torch.Generator | None = None, n: int | None = None,
                      lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        canvas, hw, labels, done = host
-        if done is not None:  # the step's stream waits for the decode on the device, not on the host
+        flat, meta, labels, canvas = host
+        if self.device.type == "cuda":  # made on the decoder's stream (finished there), used on this one
             current = torch.cuda.current_stream(self.device)
-            current.wait_event(done)
-            for t in (canvas, hw, labels):
-                t.record_stream(current)  # made on the decode stream, used on this one
-        return self.stage.finish(canvas, hw, labels, train=train, g=g, n=n, lo=lo)
+            for t in (flat, meta):
+                t.record_stream(current)
+        return self.stage.from_flat(flat, meta, labels, canvas, train=train, g=g, n=n, lo=lo, planar=True)
 
 
 def prepared_images(data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,

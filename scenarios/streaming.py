@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 ALIGN = 16  # padded batch sizes are rounded up to this, so a few shapes recur
 
 
-def _round_up(v: int) -> int:
+def round_up(v: int) -> int:
     """Padded size for images up to ``v``: at least one row/column more (so every image's edge is replicated by
     :func:`~scenarios.prepared.place`, never clamped by ``roi_align``: the same bits whatever the batch)."""
     return (v // ALIGN + 1) * ALIGN
@@ -79,8 +79,8 @@ class DeviceStage:
         """Images already on the device, ``(3, h, w)`` uint8 each (decoded there, e.g. by nvJPEG), as a padded
         ``(B, 3, H, W)`` batch laid out the way :func:`pad_batch` and :func:`~scenarios.prepared.place` do on the
         host (last row and column repeated once), and their ``(B, 2)`` heights and widths."""
-        H = _round_up(max(int(im.shape[1]) for im in images))
-        W = _round_up(max(int(im.shape[2]) for im in images))
+        H = round_up(max(int(im.shape[1]) for im in images))
+        W = round_up(max(int(im.shape[2]) for im in images))
         canvas = torch.empty((len(images), 3, H, W), dtype=torch.uint8, device=self.device)
         # images of one size (the usual case) are laid out together: three copies, not three per image
         groups = [(slice(None), torch.stack(images))] if len({im.shape for im in images}) == 1 else \
@@ -88,7 +88,7 @@ class DeviceStage:
         for rows, group in groups:
             h, w = group.shape[2:]
             canvas[rows, :, :h, :w] = group
-            canvas[rows, :, h, :w] = group[:, :, h - 1]  # H, W > h, w always (_round_up)
+            canvas[rows, :, h, :w] = group[:, :, h - 1]  # H, W > h, w always (round_up)
             canvas[rows, :, :h + 1, w] = canvas[rows, :, :h + 1, w - 1]
         hw = torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.int64, device=self.device)
         return canvas, hw
@@ -100,20 +100,24 @@ class DeviceStage:
         return self.finish(canvas, hw, labels, train=False)[0]
 
     def from_flat(self, flat: torch.Tensor, meta: torch.Tensor, labels: torch.Tensor, canvas: tuple[int, int], *,
-                  train: bool, g: torch.Generator | None = None, n: int | None = None,
-                  lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images packed back to back in ``flat`` (``meta`` rows: byte offset, height, width) are laid out
-        as a padded batch of ``canvas`` (H, W) by one gather on the device, edge pixels repeated into the padding
-        (what :func:`~scenarios.prepared.place` does on the host)."""
+                  train: bool, g: torch.Generator | None = None, n: int | None = None, lo: int = 0,
+                  planar: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images packed back to back in ``flat`` (``meta`` rows: byte offset, height, width; each image HWC,
+        or CHW if ``planar``) are laid out as a padded batch of ``canvas`` (H, W) by one gather on the device,
+        edge pixels repeated into the padding (what :func:`~scenarios.prepared.place` does on the host)."""
         flat, meta, labels = self.upload(flat, meta, labels)
         H, W = canvas
         off, h, w = meta[:, 0], meta[:, 1], meta[:, 2]
         dev = flat.device
         yy = torch.minimum(torch.arange(H, device=dev)[None, :], (h - 1)[:, None])  # (B, H)
         xx = torch.minimum(torch.arange(W, device=dev)[None, :], (w - 1)[:, None])  # (B, W)
-        pixel = off[:, None, None] + (yy[:, :, None] * w[:, None, None] + xx[:, None, :]) * 3  # (B, H, W)
-        x = flat[pixel[:, None] + torch.arange(3, device=dev).view(1, 3, 1, 1)]  # (B, 3, H, W) uint8
-        return self.finish(x, meta[:, 1:3], labels, train=train, g=g, n=n, lo=lo)
+        pixel = yy[:, :, None] * w[:, None, None] + xx[:, None, :]  # (B, H, W) pixel number in its image
+        channel = torch.arange(3, device=dev).view(1, 3, 1, 1)
+        if planar:  # channel c of an image starts c * h * w bytes in
+            index = (off[:, None, None] + pixel)[:, None] + channel * (h * w).view(-1, 1, 1, 1)
+        else:
+            index = (off[:, None, None] + pixel * 3)[:, None] + channel
+        return self.finish(flat[index], meta[:, 1:3], labels, train=train, g=g, n=n, lo=lo)  # (B, 3, H, W)
 
     def finish(self, x: torch.Tensor, hw: torch.Tensor, labels: torch.Tensor, *, train: bool,
                g: torch.Generator | None = None, n: int | None = None,
@@ -159,7 +163,7 @@ class PreparedImages:
         pix = self.data.pixels
         np.concatenate([pix[o:o + k] for o, k in zip(rows[:, 0].tolist(), nbytes.tolist())], out=flat.numpy())
         meta = np.column_stack([np.concatenate([[0], np.cumsum(nbytes)[:-1]]), rows[:, 1], rows[:, 2]])
-        canvas = (_round_up(int(rows[:, 1].max())), _round_up(int(rows[:, 2].max())))
+        canvas = (round_up(int(rows[:, 1].max())), round_up(int(rows[:, 2].max())))
         return flat, torch.from_numpy(meta.astype(np.int64)), torch.from_numpy(rows[:, 3].copy()), canvas
 
     def _fetch(self, key: tuple, positions_of) -> tuple:
@@ -237,8 +241,8 @@ class _Decode(Dataset):
 def pad_batch(images: list[np.ndarray], *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H, W, 3)`` uint8 images as one padded ``(B, H', W', 3)`` batch (laid out by :func:`place`) and their
     ``(B, 2)`` heights and widths: what :meth:`DeviceStage.__call__` takes."""
-    H = _round_up(max(a.shape[0] for a in images))
-    W = _round_up(max(a.shape[1] for a in images))
+    H = round_up(max(a.shape[0] for a in images))
+    W = round_up(max(a.shape[1] for a in images))
     canvas = torch.empty((len(images), H, W, 3), dtype=torch.uint8, pin_memory=pin)
     for k, a in enumerate(images):
         place(canvas[k].numpy(), a)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from continual_mem.distributed import Shard
 from input_helpers import PRE, SHORT, folder, prepare_small, reader  # noqa: F401 - fixtures
@@ -12,6 +13,7 @@ from scenarios import datasets, recipes
 from scenarios.compact import CompactImages, CompactReader, choose_decoder, prepared_images
 from scenarios.datasets import DatasetError
 from scenarios.decode import FilesReader
+from scenarios.gpu_jpeg import JpegBatchDecoder, host_share, on_host
 from scenarios.pipeline import batches
 from scenarios.prepared import PrepareOptions, choose_encoding
 from scenarios.streaming import PreparedImages
@@ -151,20 +153,24 @@ def test_host_decoding_of_a_compact_copy_gives_the_threads_batches_on_the_cpu(co
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
-def test_compact_batches_on_the_gpu(copies):
-    """nvJPEG on the decode stream: batches within JPEG tolerance of the raw copy's, the same for any rank split and
-    for a fresh source, and usable by the training stream without a host synchronisation."""
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_compact_batches_on_the_gpu(copies, share):
+    """nvJPEG, host threads, or both: batches within JPEG tolerance of the raw copy's, the same for any rank split
+    and for a fresh source, and usable by the training stream without a host synchronisation."""
     raw, compact = copies
-    gpu, cpu = CompactImages(compact, PRE, "cuda"), PreparedImages(raw, PRE)
+    # the reference runs on the GPU too: crop boxes come from the device's generator (CPU draws differ)
+    gpu, cpu = CompactImages(compact, PRE, "cuda", host_share=share), PreparedImages(raw, PRE, "cuda")
     for step in range(4):  # prefetched batches decode while earlier ones are consumed
         (xg, yg), (xc, yc) = gpu.train_batch(step, 8, seed=2), cpu.train_batch(step, 8, seed=2)
-        assert xg.is_cuda and torch.equal(yg.cpu(), yc)
-        err = (xg.cpu() - xc).abs().mean()  # nvJPEG against the raw pixels: the re-encoding and the decoder
+        assert xg.is_cuda and torch.equal(yg, yc)
+        err = (xg - xc).abs().mean()  # nvJPEG against the raw pixels: the re-encoding and the decoder
         assert err < 0.1, err
-        assert torch.equal(CompactImages(compact, PRE, "cuda", prefetch=0).train_batch(step, 8, seed=2)[0], xg)
-    parts = [CompactImages(compact, PRE, "cuda").train_batch(1, 9, seed=0, shard=Shard(r, 2))[0] for r in range(2)]
+        fresh = CompactImages(compact, PRE, "cuda", prefetch=0, host_share=share)
+        assert torch.equal(fresh.train_batch(step, 8, seed=2)[0], xg)
+    parts = [CompactImages(compact, PRE, "cuda", host_share=share).train_batch(1, 9, seed=0, shard=Shard(r, 2))[0]
+             for r in range(2)]
     assert torch.equal(torch.cat(parts), gpu.train_batch(1, 9, seed=0)[0])
-    ev_gpu = torch.cat([x.cpu() for x, _ in gpu.eval_batches(10)])
+    ev_gpu = torch.cat([x for x, _ in gpu.eval_batches(10)])
     ev_cpu = torch.cat([x for x, _ in cpu.eval_batches(10)])
     assert ev_gpu.shape[0] == len(compact) and (ev_gpu - ev_cpu).abs().mean() < 0.1
 
@@ -177,3 +183,28 @@ def test_avalanche_samples_of_a_compact_copy_are_its_evaluation_batches(copies):
     x, y = samples[5]
     ref_x, ref_y = CompactImages(compact, PRE).eval_one(5)
     assert torch.equal(x, ref_x[0]) and y == int(ref_y[0]) and len(samples) == len(compact)
+
+
+def test_host_share_policy_and_which_images_the_host_decodes():
+    assert host_share(None, None) == 0.5 and host_share(3000.0, 1000.0) == 0.25 and host_share(1.0, 1.0, fixed=0.0) == 0
+    with pytest.raises(ValueError, match="share"):
+        host_share(None, None, fixed=1.5)
+    ids = np.arange(20_000)
+    for share in (0.0, 0.3, 1.0):
+        picked = on_host(ids, share)
+        assert abs(picked.mean() - share) < 0.02
+    assert np.array_equal(on_host(ids[::7], 0.3), on_host(ids, 0.3)[::7])  # an image's decoder is its own, not its batch's
+
+
+@pytest.mark.parametrize("share", [0.0, 0.4, 1.0, None])
+def test_decoder_packs_every_image_where_its_rows_say(copies, share):
+    """Both parts of a batch (this thread and the pool) land where the (offset, height, width) rows say, in the
+    batch's order: each image equals libjpeg-turbo's decoding of it alone."""
+    _, compact = copies
+    ids = np.arange(len(compact))[::-1].copy()
+    blobs = compact.encoded(ids)
+    flat, meta = JpegBatchDecoder("cpu", share=share, threads=2).decode(blobs, compact.rows[ids])
+    assert meta.shape == (len(ids), 3) and flat.numel() == int((meta[:, 1] * meta[:, 2] * 3).sum())
+    for k, blob in enumerate(blobs):
+        off, h, w = meta[k].tolist()
+        assert torch.equal(flat[off:off + 3 * h * w].view(3, h, w), decode_jpeg(blob, mode=ImageReadMode.RGB))

@@ -1,0 +1,159 @@
+"""Batched JPEG decoding for a GPU that is busy training: one batch of encoded images in, the decoded pixels packed
+back to back on the device out (what :meth:`~scenarios.streaming.DeviceStage.from_flat` lays out).
+
+Each batch is split in two parts decoded at the same time: nvJPEG on the GPU (``torchvision.io.decode_jpeg`` on a
+list, the hardware decoder where there is one) and libjpeg-turbo in host threads (torchvision's CPU decoder, which
+releases the interpreter). Why both, measured on an H200 (docs/data_at_scale.md): nvJPEG decodes ~32,000 images/s
+alone but queues each image behind the training kernels (a pageable copy and an event wait per image on a stream
+of its own), so beside training it takes GPU time the step would use; the host's cores are idle while the GPU
+trains, and ~1,200 images/s each. Which images go to the host (:func:`on_host`, policy, pure) depends on each
+image's id and a fixed share, so its pixels do not depend on timing, batch or rank; ``share=None`` instead balances
+each batch by the rates both parts have shown (:func:`host_share`).
+
+nvImageCodec (NVIDIA's batched decoder, on a stream of the highest priority) was measured as well: slower alone
+(12,800 images/s) and no better beside training, so it is not used.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .decode import host_cores
+
+log = logging.getLogger(__name__)
+
+MIN_CHUNK = 8  # images per host task: fewer would cost more in hand-over than they save
+HOST_SHARE = 0.5  # the host threads' part by default (measured on an H200 with 16 cores: docs/data_at_scale.md)
+
+
+def host_share(gpu_rate: float | None, host_rate: float | None, *, fixed: float | None = None) -> float:
+    """The part of a batch decoded on the host (policy, pure): ``fixed`` if given, else the share that makes both
+    parts finish together, ``host_rate / (gpu_rate + host_rate)`` (images/s each part has shown; a half until
+    both are known)."""
+    if fixed is not None:
+        if not 0.0 <= fixed <= 1.0:
+            raise ValueError(f"the host's share of JPEG decoding must be in [0, 1], got {fixed}")
+        return fixed
+    if not gpu_rate or not host_rate:
+        return 0.5
+    return host_rate / (gpu_rate + host_rate)
+
+
+def on_host(ids: np.ndarray, share: float) -> np.ndarray:
+    """Which images the host threads decode (policy, pure): a fixed ``share`` of them, chosen by each image's id
+    (its row in the copy) alone, so an image is always decoded the same way, whatever batch or rank it is in and
+    after a resume: the pixels of batch ``s`` depend on ``(seed, s)`` and the share only."""
+    mixed = (np.asarray(ids, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)  # Fibonacci hash
+    return mixed.astype(np.float64) / float(1 << 24) < share
+
+
+def packed_meta(shapes: list[tuple[int, int]]) -> np.ndarray:
+    """``(B, 3)`` int64 rows (offset, height, width) of images of ``shapes`` packed back to back, 3 bytes a
+    pixel."""
+    hw = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+    sizes = hw[:, 0] * hw[:, 1] * 3
+    return np.column_stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]), hw])
+
+
+def _decode_host(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(blobs, mode=ImageReadMode.RGB)
+
+
+class JpegBatchDecoder:
+    """Decodes batches of JPEG bytes (1-D uint8 CPU tensors) onto ``device``, each image ``(3, h, w)`` (CHW) in
+    :meth:`decode`'s packed output. Safe to call from several threads. On a CPU device the calling thread's part
+    is decoded by libjpeg-turbo too.
+
+    Args:
+        device: Where the pixels go.
+        share: The host threads' part of the images (0: nvJPEG only, 1: host threads only; :func:`on_host`).
+            ``None`` balances each batch by the rates measured so far (:func:`host_share`): it adapts to the host
+            but an image's decoder, and so its last bits, then depend on timing.
+        threads: Host decoding threads (default: the host's cores less two, for the training loop and the nvJPEG
+            caller).
+    """
+
+    def __init__(self, device: str | torch.device, *, share: float | None = HOST_SHARE,
+                 threads: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.fixed = share
+        host_share(None, None, fixed=share)  # validates
+        self.threads = threads or max(1, host_cores() - 2)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jpeg")
+        self._lock = threading.Lock()
+        self.rates: dict[str, float | None] = {"device": None, "host": None}  # images/s, moving averages
+        self._streams = threading.local()
+
+    def share(self) -> float:
+        """The host's part of the next batch."""
+        with self._lock:
+            return host_share(self.rates["device"], self.rates["host"], fixed=self.fixed)
+
+    def _observe(self, part: str, images: int, seconds: float) -> None:
+        if images < MIN_CHUNK or seconds <= 0:
+            return
+        with self._lock:
+            old, new = self.rates[part], images / seconds
+            self.rates[part] = new if old is None else 0.8 * old + 0.2 * new
+
+    def decode(self, blobs: list[torch.Tensor], ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images of ``blobs`` (RGB, 8 bits; ``ids``: each one's row in its copy) packed on the device, CHW
+        each, and their ``(B, 3)`` (offset, height, width) rows, in ``blobs``' order, on the device. Returns once the
+        pixels are there, so call it from a prefetching thread, never the training loop. A file that cannot be
+        decoded raises ``RuntimeError``."""
+        host = on_host(ids, self.share()) if self.fixed is None else on_host(ids, self.fixed)
+        here_rows, host_rows = np.flatnonzero(~host), np.flatnonzero(host)
+        size = max(MIN_CHUNK, -(-len(host_rows) // self.threads))  # one chunk per thread
+        t0 = time.perf_counter()
+        futures = [self.pool.submit(_decode_host, [blobs[i] for i in host_rows[k:k + size]])
+                   for k in range(0, len(host_rows), size)]
+        here: list[torch.Tensor] = []
+        if len(here_rows):  # decoded on the device by this thread (libjpeg-turbo on a CPU device)
+            here = self._decode_here([blobs[i] for i in here_rows])
+            self._observe("device", len(here_rows), time.perf_counter() - t0)
+        host_images = [im for f in futures for im in f.result()]
+        if len(host_rows):
+            self._observe("host", len(host_rows), time.perf_counter() - t0)
+        meta = np.empty((len(blobs), 3), dtype=np.int64)  # packed device part first, then the host part
+        meta[np.concatenate([here_rows, host_rows])] = packed_meta([tuple(im.shape[1:]) for im in here + host_images])
+        if self.device.type != "cuda":
+            return torch.cat([im.reshape(-1) for im in here + host_images]), torch.from_numpy(meta)
+        return self._pack_on_device(here, host_images, torch.from_numpy(meta))
+
+    def _stream(self) -> torch.cuda.Stream:
+        if not hasattr(self._streams, "stream"):
+            self._streams.stream = torch.cuda.Stream(self.device)
+        return self._streams.stream
+
+    def _decode_here(self, blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if self.device.type != "cuda":
+            return decode_jpeg(blobs, mode=ImageReadMode.RGB)
+        with torch.cuda.stream(self._stream()):  # outputs allocated here; nvJPEG hands them over by an event
+            return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
+
+    def _pack_on_device(self, gpu_images: list[torch.Tensor], host_images: list[torch.Tensor],
+                        meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = self._stream()
+        gpu_bytes = sum(im.numel() for im in gpu_images)
+        host = torch.empty(sum(im.numel() for im in host_images), dtype=torch.uint8, pin_memory=True)
+        if host_images:
+            torch.cat([im.reshape(-1) for im in host_images], out=host)
+        with torch.cuda.stream(stream):
+            flat = torch.empty(gpu_bytes + host.numel(), dtype=torch.uint8, device=self.device)
+            if gpu_images:
+                torch.cat([im.reshape(-1) for im in gpu_images], out=flat[:gpu_bytes])
+            flat[gpu_bytes:].copy_(host, non_blocking=True)
+            meta = meta.pin_memory().to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        done.synchronize()  # this thread waits until the batch is there, so the training stream need not
+        return flat, meta
