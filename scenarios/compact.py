@@ -67,16 +67,16 @@ class CompactReader:
 
 class CompactImages(PreparedImages):
     """A compact (JPEG) :class:`PreparedSet` as a batch source; arguments as :class:`PreparedImages`, plus
-    ``host_share``, the part of the images decoded by host threads rather than nvJPEG (``None``: balanced by
-    measurement; :class:`~scenarios.gpu_jpeg.JpegBatchDecoder`)."""
+    ``host_share`` and ``pinned`` for its :class:`~scenarios.gpu_jpeg.JpegBatchDecoder`."""
 
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
-                 threads: int | None = None, prefetch: int = 4, host_share: float | None = HOST_SHARE) -> None:
+                 threads: int | None = None, prefetch: int = 4, host_share: float | None = HOST_SHARE,
+                 pinned: bool = True) -> None:
         if data.encoding != "jpeg":
             raise ValueError(f"{data.root} holds {data.encoding} pixels, not JPEGs; read it with PreparedImages")
         # two threads keep one decoder busy: one reads and hands over a batch while the other's decodes
         super().__init__(data, pre, device, threads=threads or 2, prefetch=prefetch)
-        self.decoder = JpegBatchDecoder(self.device, share=host_share)
+        self.decoder = JpegBatchDecoder(self.device, share=host_share, pinned=pinned)
 
     def _host(self, positions: np.ndarray) -> tuple:
         """Batch ``positions`` decoded onto the device, packed (CHW images back to back, and their offset, height

@@ -28,7 +28,8 @@ from .decode import host_cores
 log = logging.getLogger(__name__)
 
 MIN_CHUNK = 8  # images per host task: fewer would cost more in hand-over than they save
-HOST_SHARE = 0.5  # the host threads' part by default (measured on an H200 with 16 cores: docs/data_at_scale.md)
+HOST_SHARE = 0.0  # the host threads' part by default: on an H200 with 16 cores, any host share was slower
+#                   (14 threads decode ~4,900 images/s beside training; docs/data_at_scale.md)
 
 
 def host_share(gpu_rate: float | None, host_rate: float | None, *, fixed: float | None = None) -> float:
@@ -76,14 +77,15 @@ class JpegBatchDecoder:
         share: The host threads' part of the images (0: nvJPEG only, 1: host threads only; :func:`on_host`).
             ``None`` balances each batch by the rates measured so far (:func:`host_share`): it adapts to the host
             but an image's decoder, and so its last bits, then depend on timing.
+        pinned: Hand nvJPEG the files from pinned memory (``False``: where they are, pageable).
         threads: Host decoding threads (default: the host's cores less two, for the training loop and the nvJPEG
             caller).
     """
 
     def __init__(self, device: str | torch.device, *, share: float | None = HOST_SHARE,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, pinned: bool = True) -> None:
         self.device = torch.device(device)
-        self.fixed = share
+        self.fixed, self.pinned = share, pinned
         host_share(None, None, fixed=share)  # validates
         self.threads = threads or max(1, host_cores() - 2)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jpeg")
@@ -137,6 +139,11 @@ class JpegBatchDecoder:
 
         if self.device.type != "cuda":
             return decode_jpeg(blobs, mode=ImageReadMode.RGB)
+        if self.pinned:  # nvJPEG copies each file to the device: from pinned memory that is one DMA, not staged
+            sizes = [b.numel() for b in blobs]
+            staged = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+            torch.cat(blobs, out=staged)
+            blobs = list(staged.split(sizes))
         with torch.cuda.stream(self._stream()):  # outputs allocated here; nvJPEG hands them over by an event
             return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
 
