@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> dict:
             return PreparedImages(ps, pre, device)
         if kind == "compact-host":  # decoded by host worker processes
             return prepared_images(compact[1] if split == "train" else compact[2], pre, device, decoder="host")
-        if kind.startswith("compact"):  # compact[:SHARE[:pageable]]: the host threads' share (auto: balanced)
-            _, share, mode = (kind.split(":") + ["", ""])[:3]
+        if kind.startswith("compact"):  # compact[:SHARE]: the host threads' share of decoding (auto: balanced)
+            share = kind.partition(":")[2]
             options = {"host_share": None if share == "auto" else float(share)} if share else {}
             return prepared_images(compact[1] if split == "train" else compact[2], pre, device, decoder="device",
-                                   pinned=mode != "pageable", **options)
+                                   **options)
         if kind == "decode":
             return DecodedImages(reader_for(part), pre, device, name=data.name)
         if kind == "loader":

@@ -216,14 +216,24 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
     first = {t: a["top"][0]["index"] for t, a in alone_before["results"][0]["tasks"].items()}
     changed = sum(1 for p in probes for t, a in p["results"][0]["tasks"].items() if a["top"][0]["index"] != first[t])
     # where answers moved: per model version, the probes whose logits differ from the first probe's, and by how much
-    ref = {t: np.asarray(a["logits"]) for t, a in alone_before["results"][0]["tasks"].items()}
+    def logits(answer) -> np.ndarray:  # a non-finite logit comes back as JSON null: NaN here, and counted
+        return np.asarray([np.nan if v is None else v for v in answer["logits"]], dtype=np.float64)
+
+    ref = {t: logits(a) for t, a in alone_before["results"][0]["tasks"].items()}
     moved: dict[int, list] = {}
-    for p in probes:
-        d = [float(np.abs(np.asarray(a["logits"]) - ref[t]).max()) for t, a in p["results"][0]["tasks"].items()]
+    non_finite: dict[int, list] = {}  # per model version: (probe number, task) of answers with a non-finite logit
+    for i, p in enumerate(probes):
+        d = []
+        for t, a in p["results"][0]["tasks"].items():
+            got = logits(a)
+            if not np.isfinite(got).all():
+                non_finite.setdefault(p["model_version"], []).append((i, t))
+            d.append(float(np.nanmax(np.abs(got - ref[t]))) if np.isfinite(got).any() else float("inf"))
         moved.setdefault(p["model_version"], []).append(max(d, default=0.0))
-    moved_summary = {str(v): {"probes": len(d), "differing": sum(x > 0 for x in d), "max_abs": max(d)}
+    moved_summary = {str(v): {"probes": len(d), "differing": sum(x > 0 for x in d), "max_abs": max(d),
+                              "non_finite": non_finite.get(v, [])[:20]}
                      for v, d in sorted(moved.items())}
-    after_diff = max((float(np.abs(np.asarray(alone_after["results"][0]["tasks"][t]["logits"]) - ref[t]).max())
+    after_diff = max((float(np.nanmax(np.abs(logits(alone_after["results"][0]["tasks"][t]) - ref[t])))
                       for t in old), default=0.0)
     bits = all(alone_after["results"][0]["tasks"][t]["logits"] == alone_before["results"][0]["tasks"][t]["logits"]
                for t in old)

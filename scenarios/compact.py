@@ -1,12 +1,11 @@
 """Compact prepared copies as a batch source: JPEG bytes read from the page cache, decoded in batches on the GPU.
 
 A compact copy (:mod:`scenarios.prepared`, ``encoding="jpeg"``) holds each image re-encoded once at a 256 px short
-side (~20 KB instead of ~196 KB of raw pixels). :class:`CompactImages` is :class:`~scenarios.streaming.PreparedImages`
-with one step more: host threads read a batch's JPEG bytes a few steps ahead, and each thread decodes its batch
-with nvJPEG (``torchvision.io.decode_jpeg`` on a list: one batched call, the hardware decoder where the GPU has
-one) and lays it out as a padded batch, on its own CUDA stream, so that decoding can overlap the training step in
-flight; the training stream waits for that batch's event only when it takes the batch: no host synchronisation.
-Measured on an H200 it does not overlap yet (0.54-0.58x device-resident training; docs/data_at_scale.md).
+side (~25 KB instead of ~262 KB of raw pixels). :class:`CompactImages` is :class:`~scenarios.streaming.PreparedImages`
+with one step more: host threads read a batch's JPEG bytes a few steps ahead and decode it
+(:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`: one batched nvJPEG call, optionally a share of the images in host
+threads) into one packed buffer on the device; the training stream lays it out and crops it with one gather, as
+for the raw copy. Measured on an H200: 0.78-0.82x device-resident training (docs/data_at_scale.md).
 
 The other decoder, ``host``: :class:`CompactReader` hands the copy's JPEGs to
 :class:`~scenarios.streaming.DecodedImages`, which decodes them with libjpeg-turbo in worker processes (one per host
@@ -67,16 +66,15 @@ class CompactReader:
 
 class CompactImages(PreparedImages):
     """A compact (JPEG) :class:`PreparedSet` as a batch source; arguments as :class:`PreparedImages`, plus
-    ``host_share`` and ``pinned`` for its :class:`~scenarios.gpu_jpeg.JpegBatchDecoder`."""
+    ``host_share``, the part of the images host threads decode (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`)."""
 
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
-                 threads: int | None = None, prefetch: int = 4, host_share: float | None = HOST_SHARE,
-                 pinned: bool = True) -> None:
+                 threads: int | None = None, prefetch: int = 4, host_share: float | None = HOST_SHARE) -> None:
         if data.encoding != "jpeg":
             raise ValueError(f"{data.root} holds {data.encoding} pixels, not JPEGs; read it with PreparedImages")
         # two threads keep one decoder busy: one reads and hands over a batch while the other's decodes
         super().__init__(data, pre, device, threads=threads or 2, prefetch=prefetch)
-        self.decoder = JpegBatchDecoder(self.device, share=host_share, pinned=pinned)
+        self.decoder = JpegBatchDecoder(self.device, share=host_share)
 
     def _host(self, positions: np.ndarray) -> tuple:
         """Batch ``positions`` decoded onto the device, packed (CHW images back to back, and their offset, height

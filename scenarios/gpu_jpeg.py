@@ -77,15 +77,14 @@ class JpegBatchDecoder:
         share: The host threads' part of the images (0: nvJPEG only, 1: host threads only; :func:`on_host`).
             ``None`` balances each batch by the rates measured so far (:func:`host_share`): it adapts to the host
             but an image's decoder, and so its last bits, then depend on timing.
-        pinned: Hand nvJPEG the files from pinned memory (``False``: where they are, pageable).
         threads: Host decoding threads (default: the host's cores less two, for the training loop and the nvJPEG
             caller).
     """
 
     def __init__(self, device: str | torch.device, *, share: float | None = HOST_SHARE,
-                 threads: int | None = None, pinned: bool = True) -> None:
+                 threads: int | None = None) -> None:
         self.device = torch.device(device)
-        self.fixed, self.pinned = share, pinned
+        self.fixed = share
         host_share(None, None, fixed=share)  # validates
         self.threads = threads or max(1, host_cores() - 2)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jpeg")
@@ -139,11 +138,6 @@ class JpegBatchDecoder:
 
         if self.device.type != "cuda":
             return decode_jpeg(blobs, mode=ImageReadMode.RGB)
-        if self.pinned:  # nvJPEG copies each file to the device: from pinned memory that is one DMA, not staged
-            sizes = [b.numel() for b in blobs]
-            staged = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
-            torch.cat(blobs, out=staged)
-            blobs = list(staged.split(sizes))
         with torch.cuda.stream(self._stream()):  # outputs allocated here; nvJPEG hands them over by an event
             return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
 
