@@ -39,11 +39,17 @@ def _load_rows(k_ptr, v_ptr, offs, mask, d, dmask):
 def _private(acc, m_i, l_i, q, rows, kk, vv, COUNT, PER, N_Q: tl.constexpr, BLOCK: tl.constexpr,
              IEEE: tl.constexpr):
     """Fold ``COUNT`` private keys (``PER`` per slot, loaded by :func:`_load_rows`) in; a row sees only its own
-    slot's (a block-diagonal mask: every other key's weight is exactly zero)."""
+    slot's (a block-diagonal mask: every other key's weight is exactly zero). A weight of zero times a non-finite
+    value is NaN, so such values are zeroed before the product and the rows that own them set to NaN after it:
+    one task's overflow never reaches another's rows, and finite values keep their bits."""
     cols = tl.arange(0, BLOCK)
     mine = ((rows[:, None] // N_Q) == (cols[None, :] // PER)) & (cols < COUNT)[None, :]
     s = tl.where(mine, _dot(q, tl.trans(kk), IEEE), -float("inf"))
-    return _online(acc, m_i, l_i, s, vv, IEEE)
+    finite = tl.abs(vv.to(tl.float32)) < float("inf")  # False for NaN too
+    bad = tl.max(tl.where(finite, 0, 1), axis=1)  # per key: a non-finite value in its row
+    own_bad = tl.max(tl.where(mine, bad[None, :], 0), axis=1)  # per query row: one of its own keys has one
+    acc, m_i, l_i = _online(acc, m_i, l_i, s, tl.where(finite, vv, 0.0).to(vv.dtype), IEEE)
+    return tl.where(own_bad[:, None] > 0, float("nan"), acc), m_i, l_i
 
 
 @triton.jit

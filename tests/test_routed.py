@@ -331,3 +331,25 @@ def test_a_pass_of_own_pass_tasks_alone_runs_no_backbone_pass_of_its_own(net):
     with torch.no_grad():
         alone = [net(x[b:b + 1], tasks=["own"], original=False)["own"][0] for b in range(2)]
     assert all(torch.equal(got[b]["own"], alone[b]) for b in range(2))
+
+
+def test_a_task_that_overflows_changes_no_other_tasks_answers():
+    """A task whose memory holds a non-finite value (an overflowed update, a corrupt file) answers NaN for itself
+    only: the tasks sharing its group, its batch and its pass keep their bits (the fused kernel's own check is in
+    tests/test_kernels.py)."""
+    torch.manual_seed(0)
+    model = MemoryViT(make_backbone("tiny"), group_size=2)
+    for i, name in enumerate(["a", "b", "c"]):
+        perturb(model.add_task(name, num_classes=3, memory=2), seed=i + 1)
+    model.eval()
+    x = images(model.backbone, n=3, seed=5)
+    routes = [["a"], ["a", "b"], ["b", "c"]]
+    with torch.no_grad():
+        full, got = model(x), model.forward_routed(x, routes)
+        model.tasks["b"].memory[0, 0, 0] = float("inf")  # in place: the version counter moves, caches follow
+        full_after, got_after = model(x), model.forward_routed(x, routes)
+    assert torch.equal(full_after["a"], full["a"]) and torch.equal(full_after["c"], full["c"])
+    assert not torch.isfinite(full_after["b"]).all()
+    for b, route in enumerate(routes):
+        for name in route:
+            assert torch.equal(got_after[b][name], got[b][name]) != (name == "b")
