@@ -1,6 +1,6 @@
 """End-to-end training and evaluation throughput per input path, same model and run: a JPEG folder through
-each pipeline (PIL loader, on-the-fly decoding, prepared copy of raw pixels, compact copy of re-encoded JPEGs
-decoded on the GPU), a device-resident uint8 set and synthetic tensors.
+each pipeline (PIL loader, on-the-fly decoding by host workers or on the GPU, prepared copy of raw pixels, compact
+copy of re-encoded JPEGs decoded on the GPU), a device-resident uint8 set and synthetic tensors.
 
 Training is ``continual_mem.train.fit`` itself (masked-memory task, SGD, optional CUDA graph), timed from a warm-up
 step to the end with the device synchronised at both ends; evaluation is ``continual_mem.train.evaluate``. For
@@ -34,6 +34,7 @@ from scenarios import datasets, prepared  # noqa: E402
 from scenarios.compact import prepared_images  # noqa: E402
 from scenarios.datasets import ImageSet  # noqa: E402
 from scenarios.decode import host_cores, reader_for  # noqa: E402
+from scenarios.gpu_decoded import GpuDecodedImages  # noqa: E402
 from scenarios.pipeline import DeviceImages, LoaderImages, Preprocess  # noqa: E402
 from scenarios.streaming import DecodedImages, PreparedImages  # noqa: E402
 from scenarios.synthetic import make_image_folder  # noqa: E402
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--variants", default="synthetic,resident,prepared,compact,compact-host,decode,loader",
-                   help="comma list; compact:SHARE sets the host threads' share of JPEG decoding (compact:auto: balanced)")
+                   help="comma list; compact:SHARE sets the host threads' share of JPEG decoding (compact:auto: "
+                        "balanced); decode-gpu: the source files decoded on the device")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the compact copy")
     p.add_argument("--eval-passes", type=int, default=5, help="timed evaluation passes (the median is reported)")
     p.add_argument("--cache-dir", type=Path, default=None, help="prepared copies [default: FOLDER.prepared]")
@@ -243,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    **options)
         if kind == "decode":
             return DecodedImages(reader_for(part), pre, device, name=data.name)
+        if kind == "decode-gpu":  # the source files, decoded by nvJPEG and shrunk on the device
+            return GpuDecodedImages(reader_for(part), pre, device, name=data.name)
         if kind == "loader":
             return LoaderImages(part, pre, device, workers=max(1, host_cores() - 1))
         x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
@@ -302,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         r["train_ratio_to_resident"] = r["train_images_per_s"] / ref["train_images_per_s"] if ref else None
         r["eval_ratio_to_resident"] = r["eval_images_per_s"] / ref["eval_images_per_s"] if ref else None
-    best_file = max((r for r in rows if r["variant"] in ("prepared", "decode") or r["variant"].startswith("compact")),
+    best_file = max((r for r in rows if r["variant"] in ("prepared", "decode", "decode-gpu")
+                     or r["variant"].startswith("compact")),
                     key=lambda r: r["train_images_per_s"],
                     default=None)
     env = common.environment(args)
@@ -317,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
               "prepare_compact": compact[0] if compact else None, "results": rows, "failed": failed,
               "nvjpeg_decode_only_images_per_s": nvjpeg,
               "targets": {"decode_train_ratio": ratio("decode", "train"),
+                          "decode_gpu_train_ratio": ratio("decode-gpu", "train"),
                           "prepared_train_ratio": ratio("prepared", "train"),
                           "compact_train_ratio": ratio("compact", "train"),
                           "compact_eval_ratio": ratio("compact", "eval"),

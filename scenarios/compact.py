@@ -86,12 +86,7 @@ class CompactImages(PreparedImages):
 
     def _model_batch(self, host: tuple, *, train: bool, g: torch.Generator | None = None, n: int | None = None,
                      lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        flat, meta, labels, canvas = host
-        if self.device.type == "cuda":  # made on the decoder's stream (finished there), used on this one
-            current = torch.cuda.current_stream(self.device)
-            for t in (flat, meta):
-                t.record_stream(current)
-        return self.stage.from_flat(flat, meta, labels, canvas, train=train, g=g, n=n, lo=lo, planar=True)
+        return self.stage.from_flat(*host, train=train, g=g, n=n, lo=lo, planar=True)
 
 
 def prepared_images(data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,

@@ -27,6 +27,7 @@ from .decode import host_cores
 
 log = logging.getLogger(__name__)
 
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 MIN_CHUNK = 8  # images per host task: fewer would cost more in hand-over than they save
 HOST_SHARE = 0.0  # the host threads' part by default: on an H200 with 16 cores, any host share was slower
 #                   (14 threads decode ~4,900 images/s beside training; docs/data_at_scale.md)
@@ -59,6 +60,12 @@ def packed_meta(shapes: list[tuple[int, int]]) -> np.ndarray:
     hw = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
     sizes = hw[:, 0] * hw[:, 1] * 3
     return np.column_stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]), hw])
+
+
+def device_decodable(data: bytes) -> bool:
+    """A JPEG that ends with its end-of-image marker, for nvJPEG (a truncated one goes to the host decoder, which
+    names the problem; nvJPEG may fill in the missing part instead)."""
+    return data[:3] == JPEG_START and data[-2:] == JPEG_END
 
 
 def _decode_host(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -106,9 +113,9 @@ class JpegBatchDecoder:
 
     def decode(self, blobs: list[torch.Tensor], ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The images of ``blobs`` (RGB, 8 bits; ``ids``: each one's row in its copy) packed on the device, CHW
-        each, and their ``(B, 3)`` (offset, height, width) rows, in ``blobs``' order, on the device. Returns once the
-        pixels are there, so call it from a prefetching thread, never the training loop. A file that cannot be
-        decoded raises ``RuntimeError``."""
+        each, and their ``(B, 3)`` (offset, height, width) rows in ``blobs``' order (a CPU tensor, pinned for a
+        CUDA device). Returns once the pixels are there, so call it from a prefetching thread, never the training
+        loop. A file that cannot be decoded raises ``RuntimeError``."""
         host = on_host(ids, self.share()) if self.fixed is None else on_host(ids, self.fixed)
         here_rows, host_rows = np.flatnonzero(~host), np.flatnonzero(host)
         size = max(MIN_CHUNK, -(-len(host_rows) // self.threads))  # one chunk per thread
@@ -126,7 +133,7 @@ class JpegBatchDecoder:
         meta[np.concatenate([here_rows, host_rows])] = packed_meta([tuple(im.shape[1:]) for im in here + host_images])
         if self.device.type != "cuda":
             return torch.cat([im.reshape(-1) for im in here + host_images]), torch.from_numpy(meta)
-        return self._pack_on_device(here, host_images, torch.from_numpy(meta))
+        return self._pack_on_device(here, host_images), torch.from_numpy(meta).pin_memory()
 
     def _stream(self) -> torch.cuda.Stream:
         if not hasattr(self._streams, "stream"):
@@ -141,8 +148,7 @@ class JpegBatchDecoder:
         with torch.cuda.stream(self._stream()):  # outputs allocated here; nvJPEG hands them over by an event
             return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
 
-    def _pack_on_device(self, gpu_images: list[torch.Tensor], host_images: list[torch.Tensor],
-                        meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pack_on_device(self, gpu_images: list[torch.Tensor], host_images: list[torch.Tensor]) -> torch.Tensor:
         stream = self._stream()
         gpu_bytes = sum(im.numel() for im in gpu_images)
         host = torch.empty(sum(im.numel() for im in host_images), dtype=torch.uint8, pin_memory=True)
@@ -153,8 +159,7 @@ class JpegBatchDecoder:
             if gpu_images:
                 torch.cat([im.reshape(-1) for im in gpu_images], out=flat[:gpu_bytes])
             flat[gpu_bytes:].copy_(host, non_blocking=True)
-            meta = meta.pin_memory().to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         done.synchronize()  # this thread waits until the batch is there, so the training stream need not
-        return flat, meta
+        return flat

@@ -65,7 +65,7 @@ class DeviceStage:
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self.copy_stream)
         for t in out:
-            t.record_stream(current)  # allocated on the copy stream, used on this one
+            t.record_stream(current)  # allocated on another stream (this copy stream, a decoder's), used on this one
         return out
 
     def __call__(self, canvas: torch.Tensor, hw: torch.Tensor, labels: torch.Tensor, *, train: bool,
@@ -104,7 +104,9 @@ class DeviceStage:
                   planar: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The images packed back to back in ``flat`` (``meta`` rows: byte offset, height, width; each image HWC,
         or CHW if ``planar``) are laid out as a padded batch of ``canvas`` (H, W) by one gather on the device,
-        edge pixels repeated into the padding (what :func:`~scenarios.prepared.place` does on the host)."""
+        edge pixels repeated into the padding (what :func:`~scenarios.prepared.place` does on the host). ``flat``
+        may already be on the device, made on another stream and finished there (:meth:`upload` records its use
+        on this one)."""
         flat, meta, labels = self.upload(flat, meta, labels)
         H, W = canvas
         off, h, w = meta[:, 0], meta[:, 1], meta[:, 2]

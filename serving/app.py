@@ -20,11 +20,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from scenarios.decode import BadImage, host_cores
+from scenarios.gpu_jpeg import device_decodable
 
 from .agnostic import AGNOSTIC
 from .batcher import Answer
 from .decoding import Decoders, check_header, use_processes
-from .device_decode import device_decodable
 from .engine import LocalModel, ModelClient, ModelUnavailable, server_process_setup
 from .metrics import Metrics
 from .settings import ServeSettings

@@ -5,7 +5,7 @@ Why: decoding a 500x375 JPEG costs ~3 ms of a host core on an H100 host (libjpeg
 pickling that carries each decoded image back from a worker process. nvJPEG decodes the same files at ~13,700
 images/s on the GPU. The event loop only reads an upload's header (format, size) and hands the bytes to the batch.
 
-Only complete baseline/progressive JPEGs go this way (:func:`device_decodable`); anything else (PNG, WebP, a file
+Only complete baseline/progressive JPEGs go this way (:func:`scenarios.gpu_jpeg.device_decodable`); anything else (PNG, WebP, a file
 cut short) is decoded on the host as before, which also names the problem of a bad file.
 """
 from __future__ import annotations
@@ -13,14 +13,6 @@ from __future__ import annotations
 import torch
 
 from scenarios.decode import BadImage, shrink, torchvision_reason
-
-JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
-
-
-def device_decodable(data: bytes) -> bool:
-    """A JPEG that ends with its end-of-image marker (a truncated one goes to the host decoder, which names the
-    problem; nvJPEG may fill in the missing part instead)."""
-    return data[:3] == JPEG_START and data[-2:] == JPEG_END
 
 
 def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,

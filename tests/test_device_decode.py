@@ -13,7 +13,8 @@ from scenarios.streaming import DeviceStage, pad_batch
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
 
-from serving.device_decode import decode_jpegs, device_decodable  # noqa: E402
+from serving.device_decode import decode_jpegs  # noqa: E402
+from scenarios.gpu_jpeg import device_decodable  # noqa: E402
 
 
 def jpeg(seed: int, size=(300, 400)) -> bytes:

@@ -1,0 +1,143 @@
+"""Image files decoded on the fly on the GPU: no preparation step, and the host's cores stay free.
+
+:class:`GpuDecodedImages` reads each batch's files in a few host threads, steps ahead, and decodes the JPEGs in one
+batched nvJPEG call (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`); each image is then shrunk on the device as the
+host path shrinks it (:func:`~scenarios.decode.shrink`: the long side cropped to ``max_aspect`` times the short,
+the short side scaled down to ``short_side``; one call per distinct size) and the batch is packed for the one-gather
+layout of the prepared copies. What nvJPEG does not take (PNG, WebP, a JPEG cut short or refused) is decoded on
+the host by the code :class:`~scenarios.streaming.DecodedImages` uses, which also names a bad file; a bad file is
+skipped (the next decodable image takes its place) or fails the run, as the user chose.
+
+Batches depend on ``(seed, step)`` only, as from every other source; the pixels differ from the host decoder's by
+nvJPEG's rounding (a grey level or two). On a CPU device everything is decoded by libjpeg-turbo in the threads.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+import numpy as np
+import torch
+
+from .augment import Preprocess
+from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, decode_item, shrink
+from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, device_decodable, packed_meta
+from .streaming import PreparedImages, round_up
+from .task_recipe import OnBad
+from .types import DatasetError
+
+log = logging.getLogger(__name__)
+
+
+class GpuDecodedImages(PreparedImages):
+    """Encoded image files as a batch source, decoded on ``device``.
+
+    Args:
+        reader: The encoded images (:func:`scenarios.decode.reader_for`).
+        pre: The backbone's preprocessing.
+        device: Where batches go (and where JPEGs are decoded).
+        threads, prefetch: Reading threads and batches read ahead (:class:`~scenarios.streaming.PreparedImages`).
+        on_bad: ``skip`` or ``fail`` for a file that cannot be decoded.
+        name: Dataset name for messages.
+        host_share: The part of the JPEGs decoded by host threads (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`).
+    """
+
+    def __init__(self, reader: Reader, pre: Preprocess, device: str | torch.device = "cpu", *,
+                 threads: int | None = None, prefetch: int = 4, on_bad: OnBad = "skip", name: str = "dataset",
+                 short_side: int = SHORT_SIDE, max_aspect: float = MAX_ASPECT,
+                 host_share: float | None = HOST_SHARE) -> None:
+        super().__init__(reader, pre, device, threads=threads or 2, prefetch=prefetch)
+        self.reader, self.on_bad, self.name = reader, on_bad, name
+        self.short_side, self.max_aspect = short_side, max_aspect
+        self.decoder = JpegBatchDecoder(self.device, share=host_share)
+        self._reported: set[str] = set()
+        self._local = threading.local()  # each reading thread's stream
+
+    def _host(self, positions: np.ndarray) -> tuple:
+        """Batch ``positions`` decoded, shrunk and packed on the device (CHW images back to back, and their
+        offset, height and width rows), with its labels and padded canvas size."""
+        images: list[torch.Tensor | None] = [None] * len(positions)
+        labels = self.reader.labels[positions].astype(np.int64)
+        jpegs: list[int] = []
+        blobs: list[bytes] = []
+        for k, i in enumerate(positions.tolist()):
+            data = self.reader.read(i)
+            if isinstance(data, (bytes, bytearray)) and device_decodable(data):
+                jpegs.append(k)
+                blobs.append(bytes(data))
+            else:
+                images[k], labels[k] = self._on_host(i)
+        for k, image in zip(jpegs, self._decode_jpegs(blobs, positions[jpegs])):
+            images[k], labels[k] = (image, labels[k]) if image is not None else self._on_host(int(positions[k]))
+        cuda = self.device.type == "cuda"
+        with torch.cuda.stream(self._stream()) if cuda else contextlib.nullcontext():
+            images = _shrink_by_size(images, short_side=self.short_side, max_aspect=self.max_aspect)
+            shapes = [tuple(im.shape[1:]) for im in images]
+            flat = torch.cat([im.reshape(-1) for im in images])
+        if cuda:  # done before the decoded buffers it read are released to other threads' streams
+            self._stream().synchronize()
+        meta = torch.from_numpy(packed_meta(shapes))
+        canvas = (round_up(max(h for h, _ in shapes)), round_up(max(w for _, w in shapes)))
+        return flat, meta, torch.from_numpy(labels), canvas
+
+    def _stream(self) -> torch.cuda.Stream:
+        if not hasattr(self._local, "stream"):
+            self._local.stream = torch.cuda.Stream(self.device)
+        return self._local.stream
+
+    def _decode_jpegs(self, blobs: list[bytes], ids: np.ndarray) -> list[torch.Tensor | None]:
+        """Each JPEG as a ``(3, h, w)`` device tensor (a view into one packed buffer), or None where nvJPEG
+        refused it (the host decoder then names the problem)."""
+        if not blobs:
+            return []
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        try:
+            return _unpack(*self.decoder.decode(tensors, ids))
+        except RuntimeError:  # one bad file fails the batched call: each alone, so only it is left out
+            out: list[torch.Tensor | None] = []
+            for t, i in zip(tensors, ids):
+                try:
+                    out += _unpack(*self.decoder.decode([t], np.array([i])))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def _on_host(self, i: int) -> tuple[torch.Tensor, int]:
+        """Item ``i`` decoded on the host, shrunk, on the device, with its label; a bad item is skipped (the next
+        decodable one takes its place) or fails, as the user chose."""
+        for j in range(i, i + len(self.reader)):
+            k = j % len(self.reader)
+            try:
+                a = decode_item(self.reader, k, short_side=self.short_side, max_aspect=self.max_aspect)
+                return torch.from_numpy(a).permute(2, 0, 1).to(self.device), int(self.reader.labels[k])
+            except BadImage as exc:
+                if self.on_bad == "fail":
+                    raise DatasetError(bad_image_error(self.name, str(exc))) from None
+                if str(exc) not in self._reported:
+                    self._reported.add(str(exc))
+                    log.warning("%s: %s; another image takes its place", self.name, exc)
+        raise DatasetError(f"{self.name}: no image could be decoded; check the files")
+
+    def _model_batch(self, host: tuple, *, train: bool, g: torch.Generator | None = None, n: int | None = None,
+                     lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.stage.from_flat(*host, train=train, g=g, n=n, lo=lo, planar=True)
+
+
+def _unpack(flat: torch.Tensor, meta: torch.Tensor) -> list[torch.Tensor]:
+    """The ``(3, h, w)`` views of packed images."""
+    return [flat[o:o + 3 * h * w].view(3, h, w) for o, h, w in meta.tolist()]
+
+
+def _shrink_by_size(images: list[torch.Tensor], *, short_side: int, max_aspect: float) -> list[torch.Tensor]:
+    """:func:`scenarios.decode.shrink` for each image, one call per distinct size (an image already shrunk on the
+    host comes back as it is: shrinking never enlarges, and its aspect is within bounds)."""
+    out = list(images)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for k, im in enumerate(images):
+        by_size.setdefault(tuple(im.shape), []).append(k)
+    for members in by_size.values():
+        for k, im in zip(members, shrink(torch.stack([images[k] for k in members]), short_side=short_side,
+                                          max_aspect=max_aspect)):
+            out[k] = im
+    return out
