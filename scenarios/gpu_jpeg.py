@@ -1,17 +1,15 @@
 """Batched JPEG decoding for a GPU that is busy training: one batch of encoded images in, the decoded pixels packed
 back to back on the device out (what :meth:`~scenarios.streaming.DeviceStage.from_flat` lays out).
 
-Each batch is split in two parts decoded at the same time: nvJPEG on the GPU (``torchvision.io.decode_jpeg`` on a
-list, the hardware decoder where there is one) and libjpeg-turbo in host threads (torchvision's CPU decoder, which
-releases the interpreter). Why both, measured on an H200 (docs/data_at_scale.md): nvJPEG decodes ~32,000 images/s
-alone but queues each image behind the training kernels (a pageable copy and an event wait per image on a stream
-of its own), so beside training it takes GPU time the step would use; the host's cores are idle while the GPU
-trains, and ~1,200 images/s each. Which images go to the host (:func:`on_host`, policy, pure) depends on each
-image's id and a fixed share, so its pixels do not depend on timing, batch or rank; ``share=None`` instead balances
-each batch by the rates both parts have shown (:func:`host_share`).
-
-nvImageCodec (NVIDIA's batched decoder, on a stream of the highest priority) was measured as well: slower alone
-(12,800 images/s) and no better beside training, so it is not used.
+nvJPEG decodes the batch in one call (``torchvision.io.decode_jpeg`` on a list, the hardware decoder where there
+is one). Measured on an H200 (docs/data_at_scale.md), it decodes 21,700-31,800 images/s alone but queues each image
+behind the training kernels (a pageable copy, a kernel and an event wait per image, on a low-priority stream of its
+own), so beside training it costs the step time. A share of the images can instead go to libjpeg-turbo in host
+threads (torchvision's CPU decoder releases the interpreter): which ones (:func:`on_host`, policy, pure) depends on
+each image's id and the share alone, so its pixels do not depend on timing, batch or rank; ``share=None`` balances
+each batch by the rates both parts have shown (:func:`host_share`). On the H200 host (16 cores) every share above 0
+was slower, so the default is nvJPEG alone. nvImageCodec, tried on a stream of the highest priority, was slower
+still (12,800 images/s alone) and is not used.
 """
 from __future__ import annotations
 
