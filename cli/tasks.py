@@ -12,7 +12,7 @@ import typer
 from .app import JsonOpt, app, command, emit, out, pick_device, registry, state, table
 from scenarios.task_recipe import DEFAULT, TaskRecipe
 
-from .data import CacheOpt, OnBadOpt, PipelineOpt, on_bad_value
+from .data import CacheOpt, DecoderOpt, OnBadOpt, PipelineOpt, on_bad_value
 
 REGIME_HELP = ("what the task trains: masked-memory, head+cls, head (shared pass, old outputs bit-exact) or an "
                "own-pass regime; `continual-mem regimes` lists them all")
@@ -128,6 +128,7 @@ def add_task(
                                                      "GPU; gloo on CPU) started by torchrun's launcher; "
                                                      "--batch-size stays the global batch")] = 1,
     pipeline: PipelineOpt = DEFAULT.pipeline,
+    decoder: DecoderOpt = DEFAULT.decoder,
     on_bad_image: OnBadOpt = DEFAULT.on_bad_image,
     cache_dir: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -151,7 +152,7 @@ def add_task(
                                  lr=lr, lr_sweep=lr_sweep, data_root=data_root, download=download, seed=seed,
                                  max_train=max_train, max_test=max_test, max_heldout=max_heldout,
                                  cuda_graph=cuda_graph, deterministic=deterministic, pipeline=pipeline,
-                                 on_bad_image=on_bad_value(on_bad_image),
+                                 decoder=decoder, on_bad_image=on_bad_value(on_bad_image),
                                  cache_dir=str(cache_dir) if cache_dir else None).to_dict()}
     if cuda_graph and devices > 1:
         raise ValueError("--cuda-graph trains on one GPU; drop it or use --devices 1")
@@ -270,6 +271,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     max_test: Annotated[int | None, typer.Option(help="cap evaluation images (stratified)")] = None,
     pipeline: PipelineOpt = "auto",
+    decoder: DecoderOpt = "auto",
     on_bad_image: OnBadOpt = "skip",
     cache_dir: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -286,8 +288,8 @@ def eval_(
     reg = registry()
     if task_agnostic:
         return _eval_agnostic(reg, split=split, data_root=data_root, device=device, batch_size=batch_size,
-                              max_test=max_test, pipeline=pipeline, on_bad_image=on_bad_image, cache_dir=cache_dir,
-                              as_json=as_json)
+                              max_test=max_test, pipeline=pipeline, decoder=decoder, on_bad_image=on_bad_image,
+                              cache_dir=cache_dir, as_json=as_json)
     net = reg.load(state.model)
     if task and task not in net.tasks:
         raise ValueError(f"no task named {task!r}; known tasks: {net.task_names}")
@@ -303,7 +305,8 @@ def eval_(
         data = datasets.load(cfg.dataset, root=data_root)
         pre = Preprocess.for_backbone(net.backbone, data.augment)
         _, _, source = sources(data, split, pre, dev, seed=0, max_train=None, max_test=max_test, pipeline=pipeline,
-                               on_bad_image=on_bad_value(on_bad_image), cache_dir=str(cache_dir) if cache_dir else None)
+                               on_bad_image=on_bad_value(on_bad_image), cache_dir=str(cache_dir) if cache_dir else None,
+                               decoder=decoder)
         t0 = time.perf_counter()
         # --one-pass: every shared-pass task in each batch's pass, only this task scored on its own labels
         computed = shared if one_pass and n in shared else [n]
@@ -321,14 +324,14 @@ def eval_(
 
 
 def _eval_agnostic(reg, *, split: str, data_root: str, device: str, batch_size: int, max_test: int | None,
-                   pipeline: str, on_bad_image: str, cache_dir, as_json: bool) -> None:
+                   pipeline: str, decoder: str, on_bad_image: str, cache_dir, as_json: bool) -> None:
     from continual_mem.class_stats import TaskAgnostic
     from scenarios.agnostic import evaluate_agnostic
 
     agnostic = TaskAgnostic(reg.class_stats(name=state.model))  # refuses a task without statistics, naming it
     net = reg.load(state.model)
     result = evaluate_agnostic(net, agnostic, split=split, data_root=data_root, device=pick_device(device),
-                               batch_size=batch_size, max_test=max_test, pipeline=pipeline,
+                               batch_size=batch_size, max_test=max_test, pipeline=pipeline, decoder=decoder,
                                on_bad_image=on_bad_value(on_bad_image), cache_dir=str(cache_dir) if cache_dir else None)
     rows = {"split": split, "accuracy": result.accuracy, "task_accuracy": result.task_accuracy,
             "images": result.images, "classes": agnostic.num_classes, "per_task": result.per_task}

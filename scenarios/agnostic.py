@@ -26,7 +26,7 @@ def stats_on_dataset(net: MemoryViT, task: str, dataset: str, recipe: TaskRecipe
     pre = Preprocess.for_backbone(net.backbone, data.augment)
     train, _, _ = sources(data, "test", pre, device, seed=r.seed, max_train=r.max_train, max_test=r.max_test,
                           max_heldout=r.max_heldout, pipeline=r.pipeline, on_bad_image=r.on_bad_image,
-                          cache_dir=r.cache_dir)
+                          cache_dir=r.cache_dir, decoder=r.decoder)
     stats = collect_from_source(net, task, train, data.num_classes, batch_size=batch_size)
     log.info("%s: class statistics of %d classes from %d images", task, stats.num_classes, int(stats.counts.sum()))
     return stats
@@ -45,8 +45,8 @@ class AgnosticResult:
 
 def evaluate_agnostic(net: MemoryViT, agnostic: TaskAgnostic, *, split: str = "test", data_root: str = "data",
                       device: str, batch_size: int = 256, max_test: int | None = None, mode: str = "stats",
-                      pipeline: str = "auto", on_bad_image: str = "skip",
-                      cache_dir: str | None = None) -> AgnosticResult:
+                      pipeline: str = "auto", on_bad_image: str = "skip", cache_dir: str | None = None,
+                      decoder: str = "auto") -> AgnosticResult:
     """Every task's evaluation images, each scored against every task's classes: right if both the winning task
     and its class are the image's."""
     if split not in ("test", "heldout"):
@@ -61,7 +61,7 @@ def evaluate_agnostic(net: MemoryViT, agnostic: TaskAgnostic, *, split: str = "t
         data = datasets.load(cfg.dataset, root=data_root)
         pre = Preprocess.for_backbone(net.backbone, data.augment)
         _, _, source = sources(data, split, pre, device, seed=0, max_train=None, max_test=max_test,
-                               pipeline=pipeline, on_bad_image=on_bad_image, cache_dir=cache_dir)
+                               pipeline=pipeline, on_bad_image=on_bad_image, cache_dir=cache_dir, decoder=decoder)
         mine = n = 0
         for x, y in source.eval_batches(batch_size):
             task, cls = predict(net, agnostic, x, mode=mode)

@@ -10,7 +10,7 @@ for the raw copy. Measured on an H200: 0.78-0.82x device-resident training (docs
 The other decoder, ``host``: :class:`CompactReader` hands the copy's JPEGs to
 :class:`~scenarios.streaming.DecodedImages`, which decodes them with libjpeg-turbo in worker processes (one per host
 core): the re-encoded images have about a third of a 500x375 source's pixels and need no resize, and the GPU's
-time stays the model's. :func:`choose_decoder` picks.
+time stays the model's. :func:`~scenarios.gpu_jpeg.choose_decoder` picks.
 
 The data a step sees still depends only on ``(seed, step)`` (the same images, crop boxes and flips as every other
 source); the pixels differ from the raw copy's by the JPEG re-encoding (a few grey levels, ``tests``). On a CPU
@@ -23,22 +23,9 @@ import torch
 
 from .augment import Preprocess
 from .decode import digest
-from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder
+from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, choose_decoder
 from .prepared import PreparedSet
 from .streaming import DecodedImages, PreparedImages, round_up
-
-DECODERS = ("auto", "device", "host")
-
-
-def choose_decoder(decoder: str, *, device: str) -> str:
-    """Where a compact copy is decoded (policy, pure): ``device`` (nvJPEG on the GPU, no host cores) or ``host``
-    (worker processes). ``auto``: nvJPEG on a CUDA device, else the host."""
-    if decoder not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder!r}; use auto, device or host")
-    if decoder != "auto":
-        return decoder
-    return "device" if str(device).startswith("cuda") else "host"
-
 
 class CompactReader:
     """A compact copy's JPEGs as a reader of encoded images (:class:`scenarios.decode.Reader`), for

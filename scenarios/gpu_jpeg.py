@@ -31,6 +31,21 @@ HOST_SHARE = 0.0  # the host threads' part by default: on an H200 with 16 cores,
 #                   (14 threads decode ~4,900 images/s beside training; docs/data_at_scale.md)
 
 
+DECODERS = ("auto", "device", "host")
+
+
+def choose_decoder(decoder: str, *, device: str, files: bool = False) -> str:
+    """Where JPEGs are decoded (policy, pure): ``device`` (nvJPEG on the GPU, no host cores) or ``host`` (worker
+    processes, libjpeg-turbo). ``auto``: a compact copy on a CUDA device, nvJPEG (0.78-0.80x device-resident
+    training against 0.56-0.61x for the host workers on an H200); image files, the host workers (their GPU path is
+    not measured yet); on a CPU device, the host."""
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; use auto, device or host")
+    if decoder != "auto":
+        return decoder
+    return "device" if str(device).startswith("cuda") and not files else "host"
+
+
 def host_share(gpu_rate: float | None, host_rate: float | None, *, fixed: float | None = None) -> float:
     """The part of a batch decoded on the host (policy, pure): ``fixed`` if given, else the share that makes both
     parts finish together, ``host_rate / (gpu_rate + host_rate)`` (images/s each part has shown; a half until

@@ -150,17 +150,22 @@ class _GlobalBatches(Sampler[list[int]]):
 
 
 def batches(data, pre: Preprocess, device: str | torch.device = "cpu", *, on_bad: str = "skip",
-            name: str = "dataset", workers: int | None = None):
+            name: str = "dataset", workers: int | None = None, decoder: str = "auto"):
     """The batch source for ``data``: on the device for an :class:`ImageSet`, streamed for a prepared copy or a
-    reader of image files (:mod:`scenarios.streaming`), a PIL DataLoader for any other dataset."""
+    reader of image files (:mod:`scenarios.streaming`), a PIL DataLoader for any other dataset. ``decoder``: where
+    JPEGs (of a compact copy, or image files) are decoded (:func:`~scenarios.gpu_jpeg.choose_decoder`)."""
     from .compact import prepared_images
+    from .gpu_decoded import GpuDecodedImages
+    from .gpu_jpeg import choose_decoder
     from .prepared import PreparedSet
     from .streaming import DecodedImages
 
     if isinstance(data, ImageSet):
         return DeviceImages(data, pre, device)
     if isinstance(data, PreparedSet):
-        return prepared_images(data, pre, device)
+        return prepared_images(data, pre, device, decoder=decoder)
     if is_reader(data):
+        if choose_decoder(decoder, device=str(device), files=True) == "device":
+            return GpuDecodedImages(data, pre, device, on_bad=on_bad, name=name)
         return DecodedImages(data, pre, device, on_bad=on_bad, name=name, workers=workers)
     return LoaderImages(data, pre, device, workers=workers or max(1, host_cores() - 1))

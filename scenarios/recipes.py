@@ -132,13 +132,15 @@ def sources(
     progress: bool = False,
     heldout: float = 0.05,
     encoding: str = "auto",
+    decoder: str = "auto",
 ):
     """Training, held-out (``heldout`` of the train split, 5% by default, stratified; capped at ``max_heldout``)
     and evaluation batch sources.
 
     File-backed datasets take the input path :func:`choose_pipeline` picks; ``pipeline="prepared"`` builds the
     prepared copy first if there is none (under ``cache_dir``, default ``$CONTINUAL_MEM_HOME/prepared``), encoded
-    as ``encoding`` says (``auto``: :func:`encoding_for`; a finished copy of either encoding is used as it is)."""
+    as ``encoding`` says (``auto``: :func:`encoding_for`; a finished copy of either encoding is used as it is).
+    ``decoder``: where JPEGs are decoded (:func:`~scenarios.gpu_jpeg.choose_decoder`)."""
     stage = dict(data=data, pipeline=pipeline, opts=PrepareOptions(on_bad=on_bad_image), encoding=encoding,
                  cache_dir=cache_dir, progress=progress)
     train = _stage(data.train, split="train", **stage)
@@ -152,7 +154,7 @@ def sources(
     if max_test and len(evaluation) > max_test:
         evaluation = _sub(evaluation, stratified_split(_labels(evaluation), holdout=max_test / len(evaluation),
                                                        seed=seed)[1])
-    make = dict(on_bad=on_bad_image, name=data.name)
+    make = dict(on_bad=on_bad_image, name=data.name, decoder=decoder)
     return (batches(_sub(train, keep), pre, device, **make), batches(_sub(train, held), pre, device, **make),
             batches(evaluation, pre, device, **make))
 
@@ -188,7 +190,7 @@ def train_on_dataset(
     pre = Preprocess.for_backbone(net.backbone, data.augment)
     train, held, test = sources(data, "test", pre, device, seed=r.seed, max_train=r.max_train, max_test=r.max_test,
                                 max_heldout=r.max_heldout, pipeline=r.pipeline, on_bad_image=r.on_bad_image,
-                                cache_dir=r.cache_dir, progress=progress)
+                                cache_dir=r.cache_dir, progress=progress, decoder=r.decoder)
     lr = default_recipe.SHORT_RATES[0] if r.lr is None else r.lr  # a placeholder until the short sweep picks one
     steps = default_recipe.training_steps(train_images=len(train), batch_size=r.batch_size, steps=r.steps,
                                           epochs=r.epochs)

@@ -43,6 +43,8 @@ class TaskRecipe:
         max_test: Cap on test images (stratified); None: all.
         max_heldout: Cap on held-out images (stratified); None: all.
         pipeline: Input path for image files.
+        decoder: Where JPEGs are decoded: auto, device (nvJPEG) or host (worker processes); see
+            :func:`scenarios.gpu_jpeg.choose_decoder`.
         on_bad_image: Skip an undecodable image or stop.
         cache_dir: Folder of prepared copies (None: the default).
     """
@@ -74,6 +76,7 @@ class TaskRecipe:
     max_test: int | None = None
     max_heldout: int | None = 2000
     pipeline: Pipeline = "auto"
+    decoder: str = "auto"
     on_bad_image: OnBad = "skip"
     cache_dir: str | None = None
 
@@ -98,6 +101,8 @@ class TaskRecipe:
             raise ValueError(f"probe_fraction must be in [0, 1), got {self.probe_fraction}")
         if self.pipeline not in ("auto", "prepared", "decode", "loader"):
             raise ValueError(f"pipeline must be auto, prepared, decode or loader, got {self.pipeline!r}")
+        if self.decoder not in ("auto", "device", "host"):
+            raise ValueError(f"decoder must be auto, device or host, got {self.decoder!r}")
         if self.on_bad_image not in ("skip", "fail"):
             raise ValueError(f"on_bad_image must be skip or fail, got {self.on_bad_image!r}")
         for name in ("max_train", "max_test", "max_heldout"):

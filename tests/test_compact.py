@@ -10,10 +10,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from continual_mem.distributed import Shard
 from input_helpers import PRE, SHORT, folder, prepare_small, reader  # noqa: F401 - fixtures
 from scenarios import datasets, recipes
-from scenarios.compact import CompactImages, CompactReader, choose_decoder, prepared_images
+from scenarios.compact import CompactImages, CompactReader, prepared_images
 from scenarios.datasets import DatasetError
 from scenarios.decode import FilesReader
-from scenarios.gpu_jpeg import JpegBatchDecoder, host_share, on_host
+from scenarios.gpu_jpeg import JpegBatchDecoder, choose_decoder, host_share, on_host
 from scenarios.pipeline import batches
 from scenarios.prepared import PrepareOptions, choose_encoding
 from scenarios.streaming import PreparedImages
@@ -143,6 +143,8 @@ def test_host_decoding_of_a_compact_copy_gives_the_threads_batches_on_the_cpu(co
     again = pickle.loads(blob)
     assert np.array_equal(again.image(0), compact.image(3))
     assert choose_decoder("auto", device="cuda") == "device" and choose_decoder("auto", device="cpu") == "host"
+    assert choose_decoder("auto", device="cuda", files=True) == "host"  # files on the GPU: asked for, not yet auto
+    assert choose_decoder("device", device="cpu", files=True) == "device"
     with pytest.raises(ValueError, match="unknown decoder 'gpu'; use auto, device or host"):
         choose_decoder("gpu", device="cuda")
     with pytest.raises(ValueError, match="not JPEGs"):

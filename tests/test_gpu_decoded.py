@@ -81,3 +81,14 @@ def test_gpu_decoded_batches_on_the_gpu(reader):
              for r in range(2)]
     assert torch.equal(torch.cat(parts), gpu_path.train_batch(1, 9, seed=0)[0])
     assert np.isfinite(torch.cat([x for x, _ in gpu_path.eval_batches(10)]).cpu().numpy()).all()
+
+
+def test_the_decoder_choice_reaches_the_batch_source(reader):
+    from scenarios.pipeline import batches
+    from scenarios.task_recipe import TaskRecipe
+
+    assert type(batches(reader, PRE)).__name__ == "DecodedImages"  # auto: host workers for image files
+    assert type(batches(reader, PRE, decoder="device")).__name__ == "GpuDecodedImages"
+    assert TaskRecipe(decoder="device").decoder == "device"
+    with pytest.raises(ValueError, match="decoder must be auto, device or host"):
+        TaskRecipe(decoder="gpu")
