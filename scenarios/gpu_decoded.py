@@ -40,6 +40,7 @@ class GpuDecodedImages(PreparedImages):
         threads, prefetch: Reading threads and batches read ahead (:class:`~scenarios.streaming.PreparedImages`).
         on_bad: ``skip`` or ``fail`` for a file that cannot be decoded.
         name: Dataset name for messages.
+        short_side, max_aspect: The shrink every image gets (:func:`~scenarios.decode.shrink`).
         host_share: The part of the JPEGs decoded by host threads (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`).
     """
 
