@@ -54,17 +54,17 @@ def stacked(groups, pack):
 # a non-finite value in one slot's token or memory values reaches no other slot or group (a masked weight is
 # exactly zero, and zero times inf is NaN): the rest keep their bits, the slot that owns it is NaN
 report["overflow_isolated"] = True
-for pack in (1, 4):
-    clean = stacked(G, pack)
-    poisoned_mem = [t.clone() for t in (mk, mv)]
-    poisoned_mem[1][0, :, 2 * S * m] = float("inf")  # group 2, slot 0's first memory value
-    poisoned_qkv = qkv.clone()
-    poisoned_qkv[2, :, 0, 2] = float("inf")  # group 2, slot 0's token value
-    for q_, (mk_, mv_) in ((qkv, poisoned_mem), (poisoned_qkv, (mk, mv))):
-        out = torch.full((G, B, S * n, H, hd), float("nan"), device=dev)
-        stacked_attention_triton(q_, sk, sv, mk_, mv_, out, slots=S, scale=scale, pack=pack)
-        report["overflow_isolated"] &= (torch.equal(out[:2], clean[:2]) and torch.equal(out[2, :, n:], clean[2, :, n:])
-                                        and bool(torch.isnan(out[2, :, :n]).all()))
+pack = 4  # every group in one program: the other slot of its group and the other groups
+clean = stacked(G, pack)
+poisoned_mem = [t.clone() for t in (mk, mv)]
+poisoned_mem[1][0, :, 2 * S * m] = float("inf")  # group 2, slot 0's first memory value
+poisoned_qkv = qkv.clone()
+poisoned_qkv[2, :, 0, 2] = float("inf")  # group 2, slot 0's token value
+for q_, (mk_, mv_) in ((qkv, poisoned_mem), (poisoned_qkv, (mk, mv))):
+    out = torch.full((G, B, S * n, H, hd), float("nan"), device=dev)
+    stacked_attention_triton(q_, sk, sv, mk_, mv_, out, slots=S, scale=scale, pack=pack)
+    report["overflow_isolated"] &= (torch.equal(out[:2], clean[:2]) and torch.equal(out[2, :, n:], clean[2, :, n:])
+                                    and bool(torch.isnan(out[2, :, :n]).all()))
 report["stacked_equal_alone"] = True
 for pack in (1, 2, 4):
     full = stacked(G, pack)
