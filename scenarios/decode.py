@@ -233,6 +233,27 @@ def shrink(img: torch.Tensor, *, short_side: int | None, max_aspect: float) -> t
     return img
 
 
+def shrink_by_size(images: list[torch.Tensor | BadImage], *, short_side: int,
+                   max_aspect: float) -> list[torch.Tensor | BadImage]:
+    """:func:`shrink` for each image (on any device), one call per distinct size (uploads from one camera or
+    pipeline share a size; a call per image is a handful of kernel launches per image); an empty image becomes a
+    :class:`BadImage`, and a :class:`BadImage` stays one."""
+    out = list(images)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        if not isinstance(img, BadImage):
+            by_size.setdefault(tuple(img.shape), []).append(i)
+    for size, members in by_size.items():
+        if size[1] == 0 or size[2] == 0:
+            for i in members:
+                out[i] = BadImage("empty image")
+            continue
+        batch = torch.stack([images[i] for i in members])
+        for i, img in zip(members, shrink(batch, short_side=short_side, max_aspect=max_aspect)):
+            out[i] = img
+    return out
+
+
 def decode_shrunk(raw, *, short_side: int | None, max_aspect: float) -> np.ndarray:
     """Encoded bytes (or a PIL image) as an ``(H, W, 3)`` uint8 array shrunk by :func:`shrink`; :class:`BadImage`
     with the reason if it cannot be decoded."""

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from .augment import Preprocess
-from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, decode_item, shrink
-from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, device_decodable, packed_meta
-from .streaming import PreparedImages, round_up
+from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, decode_item, shrink_by_size
+from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, device_decodable
+from .streaming import PreparedImages, packed_meta, round_up
 from .task_recipe import OnBad
 from .types import DatasetError
 
@@ -61,19 +61,22 @@ class GpuDecodedImages(PreparedImages):
         images: list[torch.Tensor | None] = [None] * len(positions)
         labels = self.reader.labels[positions].astype(np.int64)
         jpegs: list[int] = []
-        blobs: list[bytes] = []
+        blobs: list[torch.Tensor] = []
         for k, i in enumerate(positions.tolist()):
             data = self.reader.read(i)
             if isinstance(data, (bytes, bytearray)) and device_decodable(data):
                 jpegs.append(k)
-                blobs.append(bytes(data))
+                blobs.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
             else:
                 images[k], labels[k] = self._on_host(i)
         for k, image in zip(jpegs, self._decode_jpegs(blobs, positions[jpegs])):
             images[k], labels[k] = (image, labels[k]) if image is not None else self._on_host(int(positions[k]))
         cuda = self.device.type == "cuda"
         with torch.cuda.stream(self._stream()) if cuda else contextlib.nullcontext():
-            images = _shrink_by_size(images, short_side=self.short_side, max_aspect=self.max_aspect)
+            images = shrink_by_size(images, short_side=self.short_side, max_aspect=self.max_aspect)
+            for k, image in enumerate(images):
+                if isinstance(image, BadImage):  # an empty image: the host decoder names it, skips or fails
+                    images[k], labels[k] = self._on_host(int(positions[k]))
             shapes = [tuple(im.shape[1:]) for im in images]
             flat = torch.cat([im.reshape(-1) for im in images])
         if cuda:  # done before the decoded buffers it read are released to other threads' streams
@@ -87,17 +90,16 @@ class GpuDecodedImages(PreparedImages):
             self._local.stream = torch.cuda.Stream(self.device)
         return self._local.stream
 
-    def _decode_jpegs(self, blobs: list[bytes], ids: np.ndarray) -> list[torch.Tensor | None]:
+    def _decode_jpegs(self, blobs: list[torch.Tensor], ids: np.ndarray) -> list[torch.Tensor | None]:
         """Each JPEG as a ``(3, h, w)`` device tensor (a view into one packed buffer), or None where nvJPEG
         refused it (the host decoder then names the problem)."""
         if not blobs:
             return []
-        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         try:
-            return _unpack(*self.decoder.decode(tensors, ids))
+            return _unpack(*self.decoder.decode(blobs, ids))
         except RuntimeError:  # one bad file fails the batched call: each alone, so only it is left out
             out: list[torch.Tensor | None] = []
-            for t, i in zip(tensors, ids):
+            for t, i in zip(blobs, ids):
                 try:
                     out += _unpack(*self.decoder.decode([t], np.array([i])))
                 except RuntimeError:
@@ -128,17 +130,3 @@ class GpuDecodedImages(PreparedImages):
 def _unpack(flat: torch.Tensor, meta: torch.Tensor) -> list[torch.Tensor]:
     """The ``(3, h, w)`` views of packed images."""
     return [flat[o:o + 3 * h * w].view(3, h, w) for o, h, w in meta.tolist()]
-
-
-def _shrink_by_size(images: list[torch.Tensor], *, short_side: int, max_aspect: float) -> list[torch.Tensor]:
-    """:func:`scenarios.decode.shrink` for each image, one call per distinct size (an image already shrunk on the
-    host comes back as it is: shrinking never enlarges, and its aspect is within bounds)."""
-    out = list(images)
-    by_size: dict[tuple[int, ...], list[int]] = {}
-    for k, im in enumerate(images):
-        by_size.setdefault(tuple(im.shape), []).append(k)
-    for members in by_size.values():
-        for k, im in zip(members, shrink(torch.stack([images[k] for k in members]), short_side=short_side,
-                                          max_aspect=max_aspect)):
-            out[k] = im
-    return out

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from .decode import host_cores
+from .streaming import packed_meta
+from .task_recipe import DECODERS
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,6 @@ JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 MIN_CHUNK = 8  # images per host task: fewer would cost more in hand-over than they save
 HOST_SHARE = 0.0  # the host threads' part by default: on an H200 with 16 cores, any host share was slower
 #                   (14 threads decode ~4,900 images/s beside training; docs/data_at_scale.md)
-
-
-DECODERS = ("auto", "device", "host")
 
 
 def choose_decoder(decoder: str, *, device: str, files: bool = False) -> str:
@@ -65,14 +64,6 @@ def on_host(ids: np.ndarray, share: float) -> np.ndarray:
     after a resume: the pixels of batch ``s`` depend on ``(seed, s)`` and the share only."""
     mixed = (np.asarray(ids, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)  # Fibonacci hash
     return mixed.astype(np.float64) / float(1 << 24) < share
-
-
-def packed_meta(shapes: list[tuple[int, int]]) -> np.ndarray:
-    """``(B, 3)`` int64 rows (offset, height, width) of images of ``shapes`` packed back to back, 3 bytes a
-    pixel."""
-    hw = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
-    sizes = hw[:, 0] * hw[:, 1] * 3
-    return np.column_stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]), hw])
 
 
 def device_decodable(data: bytes) -> bool:
@@ -129,7 +120,7 @@ class JpegBatchDecoder:
         each, and their ``(B, 3)`` (offset, height, width) rows in ``blobs``' order (a CPU tensor, pinned for a
         CUDA device). Returns once the pixels are there, so call it from a prefetching thread, never the training
         loop. A file that cannot be decoded raises ``RuntimeError``."""
-        host = on_host(ids, self.share()) if self.fixed is None else on_host(ids, self.fixed)
+        host = on_host(ids, self.share())
         here_rows, host_rows = np.flatnonzero(~host), np.flatnonzero(host)
         size = max(MIN_CHUNK, -(-len(host_rows) // self.threads))  # one chunk per thread
         t0 = time.perf_counter()
@@ -143,7 +134,7 @@ class JpegBatchDecoder:
         if len(host_rows):
             self._observe("host", len(host_rows), time.perf_counter() - t0)
         meta = np.empty((len(blobs), 3), dtype=np.int64)  # packed device part first, then the host part
-        meta[np.concatenate([here_rows, host_rows])] = packed_meta([tuple(im.shape[1:]) for im in here + host_images])
+        meta[np.concatenate([here_rows, host_rows])] = packed_meta([im.shape[1:] for im in here + host_images])
         if self.device.type != "cuda":
             return torch.cat([im.reshape(-1) for im in here + host_images]), torch.from_numpy(meta)
         return self._pack_on_device(here, host_images), torch.from_numpy(meta).pin_memory()

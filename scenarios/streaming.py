@@ -42,6 +42,14 @@ def round_up(v: int) -> int:
     return (v // ALIGN + 1) * ALIGN
 
 
+def packed_meta(shapes) -> np.ndarray:
+    """``(B, 3)`` int64 rows (offset, height, width) of images of ``shapes`` (``B`` heights and widths: pairs or a
+    ``(B, 2)`` array) packed back to back, 3 bytes a pixel: the ``meta`` of :meth:`DeviceStage.from_flat`."""
+    hw = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+    sizes = hw[:, 0] * hw[:, 1] * 3
+    return np.column_stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]), hw])
+
+
 class DeviceStage:
     """What happens on the device: a padded uint8 batch to a normalised model batch.
 
@@ -164,9 +172,8 @@ class PreparedImages:
         flat = torch.empty(int(nbytes.sum()), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         pix = self.data.pixels
         np.concatenate([pix[o:o + k] for o, k in zip(rows[:, 0].tolist(), nbytes.tolist())], out=flat.numpy())
-        meta = np.column_stack([np.concatenate([[0], np.cumsum(nbytes)[:-1]]), rows[:, 1], rows[:, 2]])
         canvas = (round_up(int(rows[:, 1].max())), round_up(int(rows[:, 2].max())))
-        return flat, torch.from_numpy(meta.astype(np.int64)), torch.from_numpy(rows[:, 3].copy()), canvas
+        return flat, torch.from_numpy(packed_meta(rows[:, 1:3])), torch.from_numpy(rows[:, 3].copy()), canvas
 
     def _fetch(self, key: tuple, positions_of) -> tuple:
         """The host batch ``key`` (and the next ``prefetch`` ones submitted); ``positions_of(key)`` says which

@@ -4,10 +4,12 @@ takes it, so the CLI and the library never disagree on a default. No torch impor
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Pipeline = Literal["auto", "prepared", "decode", "loader"]
 OnBad = Literal["skip", "fail"]
+Decoder = Literal["auto", "device", "host"]  # where JPEGs are decoded (scenarios.gpu_jpeg.choose_decoder)
+DECODERS: tuple[str, ...] = get_args(Decoder)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class TaskRecipe:
     max_test: int | None = None
     max_heldout: int | None = 2000
     pipeline: Pipeline = "auto"
-    decoder: str = "auto"
+    decoder: Decoder = "auto"
     on_bad_image: OnBad = "skip"
     cache_dir: str | None = None
 
@@ -101,7 +103,7 @@ class TaskRecipe:
             raise ValueError(f"probe_fraction must be in [0, 1), got {self.probe_fraction}")
         if self.pipeline not in ("auto", "prepared", "decode", "loader"):
             raise ValueError(f"pipeline must be auto, prepared, decode or loader, got {self.pipeline!r}")
-        if self.decoder not in ("auto", "device", "host"):
+        if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be auto, device or host, got {self.decoder!r}")
         if self.on_bad_image not in ("skip", "fail"):
             raise ValueError(f"on_bad_image must be skip or fail, got {self.on_bad_image!r}")

@@ -5,21 +5,21 @@ Why: decoding a 500x375 JPEG costs ~3 ms of a host core on an H100 host (libjpeg
 pickling that carries each decoded image back from a worker process. nvJPEG decodes the same files at ~13,700
 images/s on the GPU. The event loop only reads an upload's header (format, size) and hands the bytes to the batch.
 
-Only complete baseline/progressive JPEGs go this way (:func:`scenarios.gpu_jpeg.device_decodable`); anything else (PNG, WebP, a file
-cut short) is decoded on the host as before, which also names the problem of a bad file.
+Only complete baseline/progressive JPEGs go this way (:func:`scenarios.gpu_jpeg.device_decodable`); anything else
+(PNG, WebP, a file cut short) is decoded on the host as before, which also names the problem of a bad file.
 """
 from __future__ import annotations
 
 import torch
 
-from scenarios.decode import BadImage, shrink, torchvision_reason
+from scenarios.decode import BadImage, shrink_by_size, torchvision_reason
 
 
 def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,
                  max_aspect: float) -> list[torch.Tensor | BadImage]:
     """Each JPEG as a ``(3, h, w)`` uint8 tensor on ``device``, shrunk as the host path shrinks it
-    (:func:`scenarios.decode.shrink`), or the :class:`BadImage` that says why it could not be decoded. One batched
-    nvJPEG call; if it fails, each file alone, so one bad file fails only its own request."""
+    (:func:`scenarios.decode.shrink_by_size`), or the :class:`BadImage` that says why it could not be decoded. One
+    batched nvJPEG call; if it fails, each file alone, so one bad file fails only its own request."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
@@ -34,22 +34,3 @@ def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,
                 decoded.append(BadImage(torchvision_reason(str(exc))))
     return shrink_by_size(decoded, short_side=short_side, max_aspect=max_aspect)
 
-
-def shrink_by_size(images: list[torch.Tensor | BadImage], *, short_side: int,
-                   max_aspect: float) -> list[torch.Tensor | BadImage]:
-    """:func:`scenarios.decode.shrink` for each image, one call per distinct size (uploads from one camera or
-    pipeline share a size; a call per image is a handful of kernel launches per image)."""
-    out = list(images)
-    by_size: dict[tuple[int, ...], list[int]] = {}
-    for i, img in enumerate(images):
-        if not isinstance(img, BadImage):
-            by_size.setdefault(tuple(img.shape), []).append(i)
-    for size, members in by_size.items():
-        if size[1] == 0 or size[2] == 0:
-            for i in members:
-                out[i] = BadImage("empty image")
-            continue
-        batch = torch.stack([images[i] for i in members])
-        for i, img in zip(members, shrink(batch, short_side=short_side, max_aspect=max_aspect)):
-            out[i] = img
-    return out

@@ -1,5 +1,6 @@
 """Compact prepared copies (re-encoded JPEGs decoded in batches, ``scenarios.compact``): against the raw copy, their
-build (bad files, folder keys; resume: test_prepared.py), the batches' dependence on ``(seed, step)`` only, and the path policy."""
+build (bad files, folder keys; resume: test_prepared.py), the batches' dependence on ``(seed, step)`` only, and
+the path policy."""
 import json
 
 import numpy as np
@@ -195,7 +196,8 @@ def test_host_share_policy_and_which_images_the_host_decodes():
     for share in (0.0, 0.3, 1.0):
         picked = on_host(ids, share)
         assert abs(picked.mean() - share) < 0.02
-    assert np.array_equal(on_host(ids[::7], 0.3), on_host(ids, 0.3)[::7])  # an image's decoder is its own, not its batch's
+    # an image's decoder is its own, not its batch's
+    assert np.array_equal(on_host(ids[::7], 0.3), on_host(ids, 0.3)[::7])
 
 
 @pytest.mark.parametrize("share", [0.0, 0.4, 1.0, None])

@@ -72,8 +72,7 @@ def test_images_laid_out_on_the_device_are_the_host_batch_bit_for_bit():
 
 
 def test_shrinking_images_of_one_size_together_gives_each_ones_bits():
-    from scenarios.decode import shrink
-    from serving.device_decode import shrink_by_size
+    from scenarios.decode import shrink, shrink_by_size
 
     rng = np.random.default_rng(0)
     sizes = [(375, 500), (375, 500), (200, 700), (375, 500), (90, 120)]
