@@ -56,11 +56,12 @@ class CompactImages(PreparedImages):
     ``host_share``, the part of the images host threads decode (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`)."""
 
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
-                 threads: int | None = None, prefetch: int = 4, host_share: float | None = HOST_SHARE) -> None:
+                 threads: int | None = None, prefetch: int = 4, host_share: float | None = HOST_SHARE,
+                 eval_cache: int | None = None) -> None:
         if data.encoding != "jpeg":
             raise ValueError(f"{data.root} holds {data.encoding} pixels, not JPEGs; read it with PreparedImages")
         # two threads keep one decoder busy: one reads and hands over a batch while the other's decodes
-        super().__init__(data, pre, device, threads=threads or 2, prefetch=prefetch)
+        super().__init__(data, pre, device, threads=threads or 2, prefetch=prefetch, eval_cache=eval_cache)
         self.decoder = JpegBatchDecoder(self.device, share=host_share)
 
     def _host(self, positions: np.ndarray) -> tuple:

@@ -42,13 +42,14 @@ class GpuDecodedImages(PreparedImages):
         name: Dataset name for messages.
         short_side, max_aspect: The shrink every image gets (:func:`~scenarios.decode.shrink`).
         host_share: The part of the JPEGs decoded by host threads (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`).
+        eval_cache: Bytes of held-out batches kept on the device (:class:`~scenarios.streaming.PreparedImages`).
     """
 
     def __init__(self, reader: Reader, pre: Preprocess, device: str | torch.device = "cpu", *,
                  threads: int | None = None, prefetch: int = 4, on_bad: OnBad = "skip", name: str = "dataset",
                  short_side: int = SHORT_SIDE, max_aspect: float = MAX_ASPECT,
-                 host_share: float | None = HOST_SHARE) -> None:
-        super().__init__(reader, pre, device, threads=threads or 2, prefetch=prefetch)
+                 host_share: float | None = HOST_SHARE, eval_cache: int | None = None) -> None:
+        super().__init__(reader, pre, device, threads=threads or 2, prefetch=prefetch, eval_cache=eval_cache)
         self.reader, self.on_bad, self.name = reader, on_bad, name
         self.short_side, self.max_aspect = short_side, max_aspect
         self.decoder = JpegBatchDecoder(self.device, share=host_share)

@@ -17,6 +17,7 @@ from continual_mem.distributed import SINGLE, Shard
 
 from .augment import Preprocess, crop_batch, step_generator, step_indices  # noqa: F401
 from .decode import host_cores, is_reader
+from .eval_cache import EvalCache
 from .types import ImageSet
 
 
@@ -78,12 +79,15 @@ class _Transformed(Dataset):
 
 
 class LoaderImages:
-    """A PIL dataset through timm's transforms (inception-style for training, resize + centre crop for eval)."""
+    """A PIL dataset through timm's transforms (inception-style for training, resize + centre crop for eval);
+    ``eval_cache``: bytes of held-out batches kept on the device (:class:`~scenarios.eval_cache.EvalCache`)."""
 
-    def __init__(self, data: Dataset, pre: Preprocess, device: str | torch.device = "cpu", *, workers: int = 4) -> None:
+    def __init__(self, data: Dataset, pre: Preprocess, device: str | torch.device = "cpu", *, workers: int = 4,
+                 eval_cache: int | None = None) -> None:
         from torchvision import transforms as T
 
         self.data, self.pre, self.device, self.workers = data, pre, torch.device(device), workers
+        self.eval_cache = EvalCache(self.device, pre.img_size, eval_cache)
         common = dict(input_size=(3, pre.img_size, pre.img_size), mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct)
         if pre.augment == "inception":
             self.train_tf = timm.data.create_transform(**common, is_training=True, hflip=0.5, color_jitter=None,
@@ -127,6 +131,10 @@ class LoaderImages:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        lo, hi = shard.bounds(len(self.data))
+        return self.eval_cache.batches((batch_size, shard), hi - lo, lambda: self._stream_eval(batch_size, shard))
+
+    def _stream_eval(self, batch_size: int, shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self._loader(False, batch_size, shard=shard):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 

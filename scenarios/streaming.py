@@ -30,6 +30,7 @@ from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, d
 from .task_recipe import OnBad
 from .augment import Preprocess, crop_batch, step_generator, step_indices
 from .prepared import PreparedSet, place
+from .eval_cache import EvalCache
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,14 @@ class PreparedImages:
         device: Where batches go.
         threads: Host threads copying batches (default: up to 8 of the host's cores).
         prefetch: Batches prepared ahead of the one asked for (0: none, no threads).
+        eval_cache: Bytes of held-out batches kept on the device after their first pass (None: the default
+            budget, :func:`~scenarios.eval_cache.default_budget`; 0: none).
     """
 
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
-                 threads: int | None = None, prefetch: int = 4) -> None:
+                 threads: int | None = None, prefetch: int = 4, eval_cache: int | None = None) -> None:
         self.data, self.pre, self.device = data, pre, torch.device(device)
+        self.eval_cache = EvalCache(self.device, pre.img_size, eval_cache)
         self.stage = DeviceStage(pre, self.device)
         self.prefetch = prefetch
         self.pool = ThreadPoolExecutor(max_workers=threads or min(8, host_cores()), thread_name_prefix="prepared") \
@@ -201,8 +205,12 @@ class PreparedImages:
                                  g=step_generator(seed, step, self.device), n=n, lo=lo)
 
     def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Evaluation batches of ``shard``'s contiguous part of the set, in order."""
+        """Evaluation batches of ``shard``'s contiguous part of the set, in order (kept on the device after the
+        first pass where they fit, :class:`~scenarios.eval_cache.EvalCache`)."""
         lo, hi = shard.bounds(len(self))
+        return self.eval_cache.batches((batch_size, shard), hi - lo, lambda: self._stream_eval(batch_size, lo, hi, shard))
+
+    def _stream_eval(self, batch_size: int, lo: int, hi: int, shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         starts = list(range(lo, hi, batch_size))
 
         def positions(key):
@@ -306,12 +314,14 @@ class DecodedImages:
         on_bad: ``skip`` puts the next decodable image in a bad one's place (named once in the log); ``fail``
             stops with the file's path.
         name: Dataset name for messages.
+        eval_cache: As :class:`PreparedImages`.
     """
 
     def __init__(self, reader: Reader, pre: Preprocess, device: str | torch.device = "cpu", *,
                  workers: int | None = None, on_bad: OnBad = "skip", name: str = "dataset",
-                 short_side: int = SHORT_SIDE, max_aspect: float = MAX_ASPECT) -> None:
+                 short_side: int = SHORT_SIDE, max_aspect: float = MAX_ASPECT, eval_cache: int | None = None) -> None:
         self.reader, self.pre, self.device, self.name, self.on_bad = reader, pre, torch.device(device), name, on_bad
+        self.eval_cache = EvalCache(self.device, pre.img_size, eval_cache)
         self.stage = DeviceStage(pre, self.device)
         self.workers = workers
         self.dataset = _Decode(reader, short_side, max_aspect, on_bad)
@@ -352,6 +362,12 @@ class DecodedImages:
                           lo=shard.bounds(n)[0])
 
     def eval_batches(self, batch_size: int, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Evaluation batches of ``shard``'s contiguous part of the set, in order (kept as :class:`PreparedImages`
+        keeps them)."""
+        lo, hi = shard.bounds(len(self))
+        return self.eval_cache.batches((batch_size, shard), hi - lo, lambda: self._stream_eval(batch_size, shard))
+
+    def _stream_eval(self, batch_size: int, shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         key = (batch_size, shard)
         if key not in self._eval_loaders:  # kept: fit evaluates the held-out split again and again
             lo, hi = shard.bounds(len(self))
