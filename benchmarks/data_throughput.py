@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--variants", default="synthetic,resident,prepared,compact,compact-host,decode,loader",
-                   help="comma list; compact:SHARE[:PRIORITY] sets the host threads' share of JPEG decoding "
-                        "(compact:auto: balanced) and the decode stream's CUDA priority; decode-gpu[:PRIORITY]: the source files decoded on the device")
+                   help="comma list; compact:SHARE sets the host threads' share of JPEG decoding (compact:auto: "
+                        "balanced); decode-gpu: the source files decoded on the device")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the compact copy")
     p.add_argument("--eval-passes", type=int, default=5, help="timed evaluation passes (the median is reported)")
     p.add_argument("--cache-dir", type=Path, default=None, help="prepared copies [default: FOLDER.prepared]")
@@ -241,18 +241,16 @@ def main(argv: list[str] | None = None) -> dict:
             return PreparedImages(ps, pre, device, **keep)
         if kind == "compact-host":  # decoded by host worker processes
             return prepared_images(compact[1] if split == "train" else compact[2], pre, device, decoder="host", **keep)
-        if kind.startswith("compact"):  # compact[:SHARE[:PRIORITY]]: the host threads' share of decoding (auto:
-            share, _, priority = kind.partition(":")[2].partition(":")  # balanced) and the decode stream's priority
+        if kind.startswith("compact"):  # compact[:SHARE]: the host threads' share of decoding (auto: balanced)
+            share = kind.partition(":")[2]
             options = {"host_share": None if share == "auto" else float(share)} if share else {}
-            options.update(keep, **({"decode_priority": int(priority)} if priority else {}))
+            options.update(keep)
             return prepared_images(compact[1] if split == "train" else compact[2], pre, device, decoder="device",
                                    **options)
         if kind == "decode":
             return DecodedImages(reader_for(part), pre, device, name=data.name, **keep)
-        if kind.startswith("decode-gpu"):  # the source files, decoded by nvJPEG and shrunk on the device
-            priority = kind.partition(":")[2]  # decode-gpu[:PRIORITY]: the decode stream's CUDA priority
-            return GpuDecodedImages(reader_for(part), pre, device, name=data.name, **keep,
-                                    **({"decode_priority": int(priority)} if priority else {}))
+        if kind == "decode-gpu":  # the source files, decoded by nvJPEG and shrunk on the device
+            return GpuDecodedImages(reader_for(part), pre, device, name=data.name, **keep)
         if kind == "loader":
             return LoaderImages(part, pre, device, workers=max(1, host_cores() - 1), **keep)
         x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)

@@ -23,7 +23,7 @@ import torch
 
 from .augment import Preprocess
 from .decode import digest
-from .gpu_jpeg import DECODE_PRIORITY, HOST_SHARE, JpegBatchDecoder, choose_decoder
+from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, choose_decoder
 from .prepared import PreparedSet
 from .streaming import DecodedImages, PreparedImages, round_up
 
@@ -53,17 +53,16 @@ class CompactReader:
 
 class CompactImages(PreparedImages):
     """A compact (JPEG) :class:`PreparedSet` as a batch source; arguments as :class:`PreparedImages`, plus
-    ``host_share``, the part of the images host threads decode, and ``decode_priority``, the CUDA stream priority
-    of decoding (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`)."""
+    ``host_share``, the part of the images host threads decode (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`)."""
 
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
                  threads: int | None = None, prefetch: int = 4, host_share: float | None = HOST_SHARE,
-                 eval_cache: int | None = None, decode_priority: int = DECODE_PRIORITY) -> None:
+                 eval_cache: int | None = None) -> None:
         if data.encoding != "jpeg":
             raise ValueError(f"{data.root} holds {data.encoding} pixels, not JPEGs; read it with PreparedImages")
         # two threads keep one decoder busy: one reads and hands over a batch while the other's decodes
         super().__init__(data, pre, device, threads=threads or 2, prefetch=prefetch, eval_cache=eval_cache)
-        self.decoder = JpegBatchDecoder(self.device, share=host_share, priority=decode_priority)
+        self.decoder = JpegBatchDecoder(self.device, share=host_share)
 
     def _host(self, positions: np.ndarray) -> tuple:
         """Batch ``positions`` decoded onto the device, packed (CHW images back to back, and their offset, height

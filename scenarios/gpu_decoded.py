@@ -22,7 +22,7 @@ import torch
 
 from .augment import Preprocess
 from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, decode_item, shrink_by_size
-from .gpu_jpeg import DECODE_PRIORITY, HOST_SHARE, JpegBatchDecoder, device_decodable
+from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, device_decodable
 from .streaming import PreparedImages, packed_meta, round_up
 from .task_recipe import OnBad
 from .types import DatasetError
@@ -41,20 +41,18 @@ class GpuDecodedImages(PreparedImages):
         on_bad: ``skip`` or ``fail`` for a file that cannot be decoded.
         name: Dataset name for messages.
         short_side, max_aspect: The shrink every image gets (:func:`~scenarios.decode.shrink`).
-        host_share, decode_priority: The part of the JPEGs decoded by host threads and the CUDA stream priority of
-            the device work (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`).
+        host_share: The part of the JPEGs decoded by host threads (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`).
         eval_cache: Bytes of held-out batches kept on the device (:class:`~scenarios.streaming.PreparedImages`).
     """
 
     def __init__(self, reader: Reader, pre: Preprocess, device: str | torch.device = "cpu", *,
                  threads: int | None = None, prefetch: int = 4, on_bad: OnBad = "skip", name: str = "dataset",
                  short_side: int = SHORT_SIDE, max_aspect: float = MAX_ASPECT,
-                 host_share: float | None = HOST_SHARE, eval_cache: int | None = None,
-                 decode_priority: int = DECODE_PRIORITY) -> None:
+                 host_share: float | None = HOST_SHARE, eval_cache: int | None = None) -> None:
         super().__init__(reader, pre, device, threads=threads or 2, prefetch=prefetch, eval_cache=eval_cache)
         self.reader, self.on_bad, self.name = reader, on_bad, name
         self.short_side, self.max_aspect = short_side, max_aspect
-        self.decoder = JpegBatchDecoder(self.device, share=host_share, priority=decode_priority)
+        self.decoder = JpegBatchDecoder(self.device, share=host_share)
         self._reported: set[str] = set()
         self._local = threading.local()  # each reading thread's stream
 
@@ -90,7 +88,7 @@ class GpuDecodedImages(PreparedImages):
 
     def _stream(self) -> torch.cuda.Stream:
         if not hasattr(self._local, "stream"):
-            self._local.stream = torch.cuda.Stream(self.device, priority=self.decoder.priority)
+            self._local.stream = torch.cuda.Stream(self.device)
         return self._local.stream
 
     def _decode_jpegs(self, blobs: list[torch.Tensor], ids: np.ndarray) -> list[torch.Tensor | None]:

@@ -31,8 +31,6 @@ JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 MIN_CHUNK = 8  # images per host task: fewer would cost more in hand-over than they save
 HOST_SHARE = 0.0  # the host threads' part by default: on an H200 with 16 cores, any host share was slower
 #                   (14 threads decode ~4,900 images/s beside training; docs/data_at_scale.md)
-DECODE_PRIORITY = -1  # CUDA stream priority of decoding (lower is sooner): nvJPEG waits for each image's small
-#                       kernel, which at priority 0 queues behind the training kernels' blocks
 
 
 def choose_decoder(decoder: str, *, device: str, files: bool = False) -> str:
@@ -92,13 +90,11 @@ class JpegBatchDecoder:
             but an image's decoder, and so its last bits, then depend on timing.
         threads: Host decoding threads (default: the host's cores less two, for the training loop and the nvJPEG
             caller).
-        priority: CUDA stream priority of the device work (``torch.cuda.Stream``'s; lower runs sooner).
     """
 
     def __init__(self, device: str | torch.device, *, share: float | None = HOST_SHARE,
-                 threads: int | None = None, priority: int = DECODE_PRIORITY) -> None:
+                 threads: int | None = None) -> None:
         self.device = torch.device(device)
-        self.priority = priority
         self.fixed = share
         host_share(None, None, fixed=share)  # validates
         self.threads = threads or max(1, host_cores() - 2)
@@ -145,7 +141,7 @@ class JpegBatchDecoder:
 
     def _stream(self) -> torch.cuda.Stream:
         if not hasattr(self._streams, "stream"):
-            self._streams.stream = torch.cuda.Stream(self.device, priority=self.priority)
+            self._streams.stream = torch.cuda.Stream(self.device)
         return self._streams.stream
 
     def _decode_here(self, blobs: list[torch.Tensor]) -> list[torch.Tensor]:
