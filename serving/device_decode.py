@@ -10,6 +10,9 @@ Only complete baseline/progressive JPEGs go this way (:func:`scenarios.gpu_jpeg.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from scenarios.decode import BadImage, shrink_by_size, torchvision_reason
@@ -23,14 +26,35 @@ def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,
     from torchvision.io import ImageReadMode, decode_jpeg
 
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-    try:
-        decoded: list = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        decoded = []
-        for d in data:
-            try:
-                decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError as exc:
-                decoded.append(BadImage(torchvision_reason(str(exc))))
+    # nvJPEG writes its outputs from a stream of its own as soon as it is called, into memory allocated on the
+    # caller's current stream. Memory freed there while kernels still queued on it read it (the last pass's
+    # layout) would be handed to the next decode and overwritten under them, so the outputs come from a decode
+    # stream and are recorded on the current one: freed, they wait for its readers.
+    cuda = device.type == "cuda"
+    current = torch.cuda.current_stream(device) if cuda else None
+    with torch.cuda.stream(_decode_stream(device)) if cuda else contextlib.nullcontext():
+        try:
+            decoded: list = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = []
+            for d in data:
+                try:
+                    decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as exc:
+                    decoded.append(BadImage(torchvision_reason(str(exc))))
+    for t in decoded if cuda else ():
+        if isinstance(t, torch.Tensor):
+            t.record_stream(current)  # decode_jpeg returns once its stream is done: nothing to wait for
     return shrink_by_size(decoded, short_side=short_side, max_aspect=max_aspect)
+
+
+_STREAMS = threading.local()
+
+
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's stream for nvJPEG's output memory on ``device``."""
+    streams = _STREAMS.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 

@@ -85,3 +85,20 @@ def test_shrinking_images_of_one_size_together_gives_each_ones_bits():
             assert torch.equal(out, shrink(img, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT))
     assert [tuple(t.shape[1:]) for t in got if not isinstance(t, BadImage)] == [
         (256, 341), (256, 341), (200, 400), (256, 341), (90, 120)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU host)")
+def test_a_decoded_image_freed_before_its_readers_ran_is_not_overwritten_by_the_next_decode():
+    """nvJPEG writes from a stream of its own: memory freed on the current stream while a queued kernel still reads
+    it must not be handed to the next decode (the served pass's layout read another request's pixels)."""
+    dev = torch.device("cuda")
+    a, b = jpeg(0, (64, 48)), jpeg(1, (64, 48))
+    want = decode_jpegs([a], device=dev, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)[0].double().sum().item()
+    for _ in range(5):
+        x = decode_jpegs([a], device=dev, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)[0]
+        torch.cuda._sleep(200_000_000)  # the current stream busy for ~0.1 s: the read below waits behind it
+        total = x.double().sum()
+        del x  # freed now, read later
+        decode_jpegs([b], device=dev, short_side=SHORT_SIDE, max_aspect=MAX_ASPECT)
+        assert total.item() == want
