@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (random weights)")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--memory", type=int, default=5)
+    p.add_argument("--fork-layers", type=int, default=0, help="fine-tuned fork depth of every task (0: masked memory)")
     p.add_argument("--dataset", default="digits", help="what add-task trains on")
     p.add_argument("--steps", type=int, default=20, help="add-task's steps")
     p.add_argument("--json-out", type=Path, default=None)
