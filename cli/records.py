@@ -86,13 +86,15 @@ def verify(
     task: Annotated[list[str] | None, typer.Option(help="only this task (repeatable), with the tasks it reads")] = None,
     since: Annotated[int | None, typer.Option(help="only the tasks added or imported after this model version "
                                                    "(`model_version` of an earlier `verify --json`)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="processes sharing the tasks (the same bits; for hosts with "
+                                                     "cores to spare)")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Recompute the tasks on the probe batch and compare bytes with their stored references (exit 1 on any
     mismatch). Default: every task."""
     reg = registry()
     version = reg.model_version(state.model)
-    report = reg.verify(name=state.model, tasks=task or None, since=since)
+    report = reg.verify(name=state.model, tasks=task or None, since=since, workers=workers)
     rows = [{"task": c.name, "status": c.status, "max_abs_diff": c.max_abs_diff, "detail": c.detail}
             for c in report.tasks]
     checked = "every task" if not task and since is None else f"{len(rows)} of the tasks"

@@ -22,7 +22,7 @@ def to_url(location: str | Path) -> str:
     return text if "://" in text else f"sqlite:///{Path(text).expanduser().resolve()}"
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def _sqlite_setup(engine: Engine, *, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn, _record) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
@@ -36,27 +36,30 @@ def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:
         # Take the write lock up front: two writers queue on the busy timeout instead of one failing with
-        # "database is locked" when it upgrades a read transaction.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # "database is locked" when it upgrades a read transaction. Readers (WAL) run beside a writer.
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def open_engine(location: str | Path) -> Engine:
-    """Open (and create if needed) a registry database; checks the schema version."""
+def open_engine(location: str | Path, *, read_only: bool = False) -> Engine:
+    """Open (and create if needed) a registry database; checks the schema version. ``read_only``: an existing
+    registry, for readers beside a writer (verification workers); its transactions must not write."""
     url = to_url(location)
-    if url.startswith("sqlite:///"):
+    if url.startswith("sqlite:///") and not read_only:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
-        _sqlite_setup(engine)
+        _sqlite_setup(engine, read_only=read_only)
     with session(engine) as s:
         fresh = not inspect(s.connection()).has_table("meta")
+        if read_only and fresh:
+            raise RegistryError(f"no registry at {url}")
         if fresh:
             Base.metadata.create_all(s.connection())
             s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
             s.add(Meta(key="verify_threads", value=str(min(2, os.cpu_count() or 1))))
         else:
             version = s.scalar(select(Meta.value).where(Meta.key == "schema_version"))
-            if version == "1":  # version 2 only adds a table: create it, touch nothing else
+            if version == "1" and not read_only:  # version 2 only adds a table: create it, touch nothing else
                 Base.metadata.create_all(s.connection())
                 s.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                 version = str(SCHEMA_VERSION)

@@ -15,10 +15,10 @@ from timm.models.vision_transformer import VisionTransformer
 from continual_mem import MemoryViT
 from continual_mem.class_stats import ClassStats
 
-from . import api, changes, stats
+from . import api, changes, parallel, stats
 from .db import open_engine, session, to_url
 from .errors import RegistryError, VerificationFailed
-from .schema import Event, Model, Task, VerificationRun
+from .schema import Event, Model, Task, VerificationRun, utcnow
 
 # events that change what a model computes (class statistics: what its task-agnostic answers are)
 CHANGE_EVENTS = ("init", "add", "import", "remove", "stats")
@@ -175,10 +175,13 @@ class Registry:
             s, name, task_name, backbone=self._backbone(s, name)))
 
     def verify(self, *, name: str = DEFAULT_MODEL, tasks: Sequence[str] | None = None,
-               since: int | None = None) -> api.Report:
+               since: int | None = None, workers: int = 1) -> api.Report:
         """Bit-exact check against the stored references, always recorded: every task, or only ``tasks``, or only
         the tasks added or imported after model version ``since`` (:meth:`model_version`); each with the earlier
-        tasks it reads."""
+        tasks it reads. ``workers`` > 1 spreads the tasks over that many processes (:mod:`registry.parallel`):
+        the same bits, for hosts with cores to spare."""
+        if workers < 1:
+            raise RegistryError(f"workers must be >= 1, got {workers}")
         with session(self.engine) as s:
             model = api.get_model(s, name)
             only = None if tasks is None else list(tasks)
@@ -190,10 +193,22 @@ class Registry:
                     Event.model_name == name, Event.kind.in_(("add", "import")), Event.id > since)))
                 only = (only or []) + [t.name for t in model.tasks if t.name in added]
             trigger = "manual" if only is None else f"manual:{','.join(sorted(set(only))) or 'none'}"
-            report = api.check(s, model, trigger=trigger, backbone=self._backbone(s, name), only=only)
+            if workers > 1:
+                report = self._check_in_parallel(s, model, trigger, only, workers)
+            else:
+                report = api.check(s, model, trigger=trigger, backbone=self._backbone(s, name), only=only)
             report = stats.check(s, model, report, only=only)
             api.record_report(s, model, report)
         return report
+
+    def _check_in_parallel(self, s: Session, model: Model, trigger: str, only: list[str] | None,
+                           workers: int) -> api.Report:
+        started = utcnow()
+        names = [t.name for t in model.tasks] if only is None else list(dict.fromkeys(only))
+        found = parallel.check_in_parallel(self.url, model.name, names, workers)
+        build = api.current_build(api.verify_threads(s))
+        checks = [found[t.name] for t in model.tasks if t.name in found]  # model order, as one process reports
+        return api.Report(model.name, trigger, build, started, utcnow(), checks)
 
     # ------------------------------------------------------------ reading
     def tasks(self, *, name: str = DEFAULT_MODEL) -> list[dict]:

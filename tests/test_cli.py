@@ -133,8 +133,9 @@ def test_verify_passes_then_names_a_corrupted_task(db):
     assert data["ok"] and {t["status"] for t in data["tasks"]} == {"equal"}
     one = json.loads(ok(cm(db, "verify", "--task", "digits", "--json")).stdout)
     assert [t["task"] for t in one["tasks"]] == ["digits"] and one["model_version"] == data["model_version"]
-    since = json.loads(ok(cm(db, "verify", "--since", str(data["model_version"]), "--json")).stdout)
+    since = json.loads(ok(cm(db, "verify", "--since", str(data["model_version"]), "--workers", "2", "--json")).stdout)
     assert since["ok"] and since["tasks"] == []
+    user_error(cm(db, "verify", "--workers", "0"), "--workers")
     user_error(cm(db, "verify", "--task", "zzz"), "has no task 'zzz'")
     flip_param_byte(Registry(db), "digits-ext")
     bad = cm(db, "verify")

@@ -248,3 +248,28 @@ def test_an_extension_bundle_from_other_token_tasks_is_refused_by_name(two):
                                             r"model 'default' has token tasks \['a'\]; retrain it on the current "
                                             r"model$"):
         reg.import_bundle(bundle)
+
+
+def test_verification_in_worker_processes_reports_what_one_process_does(two):
+    reg, net = two
+    grow(reg, net, "c", 3)
+    one, many = reg.verify(), reg.verify(workers=2)
+    assert many.ok and many.build == one.build and many.trigger == "manual"
+    assert [(c.name, c.status, c.max_abs_diff) for c in many.tasks] == \
+        [(c.name, c.status, c.max_abs_diff) for c in one.tasks] == [("a", "equal", 0.0), ("b", "equal", 0.0),
+                                                                    ("c", "equal", 0.0)]
+    flip_param_byte(reg, "c")
+    bad = reg.verify(tasks=["c", "a"], workers=3)  # in the model's order, as one process reports them
+    assert [(c.name, c.status) for c in bad.tasks] == [("a", "equal"), ("c", "corrupt")] and not bad.ok
+    with pytest.raises(RegistryError, match=r"workers must be >= 1, got 0"):
+        reg.verify(workers=0)
+
+
+def test_tasks_are_split_into_contiguous_parts_of_near_equal_size():
+    from registry.parallel import parts
+
+    assert parts(list("abcde"), 2) == [["a", "b", "c"], ["d", "e"]]
+    assert parts(list("abc"), 3) == [["a"], ["b"], ["c"]]
+    assert parts(["a"], 4) == [["a"]] and parts([], 3) == []
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        parts(["a"], 0)
