@@ -84,29 +84,16 @@ class DeviceStage:
         canvas, hw, labels = self.upload(canvas, hw, labels)
         return self.finish(canvas.permute(0, 3, 1, 2).contiguous(), hw, labels, train=train, g=g, n=n, lo=lo)
 
-    def layout(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images already on the device, ``(3, h, w)`` uint8 each (decoded there, e.g. by nvJPEG), as a padded
-        ``(B, 3, H, W)`` batch laid out the way :func:`pad_batch` and :func:`~scenarios.prepared.place` do on the
-        host (last row and column repeated once), and their ``(B, 2)`` heights and widths."""
-        H = round_up(max(int(im.shape[1]) for im in images))
-        W = round_up(max(int(im.shape[2]) for im in images))
-        canvas = torch.empty((len(images), 3, H, W), dtype=torch.uint8, device=self.device)
-        # images of one size (the usual case) are laid out together: three copies, not three per image
-        groups = [(slice(None), torch.stack(images))] if len({im.shape for im in images}) == 1 else \
-            [(slice(k, k + 1), im[None]) for k, im in enumerate(images)]
-        for rows, group in groups:
-            h, w = group.shape[2:]
-            canvas[rows, :, :h, :w] = group
-            canvas[rows, :, h, :w] = group[:, :, h - 1]  # H, W > h, w always (round_up)
-            canvas[rows, :, :h + 1, w] = canvas[rows, :, :h + 1, w - 1]
-        hw = torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.int64, device=self.device)
-        return canvas, hw
-
     def from_images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Images already on the device (:meth:`layout`), cropped and normalised for evaluation."""
-        canvas, hw = self.layout(images)
-        labels = torch.zeros(len(images), dtype=torch.int64, device=self.device)
-        return self.finish(canvas, hw, labels, train=False)[0]
+        """Images already on the device, ``(3, h, w)`` uint8 each (decoded there, e.g. by nvJPEG), cropped and
+        normalised for evaluation: packed back to back and laid out by :meth:`from_flat`'s one gather, as the
+        host lays them out (:func:`pad_batch`)."""
+        shapes = [tuple(im.shape[1:]) for im in images]
+        flat = torch.cat([im.reshape(-1) for im in images])
+        canvas = (round_up(max(h for h, _ in shapes)), round_up(max(w for _, w in shapes)))
+        labels = torch.zeros(len(images), dtype=torch.int64)
+        return self.from_flat(flat, torch.from_numpy(packed_meta(shapes)), labels, canvas, train=False,
+                              planar=True)[0]
 
     def from_flat(self, flat: torch.Tensor, meta: torch.Tensor, labels: torch.Tensor, canvas: tuple[int, int], *,
                   train: bool, g: torch.Generator | None = None, n: int | None = None, lo: int = 0,
