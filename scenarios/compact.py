@@ -25,7 +25,7 @@ from .augment import Preprocess
 from .decode import digest
 from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, choose_decoder
 from .prepared import PreparedSet
-from .streaming import DecodedImages, PreparedImages, round_up
+from .streaming import DecodedImages, PreparedImages, padded_canvas
 
 class CompactReader:
     """A compact copy's JPEGs as a reader of encoded images (:class:`scenarios.decode.Reader`), for
@@ -70,7 +70,7 @@ class CompactImages(PreparedImages):
         rows = self.data.index[self.data.rows[positions]]  # (B, 4): offset, h, w, label
         flat, meta = self.decoder.decode(self.data.encoded(positions), self.data.rows[positions])
         labels = torch.from_numpy(rows[:, 3].copy())  # uploaded with the batch (DeviceStage.upload)
-        return flat, meta, labels, (round_up(int(rows[:, 1].max())), round_up(int(rows[:, 2].max())))
+        return flat, meta, labels, padded_canvas(rows[:, 1:3])
 
     def _model_batch(self, host: tuple, *, train: bool, g: torch.Generator | None = None, n: int | None = None,
                      lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

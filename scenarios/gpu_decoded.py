@@ -23,7 +23,7 @@ import torch
 from .augment import Preprocess
 from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, decode_item, shrink_by_size
 from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, device_decodable
-from .streaming import PreparedImages, packed_meta, round_up
+from .streaming import PreparedImages, packed_meta, padded_canvas
 from .task_recipe import OnBad
 from .types import DatasetError
 
@@ -83,8 +83,7 @@ class GpuDecodedImages(PreparedImages):
         if cuda:  # done before the decoded buffers it read are released to other threads' streams
             self._stream().synchronize()
         meta = torch.from_numpy(packed_meta(shapes))
-        canvas = (round_up(max(h for h, _ in shapes)), round_up(max(w for _, w in shapes)))
-        return flat, meta, torch.from_numpy(labels), canvas
+        return flat, meta, torch.from_numpy(labels), padded_canvas(shapes)
 
     def _stream(self) -> torch.cuda.Stream:
         if not hasattr(self._local, "stream"):

@@ -43,6 +43,13 @@ def round_up(v: int) -> int:
     return (v // ALIGN + 1) * ALIGN
 
 
+def padded_canvas(shapes) -> tuple[int, int]:
+    """The padded ``(H, W)`` a batch of images of ``shapes`` (heights and widths: pairs or a ``(B, 2)`` array) is
+    laid out in (:func:`round_up` of the largest)."""
+    hw = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+    return round_up(int(hw[:, 0].max())), round_up(int(hw[:, 1].max()))
+
+
 def packed_meta(shapes) -> np.ndarray:
     """``(B, 3)`` int64 rows (offset, height, width) of images of ``shapes`` (``B`` heights and widths: pairs or a
     ``(B, 2)`` array) packed back to back, 3 bytes a pixel: the ``meta`` of :meth:`DeviceStage.from_flat`."""
@@ -90,10 +97,9 @@ class DeviceStage:
         host lays them out (:func:`pad_batch`)."""
         shapes = [tuple(im.shape[1:]) for im in images]
         flat = torch.cat([im.reshape(-1) for im in images])
-        canvas = (round_up(max(h for h, _ in shapes)), round_up(max(w for _, w in shapes)))
         labels = torch.zeros(len(images), dtype=torch.int64)
-        return self.from_flat(flat, torch.from_numpy(packed_meta(shapes)), labels, canvas, train=False,
-                              planar=True)[0]
+        return self.from_flat(flat, torch.from_numpy(packed_meta(shapes)), labels, padded_canvas(shapes),
+                              train=False, planar=True)[0]
 
     def from_flat(self, flat: torch.Tensor, meta: torch.Tensor, labels: torch.Tensor, canvas: tuple[int, int], *,
                   train: bool, g: torch.Generator | None = None, n: int | None = None, lo: int = 0,
@@ -163,7 +169,7 @@ class PreparedImages:
         flat = torch.empty(int(nbytes.sum()), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         pix = self.data.pixels
         np.concatenate([pix[o:o + k] for o, k in zip(rows[:, 0].tolist(), nbytes.tolist())], out=flat.numpy())
-        canvas = (round_up(int(rows[:, 1].max())), round_up(int(rows[:, 2].max())))
+        canvas = padded_canvas(rows[:, 1:3])
         return flat, torch.from_numpy(packed_meta(rows[:, 1:3])), torch.from_numpy(rows[:, 3].copy()), canvas
 
     def _fetch(self, key: tuple, positions_of) -> tuple:
@@ -245,8 +251,7 @@ class _Decode(Dataset):
 def pad_batch(images: list[np.ndarray], *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H, W, 3)`` uint8 images as one padded ``(B, H', W', 3)`` batch (laid out by :func:`place`) and their
     ``(B, 2)`` heights and widths: what :meth:`DeviceStage.__call__` takes."""
-    H = round_up(max(a.shape[0] for a in images))
-    W = round_up(max(a.shape[1] for a in images))
+    H, W = padded_canvas([a.shape[:2] for a in images])
     canvas = torch.empty((len(images), H, W, 3), dtype=torch.uint8, pin_memory=pin)
     for k, a in enumerate(images):
         place(canvas[k].numpy(), a)
