@@ -195,8 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--variants", default="synthetic,resident,prepared,compact,compact-host,decode,loader",
-                   help="comma list; compact:SHARE sets the host threads' share of JPEG decoding (compact:auto: "
-                        "balanced); decode-gpu: the source files decoded on the device")
+                   help="comma list; compact:SHARE[:THREADS] sets the host threads' share of JPEG decoding (auto: "
+                        "balanced) and the threads calling the decoder; decode-gpu: the source files decoded on the "
+                        "device")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the compact copy")
     p.add_argument("--eval-passes", type=int, default=5, help="timed evaluation passes (the median is reported)")
     p.add_argument("--cache-dir", type=Path, default=None, help="prepared copies [default: FOLDER.prepared]")
@@ -241,10 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
             return PreparedImages(ps, pre, device, **keep)
         if kind == "compact-host":  # decoded by host worker processes
             return prepared_images(compact[1] if split == "train" else compact[2], pre, device, decoder="host", **keep)
-        if kind.startswith("compact"):  # compact[:SHARE]: the host threads' share of decoding (auto: balanced)
-            share = kind.partition(":")[2]
+        if kind.startswith("compact"):  # compact[:SHARE[:THREADS]]: the host threads' share of decoding (auto:
+            share, _, threads = kind.partition(":")[2].partition(":")  # balanced); threads calling the decoder
             options = {"host_share": None if share == "auto" else float(share)} if share else {}
-            options.update(keep)
+            options.update(keep, **({"threads": int(threads)} if threads else {}))
             return prepared_images(compact[1] if split == "train" else compact[2], pre, device, decoder="device",
                                    **options)
         if kind == "decode":
