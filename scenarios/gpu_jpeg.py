@@ -33,16 +33,16 @@ HOST_SHARE = 0.0  # the host threads' part by default: on an H200 with 16 cores,
 #                   (14 threads decode ~4,900 images/s beside training; docs/data_at_scale.md)
 
 
-def choose_decoder(decoder: str, *, device: str, files: bool = False) -> str:
+def choose_decoder(decoder: str, *, device: str) -> str:
     """Where JPEGs are decoded (policy, pure): ``device`` (nvJPEG on the GPU, no host cores) or ``host`` (worker
-    processes, libjpeg-turbo). ``auto``: a compact copy on a CUDA device, nvJPEG (0.78-0.80x device-resident
-    training against 0.56-0.61x for the host workers on an H200); image files, the host workers (their GPU path is
-    not measured yet); on a CPU device, the host."""
+    processes, libjpeg-turbo). ``auto``: on a CUDA device, nvJPEG, for a compact copy (0.72-0.83x device-resident
+    training against 0.56-0.61x for the host workers, H200, 16 host cores) and for image files alike (0.63-0.74x
+    with ~2 cores busy, against 0.43x with 14 for the host workers); on a CPU device, the host."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; use auto, device or host")
     if decoder != "auto":
         return decoder
-    return "device" if str(device).startswith("cuda") and not files else "host"
+    return "device" if str(device).startswith("cuda") else "host"
 
 
 def host_share(gpu_rate: float | None, host_rate: float | None, *, fixed: float | None = None) -> float:

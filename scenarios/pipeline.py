@@ -173,7 +173,7 @@ def batches(data, pre: Preprocess, device: str | torch.device = "cpu", *, on_bad
     if isinstance(data, PreparedSet):
         return prepared_images(data, pre, device, decoder=decoder)
     if is_reader(data):
-        if choose_decoder(decoder, device=str(device), files=True) == "device":
+        if choose_decoder(decoder, device=str(device)) == "device":
             return GpuDecodedImages(data, pre, device, on_bad=on_bad, name=name)
         return DecodedImages(data, pre, device, on_bad=on_bad, name=name, workers=workers)
     return LoaderImages(data, pre, device, workers=workers or max(1, host_cores() - 1))

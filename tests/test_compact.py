@@ -144,8 +144,7 @@ def test_host_decoding_of_a_compact_copy_gives_the_threads_batches_on_the_cpu(co
     again = pickle.loads(blob)
     assert np.array_equal(again.image(0), compact.image(3))
     assert choose_decoder("auto", device="cuda") == "device" and choose_decoder("auto", device="cpu") == "host"
-    assert choose_decoder("auto", device="cuda", files=True) == "host"  # files on the GPU: asked for, not yet auto
-    assert choose_decoder("device", device="cpu", files=True) == "device"
+    assert choose_decoder("device", device="cpu") == "device" and choose_decoder("host", device="cuda") == "host"
     with pytest.raises(ValueError, match="unknown decoder 'gpu'; use auto, device or host"):
         choose_decoder("gpu", device="cuda")
     with pytest.raises(ValueError, match="not JPEGs"):
