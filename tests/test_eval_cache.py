@@ -51,7 +51,7 @@ def test_a_pass_stopped_early_keeps_nothing():
 
 def test_default_budget_and_bad_budgets():
     assert default_budget(CPU) == 0  # batches on a CPU are in host memory already
-    assert default_budget(torch.device("cuda"), free=8 * 2**30) == 2 * 2**30
+    assert default_budget(torch.device("cuda"), free=10 * 2**30) == 2**30
     assert batch_bytes(2, 224) == 2 * (3 * 224 * 224 * 4 + 8)
     with pytest.raises(ValueError, match="budget must be >= 0"):
         EvalCache(CPU, 2, budget=-1)
