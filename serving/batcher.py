@@ -8,6 +8,7 @@ An image is either decoded already (an ``(H, W, 3)`` uint8 array from the host d
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import torch
 from scenarios.decode import MAX_ASPECT, SHORT_SIDE, BadImage
 from scenarios.streaming import pad_batch
 
-from . import agnostic
+from . import admission, agnostic
 from .device_decode import decode_jpegs
 from .holder import ModelHolder, Served
 from .metrics import Metrics
@@ -98,6 +99,7 @@ class Batcher:
         self.graphs = cuda_graphs and holder.device.type == "cuda"
         self.device_decode, self.overlap = device_decode, overlap
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.waiting: collections.deque = collections.deque()  # left out of a pass to fit its slots: first next time
         self.passes = 0
 
     async def submit(self, image: np.ndarray | bytes, tasks: tuple[str, ...] | None = None) -> Answer:
@@ -106,14 +108,16 @@ class Batcher:
         tasks this image needs (``None``: every task)."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((image, tasks, future))
-        self.metrics.queue_depth.set(self.queue.qsize())
+        self.metrics.queue_depth.set(self.queue.qsize() + len(self.waiting))
         return await future
 
     async def _gather(self, *, wait: bool) -> list:
         """The next batch: the first queued image, what else is queued, and (``wait``) what arrives within
         ``max_wait`` of the first, up to ``max_batch``. With a pass in flight there is no waiting: the GPU is busy,
         and its answers are read back only after this batch is launched."""
-        batch = [await self.queue.get()]
+        batch = [self.waiting.popleft() if self.waiting else await self.queue.get()]
+        while self.waiting and len(batch) < self.max_batch:
+            batch.append(self.waiting.popleft())
         deadline = time.monotonic() + (self.max_wait if wait else 0.0)
         while len(batch) < self.max_batch:
             try:  # what queued up during the last pass, without a timer each
@@ -128,7 +132,7 @@ class Batcher:
                 batch.append(await asyncio.wait_for(self.queue.get(), timeout))
             except asyncio.TimeoutError:
                 break
-        self.metrics.queue_depth.set(self.queue.qsize())
+        self.metrics.queue_depth.set(self.queue.qsize() + len(self.waiting))
         return batch
 
     async def run(self) -> None:
@@ -139,6 +143,10 @@ class Batcher:
                 ahead = None
             batch = await self._gather(wait=ahead is None)
             served = self.holder.current  # one model per batch: a swap lands between batches
+            if served.paged_tasks:  # a pass within the paged tasks' slots; the rest go first next time
+                batch, later = admission.split(batch, [tasks for _, tasks, _ in batch], paged=served.paged_tasks,
+                                               slots=served.net.resident_tasks, every=served.net.task_names)
+                self.waiting.extendleft(reversed(later))
             t0 = time.perf_counter()
             try:
                 launched = await asyncio.to_thread(self._launch_in_turn, served, [img for img, _, _ in batch],

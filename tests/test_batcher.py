@@ -67,7 +67,7 @@ class Net:
 
 def served(version: int = 3):
     return SimpleNamespace(net=Net(), version=version, stage=Stage(), classes={"a": ("p", "q"), "b": ("x", "y", "z")},
-                           graphs={}, paged=False, agnostic=None)
+                           graphs={}, paged=False, paged_tasks=frozenset(), agnostic=None)
 
 
 def holder(model=None):
@@ -404,3 +404,33 @@ def test_routes_policy():
     assert routes_for([None, ("b",)], ["a", "b"]) == [["a", "b"], ["b"]]
     assert routes_for([("b", "x", "a"), ()], ["a", "b"]) == [["b", "a"], []]  # the asked order; unknown left out
     assert routes_for([None, None], ["a", "b"], route_all=True) == [["a", "b"], ["a", "b"]]  # paged tasks
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_paged_model_gets_passes_within_its_slots_and_every_request_its_rows(overlap):
+    # slots for one paged task: the queued requests for "a" and "b" alternate, so they run in passes that each
+    # ask for one of them, the oldest request first; each image still gets its own rows
+    model = served()
+    model.paged, model.paged_tasks, model.net.resident_tasks = True, frozenset({"a", "b"}), 1
+    h = holder(model)
+    b = batcher_for(h, overlap=overlap)
+    asked = [("a",), ("b",), ("a",), ("b",)]
+    (answers,) = asyncio.run(serve(b, [[(image(v), t) for v, t in zip((10, 20, 30, 40), asked)]]))
+    for v, t, answer in zip((10, 20, 30, 40), asked, answers):
+        assert isinstance(answer, Answer) and answer.logits[t[0]].tolist() == expected(v)[t[0]]
+    assert all(len({n for r in routes for n in r}) == 1 for routes in model.net.routed), model.net.routed
+    assert model.net.routed[0][0] == ["a"] and sum(len(r) for r in model.net.routed) == 4
+    assert not b.waiting
+
+
+def test_admission_policy():
+    from serving.admission import fits_slots, split
+
+    paged = frozenset({"f1", "f2", "f3"})
+    asked = [("f1",), ("f2", "m"), ("f1", "m"), ("f3",), None, ("m",)]
+    assert fits_slots(asked, paged=paged, slots=2, every=["m", "f1", "f2", "f3"]) == [True, True, True, False,
+                                                                                      False, True]
+    assert fits_slots(asked, paged=paged, slots=None) == [True] * 6  # no slot limit
+    assert fits_slots(asked, paged=frozenset(), slots=1) == [True] * 6  # nothing paged
+    assert fits_slots([None, ("f1",)], paged=paged, slots=1, every=["f1", "f2"]) == [True, False]  # the oldest runs
+    assert split(list("abc"), [("f1",), ("f2",), ("f1",)], paged=paged, slots=1) == (["a", "c"], ["b"])
