@@ -32,7 +32,7 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="1,100,1000", help="comma list of K")
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (random weights)")
@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dataset", default="digits", help="what add-task trains on")
     p.add_argument("--steps", type=int, default=20, help="add-task's steps")
     p.add_argument("--json-out", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     from registry import Registry
 
     rows, results = [], []

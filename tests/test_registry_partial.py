@@ -75,3 +75,22 @@ def test_verify_checks_the_named_tasks_or_those_since_a_version(reg):
         reg.verify(since=-1)
     with pytest.raises(RegistryError, match="has no task 'zzz'"):
         reg.verify(tasks=["zzz"])
+
+
+def test_the_registry_benchmark_builds_its_registries_from_its_own_options(tmp_path):
+    # benchmarks/registry_scale.py measures add-task against K with serve_load's builder; the two must agree on
+    # options (a missing one broke the benchmark for three sessions without a test noticing)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import registry_scale
+    from registry import Registry
+
+    for extra, fork in (([], False), (["--fork-layers", "1"], True)):
+        path = tmp_path / f"r{len(extra)}.db"
+        args = registry_scale.parser().parse_args(["--tasks", "2", "--img-size", "16", *extra])
+        registry_scale.build_registry(path, args, 2)
+        net = Registry(path).load()
+        assert net.task_names == ["task0", "task1"]
+        assert all((net.tasks[n].config.fork_layers > 0) == fork for n in net.task_names)
