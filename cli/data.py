@@ -15,9 +15,9 @@ OnBadOpt = Annotated[str, typer.Option(help="an image that cannot be decoded: sk
 PipelineOpt = Annotated[str, typer.Option(help="input path for image files: auto (a prepared copy if there is "
                                                "one, else decoding on the fly on every core), prepared (build the "
                                                "copy first), decode, or loader (PIL + timm transforms)")]
-DecoderOpt = Annotated[str, typer.Option(help="where JPEGs (image files, a compact copy) are decoded: auto (the "
-                                              "GPU for a compact copy, host workers for files), device (nvJPEG) "
-                                              "or host (worker processes)")]
+DecoderOpt = Annotated[str, typer.Option(help="where JPEGs (image files, a compact copy) are decoded: auto (nvJPEG "
+                                              "on a GPU, host workers on a CPU), device (nvJPEG) or host (worker "
+                                              "processes; also for other formats)")]
 CacheOpt = Annotated[Path | None, typer.Option(help="folder of prepared copies [default: "
                                                     "$CONTINUAL_MEM_HOME/prepared]")]
 

@@ -5,7 +5,7 @@ side (~25 KB instead of ~262 KB of raw pixels). :class:`CompactImages` is :class
 with one step more: host threads read a batch's JPEG bytes a few steps ahead and decode it
 (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`: one batched nvJPEG call, optionally a share of the images in host
 threads) into one packed buffer on the device; the training stream lays it out and crops it with one gather, as
-for the raw copy. Measured on an H200: 0.78-0.82x device-resident training (docs/data_at_scale.md).
+for the raw copy. Measured on an H200: 0.72-0.83x device-resident training (docs/data_at_scale.md).
 
 The other decoder, ``host``: :class:`CompactReader` hands the copy's JPEGs to
 :class:`~scenarios.streaming.DecodedImages`, which decodes them with libjpeg-turbo in worker processes (one per host
@@ -26,6 +26,7 @@ from .decode import digest
 from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, choose_decoder
 from .prepared import PreparedSet
 from .streaming import DecodedImages, PreparedImages, padded_canvas
+
 
 class CompactReader:
     """A compact copy's JPEGs as a reader of encoded images (:class:`scenarios.decode.Reader`), for
@@ -55,6 +56,8 @@ class CompactImages(PreparedImages):
     """A compact (JPEG) :class:`PreparedSet` as a batch source; arguments as :class:`PreparedImages`, plus
     ``host_share``, the part of the images host threads decode (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`)."""
 
+    planar = True  # decoded CHW
+
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
                  threads: int | None = None, prefetch: int = 4, host_share: float | None = HOST_SHARE,
                  eval_cache: int | None = None) -> None:
@@ -71,10 +74,6 @@ class CompactImages(PreparedImages):
         flat, meta = self.decoder.decode(self.data.encoded(positions), self.data.rows[positions])
         labels = torch.from_numpy(rows[:, 3].copy())  # uploaded with the batch (DeviceStage.upload)
         return flat, meta, labels, padded_canvas(rows[:, 1:3])
-
-    def _model_batch(self, host: tuple, *, train: bool, g: torch.Generator | None = None, n: int | None = None,
-                     lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.stage.from_flat(*host, train=train, g=g, n=n, lo=lo, planar=True)
 
 
 def prepared_images(data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,

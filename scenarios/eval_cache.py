@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable, Iterator
 import torch
 
 log = logging.getLogger(__name__)
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 # the part of a CUDA device's free memory held-out batches may keep by default: they stay there while training
 # runs, so a tenth (8 GB of an 80 GB card: ~13,000 images at 224 px; add-task's 5% held-out split of SUN397 is
@@ -56,8 +57,7 @@ class EvalCache:
         self.used = 0
         self._kept: dict[Hashable, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def batches(self, key: Hashable, images: int,
-                produce: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, key: Hashable, images: int, produce: Callable[[], Batches]) -> Batches:
         """The pass ``key`` over ``images`` images: the kept batches if there are, else ``produce()``'s, kept when
         the pass ends and they fit what is left of the budget."""
         if key in self._kept:

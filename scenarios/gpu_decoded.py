@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 
 import numpy as np
 import torch
 
 from .augment import Preprocess
 from .decode import MAX_ASPECT, SHORT_SIDE, BadImage, Reader, bad_image_error, decode_item, shrink_by_size
-from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, device_decodable
+from .gpu_jpeg import HOST_SHARE, JpegBatchDecoder, device_decodable, thread_stream
 from .streaming import PreparedImages, packed_meta, padded_canvas
 from .task_recipe import OnBad
 from .types import DatasetError
@@ -45,6 +44,8 @@ class GpuDecodedImages(PreparedImages):
         eval_cache: Bytes of held-out batches kept on the device (:class:`~scenarios.streaming.PreparedImages`).
     """
 
+    planar = True  # decoded CHW
+
     def __init__(self, reader: Reader, pre: Preprocess, device: str | torch.device = "cpu", *,
                  threads: int | None = None, prefetch: int = 4, on_bad: OnBad = "skip", name: str = "dataset",
                  short_side: int = SHORT_SIDE, max_aspect: float = MAX_ASPECT,
@@ -54,7 +55,6 @@ class GpuDecodedImages(PreparedImages):
         self.short_side, self.max_aspect = short_side, max_aspect
         self.decoder = JpegBatchDecoder(self.device, share=host_share)
         self._reported: set[str] = set()
-        self._local = threading.local()  # each reading thread's stream
 
     def _host(self, positions: np.ndarray) -> tuple:
         """Batch ``positions`` decoded, shrunk and packed on the device (CHW images back to back, and their
@@ -73,7 +73,7 @@ class GpuDecodedImages(PreparedImages):
         for k, image in zip(jpegs, self._decode_jpegs(blobs, positions[jpegs])):
             images[k], labels[k] = (image, labels[k]) if image is not None else self._on_host(int(positions[k]))
         cuda = self.device.type == "cuda"
-        with torch.cuda.stream(self._stream()) if cuda else contextlib.nullcontext():
+        with torch.cuda.stream(thread_stream(self.device)) if cuda else contextlib.nullcontext():
             images = shrink_by_size(images, short_side=self.short_side, max_aspect=self.max_aspect)
             for k, image in enumerate(images):
                 if isinstance(image, BadImage):  # an empty image: the host decoder names it, skips or fails
@@ -81,14 +81,9 @@ class GpuDecodedImages(PreparedImages):
             shapes = [tuple(im.shape[1:]) for im in images]
             flat = torch.cat([im.reshape(-1) for im in images])
         if cuda:  # done before the decoded buffers it read are released to other threads' streams
-            self._stream().synchronize()
+            thread_stream(self.device).synchronize()
         meta = torch.from_numpy(packed_meta(shapes))
         return flat, meta, torch.from_numpy(labels), padded_canvas(shapes)
-
-    def _stream(self) -> torch.cuda.Stream:
-        if not hasattr(self._local, "stream"):
-            self._local.stream = torch.cuda.Stream(self.device)
-        return self._local.stream
 
     def _decode_jpegs(self, blobs: list[torch.Tensor], ids: np.ndarray) -> list[torch.Tensor | None]:
         """Each JPEG as a ``(3, h, w)`` device tensor (a view into one packed buffer), or None where nvJPEG
@@ -121,10 +116,6 @@ class GpuDecodedImages(PreparedImages):
                     self._reported.add(str(exc))
                     log.warning("%s: %s; another image takes its place", self.name, exc)
         raise DatasetError(f"{self.name}: no image could be decoded; check the files")
-
-    def _model_batch(self, host: tuple, *, train: bool, g: torch.Generator | None = None, n: int | None = None,
-                     lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.stage.from_flat(*host, train=train, g=g, n=n, lo=lo, planar=True)
 
 
 def _unpack(flat: torch.Tensor, meta: torch.Tensor) -> list[torch.Tensor]:

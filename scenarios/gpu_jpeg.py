@@ -72,6 +72,18 @@ def device_decodable(data: bytes) -> bool:
     return data[:3] == JPEG_START and data[-2:] == JPEG_END
 
 
+_STREAMS = threading.local()
+
+
+def thread_stream(device: torch.device) -> torch.cuda.Stream:
+    """The calling thread's own side stream on CUDA ``device`` (made on first use): where a decoding thread's
+    device work and its outputs' memory live, apart from the training stream and from other threads'."""
+    streams = _STREAMS.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
 def _decode_host(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -101,7 +113,6 @@ class JpegBatchDecoder:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jpeg")
         self._lock = threading.Lock()
         self.rates: dict[str, float | None] = {"device": None, "host": None}  # images/s, moving averages
-        self._streams = threading.local()
 
     def share(self) -> float:
         """The host's part of the next batch."""
@@ -139,21 +150,16 @@ class JpegBatchDecoder:
             return torch.cat([im.reshape(-1) for im in here + host_images]), torch.from_numpy(meta)
         return self._pack_on_device(here, host_images), torch.from_numpy(meta).pin_memory()
 
-    def _stream(self) -> torch.cuda.Stream:
-        if not hasattr(self._streams, "stream"):
-            self._streams.stream = torch.cuda.Stream(self.device)
-        return self._streams.stream
-
     def _decode_here(self, blobs: list[torch.Tensor]) -> list[torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         if self.device.type != "cuda":
             return decode_jpeg(blobs, mode=ImageReadMode.RGB)
-        with torch.cuda.stream(self._stream()):  # outputs allocated here; nvJPEG hands them over by an event
+        with torch.cuda.stream(thread_stream(self.device)):  # outputs allocated here; nvJPEG hands them over by an event
             return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
 
     def _pack_on_device(self, gpu_images: list[torch.Tensor], host_images: list[torch.Tensor]) -> torch.Tensor:
-        stream = self._stream()
+        stream = thread_stream(self.device)
         gpu_bytes = sum(im.numel() for im in gpu_images)
         host = torch.empty(sum(im.numel() for im in host_images), dtype=torch.uint8, pin_memory=True)
         if host_images:

@@ -148,6 +148,8 @@ class PreparedImages:
             budget, :func:`~scenarios.eval_cache.default_budget`; 0: none).
     """
 
+    planar = False  # how :meth:`_host` packs each image: HWC (raw pixels), or CHW (decoded on the device)
+
     def __init__(self, data: PreparedSet, pre: Preprocess, device: str | torch.device = "cpu", *,
                  threads: int | None = None, prefetch: int = 4, eval_cache: int | None = None) -> None:
         self.data, self.pre, self.device = data, pre, torch.device(device)
@@ -201,9 +203,11 @@ class PreparedImages:
         """Evaluation batches of ``shard``'s contiguous part of the set, in order (kept on the device after the
         first pass where they fit, :class:`~scenarios.eval_cache.EvalCache`)."""
         lo, hi = shard.bounds(len(self))
-        return self.eval_cache.batches((batch_size, shard), hi - lo, lambda: self._stream_eval(batch_size, lo, hi, shard))
+        return self.eval_cache.batches((batch_size, shard), hi - lo,
+                                       lambda: self._stream_eval(batch_size, lo, hi, shard))
 
-    def _stream_eval(self, batch_size: int, lo: int, hi: int, shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _stream_eval(self, batch_size: int, lo: int, hi: int,
+                     shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         starts = list(range(lo, hi, batch_size))
 
         def positions(key):
@@ -220,8 +224,7 @@ class PreparedImages:
     def _model_batch(self, host: tuple, *, train: bool, g: torch.Generator | None = None, n: int | None = None,
                      lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """What :meth:`_host` prepared, as a model batch on the device."""
-        flat, meta, labels, canvas = host
-        return self.stage.from_flat(flat, meta, labels, canvas, train=train, g=g, n=n, lo=lo)
+        return self.stage.from_flat(*host, train=train, g=g, n=n, lo=lo, planar=self.planar)
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -357,12 +360,13 @@ class DecodedImages:
         """Evaluation batches of ``shard``'s contiguous part of the set, in order (kept as :class:`PreparedImages`
         keeps them)."""
         lo, hi = shard.bounds(len(self))
-        return self.eval_cache.batches((batch_size, shard), hi - lo, lambda: self._stream_eval(batch_size, shard))
+        return self.eval_cache.batches((batch_size, shard), hi - lo,
+                                       lambda: self._stream_eval(batch_size, lo, hi, shard))
 
-    def _stream_eval(self, batch_size: int, shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _stream_eval(self, batch_size: int, lo: int, hi: int,
+                     shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         key = (batch_size, shard)
         if key not in self._eval_loaders:  # kept: fit evaluates the held-out split again and again
-            lo, hi = shard.bounds(len(self))
             self._eval_loaders[key] = self._loader(_Range(lo, hi, batch_size), shard, persistent=True)
         for canvas, hw, labels, bad in self._eval_loaders[key]:
             self._check(bad)

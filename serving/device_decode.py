@@ -11,11 +11,11 @@ Only complete baseline/progressive JPEGs go this way (:func:`scenarios.gpu_jpeg.
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import torch
 
 from scenarios.decode import BadImage, shrink_by_size, torchvision_reason
+from scenarios.gpu_jpeg import thread_stream
 
 
 def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,
@@ -32,7 +32,7 @@ def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,
     # stream and are recorded on the current one: freed, they wait for its readers.
     cuda = device.type == "cuda"
     current = torch.cuda.current_stream(device) if cuda else None
-    with torch.cuda.stream(_decode_stream(device)) if cuda else contextlib.nullcontext():
+    with torch.cuda.stream(thread_stream(device)) if cuda else contextlib.nullcontext():
         try:
             decoded: list = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:
@@ -46,15 +46,3 @@ def decode_jpegs(blobs: list[bytes], *, device: torch.device, short_side: int,
         if isinstance(t, torch.Tensor):
             t.record_stream(current)  # decode_jpeg returns once its stream is done: nothing to wait for
     return shrink_by_size(decoded, short_side=short_side, max_aspect=max_aspect)
-
-
-_STREAMS = threading.local()
-
-
-def _decode_stream(device: torch.device) -> torch.cuda.Stream:
-    """This thread's stream for nvJPEG's output memory on ``device``."""
-    streams = _STREAMS.__dict__.setdefault("by_device", {})
-    if device not in streams:
-        streams[device] = torch.cuda.Stream(device)
-    return streams[device]
-

@@ -35,9 +35,13 @@ class Served:
     # bucket -> GraphedForward: captured before the model serves (start-up, or the loader's thread before a swap),
     # else by the batch worker on first use
     graphs: dict = field(default_factory=dict)
-    paged: bool = False  # some task lives in host memory (``page_forks``): every pass routes
-    paged_tasks: frozenset[str] = frozenset()  # those tasks (serving.admission fits passes to the slots)
+    paged_tasks: frozenset[str] = frozenset()  # tasks in host memory (``page_forks``; serving.admission)
     agnostic: TaskAgnostic | None = None  # every task's class statistics, when every task has them
+
+    @property
+    def paged(self) -> bool:
+        """Some task lives in host memory: every pass routes."""
+        return bool(self.paged_tasks)
 
 
 class ModelHolder:
@@ -76,9 +80,8 @@ class ModelHolder:
                   "preserving": net.tasks[n].config.preserving, "dataset": net.tasks[n].config.dataset,
                   "class_stats": n in with_stats} for n in net.task_names]
         classes = {n: net.tasks[n].config.class_labels for n in net.task_names}
-        paged = frozenset(paging.paged_names(net.tasks.values()))
-        return Served(net, version, DeviceStage(pre, self.device), classes, tasks, paged=bool(paged),
-                      paged_tasks=paged, agnostic=agnostic)
+        return Served(net, version, DeviceStage(pre, self.device), classes, tasks,
+                      paged_tasks=frozenset(paging.paged_names(net.tasks.values())), agnostic=agnostic)
 
     def _agnostic(self, net) -> tuple[TaskAgnostic | None, set[str]]:
         """Task-agnostic scores on the device when every task has class statistics, and the tasks that have them."""
