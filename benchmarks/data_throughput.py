@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from continual_mem import MemoryViT  # noqa: E402
+from continual_mem.sm_partition import decoder_sms, sm_count  # noqa: E402
 from continual_mem.train import TrainConfig, evaluate, fit  # noqa: E402
 from scenarios import datasets, prepared  # noqa: E402
 from scenarios.compact import prepared_images  # noqa: E402
@@ -119,6 +120,10 @@ class Timed:
     def eval_batches(self, batch_size: int):
         return self.inner.eval_batches(batch_size)
 
+    @property
+    def gpu_decoding(self) -> bool:
+        return getattr(self.inner, "gpu_decoding", False)
+
 
 class Synthetic:
     """The same normalised batch every step (the upper bound: no input pipeline at all)."""
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", default="synthetic,resident,prepared,compact,compact-host,decode,loader",
                    help="comma list; compact:SHARE[:THREADS] sets the host threads' share of JPEG decoding (auto: "
                         "balanced) and the threads calling the decoder; decode-gpu: the source files decoded on the "
-                        "device")
+                        "device; KIND@N holds N SMs back from training for a GPU decoder (default: fit's policy)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the compact copy")
     p.add_argument("--eval-passes", type=int, default=5, help="timed evaluation passes (the median is reported)")
     p.add_argument("--cache-dir", type=Path, default=None, help="prepared copies [default: FOLDER.prepared]")
@@ -267,15 +272,19 @@ def main(argv: list[str] | None = None) -> dict:
             rates.append(n_eval / (time.perf_counter() - t0))
         return rates[0], float(np.median(rates[1:])), rates[1:]
 
-    def measure(kind: str, task: str) -> dict:
+    def measure(variant: str, task: str) -> dict:
+        kind, _, sms = variant.partition("@")  # KIND@N: N SMs held back for the decoder (default: fit's policy)
         steps = args.loader_steps if kind == "loader" else args.steps
         warm = min(args.warmup_steps, steps // 2)
         source = make(kind, "train")
         decoder = getattr(source, "decoder", None)  # the compact copy's JPEG decoder, if any
+        held = decoder_sms(int(sms) if sms else None, gpu_decoding=getattr(source, "gpu_decoding", False),
+                           sm_count=sm_count(device))  # what fit holds back (the same policy)
         with Probe() as probe:
             timed = Timed(source, warm, device)
             cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=0.05, eval_every=steps,
-                              cuda_graph=args.cuda_graph and gpu, amp="auto" if args.dtype != "fp32" else "off")
+                              cuda_graph=args.cuda_graph and gpu, amp="auto" if args.dtype != "fp32" else "off",
+                              decoder_sms=int(sms) if sms else None)
             fit(net, task, timed, None, cfg, progress=False)
             if gpu:
                 torch.cuda.synchronize()
@@ -288,10 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
             first, eval_rate, passes = eval_rates(make(kind, "test"), task, n_eval)  # kept after the first pass
             streamed = eval_rates(make(kind, "test", eval_cache=0), task, n_eval)[1] if streams else eval_rate
         eval_probe = probe.finish()
-        print(f"{kind}: train {train_rate:.0f} img/s, eval {eval_rate:.0f} img/s (streamed {streamed:.0f}, first "
+        print(f"{variant}: train {train_rate:.0f} img/s, eval {eval_rate:.0f} img/s (streamed {streamed:.0f}, first "
               f"pass {first:.0f})", file=sys.stderr, flush=True)
         shares = {"host_share": decoder.fixed, "host_share_last": decoder.share()} if decoder else {}
-        return {"variant": kind, **shares, "train_images_per_s": train_rate, "eval_images_per_s": eval_rate,
+        return {"variant": variant, **shares, "decoder_sms": held, "train_images_per_s": train_rate, "eval_images_per_s": eval_rate,
                 "eval_pass_images_per_s": passes, "eval_streamed_images_per_s": streamed,
                 "eval_first_pass_images_per_s": first,
                 "train_steps_timed": steps - warm, "train_cpu_cores_busy": train_probe["cpu_cores_busy"],

@@ -129,6 +129,9 @@ def add_task(
                                                      "--batch-size stays the global batch")] = 1,
     pipeline: PipelineOpt = DEFAULT.pipeline,
     decoder: DecoderOpt = DEFAULT.decoder,
+    decoder_sms: Annotated[int | None, typer.Option(min=0, help="SMs held back from training for a GPU JPEG decoder "
+                                                            "[default: 8 when JPEGs are decoded on the GPU, else 0]")] = \
+        DEFAULT.decoder_sms,
     on_bad_image: OnBadOpt = DEFAULT.on_bad_image,
     cache_dir: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -152,7 +155,8 @@ def add_task(
                                  lr=lr, lr_sweep=lr_sweep, data_root=data_root, download=download, seed=seed,
                                  max_train=max_train, max_test=max_test, max_heldout=max_heldout,
                                  cuda_graph=cuda_graph, deterministic=deterministic, pipeline=pipeline,
-                                 decoder=decoder, on_bad_image=on_bad_value(on_bad_image),
+                                 decoder=decoder, decoder_sms=decoder_sms,
+                                 on_bad_image=on_bad_value(on_bad_image),
                                  cache_dir=str(cache_dir) if cache_dir else None).to_dict()}
     if cuda_graph and devices > 1:
         raise ValueError("--cuda-graph trains on one GPU; drop it or use --devices 1")

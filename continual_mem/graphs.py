@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .model import MemoryViT
+from .sm_partition import side_stream
 from .step import train_step
 
 # Input pipelines pin host memory in their own threads (DataLoader's pin-memory thread, prepared-copy prefetch)
@@ -153,7 +154,7 @@ class GraphedTrainStep:
         saved_lrs = [lr.clone() for lr, _ in self.lrs]
         for lr, _ in self.lrs:
             lr.zero_()
-        stream = torch.cuda.Stream()
+        stream = side_stream() or torch.cuda.Stream()  # on the SMs the step may use (sm_partition)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
@@ -174,7 +175,7 @@ class GraphedTrainStep:
                 lr.copy_(saved_lr)
         optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates .grad from the graph's pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
+        with torch.cuda.graph(self.graph, stream=side_stream(), capture_error_mode=CAPTURE_MODE):
             self.static_loss = self._step(zero_grad=False)
 
     def _step(self, *, zero_grad: bool) -> torch.Tensor:

@@ -59,6 +59,9 @@ class TrainConfig:
         deterministic: Train with deterministic algorithms only (``torch.use_deterministic_algorithms``, cuDNN
             deterministic, cuBLAS's fixed workspace): the same command, seed and GPU give bit-identical task
             weights. Our Triton kernels use no atomics, so they need no change.
+        decoder_sms: SMs held back from the training step for a GPU JPEG decoder beside it (the step runs on a CUDA
+            green context of the others, :mod:`continual_mem.sm_partition`). None: 8 when the training source
+            decodes on the GPU (``gpu_decoding``), else 0.
     """
 
     steps: int = 1000
@@ -80,6 +83,7 @@ class TrainConfig:
     probe_fraction: float = 0.0
     layer_decay: float | None = None
     deterministic: bool = False
+    decoder_sms: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):
@@ -101,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs checkpoint_dir")
+        if self.decoder_sms is not None and self.decoder_sms < 0:
+            raise ValueError(f"decoder_sms must be >= 0 or None (auto), got {self.decoder_sms}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

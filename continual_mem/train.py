@@ -14,6 +14,7 @@ import torch
 from . import distributed
 from .checkpoints import load_checkpoint, save_checkpoint
 from .model import MemoryViT
+from .sm_partition import decoder_sms, partition, sm_count
 from .step import (BatchSource, TrainConfig, TrainResult, autocast, autocast_dtype, build_optimizer,  # noqa: F401
                    clip_grad_norm_per_group, default_layer_decay, deterministic_algorithms, group_lr,
                    layer_decay_scales, lr_at, optimizer_params, train_step)
@@ -63,8 +64,14 @@ def fit(
     (process group initialised, see :mod:`continual_mem.distributed`) the model is wrapped in
     ``DistributedDataParallel``: ``config.batch_size`` is the global batch, each rank trains on its part, and only
     rank 0 writes checkpoints and shows progress. ``config.deterministic``: deterministic algorithms throughout.
+    A source that decodes JPEGs on the GPU (its ``gpu_decoding`` is true) gets SMs the step leaves alone
+    (``config.decoder_sms``, :mod:`continual_mem.sm_partition`).
     """
-    with deterministic_algorithms(config.deterministic):
+    device = next(model.parameters()).device
+    reserve = decoder_sms(config.decoder_sms, gpu_decoding=getattr(train, "gpu_decoding", False),
+                          sm_count=sm_count(device))
+    with deterministic_algorithms(config.deterministic), \
+            partition(device, reserve, required=config.decoder_sms is not None):
         return _fit(model, task, train, val, config, progress=progress)
 
 

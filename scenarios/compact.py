@@ -5,7 +5,8 @@ side (~25 KB instead of ~262 KB of raw pixels). :class:`CompactImages` is :class
 with one step more: host threads read a batch's JPEG bytes a few steps ahead and decode it
 (:class:`~scenarios.gpu_jpeg.JpegBatchDecoder`: one batched nvJPEG call, optionally a share of the images in host
 threads) into one packed buffer on the device; the training stream lays it out and crops it with one gather, as
-for the raw copy. Measured on an H200: 0.72-0.83x device-resident training (docs/data_at_scale.md).
+for the raw copy. Training holds 8 SMs back for the decoder (:mod:`continual_mem.sm_partition`); measured on an H200:
+0.95-0.96x device-resident training (docs/data_at_scale.md).
 
 The other decoder, ``host``: :class:`CompactReader` hands the copy's JPEGs to
 :class:`~scenarios.streaming.DecodedImages`, which decodes them with libjpeg-turbo in worker processes (one per host

@@ -4,7 +4,8 @@ back to back on the device out (what :meth:`~scenarios.streaming.DeviceStage.fro
 nvJPEG decodes the batch in one call (``torchvision.io.decode_jpeg`` on a list, the hardware decoder where there
 is one). Measured on an H200 (docs/data_at_scale.md), it decodes 21,700-31,800 images/s alone but queues each image
 behind the training kernels (a pageable copy, a kernel and an event wait per image, on a low-priority stream of its
-own), so beside training it costs the step time. A share of the images can instead go to libjpeg-turbo in host
+own), so beside training it costs the step time unless training leaves it SMs of its own (``fit`` does for a source
+whose decoder is :attr:`JpegBatchDecoder.on_device`, :mod:`continual_mem.sm_partition`). A share of the images can instead go to libjpeg-turbo in host
 threads (torchvision's CPU decoder releases the interpreter): which ones (:func:`on_host`, policy, pure) depends on
 each image's id and the share alone, so its pixels do not depend on timing, batch or rank; ``share=None`` balances
 each batch by the rates both parts have shown (:func:`host_share`). On the H200 host (16 cores) every share above 0
@@ -113,6 +114,11 @@ class JpegBatchDecoder:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jpeg")
         self._lock = threading.Lock()
         self.rates: dict[str, float | None] = {"device": None, "host": None}  # images/s, moving averages
+
+    @property
+    def on_device(self) -> bool:
+        """Whether nvJPEG decodes any of the images (a CUDA device and a host share below 1)."""
+        return self.device.type == "cuda" and self.fixed != 1.0
 
     def share(self) -> float:
         """The host's part of the next batch."""

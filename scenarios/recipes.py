@@ -196,7 +196,7 @@ def train_on_dataset(
                                           epochs=r.epochs)
     cfg = TrainConfig(steps=steps, batch_size=r.batch_size, lr=lr, seed=r.seed, eval_every=max(1, steps // 4),
                       cuda_graph=r.cuda_graph, finetune_lr_scale=r.finetune_lr_scale, layer_decay=r.layer_decay,
-                      probe_fraction=r.probe_fraction, deterministic=r.deterministic)
+                      probe_fraction=r.probe_fraction, deterministic=r.deterministic, decoder_sms=r.decoder_sms)
     short: list[dict] = []
     if r.sweep_rates:
         result, _ = sweep(net, name, train, held, cfg, r.sweep_rates, progress=progress)

@@ -163,6 +163,13 @@ class PreparedImages:
     def __len__(self) -> int:
         return len(self.data)
 
+    @property
+    def gpu_decoding(self) -> bool:
+        """Whether this source's JPEGs are decoded on the GPU (``fit`` then leaves the decoder SMs of its own,
+        :mod:`continual_mem.sm_partition`)."""
+        decoder = getattr(self, "decoder", None)  # the JPEG decoder of the subclasses that decode
+        return decoder is not None and decoder.on_device
+
     def _host(self, positions: np.ndarray) -> tuple:
         """Images ``positions`` back to back in one pinned buffer: a single ``np.concatenate`` (which releases the
         GIL while it copies), so the copying threads hardly compete with the training loop for the interpreter."""

@@ -47,6 +47,8 @@ class TaskRecipe:
         pipeline: Input path for image files.
         decoder: Where JPEGs are decoded: auto, device (nvJPEG) or host (worker processes); see
             :func:`scenarios.gpu_jpeg.choose_decoder`.
+        decoder_sms: SMs held back from training for a GPU JPEG decoder (``TrainConfig.decoder_sms``; None: 8
+            when JPEGs are decoded on the GPU).
         on_bad_image: Skip an undecodable image or stop.
         cache_dir: Folder of prepared copies (None: the default).
     """
@@ -79,6 +81,7 @@ class TaskRecipe:
     max_heldout: int | None = 2000
     pipeline: Pipeline = "auto"
     decoder: Decoder = "auto"
+    decoder_sms: int | None = None
     on_bad_image: OnBad = "skip"
     cache_dir: str | None = None
 
@@ -87,6 +90,8 @@ class TaskRecipe:
         if (self.steps is not None and self.steps < 1) or self.batch_size < 1 or self.task_tokens < 1:
             raise ValueError(f"steps, batch_size and task_tokens must be >= 1, got {self.steps}, {self.batch_size}, "
                              f"{self.task_tokens}")
+        if self.decoder_sms is not None and self.decoder_sms < 0:
+            raise ValueError(f"decoder_sms must be >= 0, got {self.decoder_sms}; pass --decoder-sms 0 or more")
         if self.epochs is not None and (self.steps is not None or self.epochs <= 0):
             raise ValueError(f"epochs must be > 0 and steps not given with it, got epochs {self.epochs}, steps "
                              f"{self.steps}; give --steps or --epochs")
