@@ -6,6 +6,11 @@ rank trains ``--per-gpu-batch`` images per step (global batch = per-GPU batch x 
 
     python benchmarks/ddp_scaling.py --gpus 2 --model vit_small_patch14_dinov2 --img-size 224 --per-gpu-batch 256
     python benchmarks/ddp_scaling.py --gpus 2 --data packed:fashion.npz ...   # real images instead of random ones
+    python benchmarks/ddp_scaling.py --gpus 2 --source compact ...   # generated JPEGs through the compact copy
+
+``--source compact`` (or ``prepared``, raw pixels) reads ``--data`` (image files; default a folder of ``--images``
+generated 500x375 JPEGs) through a prepared copy built once before the runs; each rank decodes its part of every
+global batch (nvJPEG on a GPU).
 """
 from __future__ import annotations
 
@@ -26,6 +31,25 @@ from continual_mem import MemoryViT, distributed  # noqa: E402
 from continual_mem.train import TrainConfig, fit  # noqa: E402
 
 
+def prepared_set(args):
+    """The training split of ``args.data`` as a prepared copy of ``args.source``'s encoding (built on first call)."""
+    from scenarios import datasets, prepared
+    from scenarios.decode import host_cores, reader_for
+    from scenarios.synthetic import make_image_folder
+
+    if not args.data:
+        folder = Path(args.folder)
+        if not (folder / ".complete").is_file():
+            make_image_folder(folder, classes=100, per_class=args.images // 100, size=(500, 375), portrait_every=7,
+                              workers=host_cores())
+            (folder / ".complete").write_text("ok")
+        args.data = f"imagefolder:{folder}"
+    data = datasets.load(args.data)
+    opts = prepared.PrepareOptions(encoding="jpeg" if args.source == "compact" else "raw")
+    return data, prepared.prepare(reader_for(data.train), name=data.name, split="train", class_names=data.class_names,
+                                  root=Path(args.cache_dir), opts=opts)
+
+
 def worker(args) -> None:
     shard, device = distributed.setup("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
@@ -34,7 +58,11 @@ def worker(args) -> None:
     from scenarios.pipeline import DeviceImages, Preprocess
 
     bb = common.create(args, num_classes=0)
-    if args.data:
+    ps = None
+    if args.source != "resident":
+        data, ps = prepared_set(args)
+        classes, augment = data.num_classes, data.augment
+    elif args.data:
         from scenarios import datasets
 
         data = datasets.load(args.data)
@@ -49,7 +77,13 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model.add_task("t", classes, regime=args.regime, memory=args.memory)
     model.to(device)
-    source = DeviceImages(images, Preprocess.for_backbone(bb, augment), device)
+    pre = Preprocess.for_backbone(bb, augment)
+    if ps is not None:
+        from scenarios.compact import prepared_images
+
+        source = prepared_images(ps, pre, device)  # the compact copy: nvJPEG on a GPU
+    else:
+        source = DeviceImages(images, pre, device)
     batch = args.per_gpu_batch * shard.world
     amp = "bf16" if args.dtype == "bf16" else "off"
     # warm-up (kernel selection, DDP buckets), then the timed run
@@ -71,6 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--per-gpu-batch", type=int, default=256)
     p.add_argument("--regime", default="masked-memory")
     p.add_argument("--data", default="", help="catalog name or packed:FILE.npz (default: random uint8 images)")
+    p.add_argument("--source", choices=["resident", "compact", "prepared"], default="resident",
+                   help="resident: images on the device; compact / prepared: --data's image files through a compact "
+                        "(JPEG) or raw prepared copy")
+    p.add_argument("--images", type=int, default=8000, help="generated JPEGs when --source needs files and no --data")
+    p.add_argument("--folder", default="/tmp/continual-mem-ddp-jpegs", help="where generated JPEGs go")
+    p.add_argument("--cache-dir", default="/tmp/continual-mem-ddp-prepared", help="prepared copies")
     p.add_argument("--worker-out", default="", help=argparse.SUPPRESS)  # set by the driver for its workers
     args = p.parse_args(argv)
     if args.worker_out:
@@ -79,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.warmup = args.warmup if args.warmup is not None else 10
     args.iters = args.iters or 60
     runs = []
-    passthrough = ["--model", args.model, "--per-gpu-batch", str(args.per_gpu_batch), "--regime", args.regime,
+    if args.source != "resident":
+        prepared_set(args)  # built once here, opened by every rank
+    passthrough = ["--source", args.source, "--cache-dir", args.cache_dir, "--model", args.model, "--per-gpu-batch", str(args.per_gpu_batch), "--regime", args.regime,
                    "--memory", str(args.memory), "--dtype", args.dtype,
                    *(["--img-size", str(args.img_size)] if args.img_size else []),
                    *(["--data", args.data] if args.data else [])]
@@ -98,11 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
     common.resolve(args)
     summary = {"speedup": runs[-1]["speedup"], "gpus": runs[-1]["gpus"],
                "target_1.7x_on_2_met": runs[-1]["gpus"] == 2 and runs[-1]["speedup"] >= 1.7}
-    result = {"benchmark": "ddp_scaling", **common.environment(args), "regime": args.regime,
+    result = {"benchmark": "ddp_scaling", **common.environment(args), "regime": args.regime, "source": args.source,
               "data": args.data or "random uint8", "results": runs, "summary": summary}
     rows = [[str(r["gpus"]), str(r["global_batch"]), f"{r['images_per_s']:,.0f}", f"{r['speedup']:.2f}",
              f"{r['efficiency']:.2f}"] for r in runs]
-    common.report(result, f"{args.regime} training, {args.model}, {runs[0]['device']}",
+    common.report(result, f"{args.regime} training from {args.source}, {args.model}, {runs[0]['device']}",
                   ["GPUs", "global batch", "img/s", "speedup", "efficiency"], rows, args.json_out)
     return result
 
