@@ -60,6 +60,15 @@ def _family(task) -> tuple | None:
             blk.norm1.eps, blk.norm2.eps, blk.attn.num_heads, task.tokens.dtype)
 
 
+def families(model) -> dict[tuple, list[str]]:
+    """The model's batched fork families, each with its tasks in the model's order (policy)."""
+    out: dict[tuple, list[str]] = {}
+    for name, task in model.tasks.items():
+        if (key := family(task)) is not None:
+            out.setdefault(key, []).append(name)
+    return out
+
+
 def layout(task) -> Layout:
     """A family's slot layout: tokens, memory, the head padded to its gathered width
     (:func:`~continual_mem.row_linear.head_width`), then every branch block's parameters in timm's order."""

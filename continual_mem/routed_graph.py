@@ -3,8 +3,12 @@
 An eager routed pass launches a few hundred small kernels; in a server they compete with the event loop for the
 GIL (``docs/many_tasks.md``). Here a routed pass over every grouped task of the model is captured once per batch
 size: the backbone, then for each group shape one routed group whose slot assignment is an input tensor, and for
-each (slot, head width) one gathered head product over every row. A call writes the images and the indices into
-the captured inputs and replays; the host only builds the indices (:meth:`RoutedGraph.layout`).
+each (slot, head width) one gathered head product over every row; then each family of fine-tuned late forks
+(:mod:`continual_mem.fork_batch`) over every row, each row reading its task's weights from the family's slot store
+(slot 0, the empty one, for rows that ask none of them). A call pages the forks it needs into their slots, writes
+the images and the indices into the captured inputs and replays; the host only builds the indices
+(:meth:`RoutedGraph.layout`). The eager routed pass of forks launches ~650 kernels at ~70 us of host time each
+(H200 host, ``dev/diag_fork_pass.py``): a served pass of forks was bound by its launches, not the GPU.
 
 The graph runs the eager routed pass's kernels on the same shapes, so its answers are the eager routed pass's at
 that batch size; like it, a row's answer never depends on the other rows or tasks. It holds the model's gather
@@ -17,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import fork_batch
 from .forward_plan import PassState, backbone_pass, make_plan
 from .graphs import CAPTURE_MODE, ModelStamp, inference_context
 from .model import MemoryViT
@@ -26,32 +31,37 @@ from .routed import gathered_head, routed_pooled, shape_groups, tables
 @dataclass(frozen=True)
 class Layout:
     """Where each row's answers are: ``rows[b]`` is ``[(task, first column, end column), ...]`` in the graph's
-    output ``(B, columns)``; ``slots`` and ``heads`` are the index inputs the pass reads."""
+    output ``(B, columns)``; ``slots``, ``heads`` and ``forks`` (each row's slot in a fork family's store) are
+    the index inputs the pass reads."""
 
     rows: list[list[tuple[str, int, int]]]
     slots: dict[tuple, list[list[int]]]
     heads: dict[tuple, list[int]]
+    forks: dict[tuple, list[int]]
 
 
 class RoutedGraph:
-    """Capture a routed pass of ``model``'s grouped tasks for ``example``'s shape, then replay it for any routes
-    those tasks fit (:meth:`layout`).
+    """Capture a routed pass of ``model``'s grouped tasks and batched forks for ``example``'s shape, then replay it
+    for any routes those tasks fit (:meth:`layout`).
 
     Args:
-        model: The model, on a CUDA device, in eval mode, with at least one grouped (concatenation-mode token) task.
+        model: The model, on a CUDA device, in eval mode, with a grouped (concatenation-mode token) task or a
+            batched fork (:meth:`routable`).
         example: An input of the batch size and dtype that will be used.
         autocast_dtype: Run under ``torch.autocast`` with this dtype, or None.
         warmup: Eager warm-up passes before capture (kernel selection, Triton compilation).
+        capture: False runs the same pass on the same inputs eagerly at every call, on any device (a check of
+            the layout without a GPU).
     """
 
     def __init__(self, model: MemoryViT, example: torch.Tensor, *, autocast_dtype: torch.dtype | None = None,
-                 warmup: int = 2) -> None:
-        if example.device.type != "cuda":
+                 warmup: int = 2, capture: bool = True) -> None:
+        if capture and example.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and input on a CUDA device")
         self.model, self.autocast_dtype = model.eval(), autocast_dtype
+        if not self.routable(model):
+            raise ValueError("the model has no grouped task or batched fork to route; use the eager routed pass")
         groups = shape_groups(model)
-        if not groups:
-            raise ValueError("the model has no grouped task to route; use the eager routed pass")
         batch, slots, dev = example.shape[0], model.group_size, example.device
         with self._context():
             self.tables = {shape: tables(model, g, {}) for shape, g in groups.items()}
@@ -62,10 +72,26 @@ class RoutedGraph:
         for key in self.keys:
             self.columns[key] = at
             at += key[2]
+        # fork families: every task in its store's slots (a store that grows does so now, not under the graph)
+        self.families = fork_batch.families(model)
+        self.fork_of = {name: key for key, names in self.families.items() for name in names}
+        self.likes = {key: model.tasks[names[0]] for key, names in self.families.items()}
+        self.stores = {key: fork_batch.store(model, self.likes[key], dev) for key in self.families}
+        for key, st in self.stores.items():
+            if st.capacity is None:
+                st.ensure([model.tasks[n] for n in self.families[key]])
+        self.flats = {key: st.flat for key, st in self.stores.items()}
+        for key, st in self.stores.items():
+            self.columns[key] = at
+            at += st.views()["head.weight"].shape[1]
         self.static_x = example.clone()
         self.static_slots = {shape: torch.zeros(batch, slots, dtype=torch.int64, device=dev) for shape in self.tables}
         self.static_heads = {key: torch.zeros(batch, dtype=torch.int64, device=dev) for key in self.keys}
+        self.static_forks = {key: torch.zeros(batch, dtype=torch.int64, device=dev) for key in self.families}
         self._stamp = ModelStamp(self.model)
+        self.graph = None
+        if not capture:
+            return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self._context():
@@ -79,28 +105,48 @@ class RoutedGraph:
     def _context(self):
         return inference_context(self.autocast_dtype)
 
+    @staticmethod
+    def routable(model: MemoryViT) -> bool:
+        """Whether a routed graph of ``model`` would hold any task (a grouped one or a batched fork)."""
+        return bool(shape_groups(model)) or bool(fork_batch.families(model))
+
     def _pass(self) -> torch.Tensor:
-        """Every grouped task's routed group and every (slot, width) head product: ``(B, columns)``."""
-        plan = make_plan(self.model, list(self.shape_of), original=False, device=self.static_x.device)
+        """Every grouped task's routed group, every (slot, width) head product and every fork family's rows:
+        ``(B, columns)``."""
+        plan = make_plan(self.model, [*self.shape_of, *self.fork_of], original=False, device=self.static_x.device)
         state = PassState(self.static_x, replace(plan.paths, stacked=False))
         backbone_pass(self.model, plan, state, original=False)
         pooled = {shape: routed_pooled(self.model, t, self.static_slots[shape], state)
                   for shape, t in self.tables.items()}
-        return torch.cat([gathered_head(self.tables[shape], pooled[shape], s, w, self.static_heads[(shape, s, w)])
-                          for shape, s, w in self.keys], dim=1)
+        out = [gathered_head(self.tables[shape], pooled[shape], s, w, self.static_heads[(shape, s, w)])
+               for shape, s, w in self.keys]
+        out += [fork_batch.run(self.model, self.likes[key], self.stores[key].views(), self.static_forks[key], state)
+                for key in self.families]
+        return torch.cat(out, dim=1)
 
     def layout(self, routes: Sequence[Sequence[str]]) -> Layout | None:
         """Where ``routes``' answers will be, and the indices that put them there; None if the graph cannot
-        serve them (a task that is not grouped, or a row asking for more tasks of one shape than a group holds):
-        use the eager routed pass then."""
+        serve them (a task neither grouped nor a batched fork, a row asking for more tasks of one shape than a
+        group holds or for two forks of one family, or more forks of a family than its store's slots): use the
+        eager routed pass then. Pages the forks asked for into their slots (the replay waits for the copies)."""
         slots = self.model.group_size
+        forks = self._fork_slots(routes)
+        if forks is None:
+            return None
         out_rows: list[list[tuple[str, int, int]]] = []
         slot_idx = {shape: [[0] * slots for _ in routes] for shape in self.tables}
         head_idx = {key: [0] * len(routes) for key in self.keys}
+        fork_idx = {key: [0] * len(routes) for key in self.families}
         for b, route in enumerate(routes):
             used: dict[tuple, int] = {}
             row = []
             for name in route:
+                key = self.fork_of.get(name)
+                if key is not None:
+                    fork_idx[key][b] = forks[name]
+                    lo = self.columns[key]
+                    row.append((name, lo, lo + self.model.tasks[name].config.num_classes))
+                    continue
                 shape = self.shape_of.get(name)
                 if shape is None or used.get(shape, 0) >= slots:
                     return None
@@ -113,7 +159,28 @@ class RoutedGraph:
                 lo = self.columns[(shape, s, width)]
                 row.append((name, lo, lo + self.model.tasks[name].config.num_classes))
             out_rows.append(row)
-        return Layout(out_rows, slot_idx, head_idx)
+        return Layout(out_rows, slot_idx, head_idx, fork_idx)
+
+    def _fork_slots(self, routes: Sequence[Sequence[str]]) -> dict[str, int] | None:
+        """Each fork asked for in ``routes``, paged in, and its slot; None when a row asks two of one family or a
+        family's store cannot hold its forks at once."""
+        asked: dict[tuple, dict[str, None]] = {}
+        for route in routes:
+            keys = [self.fork_of[n] for n in route if n in self.fork_of]
+            if len(keys) != len(set(keys)):
+                return None
+            for name in route:
+                if name in self.fork_of:
+                    asked.setdefault(self.fork_of[name], {})[name] = None
+        out: dict[str, int] = {}
+        for key, names in asked.items():
+            st = self.stores[key]
+            if st.capacity is not None and len(names) > st.capacity:
+                return None
+            out.update(st.ensure([self.model.tasks[n] for n in names]))
+            if st.flat is not self.flats[key]:
+                raise RuntimeError("a fork store was reallocated since capture; build a new RoutedGraph")
+        return out
 
     def __call__(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Replay for ``x`` with ``layout``'s indices; returns the graph's output ``(B, columns)`` (overwritten by
@@ -127,11 +194,17 @@ class RoutedGraph:
             raise ValueError(f"layout has {len(layout.rows)} rows but the batch has {x.shape[0]} images")
         host = [torch.tensor(layout.slots[shape], dtype=torch.int64) for shape in self.tables]
         host += [torch.tensor(layout.heads[key], dtype=torch.int64) for key in self.keys]
-        flat = torch.cat([h.view(-1) for h in host]).pin_memory().to(x.device, non_blocking=True)
+        host += [torch.tensor(layout.forks[key], dtype=torch.int64) for key in self.families]
+        flat = torch.cat([h.view(-1) for h in host])
+        if x.device.type == "cuda":
+            flat = flat.pin_memory().to(x.device, non_blocking=True)
         at = 0
-        for dst in [*self.static_slots.values(), *self.static_heads.values()]:
+        for dst in [*self.static_slots.values(), *self.static_heads.values(), *self.static_forks.values()]:
             dst.view(-1).copy_(flat[at:at + dst.numel()])
             at += dst.numel()
         self.static_x.copy_(x)
+        if self.graph is None:  # capture=False
+            with self._context():
+                return self._pass()
         self.graph.replay()
         return self.static_out

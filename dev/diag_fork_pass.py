@@ -22,13 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from continual_mem import MemoryViT  # noqa: E402
+from continual_mem.routed_graph import RoutedGraph  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=100)
     p.add_argument("--fork-layers", type=int, default=2)
-    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--batches", default="16,64,256")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -50,8 +51,14 @@ def main(argv: list[str] | None = None) -> dict:
         def backbone():
             return net(x, [], original=True)
 
+        with torch.no_grad():
+            graph = RoutedGraph(net, x, autocast_dtype=torch.bfloat16)
+
+        def graphed():
+            return graph(x, graph.layout([[f"task{rng.integers(args.tasks)}"] for _ in range(b)]))
+
         row = {"batch": b}
-        for name, fn in (("routed", routed), ("backbone", backbone)):
+        for name, fn in (("routed", routed), ("graphed", graphed), ("backbone", backbone)):
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 for _ in range(3):
                     fn()

@@ -314,14 +314,13 @@ class Batcher:
 
     def _routed_graph(self, served: Served, x: torch.Tensor):
         """The routed CUDA graph of ``x``'s batch size (captured on first use), or None for a model without
-        grouped tasks."""
-        from continual_mem.routed import shape_groups
+        grouped tasks or batched forks."""
         from continual_mem.routed_graph import RoutedGraph
 
         key = ("routed", len(x))
         if key not in served.graphs:
             served.graphs[key] = RoutedGraph(served.net, x, autocast_dtype=torch.bfloat16 if self.amp else None) \
-                if shape_groups(served.net) else None
+                if RoutedGraph.routable(served.net) else None
         return served.graphs[key]
 
     def _finish(self, launched: _Launched, *, observe: bool = True) -> list[dict[str, np.ndarray] | BadImage]:

@@ -83,6 +83,92 @@ def test_a_row_s_answer_depends_on_nothing_but_its_image_and_task():
     assert store.slots == 1 and store.page_ins > 2  # paged in, out and in again
 
 
+def _graph_matches_eager(graph, model, pool, rng, *, batch: int, names: list[str], trials: int = 5) -> int:
+    """Random routes (at most one fork of a family per row) through ``graph`` and the eager routed pass: each fork's
+    answer bit-equal, the grouped ones to float tolerance (on the CPU the eager heads are not gathered)."""
+    checked = 0
+    for _ in range(trials):
+        picks = [rng.randrange(len(pool)) for _ in range(batch)]
+        routes = []
+        for _ in range(batch):
+            route, fams = [], set()
+            for name in rng.sample(names, rng.randint(0, 3)):
+                fam = fork_batch.family(model.tasks[name])
+                if fam is None or fam not in fams:
+                    route.append(name)
+                    fams.add(fam)
+            routes.append(route)
+        layout = graph.layout(routes)
+        assert layout is not None, routes
+        out = graph(pool[picks], layout).clone()
+        eager = model.forward_routed(pool[picks], routes)
+        for b, row in enumerate(layout.rows):
+            assert [name for name, _, _ in row] == routes[b]
+            for name, lo, hi in row:
+                if fork_batch.family(model.tasks[name]) is not None:
+                    assert torch.equal(out[b, lo:hi], eager[b][name]), (b, name)
+                    checked += 1
+                else:
+                    torch.testing.assert_close(out[b, lo:hi], eager[b][name], rtol=1e-4, atol=1e-5)
+    return checked
+
+
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_a_routed_graph_holds_batched_forks(capacity):
+    """The graph's pass (run uncaptured here) gives each row its fork's answer as the eager routed pass does,
+    paging the forks a call asks into their slots; more forks of a family than its slots, or two in one row, go
+    to the eager pass."""
+    from continual_mem.routed_graph import RoutedGraph
+
+    model = _model(capacity)
+    pool = images(model.backbone, n=6, seed=7)
+    graph = RoutedGraph(model, pool[:4], capture=False)
+    assert set(graph.families) == {fork_batch.family(model.tasks[n]) for n, _ in FORKS}
+    assert _graph_matches_eager(graph, model, pool, random.Random(3), batch=4, names=model.task_names) > 8
+    assert graph.layout([["a", "b"], [], [], []]) is None  # two of one family in a row
+    if capacity is not None:
+        assert graph.layout([["a"], ["b"], ["h"], ["m"]]) is not None
+        assert graph.layout([["a"], ["b"], ["h"], ["m", "c"]]) is not None  # c: another family's store
+        with_four = _model(capacity)
+        perturb(with_four.add_task("i", 3, memory=2, fork_layers=2, fork_finetune=True), seed=20)
+        four = RoutedGraph(with_four, pool[:4], capture=False)
+        assert four.layout([["a"], ["b"], ["h"], ["i"]]) is None  # a's family: four forks, three slots
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
+@pytest.mark.parametrize("capacity, offload", [(None, False), (3, True)])
+def test_a_captured_routed_graph_replays_the_eager_fork_pass(capacity, offload):
+    """As the server runs it (float32 weights, bf16 autocast): the captured graph's fork answers are the eager
+    routed pass's bits at that batch size, resident or paged from pinned host memory between replays."""
+    from continual_mem.routed_graph import RoutedGraph
+
+    model = _model(capacity).to("cuda")
+    if offload:
+        fork_batch.offload(model)
+    pool = images(model.backbone, n=6, seed=7).to("cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        graph = RoutedGraph(model, pool[:4], autocast_dtype=torch.bfloat16)
+        assert graph.graph is not None
+        checked = _graph_matches_eager(graph, model, pool, random.Random(4), batch=4, names=model.task_names,
+                                       trials=8)
+    assert checked > 12
+
+
+def test_a_model_of_forks_alone_is_routable():
+    from continual_mem.routed_graph import RoutedGraph
+
+    torch.manual_seed(0)
+    model = MemoryViT(make_backbone("dinov2"))
+    model.add_task("a", 3, memory=2, fork_layers=2, fork_finetune=True)
+    assert RoutedGraph.routable(model.eval())
+    plain = MemoryViT(make_backbone("dinov2"))
+    plain.add_task("p", 3, memory=2, fork_layers=2)  # a plain fork: per-task tiles, not in a graph
+    assert not RoutedGraph.routable(plain)
+    with pytest.raises(ValueError, match="no grouped task or batched fork"):
+        RoutedGraph(plain, images(plain.backbone, n=2), capture=False)
+
+
 def test_offloaded_tasks_give_the_same_bits_and_only_run_routed():
     model = _model()
     x = images(model.backbone, n=3, seed=2)
