@@ -37,8 +37,11 @@ def decoder_sms(requested: int | None, *, gpu_decoding: bool, sm_count: int) -> 
     to spare them, or on a CPU: ``sm_count`` 0)."""
     if requested is None:
         return DECODE_RESERVE if gpu_decoding and sm_count >= 8 * DECODE_RESERVE else 0
-    if requested < 0 or (requested and requested >= sm_count):
-        raise ValueError(f"decoder_sms must be 0 or in 1..{max(0, sm_count - 1)} (the device has {sm_count} SMs), "
+    if requested and not sm_count:
+        raise ValueError(f"decoder_sms={requested} holds GPU SMs back, but this runs on the CPU; pass 0 or leave "
+                         "it unset")
+    if requested < 0 or requested >= max(1, sm_count):
+        raise ValueError(f"decoder_sms must be 0 or in 1..{sm_count - 1} (the device has {sm_count} SMs), "
                          f"got {requested}")
     return requested
 

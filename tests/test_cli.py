@@ -90,6 +90,7 @@ def test_add_task_json_and_user_errors(db, tmp_path):
                "layer_decay must be in (0, 1]")
     user_error(cm(db, "add-task", "digits", "--name", "x", "--regime", "full", "--probe-fraction", "1", *FAST),
                "probe_fraction must be in [0, 1)")
+    user_error(cm(db, "add-task", "digits", "--name", "x", "--decoder-sms", "8", *FAST), "runs on the CPU; pass 0")
     assert snapshot(Registry(db)) == before
 
 

@@ -23,9 +23,11 @@ def test_policy_holds_sms_only_for_a_gpu_decoder_on_a_large_gpu():
     assert decoder_sms(None, gpu_decoding=True, sm_count=0) == 0  # a CPU
     assert decoder_sms(4, gpu_decoding=False, sm_count=132) == 4
     assert decoder_sms(0, gpu_decoding=True, sm_count=0) == 0
-    for bad, count in ((-1, 132), (132, 132), (2, 0)):
+    for bad, count in ((-1, 132), (132, 132)):
         with pytest.raises(ValueError, match="decoder_sms must be"):
             decoder_sms(bad, gpu_decoding=True, sm_count=count)
+    with pytest.raises(ValueError, match="runs on the CPU; pass 0"):
+        decoder_sms(2, gpu_decoding=False, sm_count=0)
     with pytest.raises(ValueError, match="decoder_sms"):
         TrainConfig(decoder_sms=-1)
 
