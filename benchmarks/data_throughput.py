@@ -274,17 +274,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     def measure(variant: str, task: str) -> dict:
         kind, _, sms = variant.partition("@")  # KIND@N: N SMs held back for the decoder (default: fit's policy)
+        requested = int(sms) if sms else None
         steps = args.loader_steps if kind == "loader" else args.steps
         warm = min(args.warmup_steps, steps // 2)
         source = make(kind, "train")
         decoder = getattr(source, "decoder", None)  # the compact copy's JPEG decoder, if any
-        held = decoder_sms(int(sms) if sms else None, gpu_decoding=getattr(source, "gpu_decoding", False),
+        held = decoder_sms(requested, gpu_decoding=getattr(source, "gpu_decoding", False),
                            sm_count=sm_count(device))  # what fit holds back (the same policy)
         with Probe() as probe:
             timed = Timed(source, warm, device)
             cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=0.05, eval_every=steps,
                               cuda_graph=args.cuda_graph and gpu, amp="auto" if args.dtype != "fp32" else "off",
-                              decoder_sms=int(sms) if sms else None)
+                              decoder_sms=requested)
             fit(net, task, timed, None, cfg, progress=False)
             if gpu:
                 torch.cuda.synchronize()
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{variant}: train {train_rate:.0f} img/s, eval {eval_rate:.0f} img/s (streamed {streamed:.0f}, first "
               f"pass {first:.0f})", file=sys.stderr, flush=True)
         shares = {"host_share": decoder.fixed, "host_share_last": decoder.share()} if decoder else {}
-        return {"variant": variant, **shares, "decoder_sms": held, "train_images_per_s": train_rate, "eval_images_per_s": eval_rate,
+        return {"variant": variant, **shares, "decoder_sms": held, "train_images_per_s": train_rate,
+                "eval_images_per_s": eval_rate,
                 "eval_pass_images_per_s": passes, "eval_streamed_images_per_s": streamed,
                 "eval_first_pass_images_per_s": first,
                 "train_steps_timed": steps - warm, "train_cpu_cores_busy": train_probe["cpu_cores_busy"],

@@ -166,12 +166,11 @@ class RoutedGraph:
         family's store cannot hold its forks at once."""
         asked: dict[tuple, dict[str, None]] = {}
         for route in routes:
-            keys = [self.fork_of[n] for n in route if n in self.fork_of]
-            if len(keys) != len(set(keys)):
+            mine = {self.fork_of[n]: n for n in route if n in self.fork_of}
+            if len(mine) < sum(n in self.fork_of for n in route):  # two of one family in this row
                 return None
-            for name in route:
-                if name in self.fork_of:
-                    asked.setdefault(self.fork_of[name], {})[name] = None
+            for key, name in mine.items():
+                asked.setdefault(key, {})[name] = None
         out: dict[str, int] = {}
         for key, names in asked.items():
             st = self.stores[key]
