@@ -9,7 +9,9 @@ beside an MLP loop (``dev/diag_green_decode.py``), and training from the compact
 0.95-0.96x device-resident speed, from source JPEGs decoded on the GPU from 0.58-0.70x to 0.72-0.85x (three runs,
 docs/data_at_scale.md). The step's arithmetic is the same on fewer SMs (bit-equal weights, ``tests``).
 
-One place decides the number (:func:`decoder_sms`); :func:`partition` runs a block on the rest; :func:`side_stream`
+``fit`` holds them for a source that decodes on the GPU, ``evaluate`` for a pass that does (kept evaluation
+batches need no decoder). One place decides the number (:func:`decoder_sms`); :func:`partition` runs a block on the
+rest; :func:`side_stream`
 gives graph capture and warm-up a stream on the same SMs (a graph captured on a stream of the full device would
 replay there).
 """

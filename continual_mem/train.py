@@ -28,7 +28,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 accuracy of each task on ``source``'s labels, all tasks from one pass per batch.
 
-    In a multi-process job every rank evaluates its part of the set and the counts are summed over ranks.
+    In a multi-process job every rank evaluates its part of the set and the counts are summed over ranks. A pass
+    that decodes JPEGs on the GPU (the source's ``eval_gpu_decoding``) leaves the decoder SMs of its own, as ``fit``
+    does.
     """
     was_training = model.training
     model.eval()
@@ -37,8 +39,12 @@ def evaluate(
     correct = {t: torch.zeros((), dtype=torch.int64, device=device) for t in tasks}
     total = 0
     shard = distributed.current()
+    decodes = getattr(source, "eval_gpu_decoding", None)  # a GPU JPEG decoder gets SMs of its own, as in fit
+    hold = decoder_sms(None, gpu_decoding=bool(decodes) and (decodes(batch_size) if shard.world == 1
+                                                              else decodes(batch_size, shard=shard)),
+                       sm_count=sm_count(device))
     batches = source.eval_batches(batch_size) if shard.world == 1 else source.eval_batches(batch_size, shard=shard)
-    with autocast(TrainConfig(amp=amp), device):
+    with autocast(TrainConfig(amp=amp), device), partition(device, hold, required=False):
         for x, y in batches:
             out = model(x, tasks=list(tasks), original=False)
             for t in tasks:

@@ -74,6 +74,10 @@ class EvalCache:
             self._kept[key], self.used = seen, self.used + nbytes
             log.debug("kept %d evaluation batches (%.2f GB) on the device", len(seen), nbytes / 1e9)
 
+    def holds(self, key: Hashable) -> bool:
+        """Whether pass ``key`` is kept (its next pass decodes nothing)."""
+        return key in self._kept
+
     def clear(self) -> None:
         """Forget every kept pass (frees their device memory)."""
         self._kept.clear()

@@ -170,6 +170,10 @@ class PreparedImages:
         decoder = getattr(self, "decoder", None)  # the JPEG decoder of the subclasses that decode
         return decoder is not None and decoder.on_device
 
+    def eval_gpu_decoding(self, batch_size: int, shard: Shard = SINGLE) -> bool:
+        """Whether the next evaluation pass of ``batch_size`` decodes on the GPU (not when its batches are kept)."""
+        return self.gpu_decoding and not self.eval_cache.holds((batch_size, shard))
+
     def _host(self, positions: np.ndarray) -> tuple:
         """Images ``positions`` back to back in one pinned buffer: a single ``np.concatenate`` (which releases the
         GIL while it copies), so the copying threads hardly compete with the training loop for the interpreter."""

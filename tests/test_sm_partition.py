@@ -9,8 +9,10 @@ from continual_mem import MemoryViT, train
 from continual_mem.sm_partition import DECODE_RESERVE, decoder_sms, partition, side_stream
 from continual_mem.train import TrainConfig, fit
 from helpers import make_backbone
+from input_helpers import PRE as PRE_SMALL, prepare_small, folder, reader  # noqa: F401 - fixtures
 from scenarios.gpu_jpeg import JpegBatchDecoder
 from scenarios.pipeline import DeviceImages, Preprocess
+from scenarios.streaming import PreparedImages
 from test_train import quadrant_data
 
 PRE = Preprocess(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.875, augment="none")
@@ -98,3 +100,32 @@ def test_training_on_held_back_sms_is_the_same_arithmetic():
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), \
         max((runs[0][k] - runs[1][k]).abs().max().item() for k in runs[0])
+
+
+@pytest.mark.parametrize("decoding, expected", [(True, 8), (False, 0)])
+def test_evaluate_holds_sms_back_only_for_a_pass_that_decodes_on_the_gpu(monkeypatch, decoding, expected):
+    seen, asked = [], []
+
+    @contextlib.contextmanager
+    def recording(device, reserve, *, required=True):
+        seen.append((reserve, required))
+        yield 0
+
+    monkeypatch.setattr(train, "sm_count", lambda device: 132)
+    monkeypatch.setattr(train, "partition", recording)
+    model = MemoryViT(make_backbone("tiny"))
+    model.add_task("quad", 4, memory=2)
+    source = DeviceImages(quadrant_data(16, 0), PRE)
+    source.eval_gpu_decoding = lambda batch_size: asked.append(batch_size) or decoding
+    train.evaluate(model, source, ["quad"], batch_size=8)
+    assert seen == [(expected, False)] and asked == [8]
+
+
+def test_a_kept_evaluation_pass_decodes_nothing(monkeypatch, reader, tmp_path):
+    """The next pass of a source decoding on the GPU counts as decoding until its batches are kept."""
+    monkeypatch.setattr(PreparedImages, "gpu_decoding", property(lambda self: True))
+    data = prepare_small(reader, tmp_path, encoding="raw")
+    source = PreparedImages(data, PRE_SMALL, eval_cache=10**9)
+    assert source.eval_gpu_decoding(8)
+    list(source.eval_batches(8))
+    assert not source.eval_gpu_decoding(8) and source.eval_gpu_decoding(4)
