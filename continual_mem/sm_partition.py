@@ -73,6 +73,15 @@ def _green(index: int, num_sms: int):
         return ctx
 
 
+def _stream(ctx) -> torch.cuda.Stream:
+    """This thread's stream on ``ctx``, made once: the caching allocator keeps freed blocks per stream, so a new
+    stream per call (every evaluation pass) would strand each pass's activations in a pool no later pass uses."""
+    streams = _local.__dict__.setdefault("streams", {})
+    if id(ctx) not in streams:
+        streams[id(ctx)] = ctx.Stream()
+    return streams[id(ctx)]
+
+
 @contextlib.contextmanager
 def partition(device: torch.device, reserve: int, *, required: bool = True) -> Iterator[int]:
     """Run what the block launches on the current stream on all SMs of ``device`` but ``reserve``; yields the SMs
@@ -85,7 +94,7 @@ def partition(device: torch.device, reserve: int, *, required: bool = True) -> I
     index = _index(device)
     try:
         ctx = _green(index, sm_count(device) - reserve)
-        stream = ctx.Stream()
+        stream = _stream(ctx)
     except (RuntimeError, ImportError, AttributeError) as exc:
         if required:
             raise ValueError(f"cannot hold {reserve} SMs back for the decoder on this GPU ({exc}); pass "

@@ -97,6 +97,11 @@ def test_training_on_held_back_sms_is_the_same_arithmetic():
             assert (torch.cuda.current_stream() != outer) == bool(held)
         fit(model, "quad", DeviceImages(quadrant_data(64, 0), PRE, "cuda"), None, cfg, progress=False)
         runs.append({k: v.detach().clone() for k, v in model.tasks["quad"].state_dict().items()})
+    streams = []
+    for _ in range(2):  # one stream per thread and context: freed blocks stay usable by the next pass
+        with partition(torch.device("cuda"), 8):
+            streams.append(torch.cuda.current_stream())
+    assert streams[0] == streams[1]
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), \
         max((runs[0][k] - runs[1][k]).abs().max().item() for k in runs[0])
