@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     if args.source != "resident":
         prepared_set(args)  # built once here, opened by every rank
-    passthrough = ["--source", args.source, "--cache-dir", args.cache_dir, "--model", args.model, "--per-gpu-batch", str(args.per_gpu_batch), "--regime", args.regime,
+    passthrough = ["--source", args.source, "--cache-dir", args.cache_dir,
+                   "--model", args.model, "--per-gpu-batch", str(args.per_gpu_batch), "--regime", args.regime,
                    "--memory", str(args.memory), "--dtype", args.dtype,
                    *(["--img-size", str(args.img_size)] if args.img_size else []),
                    *(["--data", args.data] if args.data else [])]

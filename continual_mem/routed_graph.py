@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import fork_batch
+from . import fork_batch, paging
 from .forward_plan import PassState, backbone_pass, make_plan
 from .graphs import CAPTURE_MODE, ModelStamp, inference_context
 from .model import MemoryViT
@@ -174,7 +174,7 @@ class RoutedGraph:
         out: dict[str, int] = {}
         for key, names in asked.items():
             st = self.stores[key]
-            if st.capacity is not None and len(names) > st.capacity:
+            if len(paging.chunks(list(names), st.capacity)) > 1:  # the eager pass runs them in chunks
                 return None
             out.update(st.ensure([self.model.tasks[n] for n in names]))
             if st.flat is not self.flats[key]:

@@ -39,11 +39,10 @@ def evaluate(
     correct = {t: torch.zeros((), dtype=torch.int64, device=device) for t in tasks}
     total = 0
     shard = distributed.current()
+    part = {} if shard.world == 1 else {"shard": shard}  # single-process sources need not take shard=
     decodes = getattr(source, "eval_gpu_decoding", None)  # a GPU JPEG decoder gets SMs of its own, as in fit
-    hold = decoder_sms(None, gpu_decoding=bool(decodes) and (decodes(batch_size) if shard.world == 1
-                                                              else decodes(batch_size, shard=shard)),
-                       sm_count=sm_count(device))
-    batches = source.eval_batches(batch_size) if shard.world == 1 else source.eval_batches(batch_size, shard=shard)
+    hold = decoder_sms(None, gpu_decoding=bool(decodes) and decodes(batch_size, **part), sm_count=sm_count(device))
+    batches = source.eval_batches(batch_size, **part)
     with autocast(TrainConfig(amp=amp), device), partition(device, hold, required=False):
         for x, y in batches:
             out = model(x, tasks=list(tasks), original=False)

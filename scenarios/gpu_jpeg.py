@@ -4,12 +4,12 @@ back to back on the device out (what :meth:`~scenarios.streaming.DeviceStage.fro
 nvJPEG decodes the batch in one call (``torchvision.io.decode_jpeg`` on a list, the hardware decoder where there
 is one). Measured on an H200 (docs/data_at_scale.md), it decodes 21,700-31,800 images/s alone but queues each image
 behind the training kernels (a pageable copy, a kernel and an event wait per image, on a low-priority stream of its
-own), so beside training it costs the step time unless training leaves it SMs of its own (``fit`` does for a source
-whose decoder is :attr:`JpegBatchDecoder.on_device`, :mod:`continual_mem.sm_partition`). A share of the images can instead go to libjpeg-turbo in host
-threads (torchvision's CPU decoder releases the interpreter): which ones (:func:`on_host`, policy, pure) depends on
-each image's id and the share alone, so its pixels do not depend on timing, batch or rank; ``share=None`` balances
-each batch by the rates both parts have shown (:func:`host_share`). On the H200 host (16 cores) every share above 0
-was slower, so the default is nvJPEG alone. nvImageCodec, tried on a stream of the highest priority, was slower
+own), so beside training it costs the step time unless training leaves it SMs of its own (``fit`` does for a
+source whose decoder is :attr:`JpegBatchDecoder.on_device`, :mod:`continual_mem.sm_partition`). A share of the
+images can instead go to libjpeg-turbo in host threads (torchvision's CPU decoder releases the interpreter): which
+ones (:func:`on_host`, policy, pure) depends on each image's id and the share alone, so its pixels do not depend on
+timing, batch or rank; ``share=None`` balances each batch by the rates both parts have shown (:func:`host_share`).
+On the H200 host (16 cores) every share above 0 was slower, so the default is nvJPEG alone. nvImageCodec, tried on a stream of the highest priority, was slower
 still (12,800 images/s alone) and is not used.
 """
 from __future__ import annotations
@@ -36,9 +36,10 @@ HOST_SHARE = 0.0  # the host threads' part by default: on an H200 with 16 cores,
 
 def choose_decoder(decoder: str, *, device: str) -> str:
     """Where JPEGs are decoded (policy, pure): ``device`` (nvJPEG on the GPU, no host cores) or ``host`` (worker
-    processes, libjpeg-turbo). ``auto``: on a CUDA device, nvJPEG, for a compact copy (0.72-0.83x device-resident
-    training against 0.56-0.61x for the host workers, H200, 16 host cores) and for image files alike (0.63-0.74x
-    with ~2 cores busy, against 0.43x with 14 for the host workers); on a CPU device, the host."""
+    processes, libjpeg-turbo). ``auto``: on a CUDA device, nvJPEG, for a compact copy (0.95-0.96x device-resident
+    training with 8 SMs left to it, against 0.56-0.61x for the host workers, H200, 16 host cores) and for image
+    files alike (0.72-0.85x with ~2 cores busy, against 0.43x with 14 for the host workers); on a CPU device, the
+    host."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; use auto, device or host")
     if decoder != "auto":
@@ -161,7 +162,8 @@ class JpegBatchDecoder:
 
         if self.device.type != "cuda":
             return decode_jpeg(blobs, mode=ImageReadMode.RGB)
-        with torch.cuda.stream(thread_stream(self.device)):  # outputs allocated here; nvJPEG hands them over by an event
+        # outputs allocated on this thread's stream; nvJPEG hands them over by an event
+        with torch.cuda.stream(thread_stream(self.device)):
             return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
 
     def _pack_on_device(self, gpu_images: list[torch.Tensor], host_images: list[torch.Tensor]) -> torch.Tensor:
