@@ -43,6 +43,9 @@ def serve(
     page_forks: Annotated[bool, typer.Option(help="keep fine-tuned late forks' weights in pinned host memory, "
                                                   "paged in by use (requests without tasks= then route every "
                                                   "task)")] = False,
+    decoder_sms: Annotated[int, typer.Option(min=0, help="SMs each pass leaves to nvJPEG, so the next batch's "
+                                                       "decode need not wait behind it (same answers; not shown "
+                                                       "to raise throughput yet)")] = 0,
     keep_alive_s: Annotated[float, typer.Option(min=1.0, help="how long an idle client connection stays open "
                                                            "(uvicorn's default of 5 s races with clients that "
                                                            "reuse pooled connections)")] = 75.0,
@@ -62,7 +65,13 @@ def serve(
                              poll_interval_s=poll_s, amp=amp, decode_workers=decode_workers, jpeg_decode=jpeg_decode,
                              overlap_passes=overlap_passes,
                              switch_interval_ms=switch_interval_ms, workers=workers, shared_model=shared_model,
-                             resident_tasks=resident_tasks, page_forks=page_forks)
+                             resident_tasks=resident_tasks, page_forks=page_forks, decoder_sms=decoder_sms)
+    if decoder_sms:  # an impossible request fails here in one line, not in the model process's start-up
+        import torch
+
+        from continual_mem.sm_partition import sm_count
+
+        settings.held_sms(sm_count(torch.device(settings.device)))
     if workers == 1:  # the model in the server's own process
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s)
         return

@@ -78,14 +78,14 @@ class GraphedForward:
         self.autocast_dtype = autocast_dtype
         self.static_x = example.clone()
         self._stamp = ModelStamp(self.model)
-        stream = torch.cuda.Stream()
+        stream = side_stream() or torch.cuda.Stream()  # inside a partition: on its SMs (see sm_partition)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self._context():
             for _ in range(warmup):
                 self.model(self.static_x, tasks=self.tasks)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with self._context(), torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
+        with self._context(), torch.cuda.graph(self.graph, stream=side_stream(), capture_error_mode=CAPTURE_MODE):
             self.static_out = self.model(self.static_x, tasks=self.tasks)
 
     def _context(self):

@@ -26,6 +26,7 @@ from .forward_plan import PassState, backbone_pass, make_plan
 from .graphs import CAPTURE_MODE, ModelStamp, inference_context
 from .model import MemoryViT
 from .routed import gathered_head, routed_pooled, shape_groups, tables
+from .sm_partition import side_stream
 
 
 @dataclass(frozen=True)
@@ -92,14 +93,14 @@ class RoutedGraph:
         self.graph = None
         if not capture:
             return
-        stream = torch.cuda.Stream()
+        stream = side_stream() or torch.cuda.Stream()  # inside a partition: on its SMs (see sm_partition)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self._context():
             for _ in range(warmup):
                 self._pass()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with self._context(), torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
+        with self._context(), torch.cuda.graph(self.graph, stream=side_stream(), capture_error_mode=CAPTURE_MODE):
             self.static_out = self._pass()
 
     def _context(self):

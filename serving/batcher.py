@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from continual_mem.sm_partition import partition
 from scenarios.decode import MAX_ASPECT, SHORT_SIDE, BadImage
 from scenarios.streaming import pad_batch
 
@@ -92,8 +93,12 @@ class Batcher:
     the next replay of its graph writes the same buffers."""
 
     def __init__(self, holder: ModelHolder, metrics: Metrics, *, max_batch: int, max_wait_ms: float,
-                 amp: bool, cuda_graphs: bool = True, device_decode: bool = False, overlap: bool = False) -> None:
+                 amp: bool, cuda_graphs: bool = True, device_decode: bool = False, overlap: bool = False,
+                 decoder_sms: int = 0, sms_required: bool = False) -> None:
         self.holder, self.metrics = holder, metrics
+        # SMs the pass (and its graphs' capture) leaves to the next batch's nvJPEG decode: beside a pass on every SM
+        # each of the decoder's small kernels waits for the pass's blocks to drain (continual_mem.sm_partition)
+        self.decoder_sms, self.sms_required = decoder_sms, sms_required
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
         self.amp = amp and holder.device.type == "cuda"
         self.graphs = cuda_graphs and holder.device.type == "cuda"
@@ -232,7 +237,13 @@ class Batcher:
             bad = [None] * len(images)
             canvas, hw = pad_batch(images, pin=cuda)
             x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
-        good = [a for a, why in zip(asked or [None] * len(images), bad) if why is None]
+        with partition(self.holder.device, self.decoder_sms, required=self.sms_required):
+            return self._pass(served, x, bad, asked, events, t0)
+
+    def _pass(self, served: Served, x: torch.Tensor, bad: list, asked: list[tuple[str, ...] | None] | None,
+              events: list | None, t0: float) -> _Launched:
+        """The launch's model pass on the decoded batch ``x`` (the good images) and the copy of its answers."""
+        good = [a for a, why in zip(asked or [None] * len(bad), bad) if why is None]
         good, wants = agnostic.split(good)  # task-agnostic asks: the backbone alone, and one answer over all tasks
         wants = wants if served.agnostic is not None else [False] * len(wants)
         routes = routes_for(good, served.net.task_names, route_all=served.paged)

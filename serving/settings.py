@@ -43,6 +43,11 @@ class ServeSettings:
         page_forks: Keep every fine-tuned late fork's weights in pinned host memory (loaded there, never on the
             device whole), paged in by use: a model's fork count is then capped by host memory, not the GPU's.
             Requests without ``tasks=`` then get a routed pass of every task.
+        decoder_sms: SMs the pass (and its graphs) leaves to nvJPEG (:mod:`continual_mem.sm_partition`), so the
+            next batch's decode need not wait behind the pass; a pass's answers are the same bits (GPU-tested).
+            Default 0: unlike training, holding SMs back has not been shown to help serving (H200, one run each,
+            ``docs/many_tasks.md``: 8 SMs moved a served backbone from 1,037 to 1,200 images/s and 100 forks from
+            644 to 600), so it is asked for, not assumed.
     """
 
     registry: str
@@ -65,6 +70,7 @@ class ServeSettings:
     model_socket: str = ""
     resident_tasks: int | None = None
     page_forks: bool = False
+    decoder_sms: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -81,6 +87,8 @@ class ServeSettings:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.resident_tasks is not None and self.resident_tasks < 1:
             raise ValueError(f"resident_tasks must be >= 1 (or None: every task), got {self.resident_tasks}")
+        if self.decoder_sms < 0:
+            raise ValueError(f"decoder_sms must be >= 0, got {self.decoder_sms}")
         if self.switch_interval_ms <= 0:
             raise ValueError(f"switch_interval_ms must be > 0, got {self.switch_interval_ms}")
         if self.decode_workers not in ("auto", "threads", "processes"):
@@ -101,3 +109,11 @@ class ServeSettings:
     def device_decode(self) -> bool:
         """Whether JPEGs are decoded inside the pass (see ``jpeg_decode``)."""
         return self.jpeg_decode == "device" or (self.jpeg_decode == "auto" and self.device.startswith("cuda"))
+
+    def held_sms(self, sm_count: int) -> int:
+        """SMs the pass leaves to the JPEG decoder on a device of ``sm_count`` SMs (0: a CPU), checked by
+        :func:`continual_mem.sm_partition.decoder_sms` (an impossible request is a ``ValueError`` naming the fix)."""
+        from continual_mem.sm_partition import decoder_sms
+
+        return decoder_sms(self.decoder_sms, gpu_decoding=self.device_decode and self.device.startswith("cuda"),
+                           sm_count=sm_count)

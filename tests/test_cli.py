@@ -315,6 +315,7 @@ def test_export_onnx_and_serve_errors(db, tmp_path):
     assert r["outputs"] == ["logits"] and r["max_abs_diff"] < 1e-4
     user_error(cm(db, "export-onnx", str(tmp_path / "y.onnx"), "--routed"), "'digits-ext' is not a grouped task")
     user_error(cm(tmp_path / "absent.db", "serve"), "no registry at")
+    user_error(cm(db, "serve", "--device", "cpu", "--decoder-sms", "8"), "runs on the CPU; pass 0")
 
 
 def test_prepare_and_add_task_on_an_image_folder(db, tmp_path):
