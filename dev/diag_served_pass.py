@@ -81,7 +81,7 @@ def run(args, k: int) -> dict:
     served = _served(_model(args, k), device)
     holder = types.SimpleNamespace(device=device, cpu_turns=contextlib.nullcontext(), current=served)
     b = Batcher(holder, Metrics(), max_batch=64, max_wait_ms=1, amp=cuda, device_decode=True, overlap=True,
-                decoder_sms=args.decoder_sms, sms_required=args.decoder_sms > 0)
+                decoder_sms=args.decoder_sms)
     b.warm(served)
     uploads = [photo(i, label=i % 10, size=(500, 375)) for i in range(args.rows)]
     rng = np.random.default_rng(0)

@@ -94,11 +94,11 @@ class Batcher:
 
     def __init__(self, holder: ModelHolder, metrics: Metrics, *, max_batch: int, max_wait_ms: float,
                  amp: bool, cuda_graphs: bool = True, device_decode: bool = False, overlap: bool = False,
-                 decoder_sms: int = 0, sms_required: bool = False) -> None:
+                 decoder_sms: int = 0) -> None:
         self.holder, self.metrics = holder, metrics
         # SMs the pass (and its graphs' capture) leaves to the next batch's nvJPEG decode: beside a pass on every SM
         # each of the decoder's small kernels waits for the pass's blocks to drain (continual_mem.sm_partition)
-        self.decoder_sms, self.sms_required = decoder_sms, sms_required
+        self.decoder_sms = decoder_sms
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
         self.amp = amp and holder.device.type == "cuda"
         self.graphs = cuda_graphs and holder.device.type == "cuda"
@@ -237,7 +237,7 @@ class Batcher:
             bad = [None] * len(images)
             canvas, hw = pad_batch(images, pin=cuda)
             x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
-        with partition(self.holder.device, self.decoder_sms, required=self.sms_required):
+        with partition(self.holder.device, self.decoder_sms):
             return self._pass(served, x, bad, asked, events, t0)
 
     def _pass(self, served: Served, x: torch.Tensor, bad: list, asked: list[tuple[str, ...] | None] | None,

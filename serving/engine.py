@@ -88,7 +88,7 @@ class LocalModel:
         holder.current = await asyncio.to_thread(holder.load)
         self.batcher = Batcher(holder, self.metrics, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, amp=s.amp,
                                cuda_graphs=s.cuda_graphs, device_decode=s.device_decode, overlap=s.overlap,
-                               decoder_sms=s.held_sms(sm_count(holder.device)), sms_required=s.decoder_sms > 0)
+                               decoder_sms=s.held_sms(sm_count(holder.device)))
         await asyncio.to_thread(self.batcher.warm, holder.current)
         holder.prepare = self.batcher.warm
         self._note_swap(holder.current)
