@@ -23,6 +23,7 @@ from . import admission, agnostic
 from .device_decode import decode_jpegs
 from .holder import ModelHolder, Served
 from .metrics import Metrics
+from .routing import answer_rows, bucket_for, routes_for, warm_every_task
 
 
 @dataclass
@@ -40,37 +41,6 @@ def _fail(batch: list, exc: Exception) -> None:
     for _, _, fut in batch:
         if not fut.done():
             fut.set_exception(exc)
-
-
-def routes_for(asked: list[tuple[str, ...] | None], known: list[str], *,
-               route_all: bool = False) -> list[list[str]] | None:
-    """Each image's tasks for a routed pass, or ``None`` when every image asks for every task (the all-task pass)
-    (policy, pure). ``route_all``: the model cannot run the all-task pass (paged tasks), every pass routes. A task
-    no longer in the model (removed while the request waited) is left out; the request then finds it missing from
-    its answer."""
-    if all(a is None for a in asked) and not route_all:
-        return None
-    have = set(known)
-    return [list(known) if a is None else [n for n in a if n in have] for a in asked]
-
-
-WARM_EVERY_TASK_MAX = 64  # tasks; above it the all-task pass's graphs are captured on first use
-
-
-def warm_every_task(tasks: int, *, paged: bool) -> bool:
-    """Whether warming a model captures its all-task graphs (policy, pure): not for a model with paged tasks (it
-    has no all-task pass) nor one of more than :data:`WARM_EVERY_TASK_MAX` tasks. Requests to such a model name
-    their tasks; capturing every task's pass for every bucket took 226 s at K = 1,001 (H200), which a live swap
-    then waits for."""
-    return not paged and tasks <= WARM_EVERY_TASK_MAX
-
-
-def bucket_for(n: int, max_batch: int) -> int:
-    """The batch size a pass of ``n`` images runs at: the next power of two, capped at ``max_batch`` (so a few
-    graphs cover every size, and a fixed image meets the same kernels whatever else shares its batch bucket)."""
-    if not 1 <= n <= max_batch:
-        raise ValueError(f"need 1 <= n <= max_batch, got n={n}, max_batch={max_batch}")
-    return min(1 << (n - 1).bit_length(), max_batch)
 
 
 @dataclass
@@ -290,17 +260,13 @@ class Batcher:
         answers into pinned host memory. Task-agnostic asks (``wants``) take the eager pass (the graph has no
         backbone features)."""
         n = len(x)
-        if self.holder.device.type == "cuda":
-            x = self._to_bucket(x)
-            routes = routes + [routes[-1]] * (len(x) - n)
-        graph = self._routed_graph(served, x) if self.graphs and not any(wants) else None
-        layout = graph.layout(routes) if graph is not None else None
-        if layout is not None:
-            logits = graph(x, layout)[:n].float()
-            width = logits.shape[1]
-            rows = [[(name, b * width + lo, b * width + hi) for name, lo, hi in row if name in served.classes]
-                    for b, row in enumerate(layout.rows[:n])]
+        graphed = self._graph_pass(served, x, routes) if self.graphs and not any(wants) else None
+        if graphed is not None:
+            logits, rows = graphed
         else:
+            if self.holder.device.type == "cuda":
+                x = self._to_bucket(x)
+                routes = routes + [routes[-1]] * (len(x) - n)
             with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 full = served.net.forward_routed(x, routes, original=any(wants))
                 extra = agnostic.routed_answers(served, x, full, wants + [False] * (len(x) - n)) \
@@ -322,6 +288,28 @@ class Batcher:
         launched = self._copy_out(logits, bad, events, t0)
         launched.rows = rows
         return launched
+
+    def _graph_pass(self, served: Served, x: torch.Tensor,
+                    routes: list[list[str]]) -> tuple[torch.Tensor, list[list[tuple[str, int, int]]]] | None:
+        """The routed pass of ``x`` (the batch's good images) as a routed CUDA graph at its bucket: the logits and
+        each image's ``(task, start, end)`` in them; None where the graph cannot hold the routes (eager then). An
+        image asking for more than one graph row holds (two forks of one family) takes several rows
+        (:meth:`~continual_mem.routed_graph.RoutedGraph.split`), as many as ``max_batch`` allows."""
+        padded = self._to_bucket(x)
+        graph = self._routed_graph(served, padded)
+        split = graph.split(routes) if graph is not None else None
+        if split is None or len(split[0]) > self.max_batch:
+            return None
+        parts, origin = split
+        if len(parts) > len(x):  # (a pageable copy of the indices would wait for the pass in flight)
+            idx = torch.tensor(origin)
+            padded = self._to_bucket(x[idx.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else idx])
+            graph = self._routed_graph(served, padded)
+        layout = graph.layout(parts + [parts[-1]] * (len(padded) - len(parts)))
+        if layout is None:
+            return None
+        logits = graph(padded, layout)[:len(parts)].float()
+        return logits, answer_rows(layout.rows, origin, routes, logits.shape[1], served.classes)
 
     def _routed_graph(self, served: Served, x: torch.Tensor):
         """The routed CUDA graph of ``x``'s batch size (captured on first use), or None for a model without

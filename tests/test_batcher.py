@@ -17,7 +17,8 @@ pytest.importorskip("prometheus_client", reason="needs the serve extra: pip inst
 from PIL import Image  # noqa: E402
 
 from scenarios.decode import BadImage  # noqa: E402
-from serving.batcher import Answer, Batcher, bucket_for, routes_for  # noqa: E402
+from serving.batcher import Answer, Batcher  # noqa: E402
+from serving.routing import answer_rows, bucket_for, routes_for  # noqa: E402
 from serving.metrics import Metrics  # noqa: E402
 from test_device_decode import bogus_huffman  # noqa: E402
 
@@ -319,7 +320,7 @@ def test_warm_runs_one_blank_pass_per_graph_bucket(monkeypatch, device_decode):
 
 
 def test_warm_captures_only_routed_graphs_for_paged_or_large_models(monkeypatch):
-    from serving.batcher import WARM_EVERY_TASK_MAX, warm_every_task
+    from serving.routing import WARM_EVERY_TASK_MAX, warm_every_task
 
     assert warm_every_task(WARM_EVERY_TASK_MAX, paged=False) and not warm_every_task(WARM_EVERY_TASK_MAX + 1,
                                                                                       paged=False)
@@ -404,6 +405,43 @@ def test_routes_policy():
     assert routes_for([None, ("b",)], ["a", "b"]) == [["a", "b"], ["b"]]
     assert routes_for([("b", "x", "a"), ()], ["a", "b"]) == [["b", "a"], []]  # the asked order; unknown left out
     assert routes_for([None, None], ["a", "b"], route_all=True) == [["a", "b"], ["a", "b"]]  # paged tasks
+
+
+def test_answer_rows_policy():
+    # graph rows 0-1 hold image 0's parts, row 2 image 1's; answers in the asked order, unknown tasks left out
+    rows = [[("a", 0, 2), ("m", 4, 7)], [("b", 0, 3)], [("c", 0, 1)]]
+    got = answer_rows(rows, [0, 0, 1], [["b", "m", "a", "b"], ["c"]], 10, keep={"a", "b", "c"})
+    assert got == [[("b", 10, 13), ("a", 0, 2)], [("c", 20, 21)]]
+
+
+def test_an_image_naming_two_forks_of_a_family_stays_in_the_routed_graph(monkeypatch):
+    """Such an image runs as several graph rows (one fork each); its answers are each part's eager answers at the
+    bucket the rows fill, in the order it asked for them."""
+    from continual_mem.routed_graph import RoutedGraph
+    from helpers import images
+    from test_fork_batch import _model
+
+    model = _model()
+    x = images(model.backbone, n=3, seed=4)
+    srv = SimpleNamespace(net=model, version=1, classes={n: () for n in model.task_names}, graphs={}, paged=False,
+                          paged_tasks=frozenset(), agnostic=None)
+    b = Batcher(holder(srv), Metrics(), max_batch=8, max_wait_ms=1, amp=False)
+    b.graphs, sizes = True, []
+    monkeypatch.setattr(Batcher, "_routed_graph", lambda self, served, xx: sizes.append(len(xx)) or
+                        RoutedGraph(model, xx, capture=False))
+    routes = [["a", "b", "h", "m"], ["c"], ["b", "a"]]
+    got = b._finish(b._launch_routed(srv, x, routes, [None] * 3, None, 0.0, wants=[False] * 3))
+    assert sizes == [4, 8]  # three images, six rows: the bucket of eight
+    parts, origin = RoutedGraph(model, x, capture=False).split(routes)
+    wide = torch.cat([x[torch.tensor(origin)], x[[origin[-1]] * (8 - len(origin))]])
+    eager = model.forward_routed(wide, parts + [parts[-1]] * (8 - len(parts)))
+    assert [list(a) for a in got] == routes
+    for r, (i, part) in enumerate(zip(origin, parts)):
+        for name in part:
+            if name == "m":  # the grouped task: the graph's gathered head agrees to float tolerance
+                np.testing.assert_allclose(got[i][name], eager[r][name].numpy(), rtol=1e-4, atol=1e-5)
+            else:
+                assert np.array_equal(got[i][name], eager[r][name].numpy()), (i, name)
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -335,3 +335,33 @@ def test_the_row_kernel_reads_each_slot_in_place_agrees_and_follows_autocast(dev
         if name in report:
             assert report[name][0] == f"torch.{name}" and report[name][1] < 2e-2, report
 
+
+
+def test_a_row_asking_more_than_a_graph_row_holds_splits_into_rows_of_its_image():
+    """Two forks of a family in one row (a request naming several fine-tuned forks) become rows of the same image,
+    one fork each, so the pass stays in the graph; each part's answers are the eager routed pass's for that part
+    alone at the same batch size."""
+    from continual_mem.routed_graph import RoutedGraph
+    from test_routed import _four_grouped_tasks
+
+    model = _model()
+    pool = images(model.backbone, n=3, seed=5)
+    graph = RoutedGraph(model, pool, capture=False)
+    routes = [["a", "b", "m", "c", "h"], [], ["e", "b"]]
+    parts, origin = graph.split(routes)
+    assert parts == [["a", "m", "c"], ["b"], ["h"], [], ["e", "b"]] and origin == [0, 0, 0, 1, 2]
+    assert graph.split([["a"], ["nope"]]) is None  # neither grouped nor a batched fork: the eager pass
+    assert graph.split([["a"], ["e", "b"]]) == ([["a"], ["e", "b"]], [0, 1])  # what a row holds stays one row
+    x = pool[torch.tensor(origin)]
+    wide = RoutedGraph(model, x, capture=False)
+    layout = wide.layout(parts)
+    out, eager = wide(x, layout).clone(), model.forward_routed(x, parts)
+    for r, row in enumerate(layout.rows):
+        assert [name for name, _, _ in row] == parts[r]
+        for name, lo, hi in row:
+            if name == "m":
+                torch.testing.assert_close(out[r, lo:hi], eager[r][name], rtol=1e-4, atol=1e-5)
+            else:
+                assert torch.equal(out[r, lo:hi], eager[r][name]), (r, name)
+    grouped = RoutedGraph(_four_grouped_tasks(), images(make_backbone("tiny"), n=1), capture=False)
+    assert grouped.split([["a0", "a1", "b0", "a2"]]) == ([["a0", "a1", "b0"], ["a2"]], [0, 0])  # groups of two

@@ -332,6 +332,37 @@ def test_jpegs_are_decoded_by_nvjpeg_inside_the_pass_on_cuda(registry):
 
 
 
+@on_gpu
+def test_an_image_naming_several_forks_stays_in_the_routed_graph_on_cuda(tmp_path, monkeypatch):
+    """As served (nvJPEG, bf16, captured graphs): an image asking three forks of one family runs as three graph
+    rows, no eager pass, and each answer is what an image asking that fork alone gets at the same bucket."""
+    from continual_mem import MemoryViT
+    from registry_helpers import grow, new_registry
+    from serving.batcher import Batcher
+    from serving.holder import ModelHolder
+    from serving.metrics import Metrics
+    from test_device_decode import jpeg
+
+    reg, net = new_registry(tmp_path / "forks.db")
+    for i, name in enumerate(("f1", "f2", "f3")):
+        grow(reg, net, name, i + 1, fork_layers=2, fork_finetune=True)
+    grow(reg, net, "m", 4)
+    holder = ModelHolder(ServeSettings(registry=reg.url, device="cuda", poll_interval_s=0))
+    served = holder.current = holder.load()
+    b = Batcher(holder, Metrics(), max_batch=8, max_wait_ms=1, amp=True, device_decode=True)
+    b.warm(served)
+    eager = []
+    real = MemoryViT.forward_routed
+    monkeypatch.setattr(MemoryViT, "forward_routed", lambda *a, **k: eager.append(1) or real(*a, **k))
+    uploads = [jpeg(0), jpeg(1, (700, 200))]
+    got = b._forward(served, uploads, asked=[("f3", "m", "f1", "f2"), ("f2",)])
+    assert not eager and [list(a) for a in got] == [["f3", "m", "f1", "f2"], ["f2"]]
+    alone = b._forward(served, [uploads[0]] * 3 + [uploads[1]], asked=[("f3", "m"), ("f1",), ("f2",), ("f2",)])
+    for i, part in ((0, ("f3", "m")), (1, ("f1",)), (2, ("f2",)), (3, ("f2",))):
+        for name in part:
+            assert np.array_equal(got[0 if i < 3 else 1][name], alone[i][name]), (i, name)
+
+
 def test_task_agnostic_answers_are_the_library_s_and_need_every_task_s_statistics(tmp_path):
     """?task_agnostic=true: one answer over every task's classes, the same as class_stats.predict on eval's input;
     refused (409, one line, the fix) while a task has no statistics, and with tasks= (400)."""
