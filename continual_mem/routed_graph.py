@@ -162,15 +162,25 @@ class RoutedGraph:
             out_rows.append(row)
         return Layout(out_rows, slot_idx, head_idx, fork_idx)
 
-    def split(self, routes: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[int]] | None:
+    def split(self, routes: Sequence[Sequence[str]], *,
+              most: int | None = None) -> tuple[list[list[str]], list[int]] | None:
         """``routes`` as rows the graph holds (policy, pure): a row asking for two forks of one family, or more
         tasks of one shape than a group holds, becomes several rows of the same image, each with at most one fork
-        per family and one group per shape (the first with room, in the row's order). Returns the rows and the row each came
-        from; None when a task is neither grouped nor a batched fork. A row's answers are those of a row asking
-        for its part alone (rows never see each other), at the bucket the rows fill."""
+        per family and one group per shape (the first with room, in the row's order). Returns the rows and the row
+        each came from; None when a task is neither grouped nor a batched fork, or the rows would number more than
+        ``most``. A row's answers are those of a row asking for its part alone (rows never see each other), at the
+        bucket the rows fill."""
         slots = self.model.group_size
         rows: list[list[str]] = []
         origin: list[int] = []
+
+        def new_row(b: int) -> bool:
+            if most is not None and len(rows) == most:
+                return False
+            rows.append([])
+            origin.append(b)
+            return True
+
         for b, route in enumerate(routes):
             first = len(rows)
             seen: dict[tuple, int] = {}  # fork family or group shape -> the row's tasks of it so far
@@ -183,12 +193,11 @@ class RoutedGraph:
                 part = seen.get(kind, 0) // cap  # parts fill in order: the first with room
                 seen[kind] = seen.get(kind, 0) + 1
                 while first + part >= len(rows):
-                    rows.append([])
-                    origin.append(b)
+                    if not new_row(b):
+                        return None
                 rows[first + part].append(name)
-            if len(rows) == first:  # a row asking for nothing stays a row
-                rows.append([])
-                origin.append(b)
+            if len(rows) == first and not new_row(b):  # a row asking for nothing stays a row
+                return None
         return rows, origin
 
     def _fork_slots(self, routes: Sequence[Sequence[str]]) -> dict[str, int] | None:

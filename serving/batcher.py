@@ -297,8 +297,8 @@ class Batcher:
         (:meth:`~continual_mem.routed_graph.RoutedGraph.split`), as many as ``max_batch`` allows."""
         padded = self._to_bucket(x)
         graph = self._routed_graph(served, padded)
-        split = graph.split(routes) if graph is not None else None
-        if split is None or len(split[0]) > self.max_batch:
+        split = graph.split(routes, most=self.max_batch) if graph is not None else None
+        if split is None:
             return None
         parts, origin = split
         if len(parts) > len(x):  # (a pageable copy of the indices would wait for the pass in flight)

@@ -352,6 +352,8 @@ def test_a_row_asking_more_than_a_graph_row_holds_splits_into_rows_of_its_image(
     assert parts == [["a", "m", "c"], ["b"], ["h"], [], ["e", "b"]] and origin == [0, 0, 0, 1, 2]
     assert graph.split([["a"], ["nope"]]) is None  # neither grouped nor a batched fork: the eager pass
     assert graph.split([["a"], ["e", "b"]]) == ([["a"], ["e", "b"]], [0, 1])  # what a row holds stays one row
+    assert graph.split(routes, most=5) is not None and graph.split(routes, most=4) is None  # past max_batch
+    assert graph.split([[], []], most=1) is None
     x = pool[torch.tensor(origin)]
     wide = RoutedGraph(model, x, capture=False)
     layout = wide.layout(parts)
