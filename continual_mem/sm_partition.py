@@ -10,8 +10,8 @@ beside an MLP loop (``dev/diag_green_decode.py``), and training from the compact
 docs/data_at_scale.md). The step's arithmetic is the same on fewer SMs (bit-equal weights, ``tests``).
 
 ``fit`` holds them for a source that decodes on the GPU, ``evaluate`` for a pass that does (kept evaluation
-batches need no decoder); the server only when asked (``serve --decoder-sms N``: not shown to help there yet). One place decides the number (:func:`decoder_sms`); :func:`partition` runs a block on the
-rest; :func:`side_stream`
+batches need no decoder); the server only when asked (``serve --decoder-sms N``: not shown to help there yet). One
+place decides the number (:func:`decoder_sms`); :func:`partition` runs a block on the rest; :func:`side_stream`
 gives graph capture and warm-up a stream on the same SMs (a graph captured on a stream of the full device would
 replay there).
 """

@@ -260,13 +260,12 @@ class Batcher:
         answers into pinned host memory. Task-agnostic asks (``wants``) take the eager pass (the graph has no
         backbone features)."""
         n = len(x)
-        graphed = self._graph_pass(served, x, routes) if self.graphs and not any(wants) else None
+        padded = self._to_bucket(x) if self.holder.device.type == "cuda" else x
+        graphed = self._graph_pass(served, x, padded, routes) if self.graphs and not any(wants) else None
         if graphed is not None:
             logits, rows = graphed
         else:
-            if self.holder.device.type == "cuda":
-                x = self._to_bucket(x)
-                routes = routes + [routes[-1]] * (len(x) - n)
+            x, routes = padded, routes + [routes[-1]] * (len(padded) - n)
             with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 full = served.net.forward_routed(x, routes, original=any(wants))
                 extra = agnostic.routed_answers(served, x, full, wants + [False] * (len(x) - n)) \
@@ -289,13 +288,12 @@ class Batcher:
         launched.rows = rows
         return launched
 
-    def _graph_pass(self, served: Served, x: torch.Tensor,
+    def _graph_pass(self, served: Served, x: torch.Tensor, padded: torch.Tensor,
                     routes: list[list[str]]) -> tuple[torch.Tensor, list[list[tuple[str, int, int]]]] | None:
-        """The routed pass of ``x`` (the batch's good images) as a routed CUDA graph at its bucket: the logits and
-        each image's ``(task, start, end)`` in them; None where the graph cannot hold the routes (eager then). An
-        image asking for more than one graph row holds (two forks of one family) takes several rows
-        (:meth:`~continual_mem.routed_graph.RoutedGraph.split`), as many as ``max_batch`` allows."""
-        padded = self._to_bucket(x)
+        """The routed pass of ``x`` (the batch's good images; ``padded`` to its bucket) as a routed CUDA graph:
+        the logits and each image's ``(task, start, end)`` in them; None where the graph cannot hold the routes
+        (eager then). An image asking for more than one graph row holds (two forks of one family) takes several
+        rows (:meth:`~continual_mem.routed_graph.RoutedGraph.split`), as many as ``max_batch`` allows."""
         graph = self._routed_graph(served, padded)
         split = graph.split(routes, most=self.max_batch) if graph is not None else None
         if split is None:

@@ -431,7 +431,7 @@ def test_an_image_naming_two_forks_of_a_family_stays_in_the_routed_graph(monkeyp
                         RoutedGraph(model, xx, capture=False))
     routes = [["a", "b", "h", "m"], ["c"], ["b", "a"]]
     got = b._finish(b._launch_routed(srv, x, routes, [None] * 3, None, 0.0, wants=[False] * 3))
-    assert sizes == [4, 8]  # three images, six rows: the bucket of eight
+    assert sizes[-1] == 8  # three images, six rows: the graph of the bucket of eight
     parts, origin = RoutedGraph(model, x, capture=False).split(routes)
     wide = torch.cat([x[torch.tensor(origin)], x[[origin[-1]] * (8 - len(origin))]])
     eager = model.forward_routed(wide, parts + [parts[-1]] * (8 - len(parts)))
