@@ -119,6 +119,7 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
     from concurrent.futures import ProcessPoolExecutor
 
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     from registry import Registry
 
@@ -203,8 +204,11 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             await adder
             swapped_after = await every_worker_swapped(c)  # the bit check below must see the new model
         health = (await c.get(f"{url}/health")).json()
-        metrics = {line.split()[0]: float(line.split()[1]) for line in (await c.get(f"{url}/metrics")).text.splitlines()
+        text = (await c.get(f"{url}/metrics")).text
+        metrics = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
                    if line.startswith("continual_mem_") and " " in line and "{" not in line}
+        routed = {s.labels.get("path"): s.value for family in text_string_to_metric_families(text)
+                  if family.name == "continual_mem_routed_passes" for s in family.samples if s.name.endswith("_total")}
         alone_after = (await send_probe(c)).json()
     # the load's own span, from the first client's first request to the last one's answer (the processes'
     # start-up is not the server's time); clients_waiting: the share of that span the connections spent waiting
@@ -252,6 +256,8 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             "add_landed_during_load": bool(added) and added["version"] in versions,
             "all_workers_swapped_s_after_add": swapped_after,
             "swaps": health["swaps"], "passes": health["passes"], "probes": len(probes),
+            # routed passes that ran eagerly instead of replaying a graph (serving.metrics: routed_passes)
+            "routed_passes_eager": routed.get("eager", 0.0), "routed_passes_graph": routed.get("graph", 0.0),
             # where a pass's time goes (see serving.metrics): wall, its thread's share, the GPU's share; decoding
             # per upload; how late the event loop's timers fire
             **{f"mean_{key}_ms": _mean_ms(metrics, f"continual_mem_{name}_seconds") for key, name in (

@@ -208,17 +208,17 @@ class Batcher:
             canvas, hw = pad_batch(images, pin=cuda)
             x, _ = served.stage(canvas, hw, torch.zeros(len(images), dtype=torch.int64), train=False)
         with partition(self.holder.device, self.decoder_sms):
-            return self._pass(served, x, bad, asked, events, t0)
+            return self._pass(served, x, bad, asked, events, t0, observe=observe)
 
     def _pass(self, served: Served, x: torch.Tensor, bad: list, asked: list[tuple[str, ...] | None] | None,
-              events: list | None, t0: float) -> _Launched:
+              events: list | None, t0: float, *, observe: bool) -> _Launched:
         """The launch's model pass on the decoded batch ``x`` (the good images) and the copy of its answers."""
         good = [a for a, why in zip(asked or [None] * len(bad), bad) if why is None]
         good, wants = agnostic.split(good)  # task-agnostic asks: the backbone alone, and one answer over all tasks
         wants = wants if served.agnostic is not None else [False] * len(wants)
         routes = routes_for(good, served.net.task_names, route_all=served.paged)
         if routes is not None:
-            return self._launch_routed(served, x, routes, bad, events, t0, wants=wants)
+            return self._launch_routed(served, x, routes, bad, events, t0, wants=wants, observe=observe)
         if not served.classes:  # a model without tasks: every image gets an empty answer, no pass
             launched = self._copy_out(x.new_zeros(len(x), 0, dtype=torch.float32), bad, None, t0)
             launched.columns = []
@@ -253,7 +253,7 @@ class Batcher:
         return x if bucket == len(x) else torch.cat([x, x[-1:].expand(bucket - len(x), *x.shape[1:])])
 
     def _launch_routed(self, served: Served, x: torch.Tensor, routes: list[list[str]], bad: list,
-                       events: list | None, t0: float, *, wants: list[bool]) -> _Launched:
+                       events: list | None, t0: float, *, wants: list[bool], observe: bool) -> _Launched:
         """A routed pass (each image only its tasks) at ``x``'s bucket on CUDA (rows padded with copies of the
         last image, so an image meets the same kernels whatever shares its bucket): the bucket's routed CUDA graph
         when the routes fit it (:class:`~continual_mem.routed_graph.RoutedGraph`), else eager; one copy of the
@@ -262,6 +262,8 @@ class Batcher:
         n = len(x)
         padded = self._to_bucket(x) if self.holder.device.type == "cuda" else x
         graphed = self._graph_pass(served, x, padded, routes) if self.graphs and not any(wants) else None
+        if observe:  # a pass that leaves the graph costs the host a few hundred launches: worth seeing
+            self.metrics.routed_passes.labels(path="eager" if graphed is None else "graph").inc()
         if graphed is not None:
             logits, rows = graphed
         else:

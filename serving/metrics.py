@@ -43,6 +43,9 @@ class Metrics:
         self.queue_depth = Gauge("continual_mem_queue_depth", "images waiting for a pass", registry=r,
                                  multiprocess_mode="livesum")
         self.images = Counter("continual_mem_task_images", "images answered per task", ["task"], registry=r)
+        self.routed_passes = Counter("continual_mem_routed_passes", "routed passes by where they ran: the bucket's "
+                                     "CUDA graph, or eager (the CPU, task-agnostic asks, tasks no graph holds, more "
+                                     "rows than max_batch)", ["path"], registry=r)
         self.version = self.swaps = None
         if not owns_model:
             return

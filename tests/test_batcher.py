@@ -387,6 +387,12 @@ def test_images_that_name_their_tasks_get_a_routed_pass_with_only_those(overlap)
             for task, row in answer.logits.items():
                 assert row.dtype == np.float32 and row.tolist() == expected(v)[task], (task, v)
     assert h.current.net.routed == [want[0], want[2]] and h.current.net.calls == [3, 2, 2]
+    assert routed_passes(b) == {"eager": 2}  # the CPU has no graphs; the all-task pass is not a routed one
+
+
+def routed_passes(b) -> dict[str, float]:
+    (family,) = b.metrics.routed_passes.collect()
+    return {s.labels["path"]: s.value for s in family.samples if s.name.endswith("_total")}
 
 
 def test_a_routed_pass_hands_undecodable_images_their_error():
@@ -430,8 +436,9 @@ def test_an_image_naming_two_forks_of_a_family_stays_in_the_routed_graph(monkeyp
     monkeypatch.setattr(Batcher, "_routed_graph", lambda self, served, xx: sizes.append(len(xx)) or
                         RoutedGraph(model, xx, capture=False))
     routes = [["a", "b", "h", "m"], ["c"], ["b", "a"]]
-    got = b._finish(b._launch_routed(srv, x, routes, [None] * 3, None, 0.0, wants=[False] * 3))
-    assert sizes[-1] == 8  # three images, six rows: the graph of the bucket of eight
+    b._launch_routed(srv, x, routes, [None] * 3, None, 0.0, wants=[False] * 3, observe=False)  # a warm-up's
+    got = b._finish(b._launch_routed(srv, x, routes, [None] * 3, None, 0.0, wants=[False] * 3, observe=True))
+    assert sizes[-1] == 8 and routed_passes(b) == {"graph": 1}  # three images, six rows: the graph of eight
     parts, origin = RoutedGraph(model, x, capture=False).split(routes)
     wide = torch.cat([x[torch.tensor(origin)], x[[origin[-1]] * (8 - len(origin))]])
     eager = model.forward_routed(wide, parts + [parts[-1]] * (8 - len(parts)))
