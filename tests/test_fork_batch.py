@@ -365,5 +365,15 @@ def test_a_row_asking_more_than_a_graph_row_holds_splits_into_rows_of_its_image(
                 torch.testing.assert_close(out[r, lo:hi], eager[r][name], rtol=1e-4, atol=1e-5)
             else:
                 assert torch.equal(out[r, lo:hi], eager[r][name]), (r, name)
-    grouped = RoutedGraph(_four_grouped_tasks(), images(make_backbone("tiny"), n=1), capture=False)
-    assert grouped.split([["a0", "a1", "b0", "a2"]]) == ([["a0", "a1", "b0"], ["a2"]], [0, 0])  # groups of two
+    four = _four_grouped_tasks()
+    one = images(four.backbone, n=1, seed=6)
+    parts, origin = RoutedGraph(four, one, capture=False).split([["a0", "a1", "b0", "a2"]])
+    assert (parts, origin) == ([["a0", "a1", "b0"], ["a2"]], [0, 0])  # groups of two: a2 in a row of its own
+    x = one[[0, 0]]
+    grouped = RoutedGraph(four, x, capture=False)
+    layout = grouped.layout(parts)
+    out, eager = grouped(x, layout).clone(), four.forward_routed(x, parts)
+    for r, row in enumerate(layout.rows):
+        assert [name for name, _, _ in row] == parts[r]
+        for name, lo, hi in row:
+            torch.testing.assert_close(out[r, lo:hi], eager[r][name], rtol=1e-4, atol=1e-5)
