@@ -31,23 +31,31 @@ from load_clients import client_in_worker, free_port, init_sent, shares, start_c
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_registry(path: Path, args, k: int) -> None:
-    """A registry holding a random-weight backbone and ``k`` masked-memory tasks with non-trivial parameters."""
+def build_model(args, k: int):
+    """The served model: a random-weight ``args.model`` backbone (seed 0) and ``k`` tasks of 100 classes with
+    non-trivial parameters (masked memory, or fine-tuned forks of the last ``args.fork_layers`` blocks); K = 0: one
+    linear head, the served baseline (the server answers tasks only)."""
     import timm
 
-    from continual_mem import MemoryViT, export_task_bytes
-    from registry import Registry
+    from continual_mem import MemoryViT
 
-    kwargs = {"img_size": args.img_size, "num_classes": 0}
     torch.manual_seed(0)
-    bb = timm.create_model(args.model, **kwargs).eval()
-    reg = Registry(path)
-    reg.create_model(bb, timm_name=args.model, model_kwargs=kwargs)
-    net = MemoryViT(bb)
+    net = MemoryViT(timm.create_model(args.model, img_size=args.img_size, num_classes=0).eval())
     for i in range(k):
         _new_task(net, f"task{i}", seed=i, memory=args.memory, fork_layers=args.fork_layers)
-    if not k:  # K = 0: the served baseline, the backbone and one linear head (the server answers tasks only)
+    if not k:
         net.add_task("task0", 100, regime="head")
+    return net
+
+
+def build_registry(path: Path, args, k: int) -> None:
+    """A registry holding :func:`build_model`'s model."""
+    from continual_mem import export_task_bytes
+    from registry import Registry
+
+    net = build_model(args, k)
+    reg = Registry(path)
+    reg.create_model(net.backbone, timm_name=args.model, model_kwargs={"img_size": args.img_size, "num_classes": 0})
     reg.import_bundles([export_task_bytes(net, n) for n in net.task_names])  # one change, one verification
 
 

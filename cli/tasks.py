@@ -129,9 +129,9 @@ def add_task(
                                                      "--batch-size stays the global batch")] = 1,
     pipeline: PipelineOpt = DEFAULT.pipeline,
     decoder: DecoderOpt = DEFAULT.decoder,
-    decoder_sms: Annotated[int | None, typer.Option(min=0, help="SMs held back from training for a GPU JPEG decoder "
-                                                            "[default: 8 when JPEGs are decoded on the GPU, else 0]")] = \
-        DEFAULT.decoder_sms,
+    decoder_sms: Annotated[int | None, typer.Option(
+        min=0, help="SMs held back from training for a GPU JPEG decoder [default: 8 when JPEGs are decoded on the "
+                    "GPU, else 0]")] = DEFAULT.decoder_sms,
     on_bad_image: OnBadOpt = DEFAULT.on_bad_image,
     cache_dir: CacheOpt = None,
     as_json: JsonOpt = False,

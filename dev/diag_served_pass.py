@@ -20,10 +20,10 @@ import types
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import serving.batcher as batcher_module  # noqa: E402
 from continual_mem import MemoryViT, fork_batch  # noqa: E402
@@ -35,6 +35,7 @@ from scenarios.synthetic import photo  # noqa: E402
 from serving.batcher import Batcher  # noqa: E402
 from serving.holder import Served  # noqa: E402
 from serving.metrics import Metrics  # noqa: E402
+from serve_load import build_model  # noqa: E402  (the model serve_load serves)
 
 PHASES = collections.defaultdict(list)  # phase -> host seconds per call
 
@@ -53,22 +54,6 @@ def _timed(owner, name: str, phase: str) -> None:
     setattr(owner, name, wrapper)
 
 
-def _model(args, k: int) -> MemoryViT:
-    """As ``benchmarks/serve_load.py`` builds them: K forks with perturbed weights, or (K = 0) one linear head."""
-    torch.manual_seed(0)
-    bb = timm.create_model(args.model, img_size=args.img_size, num_classes=0).eval()
-    net = MemoryViT(bb)
-    for i in range(k):
-        g = torch.Generator().manual_seed(i)
-        task = net.add_task(f"task{i}", 100, memory=5, fork_layers=args.fork_layers, fork_finetune=True)
-        with torch.no_grad():
-            for p in task.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    if not k:
-        net.add_task("task0", 100, regime="head")
-    return fork_batch.place(net.eval(), args.device)
-
-
 def _served(net: MemoryViT, device: torch.device) -> Served:
     pre = Preprocess.for_backbone(net.backbone, "inception")
     return Served(net, 1, DeviceStage(pre, device), {n: net.tasks[n].config.class_labels for n in net.task_names},
@@ -78,7 +63,7 @@ def _served(net: MemoryViT, device: torch.device) -> Served:
 def run(args, k: int) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    served = _served(_model(args, k), device)
+    served = _served(fork_batch.place(build_model(args, k).eval(), device), device)
     holder = types.SimpleNamespace(device=device, cpu_turns=contextlib.nullcontext(), current=served)
     b = Batcher(holder, Metrics(), max_batch=64, max_wait_ms=1, amp=cuda, device_decode=True, overlap=True,
                 decoder_sms=args.decoder_sms)
@@ -135,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=100)
     p.add_argument("--fork-layers", type=int, default=2)
+    p.add_argument("--memory", type=int, default=5, help="memory tokens per layer (as serve_load's default)")
     p.add_argument("--rows", type=int, default=20, help="images per pass (the served passes had ~20)")
     p.add_argument("--passes", type=int, default=200)
     p.add_argument("--decoder-sms", type=int, default=0)

@@ -9,8 +9,8 @@ source whose decoder is :attr:`JpegBatchDecoder.on_device`, :mod:`continual_mem.
 images can instead go to libjpeg-turbo in host threads (torchvision's CPU decoder releases the interpreter): which
 ones (:func:`on_host`, policy, pure) depends on each image's id and the share alone, so its pixels do not depend on
 timing, batch or rank; ``share=None`` balances each batch by the rates both parts have shown (:func:`host_share`).
-On the H200 host (16 cores) every share above 0 was slower, so the default is nvJPEG alone. nvImageCodec, tried on a stream of the highest priority, was slower
-still (12,800 images/s alone) and is not used.
+On the H200 host (16 cores) every share above 0 was slower, so the default is nvJPEG alone. nvImageCodec, tried on
+a stream of the highest priority, was slower still (12,800 images/s alone) and is not used.
 """
 from __future__ import annotations
 
