@@ -115,5 +115,5 @@ class ServeSettings:
         :func:`continual_mem.sm_partition.decoder_sms` (an impossible request is a ``ValueError`` naming the fix)."""
         from continual_mem.sm_partition import decoder_sms
 
-        return decoder_sms(self.decoder_sms, gpu_decoding=self.device_decode and self.device.startswith("cuda"),
-                           sm_count=sm_count)
+        # an explicit count (the server's default is 0, not the policy's choice): checked, never chosen
+        return decoder_sms(self.decoder_sms, gpu_decoding=False, sm_count=sm_count)

@@ -1,5 +1,5 @@
 """SMs the served pass leaves to nvJPEG (``serve --decoder-sms``, continual_mem.sm_partition): the policy, that every
-pass (and every graph capture) runs inside the batcher's partition, and on a GPU the same bits on fewer SMs."""
+pass runs inside the batcher's partition, and on a GPU the same bits on fewer SMs (graphs captured there)."""
 import contextlib
 import sys
 from pathlib import Path
@@ -31,7 +31,7 @@ def test_the_server_holds_sms_back_only_when_its_pass_decodes_on_a_gpu():
         ServeSettings(registry="x.db", decoder_sms=-1)
 
 
-def test_every_pass_and_capture_runs_on_the_batcher_s_partition(tmp_path, monkeypatch):
+def test_every_pass_runs_on_the_batcher_s_partition(tmp_path, monkeypatch):
     """The engine gives the batcher the settings' answer, and each pass, all-task or routed, runs inside
     :func:`~continual_mem.sm_partition.partition` with it (on the CPU it holds nothing back)."""
     import serving.batcher as batcher_module
