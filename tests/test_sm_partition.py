@@ -58,9 +58,8 @@ class Decoding:
         return self.inner.eval_batches(batch_size)
 
 
-@pytest.mark.parametrize("gpu, requested, expected", [(True, None, (8, False)), (False, None, (0, False)),
-                                                      (False, 3, (3, True)), (True, 0, (0, True))])
-def test_fit_holds_sms_back_for_a_source_decoding_on_the_gpu(monkeypatch, gpu, requested, expected):
+def held_back(monkeypatch) -> list[tuple[int, bool]]:
+    """``train``'s partitions recorded instead of entered, as (SMs held back, required), on a 132-SM GPU."""
     seen = []
 
     @contextlib.contextmanager
@@ -70,6 +69,13 @@ def test_fit_holds_sms_back_for_a_source_decoding_on_the_gpu(monkeypatch, gpu, r
 
     monkeypatch.setattr(train, "sm_count", lambda device: 132)  # as on an H200
     monkeypatch.setattr(train, "partition", recording)
+    return seen
+
+
+@pytest.mark.parametrize("gpu, requested, expected", [(True, None, (8, False)), (False, None, (0, False)),
+                                                      (False, 3, (3, True)), (True, 0, (0, True))])
+def test_fit_holds_sms_back_for_a_source_decoding_on_the_gpu(monkeypatch, gpu, requested, expected):
+    seen = held_back(monkeypatch)
     model = MemoryViT(make_backbone("tiny"))
     model.add_task("quad", 4, memory=2)
     fit(model, "quad", Decoding(DeviceImages(quadrant_data(32, 0), PRE), gpu), None,
@@ -109,15 +115,7 @@ def test_training_on_held_back_sms_is_the_same_arithmetic():
 
 @pytest.mark.parametrize("decoding, expected", [(True, 8), (False, 0)])
 def test_evaluate_holds_sms_back_only_for_a_pass_that_decodes_on_the_gpu(monkeypatch, decoding, expected):
-    seen, asked = [], []
-
-    @contextlib.contextmanager
-    def recording(device, reserve, *, required=True):
-        seen.append((reserve, required))
-        yield 0
-
-    monkeypatch.setattr(train, "sm_count", lambda device: 132)
-    monkeypatch.setattr(train, "partition", recording)
+    seen, asked = held_back(monkeypatch), []
     model = MemoryViT(make_backbone("tiny"))
     model.add_task("quad", 4, memory=2)
     source = DeviceImages(quadrant_data(16, 0), PRE)
