@@ -5,10 +5,12 @@ GIL (``docs/many_tasks.md``). Here a routed pass over every grouped task of the 
 size: the backbone, then for each group shape one routed group whose slot assignment is an input tensor, and for
 each (slot, head width) one gathered head product over every row; then each family of fine-tuned late forks
 (:mod:`continual_mem.fork_batch`) over every row, each row reading its task's weights from the family's slot store
-(slot 0, the empty one, for rows that ask none of them). A call pages the forks it needs into their slots, writes
-the images and the indices into the captured inputs and replays; the host only builds the indices
-(:meth:`RoutedGraph.layout`). The eager routed pass of forks launches ~650 kernels at ~70 us of host time each
-(H200 host, ``dev/diag_fork_pass.py``): a served pass of forks was bound by its launches, not the GPU.
+(slot 0, the empty one, for rows that ask none of them); then each linear-head task's head on every row's pooled
+backbone features, as the eager routed pass runs it (a served backbone with one head is a graph too). A call pages
+the forks it needs into their slots, writes the images and the indices into the captured inputs and replays; the
+host only builds the indices (:meth:`RoutedGraph.layout`). The eager routed pass of forks launches ~650 kernels at
+~70 us of host time each (H200 host, ``dev/diag_fork_pass.py``): a served pass of forks was bound by its launches,
+not the GPU.
 
 The graph runs the eager routed pass's kernels on the same shapes, so its answers are the eager routed pass's at
 that batch size; like it, a row's answer never depends on the other rows or tasks. It holds the model's gather
@@ -46,8 +48,8 @@ class RoutedGraph:
     for any routes those tasks fit (:meth:`layout`).
 
     Args:
-        model: The model, on a CUDA device, in eval mode, with a grouped (concatenation-mode token) task or a
-            batched fork (:meth:`routable`).
+        model: The model, on a CUDA device, in eval mode, with a grouped (concatenation-mode token) task, a
+            batched fork or a linear-head task (:meth:`routable`).
         example: An input of the batch size and dtype that will be used.
         autocast_dtype: Run under ``torch.autocast`` with this dtype, or None.
         warmup: Eager warm-up passes before capture (kernel selection, Triton compilation).
@@ -61,7 +63,8 @@ class RoutedGraph:
             raise ValueError("CUDA graphs need the model and input on a CUDA device")
         self.model, self.autocast_dtype = model.eval(), autocast_dtype
         if not self.routable(model):
-            raise ValueError("the model has no grouped task or batched fork to route; use the eager routed pass")
+            raise ValueError("the model has no grouped task, batched fork or head task to route; use the eager "
+                             "routed pass")
         groups = shape_groups(model)
         batch, slots, dev = example.shape[0], model.group_size, example.device
         with self._context():
@@ -85,6 +88,10 @@ class RoutedGraph:
         for key, st in self.stores.items():
             self.columns[key] = at
             at += st.views()["head.weight"].shape[1]
+        self.heads = dict.fromkeys(head_tasks(model))  # on every row: the eager routed pass's shapes and bits
+        for name in self.heads:
+            self.columns[name] = at
+            at += model.tasks[name].config.num_classes
         self.static_x = example.clone()
         self.static_slots = {shape: torch.zeros(batch, slots, dtype=torch.int64, device=dev) for shape in self.tables}
         self.static_heads = {key: torch.zeros(batch, dtype=torch.int64, device=dev) for key in self.keys}
@@ -108,13 +115,14 @@ class RoutedGraph:
 
     @staticmethod
     def routable(model: MemoryViT) -> bool:
-        """Whether a routed graph of ``model`` would hold any task (a grouped one or a batched fork)."""
-        return bool(shape_groups(model)) or bool(fork_batch.families(model))
+        """Whether a routed graph of ``model`` would hold any task (a grouped one, a batched fork or a head)."""
+        return bool(shape_groups(model)) or bool(fork_batch.families(model)) or bool(head_tasks(model))
 
     def _pass(self) -> torch.Tensor:
-        """Every grouped task's routed group, every (slot, width) head product and every fork family's rows:
-        ``(B, columns)``."""
-        plan = make_plan(self.model, [*self.shape_of, *self.fork_of], original=False, device=self.static_x.device)
+        """Every grouped task's routed group, every (slot, width) head product, every fork family's rows and every
+        head task's head: ``(B, columns)``."""
+        plan = make_plan(self.model, [*self.shape_of, *self.fork_of, *self.heads], original=False,
+                         device=self.static_x.device)
         state = PassState(self.static_x, replace(plan.paths, stacked=False))
         backbone_pass(self.model, plan, state, original=False)
         pooled = {shape: routed_pooled(self.model, t, self.static_slots[shape], state)
@@ -123,12 +131,13 @@ class RoutedGraph:
                for shape, s, w in self.keys]
         out += [fork_batch.run(self.model, self.likes[key], self.stores[key].views(), self.static_forks[key], state)
                 for key in self.families]
+        out += [self.model.tasks[name].head(state.pre_logits) for name in self.heads]
         return torch.cat(out, dim=1)
 
     def layout(self, routes: Sequence[Sequence[str]]) -> Layout | None:
         """Where ``routes``' answers will be, and the indices that put them there; None if the graph cannot
-        serve them (a task neither grouped nor a batched fork, a row asking for more tasks of one shape than a
-        group holds or for two forks of one family, or more forks of a family than its store's slots): use the
+        serve them (a task neither grouped nor a batched fork nor a head, a row asking for more tasks of one shape
+        than a group holds or for two forks of one family, or more forks of a family than its store's slots): use the
         eager routed pass then. Pages the forks asked for into their slots (the replay waits for the copies)."""
         slots = self.model.group_size
         forks = self._fork_slots(routes)
@@ -142,6 +151,10 @@ class RoutedGraph:
             used: dict[tuple, int] = {}
             row = []
             for name in route:
+                if name in self.heads:
+                    lo = self.columns[name]
+                    row.append((name, lo, lo + self.model.tasks[name].config.num_classes))
+                    continue
                 key = self.fork_of.get(name)
                 if key is not None:
                     fork_idx[key][b] = forks[name]
@@ -166,10 +179,10 @@ class RoutedGraph:
               most: int | None = None) -> tuple[list[list[str]], list[int]] | None:
         """``routes`` as rows the graph holds (policy, pure): a row asking for two forks of one family, or more
         tasks of one shape than a group holds, becomes several rows of the same image, each with at most one fork
-        per family and one group per shape (the first with room, in the row's order). Returns the rows and the row
-        each came from; None when a task is neither grouped nor a batched fork, or the rows would number more than
-        ``most``. A row's answers are those of a row asking for its part alone (rows never see each other), at the
-        bucket the rows fill."""
+        per family and one group per shape (the first with room, in the row's order; heads in the first). Returns
+        the rows and the row each came from; None when a task is neither grouped nor a batched fork nor a head, or
+        the rows would number more than ``most``. A row's answers are those of a row asking for its part alone (rows
+        never see each other), at the bucket the rows fill."""
         slots = self.model.group_size
         rows: list[list[str]] = []
         origin: list[int] = []
@@ -188,9 +201,9 @@ class RoutedGraph:
                 kind, cap = self.fork_of.get(name), 1
                 if kind is None:
                     kind, cap = self.shape_of.get(name), slots
-                    if kind is None:
+                    if kind is None and name not in self.heads:
                         return None
-                part = seen.get(kind, 0) // cap  # parts fill in order: the first with room
+                part = 0 if kind is None else seen.get(kind, 0) // cap  # the first part with room
                 seen[kind] = seen.get(kind, 0) + 1
                 while first + part >= len(rows):
                     if not new_row(b):
@@ -233,8 +246,8 @@ class RoutedGraph:
         host = [torch.tensor(layout.slots[shape], dtype=torch.int64) for shape in self.tables]
         host += [torch.tensor(layout.heads[key], dtype=torch.int64) for key in self.keys]
         host += [torch.tensor(layout.forks[key], dtype=torch.int64) for key in self.families]
-        flat = torch.cat([h.view(-1) for h in host])
-        if x.device.type == "cuda":
+        flat = torch.cat([h.view(-1) for h in host]) if host else torch.empty(0, dtype=torch.int64)  # heads only
+        if x.device.type == "cuda" and host:
             flat = flat.pin_memory().to(x.device, non_blocking=True)
         at = 0
         for dst in [*self.static_slots.values(), *self.static_heads.values(), *self.static_forks.values()]:
@@ -246,3 +259,8 @@ class RoutedGraph:
                 return self._pass()
         self.graph.replay()
         return self.static_out
+
+
+def head_tasks(model: MemoryViT) -> list[str]:
+    """The model's linear-head tasks (the ``head`` path), in its order."""
+    return [name for name in model.task_names if model.tasks[name].config.spec.path == "head"]

@@ -172,7 +172,7 @@ def test_a_model_of_forks_alone_is_routable():
     plain = MemoryViT(make_backbone("dinov2"))
     plain.add_task("p", 3, memory=2, fork_layers=2)  # a plain fork: per-task tiles, not in a graph
     assert not RoutedGraph.routable(plain)
-    with pytest.raises(ValueError, match="no grouped task or batched fork"):
+    with pytest.raises(ValueError, match="no grouped task, batched fork or head task"):
         RoutedGraph(plain, images(plain.backbone, n=2), capture=False)
 
 

@@ -288,7 +288,7 @@ def test_a_routed_graph_replays_the_eager_routed_pass():
     rng = random.Random(2)
     for _ in range(4):
         picks = rng.sample(range(8), 4)
-        routes = [rng.sample(grouped, rng.randint(0, 2)) for _ in range(4)]
+        routes = [rng.sample(grouped, rng.randint(0, 2)) + ["h"] * rng.randint(0, 1) for _ in range(4)]
         layout = graph.layout(routes)
         out = graph(pool[picks], layout).clone()
         eager = model.forward_routed(pool[picks], routes)
@@ -303,6 +303,39 @@ def test_a_routed_graph_replays_the_eager_routed_pass():
     model.cuda()
     with pytest.raises(RuntimeError, match="changed since capture"):
         graph(pool[:4], graph.layout([[], [], [], []]))
+
+
+def test_a_routed_graph_holds_head_tasks_with_the_eager_pass_s_bits(net):
+    """A linear-head task is in the graph (each head on every row, the eager routed pass's shapes): its answer is
+    the eager pass's bit for bit beside grouped tasks and forks, a row may ask any number of heads without a split,
+    and a backbone with one head (the served baseline) replays a graph too."""
+    from continual_mem.routed_graph import RoutedGraph, head_tasks
+
+    pool = images(net.backbone, n=4, seed=11)
+    graph = RoutedGraph(net, pool, capture=False)
+    assert list(graph.heads) == ["h"] == head_tasks(net)
+    routes = [["h", "a0"], ["ff", "h"], [], ["b0", "h", "a1"]]
+    assert graph.split(routes) == (routes, [0, 1, 2, 3])
+    layout = graph.layout(routes)
+    out, eager = graph(pool, layout), net.forward_routed(pool, routes)
+    for b, row in enumerate(layout.rows):
+        assert [name for name, _, _ in row] == routes[b]
+        for name, lo, hi in row:
+            if name == "h":
+                assert torch.equal(out[b, lo:hi], eager[b]["h"]), b
+            else:
+                torch.testing.assert_close(out[b, lo:hi], eager[b][name], rtol=1e-4, atol=1e-5)
+    assert graph.layout([["f"], [], [], []]) is None and graph.split([["f"]]) is None  # a plain fork: eager
+    torch.manual_seed(0)
+    one = MemoryViT(make_backbone("tiny"))
+    perturb(one.add_task("only", 5, regime="head"), seed=3)
+    one.eval()
+    assert RoutedGraph.routable(one)
+    x = images(one.backbone, n=3, seed=12)
+    graph = RoutedGraph(one, x, capture=False)
+    out = graph(x, graph.layout([["only"]] * 3))
+    with torch.no_grad():
+        assert torch.equal(out, one(x)["only"])
 
 
 def test_a_graph_s_model_stamp_sees_every_change():
