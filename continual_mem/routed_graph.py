@@ -261,6 +261,12 @@ class RoutedGraph:
         return self.static_out
 
 
+GRAPH_HEADS = 16  # past this many head tasks, heads stay on the eager pass: each adds a product and columns to a replay
+
+
 def head_tasks(model: MemoryViT) -> list[str]:
-    """The model's linear-head tasks (the ``head`` path), in its order."""
-    return [name for name in model.task_names if model.tasks[name].config.spec.path == "head"]
+    """The linear-head tasks (the ``head`` path) a routed graph of ``model`` holds, in its order (policy, pure): all
+    of them up to :data:`GRAPH_HEADS`, else none (every head runs on every row of a replay and adds its columns to
+    the output copied back, a cost that would grow with the task count; rows asking for them take the eager pass)."""
+    heads = [name for name in model.task_names if model.tasks[name].config.spec.path == "head"]
+    return heads if len(heads) <= GRAPH_HEADS else []

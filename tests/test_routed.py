@@ -309,7 +309,7 @@ def test_a_routed_graph_holds_head_tasks_with_the_eager_pass_s_bits(net):
     """A linear-head task is in the graph (each head on every row, the eager routed pass's shapes): its answer is
     the eager pass's bit for bit beside grouped tasks and forks, a row may ask any number of heads without a split,
     and a backbone with one head (the served baseline) replays a graph too."""
-    from continual_mem.routed_graph import RoutedGraph, head_tasks
+    from continual_mem.routed_graph import GRAPH_HEADS, RoutedGraph, head_tasks
 
     pool = images(net.backbone, n=4, seed=11)
     graph = RoutedGraph(net, pool, capture=False)
@@ -336,6 +336,11 @@ def test_a_routed_graph_holds_head_tasks_with_the_eager_pass_s_bits(net):
     out = graph(x, graph.layout([["only"]] * 3))
     with torch.no_grad():
         assert torch.equal(out, one(x)["only"])
+    for i in range(GRAPH_HEADS):  # one more than the graph holds: heads stay on the eager pass, columns stay bounded
+        one.add_task(f"more{i}", 5, regime="head")
+    assert head_tasks(one) == [] and not RoutedGraph.routable(one)
+    one.remove_task("more0")
+    assert len(head_tasks(one)) == GRAPH_HEADS and RoutedGraph.routable(one)
 
 
 def test_a_graph_s_model_stamp_sees_every_change():
