@@ -326,6 +326,14 @@ def test_a_routed_graph_holds_head_tasks_with_the_eager_pass_s_bits(net):
             else:
                 torch.testing.assert_close(out[b, lo:hi], eager[b][name], rtol=1e-4, atol=1e-5)
     assert graph.layout([["f"], [], [], []]) is None and graph.split([["f"]]) is None  # a plain fork: eager
+    assert graph.layout([["a0", "a1", "a2"], [], [], []]) is None  # three of one shape: more than a group holds
+    assert graph.layout([["a1", "a2", "b0"], ["a0", "a1", "b0"], [], []]) is not None  # two of a shape: one group
+    torch.manual_seed(0)
+    single = MemoryViT(make_backbone("tiny"), group_size=1)  # groups of one slot: one task of a shape per row
+    for name in ("s0", "s1"):
+        single.add_task(name, 3, memory=2)
+    lone = RoutedGraph(single.eval(), pool[:2], capture=False)
+    assert lone.layout([["s0"], ["s1"]]) is not None and lone.layout([["s0", "s1"], []]) is None
     torch.manual_seed(0)
     one = MemoryViT(make_backbone("tiny"))
     perturb(one.add_task("only", 5, regime="head"), seed=3)
@@ -341,6 +349,8 @@ def test_a_routed_graph_holds_head_tasks_with_the_eager_pass_s_bits(net):
     assert head_tasks(one) == [] and not RoutedGraph.routable(one)
     one.remove_task("more0")
     assert len(head_tasks(one)) == GRAPH_HEADS and RoutedGraph.routable(one)
+    heads = ["more3", "more1", "only", "more2", "more4"]  # more heads than a group has slots (4): one row
+    assert RoutedGraph(one.eval(), x, capture=False).split([heads, []]) == ([heads, []], [0, 1])
 
 
 def test_a_graph_s_model_stamp_sees_every_change():
