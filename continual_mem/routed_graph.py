@@ -44,8 +44,8 @@ class Layout:
 
 
 class RoutedGraph:
-    """Capture a routed pass of ``model``'s grouped tasks and batched forks for ``example``'s shape, then replay it
-    for any routes those tasks fit (:meth:`layout`).
+    """Capture a routed pass of ``model``'s grouped tasks, batched forks and heads for ``example``'s shape, then
+    replay it for any routes those tasks fit (:meth:`layout`).
 
     Args:
         model: The model, on a CUDA device, in eval mode, with a grouped (concatenation-mode token) task, a

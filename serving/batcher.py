@@ -313,7 +313,7 @@ class Batcher:
 
     def _routed_graph(self, served: Served, x: torch.Tensor):
         """The routed CUDA graph of ``x``'s batch size (captured on first use), or None for a model without
-        grouped tasks or batched forks."""
+        grouped tasks, batched forks or head tasks (:meth:`~continual_mem.routed_graph.RoutedGraph.routable`)."""
         from continual_mem.routed_graph import RoutedGraph
 
         key = ("routed", len(x))
