@@ -198,13 +198,15 @@ class RoutedGraph:
             first = len(rows)
             seen: dict[tuple, int] = {}  # fork family or group shape -> the row's tasks of it so far
             for name in route:
-                kind, cap = self.fork_of.get(name), 1
-                if kind is None:
-                    kind, cap = self.shape_of.get(name), slots
-                    if kind is None and name not in self.heads:
-                        return None
-                part = 0 if kind is None else seen.get(kind, 0) // cap  # the first part with room
-                seen[kind] = seen.get(kind, 0) + 1
+                part = 0  # a head: any number of them in the first part
+                if name not in self.heads:
+                    kind, cap = self.fork_of.get(name), 1
+                    if kind is None:
+                        kind, cap = self.shape_of.get(name), slots
+                        if kind is None:
+                            return None
+                    part = seen.get(kind, 0) // cap  # parts fill in order: the first with room
+                    seen[kind] = seen.get(kind, 0) + 1
                 while first + part >= len(rows):
                     if not new_row(b):
                         return None
