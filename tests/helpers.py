@@ -152,6 +152,26 @@ def routed_trials(net, pool, reference, *, trials: int = 3, rows: int = 3, most:
     return {"worst": worst, "same": same, "seen": len(seen)}
 
 
+def rows_match_eager(graph, model, x, routes) -> int:
+    """``routes`` on ``x`` through a routed ``graph`` and the eager routed pass: each row's tasks where the layout
+    puts them, each fork's and head task's answer bit-equal, the grouped ones to float tolerance (on the CPU the
+    eager group heads are not gathered). Returns the answers compared bit for bit."""
+    from continual_mem import fork_batch
+
+    layout = graph.layout(routes)
+    assert layout is not None, routes
+    out, eager, checked = graph(x, layout).clone(), model.forward_routed(x, routes), 0
+    for b, row in enumerate(layout.rows):
+        assert [name for name, _, _ in row] == routes[b]
+        for name, lo, hi in row:
+            if fork_batch.family(model.tasks[name]) is not None or name in graph.heads:
+                assert torch.equal(out[b, lo:hi], eager[b][name]), (b, name)
+                checked += 1
+            else:
+                torch.testing.assert_close(out[b, lo:hi], eager[b][name], rtol=1e-4, atol=1e-5)
+    return checked
+
+
 def bright_regions(n: int, seed: int, regions: list[tuple[slice, slice]], side: int):
     """``n`` grey ``side``-pixel images of dark noise, class ``c`` with ``regions[c]`` (rows, columns) bright: an
     ``ImageSet`` whose label is where the light is."""

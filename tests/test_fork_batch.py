@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from helpers import TRITON_DEVICES, images, make_backbone, perturb, triton_child
+from helpers import TRITON_DEVICES, images, make_backbone, perturb, rows_match_eager, triton_child
 
 from continual_mem import MemoryViT, TaskError, fork_batch, paging
 
@@ -98,25 +98,7 @@ def _graph_matches_eager(graph, model, pool, rng, *, batch: int, names: list[str
                     route.append(name)
                     fams.add(fam)
             routes.append(route)
-        checked += _rows_match_eager(graph, model, pool[picks], routes)
-    return checked
-
-
-def _rows_match_eager(graph, model, x, routes) -> int:
-    """``routes`` on ``x`` through ``graph`` and the eager routed pass: each row's tasks where the layout puts
-    them, each fork's answer bit-equal, the grouped ones to float tolerance (on the CPU the eager heads are not
-    gathered). Returns the fork answers compared."""
-    layout = graph.layout(routes)
-    assert layout is not None, routes
-    out, eager, checked = graph(x, layout).clone(), model.forward_routed(x, routes), 0
-    for b, row in enumerate(layout.rows):
-        assert [name for name, _, _ in row] == routes[b]
-        for name, lo, hi in row:
-            if fork_batch.family(model.tasks[name]) is not None:
-                assert torch.equal(out[b, lo:hi], eager[b][name]), (b, name)
-                checked += 1
-            else:
-                torch.testing.assert_close(out[b, lo:hi], eager[b][name], rtol=1e-4, atol=1e-5)
+        checked += rows_match_eager(graph, model, pool[picks], routes)
     return checked
 
 
@@ -362,9 +344,9 @@ def test_a_row_asking_more_than_a_graph_row_holds_splits_into_rows_of_its_image(
     assert graph.split(routes, most=5) is not None and graph.split(routes, most=4) is None  # past max_batch
     assert graph.split([[], []], most=1) is None
     x = pool[torch.tensor(origin)]
-    assert _rows_match_eager(RoutedGraph(model, x, capture=False), model, x, parts) == 6  # each fork asked
+    assert rows_match_eager(RoutedGraph(model, x, capture=False), model, x, parts) == 6  # each fork asked
     four = _four_grouped_tasks()
     one = images(four.backbone, n=1, seed=6)
     parts, origin = RoutedGraph(four, one, capture=False).split([["a0", "a1", "b0", "a2"]])
     assert (parts, origin) == ([["a0", "a1", "b0"], ["a2"]], [0, 0])  # groups of two: a2 in a row of its own
-    _rows_match_eager(RoutedGraph(four, one[[0, 0]], capture=False), four, one[[0, 0]], parts)
+    rows_match_eager(RoutedGraph(four, one[[0, 0]], capture=False), four, one[[0, 0]], parts)
