@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def build_model(args, k: int):
     """The served model: a random-weight ``args.model`` backbone (seed 0) and ``k`` tasks of 100 classes with
-    non-trivial parameters (masked memory, or fine-tuned forks of the last ``args.fork_layers`` blocks); K = 0: one
-    linear head, the served baseline (the server answers tasks only)."""
+    non-trivial parameters (masked memory, fine-tuned forks of the last ``args.fork_layers`` blocks, or linear heads
+    with ``args.head_tasks``); K = 0: one linear head, the served baseline (the server answers tasks only)."""
     import timm
 
     from continual_mem import MemoryViT
@@ -42,7 +42,7 @@ def build_model(args, k: int):
     torch.manual_seed(0)
     net = MemoryViT(timm.create_model(args.model, img_size=args.img_size, num_classes=0).eval())
     for i in range(k):
-        _new_task(net, f"task{i}", seed=i, memory=args.memory, fork_layers=args.fork_layers)
+        _new_task(net, f"task{i}", seed=i, memory=args.memory, fork_layers=args.fork_layers, head=args.head_tasks)
     if not k:
         net.add_task("task0", 100, regime="head")
     return net
@@ -59,17 +59,20 @@ def build_registry(path: Path, args, k: int) -> None:
     reg.import_bundles([export_task_bytes(net, n) for n in net.task_names])  # one change, one verification
 
 
-def _new_task(net, name: str, *, seed: int, memory: int, fork_layers: int = 0) -> None:
+def _new_task(net, name: str, *, seed: int, memory: int, fork_layers: int = 0, head: bool = False) -> None:
     g = torch.Generator().manual_seed(seed)
-    fork = dict(fork_layers=fork_layers, fork_finetune=True) if fork_layers else {}
-    task = net.add_task(name, 100, memory=memory, **fork)
+    if head:
+        task = net.add_task(name, 100, regime="head")
+    else:
+        fork = dict(fork_layers=fork_layers, fork_finetune=True) if fork_layers else {}
+        task = net.add_task(name, 100, memory=memory, **fork)
     with torch.no_grad():
         for p in task.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def add_task(reg, net, name: str, *, seed: int, memory: int, fork_layers: int = 0) -> None:
-    _new_task(net, name, seed=seed, memory=memory, fork_layers=fork_layers)
+def add_task(reg, net, name: str, *, seed: int, memory: int, fork_layers: int = 0, head: bool = False) -> None:
+    _new_task(net, name, seed=seed, memory=memory, fork_layers=fork_layers, head=head)
     reg.add_task(net, name)
 
 
@@ -170,7 +173,7 @@ async def load(url: str, args, image: bytes, probe: bytes, reg_path: Path, k: in
             reg = Registry(reg_path)
             net = await asyncio.to_thread(reg.load)
             await asyncio.to_thread(add_task, reg, net, f"task{max(k, 1)}", seed=1000, memory=args.memory,
-                                    fork_layers=args.fork_layers)
+                                    fork_layers=args.fork_layers, head=args.head_tasks)
         except BaseException:
             with sent.get_lock():  # the load must not wait for an add that will not come
                 sent[1] = 0
@@ -326,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="with --workers > 1, a model per server process (the server's --no-shared-model)")
     p.add_argument("--fork-layers", type=int, default=0,
                    help="tasks are fine-tuned late forks of this many blocks (0: masked memory)")
+    p.add_argument("--head-tasks", action="store_true",
+                   help="tasks are linear heads (regime head) instead of masked memory or forks")
     p.add_argument("--server-args", default="", help="more `serve` options, e.g. '--page-forks --resident-tasks 8'")
     p.add_argument("--route", action="store_true",
                    help="each request names one random task (?tasks=taskN): routed passes; the offline rate is the "
@@ -343,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     for k in [int(v) for v in args.tasks.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             reg_path = Path(tmp) / "serve.db"
-            cached = (args.registry_cache / f"{args.model}_{args.img_size}px_k{k}_m{args.memory}_f{args.fork_layers}.db"
+            cached = (args.registry_cache / f"{args.model}_{args.img_size}px_k{k}_m{args.memory}_f{args.fork_layers}"
+                      f"{'_h' if args.head_tasks else ''}.db"
                       if args.registry_cache else None)
             if cached is not None and cached.is_file():
                 _copy_sqlite(cached, reg_path)
@@ -399,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "decode_workers": args.decode_workers, "jpeg_decode": args.jpeg_decode, "switch_interval_ms": args.switch_interval_ms,
                 "server_workers": args.workers, "shared_model": args.shared_model,
                 "overlap_passes": args.overlap_passes, "route": args.route, "fork_layers": args.fork_layers,
+                "head_tasks": args.head_tasks,
                 "server_args": args.server_args})
     result = {"environment": env, "results": rows}
     common.report(result, f"serve load, {args.model} {args.img_size}px, {args.clients} clients, {env['device']}",

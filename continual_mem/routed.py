@@ -12,8 +12,9 @@ The backbone runs once for the whole batch, through timm's own code, as in the a
 - **Other per-task units** (plain late forks, side networks, own passes): each task runs on the rows that asked
   for it, gathered, in tiles of ``tile`` rows (the last tile padded), so their cost follows the rows, not the task
   count.
-- **Heads**: on the CPU each asked head runs over the whole batch's pooled states of its slot, the shape the
-  all-task pass gives it; on CUDA one gathered product per slot and head width (:func:`gathered_heads`).
+- **Heads**: on the CPU each asked head runs over the whole batch's pooled states of its slot (a linear-head
+  task's: the backbone's pooled features), the shape the all-task pass gives it; on CUDA one gathered product per
+  slot and head width (:func:`gathered_heads`, :mod:`continual_mem.head_table`), linear-head tasks included.
 - The serving fast path replays this as a CUDA graph (:mod:`continual_mem.routed_graph`).
 - **Extension tasks** and the tasks they read run as in the all-task pass, on every row (they read the earlier
   tasks' token K/V in its layout).
@@ -38,7 +39,7 @@ import torch
 from . import fork_batch, paging, task_paths
 from .cache_keys import KVKey
 from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, TokenUnit, backbone_pass, make_plan
-from .row_linear import head_width
+from .head_table import gathered_product, head_rows, head_slots, head_task_table, row_heads
 
 _PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {first task: (names, tasks, params)}
 
@@ -128,6 +129,12 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
     slot_ids = [index.add([tabs[g.shape].index[t] if t is not None else 0 for row in g.slots for t in row])
                 for g in groups]
     head_ids = [_head_indices(g, tabs[g.shape], index) if gathered else {} for g in groups]
+    head_tab = head_task_table(model, state.mem_kv) if gathered and any(isinstance(u, HeadUnit) for u in others) \
+        else None
+    if head_tab is not None:  # linear-head tasks gathered too: one product per (slot, width) over every row
+        others = [u for u in others if not isinstance(u, HeadUnit)]
+        task_heads = {key: index.add(at) for key, at in
+                      head_slots(routes, head_tab, max(len(r) for r in routes)).items()}
     per_task = [(unit, [index.add(c) for c in tiles([b for b, r in enumerate(routes) if unit.name in r], tile)])
                 for unit in others if not (isinstance(unit, HeadUnit) or full.intersection(_unit_names(unit)))]
     index.to(x.device)
@@ -140,6 +147,13 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
     for fp in fork_passes:
         for name, rows in fork_batch.run_passes(model, fp, state).items():
             out.setdefault(name, {}).update(rows)
+    if head_tab is not None:
+        for (s, w), i in task_heads.items():
+            logits = gathered_product(head_tab.heads[w], state.pre_logits, index[i])
+            for b, row in enumerate(routes):
+                mine = row_heads(row, head_tab)
+                if s < len(mine) and head_tab.head_at[mine[s]][0] == w:
+                    out.setdefault(mine[s], {})[b] = logits[b, :model.tasks[mine[s]].config.num_classes]
     chunks = {unit: ids for unit, ids in per_task}
     for unit in others:
         names = _unit_names(unit)
@@ -219,9 +233,10 @@ class Tables:
 
 
 def gathered_heads(device: torch.device) -> bool:
-    """Whether a routed pass runs its heads gathered, one batched product per slot and width (policy, pure): on
-    CUDA, where a launch per task would cost more than the heads' arithmetic. On the CPU each head runs as its
-    own linear layer over the whole batch, the all-task pass's product, bit for bit."""
+    """Whether a routed pass runs its heads (routed groups' and linear-head tasks') gathered, one batched product
+    per slot and width (policy, pure): on CUDA, where a launch per task would cost more than the heads'
+    arithmetic. On the CPU each head runs as its own linear layer over the whole batch, the all-task pass's
+    product, bit for bit."""
     return device.type == "cuda"
 
 
@@ -263,19 +278,8 @@ def tables(model, groups: list[tuple[str | None, ...]], local: dict) -> Tables:
                 ks += [gk[:, :, s * m:(s + 1) * m] for s, t in enumerate(g) if t is not None]
                 vs += [gv[:, :, s * m:(s + 1) * m] for s, t in enumerate(g) if t is not None]
             memory.append(tuple(torch.cat([parts[0].new_zeros(parts[0].shape), *parts]) for parts in (ks, vs)))
-        rows: dict[int, list] = {}
-        head_at = {}
-        for t in members:
-            w = head_width(t.config.num_classes)
-            weight = t.head.weight.new_zeros(w, D)
-            weight[:t.config.num_classes] = t.head.weight
-            bias = weight.new_zeros(w)
-            if t.head.bias is not None:
-                bias[:t.config.num_classes] = t.head.bias
-            rows.setdefault(w, [(weight.new_zeros(w, D), bias.new_zeros(w))]).append((weight, bias))
-            head_at[t.name] = (w, len(rows[w]) - 1)
-        heads = {w: (torch.stack([a for a, _ in r]), torch.stack([b for _, b in r])) for w, r in rows.items()}
-        return Tables({name: i + 1 for i, name in enumerate(names)}, tokens, memory, heads, head_at)
+        heads = head_rows(members, D)
+        return Tables({name: i + 1 for i, name in enumerate(names)}, tokens, memory, heads.heads, heads.head_at)
 
     return task_paths.cached(model, KVKey.routed(names), params, build, local)
 
@@ -309,9 +313,7 @@ def routed_pooled(model, table: Tables, idx: torch.Tensor, state: PassState) -> 
 def gathered_head(table: Tables, pooled: torch.Tensor, slot: int, width: int, at: torch.Tensor) -> torch.Tensor:
     """Every row's head of one width on one slot in one batched product, ``(B, width)``: row ``b`` uses row
     ``at[b]`` of that width's table (0: the zero head)."""
-    weights, biases = table.heads[width]
-    return torch.baddbmm(biases[at].unsqueeze(1), pooled[:, slot].unsqueeze(1),
-                         weights[at].transpose(1, 2)).squeeze(1)
+    return gathered_product(table.heads[width], pooled[:, slot], at)
 
 
 def _run_routed_group(model, group: RoutedGroup, table: Tables, idx: torch.Tensor,

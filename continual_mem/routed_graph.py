@@ -5,8 +5,10 @@ GIL (``docs/many_tasks.md``). Here a routed pass over every grouped task of the 
 size: the backbone, then for each group shape one routed group whose slot assignment is an input tensor, and for
 each (slot, head width) one gathered head product over every row; then each family of fine-tuned late forks
 (:mod:`continual_mem.fork_batch`) over every row, each row reading its task's weights from the family's slot store
-(slot 0, the empty one, for rows that ask none of them); then each linear-head task's head on every row's pooled
-backbone features, as the eager routed pass runs it (a served backbone with one head is a graph too). A call pages
+(slot 0, the empty one, for rows that ask none of them); then the linear-head tasks' heads on the backbone's pooled
+features, gathered (:mod:`continual_mem.head_table`): one product per (slot, head width) over every row, each row
+reading the heads it asked for, :data:`~continual_mem.head_table.HEAD_SLOTS` per row (a served backbone with one
+head is a graph too; a thousand head tasks cost what a few do). A call pages
 the forks it needs into their slots, writes the images and the indices into the captured inputs and replays; the
 host only builds the indices (:meth:`RoutedGraph.layout`). The eager routed pass of forks launches ~650 kernels at
 ~70 us of host time each (H200 host, ``dev/diag_fork_pass.py``): a served pass of forks was bound by its launches,
@@ -27,20 +29,25 @@ from . import fork_batch, paging
 from .forward_plan import PassState, backbone_pass, make_plan
 from .graphs import CAPTURE_MODE, ModelStamp, inference_context
 from .model import MemoryViT
+from .head_table import HEAD_SLOTS, gathered_product, head_task_names, head_task_table, row_heads
 from .routed import gathered_head, routed_pooled, shape_groups, tables
 from .sm_partition import side_stream
+
+_HEADS = "linear-head tasks"  # their kind in a row's split (never a fork family's or a group shape's key)
 
 
 @dataclass(frozen=True)
 class Layout:
     """Where each row's answers are: ``rows[b]`` is ``[(task, first column, end column), ...]`` in the graph's
-    output ``(B, columns)``; ``slots``, ``heads`` and ``forks`` (each row's slot in a fork family's store) are
-    the index inputs the pass reads."""
+    output ``(B, columns)``; ``slots``, ``heads``, ``forks`` (each row's slot in a fork family's store) and
+    ``task_heads`` (per (slot, width), each row's linear-head task's row in the head table) are the index inputs
+    the pass reads."""
 
     rows: list[list[tuple[str, int, int]]]
     slots: dict[tuple, list[list[int]]]
     heads: dict[tuple, list[int]]
     forks: dict[tuple, list[int]]
+    task_heads: dict[tuple[int, int], list[int]]
 
 
 class RoutedGraph:
@@ -69,6 +76,7 @@ class RoutedGraph:
         batch, slots, dev = example.shape[0], model.group_size, example.device
         with self._context():
             self.tables = {shape: tables(model, g, {}) for shape, g in groups.items()}
+            self.head_table = head_task_table(model, {})
         self.shape_of = {name: shape for shape, t in self.tables.items() for name in t.index}
         self.keys = [(shape, s, w) for shape, t in self.tables.items() for s in range(slots) for w in sorted(t.heads)]
         self.columns: dict[tuple, int] = {}
@@ -88,14 +96,18 @@ class RoutedGraph:
         for key, st in self.stores.items():
             self.columns[key] = at
             at += st.views()["head.weight"].shape[1]
-        self.heads = dict.fromkeys(head_tasks(model))  # on every row: the eager routed pass's shapes and bits
-        for name in self.heads:
-            self.columns[name] = at
-            at += model.tasks[name].config.num_classes
+        self.heads = dict.fromkeys(self.head_table.head_at if self.head_table else ())  # linear-head tasks
+        self.head_keys = [(s, w) for s in range(HEAD_SLOTS) for w in sorted(self.head_table.heads)] \
+            if self.head_table else []
+        self.head_columns: dict[tuple[int, int], int] = {}
+        for key in self.head_keys:
+            self.head_columns[key] = at
+            at += key[1]
         self.static_x = example.clone()
         self.static_slots = {shape: torch.zeros(batch, slots, dtype=torch.int64, device=dev) for shape in self.tables}
         self.static_heads = {key: torch.zeros(batch, dtype=torch.int64, device=dev) for key in self.keys}
         self.static_forks = {key: torch.zeros(batch, dtype=torch.int64, device=dev) for key in self.families}
+        self.static_task_heads = {key: torch.zeros(batch, dtype=torch.int64, device=dev) for key in self.head_keys}
         self._stamp = ModelStamp(self.model)
         self.graph = None
         if not capture:
@@ -116,11 +128,11 @@ class RoutedGraph:
     @staticmethod
     def routable(model: MemoryViT) -> bool:
         """Whether a routed graph of ``model`` would hold any task (a grouped one, a batched fork or a head)."""
-        return bool(shape_groups(model)) or bool(fork_batch.families(model)) or bool(head_tasks(model))
+        return bool(shape_groups(model)) or bool(fork_batch.families(model)) or bool(head_task_names(model))
 
     def _pass(self) -> torch.Tensor:
         """Every grouped task's routed group, every (slot, width) head product, every fork family's rows and every
-        head task's head: ``(B, columns)``."""
+        (slot, width) product of the linear-head tasks: ``(B, columns)``."""
         plan = make_plan(self.model, [*self.shape_of, *self.fork_of, *self.heads], original=False,
                          device=self.static_x.device)
         state = PassState(self.static_x, replace(plan.paths, stacked=False))
@@ -131,14 +143,15 @@ class RoutedGraph:
                for shape, s, w in self.keys]
         out += [fork_batch.run(self.model, self.likes[key], self.stores[key].views(), self.static_forks[key], state)
                 for key in self.families]
-        out += [self.model.tasks[name].head(state.pre_logits) for name in self.heads]
+        out += [gathered_product(self.head_table.heads[w], state.pre_logits, self.static_task_heads[(s, w)])
+                for s, w in self.head_keys]
         return torch.cat(out, dim=1)
 
     def layout(self, routes: Sequence[Sequence[str]]) -> Layout | None:
         """Where ``routes``' answers will be, and the indices that put them there; None if the graph cannot
         serve them (a task neither grouped nor a batched fork nor a head, a row asking for more tasks of one shape
-        than a group holds or for two forks of one family, or more forks of a family than its store's slots): use the
-        eager routed pass then. Pages the forks asked for into their slots (the replay waits for the copies)."""
+        than a group holds, for more head tasks than :data:`~continual_mem.head_table.HEAD_SLOTS` or for two forks of
+        one family, or more forks of a family than its store's slots): use the eager routed pass then. Pages the forks asked for into their slots (the replay waits for the copies)."""
         slots = self.model.group_size
         forks = self._fork_slots(routes)
         if forks is None:
@@ -147,12 +160,19 @@ class RoutedGraph:
         slot_idx = {shape: [[0] * slots for _ in routes] for shape in self.tables}
         head_idx = {key: [0] * len(routes) for key in self.keys}
         fork_idx = {key: [0] * len(routes) for key in self.families}
+        task_head_idx = {key: [0] * len(routes) for key in self.head_keys}
         for b, route in enumerate(routes):
             used: dict[tuple, int] = {}
             row = []
+            mine = row_heads(route, self.head_table) if self.head_table else []
+            if len(mine) > HEAD_SLOTS:
+                return None
             for name in route:
                 if name in self.heads:
-                    lo = self.columns[name]
+                    s = mine.index(name)  # the eager pass's slot: the row's s-th head task
+                    width, head_row = self.head_table.head_at[name]
+                    task_head_idx[(s, width)][b] = head_row
+                    lo = self.head_columns[(s, width)]
                     row.append((name, lo, lo + self.model.tasks[name].config.num_classes))
                     continue
                 key = self.fork_of.get(name)
@@ -173,13 +193,14 @@ class RoutedGraph:
                 lo = self.columns[(shape, s, width)]
                 row.append((name, lo, lo + self.model.tasks[name].config.num_classes))
             out_rows.append(row)
-        return Layout(out_rows, slot_idx, head_idx, fork_idx)
+        return Layout(out_rows, slot_idx, head_idx, fork_idx, task_head_idx)
 
     def split(self, routes: Sequence[Sequence[str]], *,
               most: int | None = None) -> tuple[list[list[str]], list[int]] | None:
         """``routes`` as rows the graph holds (policy, pure): a row asking for two forks of one family, or more
         tasks of one shape than a group holds, becomes several rows of the same image, each with at most one fork
-        per family and one group per shape (the first with room, in the row's order; heads in the first). Returns
+        per family, one group per shape and :data:`~continual_mem.head_table.HEAD_SLOTS` head tasks (the first with
+        room, in the row's order). Returns
         the rows and the row each came from; None when a task is neither grouped nor a batched fork nor a head, or
         the rows would number more than ``most``. A row's answers are those of a row asking for its part alone (rows
         never see each other), at the bucket the rows fill."""
@@ -196,17 +217,18 @@ class RoutedGraph:
 
         for b, route in enumerate(routes):
             first = len(rows)
-            seen: dict[tuple, int] = {}  # fork family or group shape -> the row's tasks of it so far
+            seen: dict = {}  # fork family, group shape or _HEADS -> the row's tasks of it so far
             for name in route:
-                part = 0  # a head: any number of them in the first part
-                if name not in self.heads:
+                if name in self.heads:
+                    kind, cap = _HEADS, HEAD_SLOTS
+                else:
                     kind, cap = self.fork_of.get(name), 1
                     if kind is None:
                         kind, cap = self.shape_of.get(name), slots
                         if kind is None:
                             return None
-                    part = seen.get(kind, 0) // cap  # parts fill in order: the first with room
-                    seen[kind] = seen.get(kind, 0) + 1
+                part = seen.get(kind, 0) // cap  # parts fill in order: the first with room
+                seen[kind] = seen.get(kind, 0) + 1
                 while first + part >= len(rows):
                     if not new_row(b):
                         return None
@@ -248,11 +270,13 @@ class RoutedGraph:
         host = [torch.tensor(layout.slots[shape], dtype=torch.int64) for shape in self.tables]
         host += [torch.tensor(layout.heads[key], dtype=torch.int64) for key in self.keys]
         host += [torch.tensor(layout.forks[key], dtype=torch.int64) for key in self.families]
-        flat = torch.cat([h.view(-1) for h in host]) if host else torch.empty(0, dtype=torch.int64)  # heads only
-        if x.device.type == "cuda" and host:
+        host += [torch.tensor(layout.task_heads[key], dtype=torch.int64) for key in self.head_keys]
+        flat = torch.cat([h.view(-1) for h in host])
+        if x.device.type == "cuda":
             flat = flat.pin_memory().to(x.device, non_blocking=True)
         at = 0
-        for dst in [*self.static_slots.values(), *self.static_heads.values(), *self.static_forks.values()]:
+        for dst in [*self.static_slots.values(), *self.static_heads.values(), *self.static_forks.values(),
+                    *self.static_task_heads.values()]:
             dst.view(-1).copy_(flat[at:at + dst.numel()])
             at += dst.numel()
         self.static_x.copy_(x)
@@ -261,14 +285,3 @@ class RoutedGraph:
                 return self._pass()
         self.graph.replay()
         return self.static_out
-
-
-GRAPH_HEADS = 16  # past this many head tasks, heads stay on the eager pass: each adds a product and columns to a replay
-
-
-def head_tasks(model: MemoryViT) -> list[str]:
-    """The linear-head tasks (the ``head`` path) a routed graph of ``model`` holds, in its order (policy, pure): all
-    of them up to :data:`GRAPH_HEADS`, else none (every head runs on every row of a replay and adds its columns to
-    the output copied back, a cost that would grow with the task count; rows asking for them take the eager pass)."""
-    heads = [name for name in model.task_names if model.tasks[name].config.spec.path == "head"]
-    return heads if len(heads) <= GRAPH_HEADS else []

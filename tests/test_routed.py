@@ -181,12 +181,13 @@ def test_the_gather_tables_follow_changed_and_removed_tasks():
 
 
 def test_gathered_heads_agree_and_keep_each_row_s_bits(net, monkeypatch):
-    """The CUDA head path (one batched product per slot and width), run on the CPU: it agrees with the all-task
-    pass to float tolerance, and a row's bits do not depend on its neighbours or on a wider task added."""
+    """The CUDA head path (one batched product per slot and width, a linear-head task's too), run on the CPU: it
+    agrees with the all-task pass to float tolerance, and a row's bits do not depend on its neighbours or on a
+    wider task added (a grouped one or a linear head)."""
     monkeypatch.setattr(routed, "gathered_heads", lambda device: True)
     pool = images(net.backbone, n=6, seed=8)
     rng = random.Random(4)
-    grouped = ["a0", "a1", "a2", "a3", "b0"]
+    grouped = ["a0", "a1", "a2", "a3", "b0", "h"]
     seen: dict[tuple[int, str], torch.Tensor] = {}
     for _ in range(4):
         picks = rng.sample(range(len(pool)), 3)
@@ -197,13 +198,17 @@ def test_gathered_heads_agree_and_keep_each_row_s_bits(net, monkeypatch):
             for name, logits in row.items():
                 torch.testing.assert_close(logits, full[name][b], rtol=1e-5, atol=1e-5)
                 assert torch.equal(seen.setdefault((picks[b], name), logits), logits)
+    assert any(name == "h" for _, name in seen)
     wide = net.add_task("wide", 40, memory=2)  # another width (64): its own table and product
+    wide_head = net.add_task("wide_h", 40, regime="head")
     try:
         perturb(wide, seed=30)
-        for (i, name), logits in list(seen.items())[:6]:
-            again = net.forward_routed(pool[[i, 0, 1]], [[name], ["wide"], ["a0"]])[0][name]
+        perturb(wide_head, seed=31)
+        for (i, name), logits in seen.items():
+            again = net.forward_routed(pool[[i, 0, 1]], [[name], ["wide", "h"], ["a0", "wide_h"]])[0][name]
             assert torch.equal(again, logits)
     finally:
+        net.remove_task("wide_h")
         net.remove_task("wide")
 
 
@@ -305,15 +310,18 @@ def test_a_routed_graph_replays_the_eager_routed_pass():
         graph(pool[:4], graph.layout([[], [], [], []]))
 
 
-def test_a_routed_graph_holds_head_tasks_with_the_eager_pass_s_bits(net):
-    """A linear-head task is in the graph (each head on every row, the eager routed pass's shapes): its answer is
-    the eager pass's bit for bit beside grouped tasks and forks, a row may ask any number of heads without a split,
-    and a backbone with one head (the served baseline) replays a graph too."""
-    from continual_mem.routed_graph import GRAPH_HEADS, RoutedGraph, head_tasks
+def test_a_routed_graph_gathers_head_tasks_with_the_eager_pass_s_bits(net, monkeypatch):
+    """Linear-head tasks are in the graph, gathered (one product per (slot, width) over every row, as the eager
+    routed pass runs them on CUDA): each answer is the eager pass's bit for bit beside grouped tasks and forks, a
+    row asks up to HEAD_SLOTS of them without a split, and a backbone with one head (the served baseline) or with
+    forty of two widths replays a graph too."""
+    from continual_mem.head_table import HEAD_SLOTS
+    from continual_mem.routed_graph import RoutedGraph
 
+    monkeypatch.setattr(routed, "gathered_heads", lambda device: True)  # the eager pass's CUDA head path
     pool = images(net.backbone, n=4, seed=11)
     graph = RoutedGraph(net, pool, capture=False)
-    assert list(graph.heads) == ["h"] == head_tasks(net)
+    assert list(graph.heads) == ["h"] and graph.head_keys == [(s, 16) for s in range(HEAD_SLOTS)]
     routes = [["h", "a0"], ["ff", "h"], [], ["b0", "h", "a1"]]
     assert graph.split(routes) == (routes, [0, 1, 2, 3])
     assert rows_match_eager(graph, net, pool, routes) == 4  # three heads and a fork, bit for bit
@@ -335,14 +343,23 @@ def test_a_routed_graph_holds_head_tasks_with_the_eager_pass_s_bits(net):
     graph = RoutedGraph(one, x, capture=False)
     out = graph(x, graph.layout([["only"]] * 3))
     with torch.no_grad():
-        assert torch.equal(out, one(x)["only"])
-    for i in range(GRAPH_HEADS):  # one more than the graph holds: heads stay on the eager pass, columns stay bounded
-        one.add_task(f"more{i}", 5, regime="head")
-    assert head_tasks(one) == [] and not RoutedGraph.routable(one)
-    one.remove_task("more0")
-    assert len(head_tasks(one)) == GRAPH_HEADS and RoutedGraph.routable(one)
-    heads = ["more3", "more1", "only", "more2", "more4"]  # more heads than a group has slots (4): one row
-    assert RoutedGraph(one.eval(), x, capture=False).split([heads, []]) == ([heads, []], [0, 1])
+        torch.testing.assert_close(out[:, :5], one(x)["only"], rtol=1e-5, atol=1e-5)
+    assert rows_match_eager(graph, one, x, [["only"]] * 3) == 3
+    for i in range(40):  # two widths (16 and 64): a product per slot and width, whatever the task count
+        perturb(one.add_task(f"more{i}", 40 if i % 3 else 5, regime="head"), seed=40 + i)
+    graph = RoutedGraph(one.eval(), x, capture=False)
+    assert len(graph.heads) == 41 and graph.head_keys == [(s, w) for s in range(HEAD_SLOTS) for w in (16, 64)]
+    rng = random.Random(5)
+    for _ in range(3):
+        routes = [rng.sample(one.task_names, rng.randint(0, HEAD_SLOTS)) for _ in range(3)]
+        assert rows_match_eager(graph, one, x, routes) == sum(map(len, routes))
+    heads = ["more3", "more1", "only", "more2", "more4"]  # one more than a row's slots: two rows
+    assert graph.layout([heads, [], []]) is None
+    assert graph.split([heads, []]) == ([heads[:HEAD_SLOTS], heads[HEAD_SLOTS:], []], [0, 0, 1])
+    one.remove_task("more0")  # the graph refuses; a new one holds the rest
+    with pytest.raises(RuntimeError, match="changed since capture"):
+        graph(x, graph.layout([["only"]] * 3))
+    assert len(RoutedGraph(one, x, capture=False).heads) == 40
 
 
 def test_a_graph_s_model_stamp_sees_every_change():
