@@ -68,6 +68,8 @@ def test_the_model_s_head_table_is_cached_and_rebuilt_on_every_change(model):
     perturb(model.add_task("h5", 5, regime="head"), seed=4)
     added = head_task_table(model, {})
     assert added.head_at["h5"] == (16, 3) and len(model.kv_cache) == 1
+    model.tasks["h5"].head.weight.add_(1.0)  # the added head trains: its parameters are watched too
+    assert torch.equal(head_task_table(model, {}).heads[16][0][3, :5], model.tasks["h5"].head.weight)
     model.remove_task("h3")
     removed = head_task_table(model, {})
     assert removed.head_at == {"h40": (64, 1), "h9": (16, 1), "h5": (16, 2)}
