@@ -8,11 +8,10 @@ each (slot, head width) one gathered head product over every row; then each fami
 (slot 0, the empty one, for rows that ask none of them); then the linear-head tasks' heads on the backbone's pooled
 features, gathered (:mod:`continual_mem.head_table`): one product per (slot, head width) over every row, each row
 reading the heads it asked for, :data:`~continual_mem.head_table.HEAD_SLOTS` per row (a served backbone with one
-head is a graph too; a thousand head tasks cost what a few do). A call pages
-the forks it needs into their slots, writes the images and the indices into the captured inputs and replays; the
-host only builds the indices (:meth:`RoutedGraph.layout`). The eager routed pass of forks launches ~650 kernels at
-~70 us of host time each (H200 host, ``dev/diag_fork_pass.py``): a served pass of forks was bound by its launches,
-not the GPU.
+head is a graph too; a thousand head tasks cost what a few do). A call pages the forks it needs into their slots,
+writes the images and the indices into the captured inputs and replays; the host only builds the indices
+(:meth:`RoutedGraph.layout`). The eager routed pass of forks launches ~650 kernels at ~70 us of host time each
+(H200 host, ``dev/diag_fork_pass.py``): a served pass of forks was bound by its launches, not the GPU.
 
 The graph runs the eager routed pass's kernels on the same shapes, so its answers are the eager routed pass's at
 that batch size; like it, a row's answer never depends on the other rows or tasks. It holds the model's gather
@@ -28,8 +27,8 @@ import torch
 from . import fork_batch, paging
 from .forward_plan import PassState, backbone_pass, make_plan
 from .graphs import CAPTURE_MODE, ModelStamp, inference_context
-from .model import MemoryViT
 from .head_table import HEAD_SLOTS, gathered_product, head_task_names, head_task_table, row_heads
+from .model import MemoryViT
 from .routed import gathered_head, routed_pooled, shape_groups, tables
 from .sm_partition import side_stream
 
@@ -151,7 +150,8 @@ class RoutedGraph:
         """Where ``routes``' answers will be, and the indices that put them there; None if the graph cannot
         serve them (a task neither grouped nor a batched fork nor a head, a row asking for more tasks of one shape
         than a group holds, for more head tasks than :data:`~continual_mem.head_table.HEAD_SLOTS` or for two forks of
-        one family, or more forks of a family than its store's slots): use the eager routed pass then. Pages the forks asked for into their slots (the replay waits for the copies)."""
+        one family, or more forks of a family than its store's slots): use the eager routed pass then. Pages the
+        forks asked for into their slots (the replay waits for the copies)."""
         slots = self.model.group_size
         forks = self._fork_slots(routes)
         if forks is None:
@@ -200,10 +200,9 @@ class RoutedGraph:
         """``routes`` as rows the graph holds (policy, pure): a row asking for two forks of one family, or more
         tasks of one shape than a group holds, becomes several rows of the same image, each with at most one fork
         per family, one group per shape and :data:`~continual_mem.head_table.HEAD_SLOTS` head tasks (the first with
-        room, in the row's order). Returns
-        the rows and the row each came from; None when a task is neither grouped nor a batched fork nor a head, or
-        the rows would number more than ``most``. A row's answers are those of a row asking for its part alone (rows
-        never see each other), at the bucket the rows fill."""
+        room, in the row's order). Returns the rows and the row each came from; None when a task is neither grouped
+        nor a batched fork nor a head, or the rows would number more than ``most``. A row's answers are those of a
+        row asking for its part alone (rows never see each other), at the bucket the rows fill."""
         slots = self.model.group_size
         rows: list[list[str]] = []
         origin: list[int] = []

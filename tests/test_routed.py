@@ -362,6 +362,21 @@ def test_a_routed_graph_gathers_head_tasks_with_the_eager_pass_s_bits(net, monke
     assert len(RoutedGraph(one, x, capture=False).heads) == 40
 
 
+def test_a_routed_graph_refuses_another_input_or_layout_with_the_reason(net):
+    from continual_mem.routed_graph import RoutedGraph
+
+    pool = images(net.backbone, n=4, seed=13)
+    graph = RoutedGraph(net, pool, capture=False)
+    layout = graph.layout([["h"], [], [], []])
+    shape = tuple(pool.shape)
+    with pytest.raises(ValueError, match=rf"captured for input \({shape[0]}, .* torch.float32, got \(3, "):
+        graph(pool[:3], layout)
+    with pytest.raises(ValueError, match=r"torch.float32, got .* torch.float64"):  # same shape, another dtype
+        graph(pool.double(), layout)
+    with pytest.raises(ValueError, match="layout has 2 rows but the batch has 4 images"):
+        graph(pool, graph.layout([["h"], []]))
+
+
 def test_a_graph_s_model_stamp_sees_every_change():
     from continual_mem.graphs import ModelStamp
 
