@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--memory", type=int, default=5)
     p.add_argument("--fork-layers", type=int, default=0, help="fine-tuned fork depth of every task (0: masked memory)")
+    p.add_argument("--head-tasks", action="store_true", help="the stored tasks are linear heads (regime head)")
     p.add_argument("--dataset", default="digits", help="what add-task trains on")
     p.add_argument("--steps", type=int, default=20, help="add-task's steps")
     p.add_argument("--json-out", type=Path, default=None)

@@ -154,8 +154,9 @@ def routed_trials(net, pool, reference, *, trials: int = 3, rows: int = 3, most:
 
 def rows_match_eager(graph, model, x, routes) -> int:
     """``routes`` on ``x`` through a routed ``graph`` and the eager routed pass: each row's tasks where the layout
-    puts them, each fork's and head task's answer bit-equal, the grouped ones to float tolerance (on the CPU the
-    eager group heads are not gathered). Returns the answers compared bit for bit."""
+    puts them, each fork's and linear-head task's answer bit-equal, the grouped ones to float tolerance (on the CPU
+    the eager pass's heads are not gathered: patch ``routed.gathered_heads`` to True, as on CUDA, before asking for
+    head tasks). Returns the answers compared bit for bit."""
     from continual_mem import fork_batch
 
     layout = graph.layout(routes)

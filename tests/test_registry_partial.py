@@ -87,10 +87,12 @@ def test_the_registry_benchmark_builds_its_registries_from_its_own_options(tmp_p
     import registry_scale
     from registry import Registry
 
-    for extra, fork in (([], False), (["--fork-layers", "1"], True)):
-        path = tmp_path / f"r{len(extra)}.db"
+    for extra, fork, path_kind in (([], False, "token"), (["--fork-layers", "1"], True, "token"),
+                                   (["--head-tasks"], False, "head")):
+        path = tmp_path / f"r{len(extra)}{path_kind}.db"
         args = registry_scale.parser().parse_args(["--tasks", "2", "--img-size", "16", *extra])
         registry_scale.build_registry(path, args, 2)
         net = Registry(path).load()
         assert net.task_names == ["task0", "task1"]
         assert all((net.tasks[n].config.fork_layers > 0) == fork for n in net.task_names)
+        assert all(net.tasks[n].config.spec.path == path_kind for n in net.task_names)
