@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--memory", type=int, default=5)
     p.add_argument("--fork-layers", type=int, default=0)
+    p.add_argument("--head-tasks", action="store_true", help="the tasks are linear heads (serve_load's option)")
     p.add_argument("--probe-tasks", type=int, default=8)
     p.add_argument("--device", default="cuda")
     p.add_argument("--device-decode", action="store_true", help="JPEG uploads decoded by nvJPEG in the pass")
@@ -98,7 +99,8 @@ def main() -> None:
     from registry import Registry
 
     reg = Registry(reg_path)
-    add_task(reg, reg.load(), f"task{k}", seed=1000, memory=args.memory, fork_layers=args.fork_layers)
+    add_task(reg, reg.load(), f"task{k}", seed=1000, memory=args.memory, fork_layers=args.fork_layers,
+             head=args.head_tasks)
     fresh = holder.load()
     b.warm(fresh)
     after = b._forward(fresh, [probe], asked=[asked], observe=False)[0]
@@ -111,7 +113,8 @@ def main() -> None:
     # as the server: another task added, the new model loaded and warmed in a thread while this one runs passes
     import threading
 
-    add_task(reg, reg.load(), f"task{k + 1}", seed=1001, memory=args.memory, fork_layers=args.fork_layers)
+    add_task(reg, reg.load(), f"task{k + 1}", seed=1001, memory=args.memory, fork_layers=args.fork_layers,
+             head=args.head_tasks)
     box: dict = {}
 
     def loader():

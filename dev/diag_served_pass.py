@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=100)
     p.add_argument("--fork-layers", type=int, default=2)
+    p.add_argument("--head-tasks", action="store_true", help="the tasks are linear heads (serve_load's option)")
     p.add_argument("--memory", type=int, default=5, help="memory tokens per layer (as serve_load's default)")
     p.add_argument("--rows", type=int, default=20, help="images per pass (the served passes had ~20)")
     p.add_argument("--passes", type=int, default=200)
