@@ -11,7 +11,6 @@ Routed groups gather their heads from their shape's table (:mod:`continual_mem.r
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,8 +21,6 @@ from .cache_keys import KVKey
 from .row_linear import head_width
 
 HEAD_SLOTS = 4  # linear-head tasks one row of a routed graph answers per replay (each slot: a product per width)
-
-_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (names, tasks, params)
 
 
 @dataclass(frozen=True)
@@ -72,11 +69,8 @@ def head_task_table(model, local: dict) -> HeadTable | None:
     if not names:
         return None
     members = [model.tasks[n] for n in names]
-    hit = _PARAMS.get(model)  # nn.Module attribute reads are slow: the parameter list is kept while the tasks are
-    if hit is None or hit[0] != names or any(a is not b for a, b in zip(hit[1], members)):
-        hit = _PARAMS[model] = (names, members, [p for t in members for p in (t.head.weight, t.head.bias)
-                                                 if p is not None])
-    return task_paths.cached(model, KVKey.heads(names), hit[2],
+    params = task_paths.watched_params(model, ("heads",), names, members, lambda t: (t.head.weight, t.head.bias))
+    return task_paths.cached(model, KVKey.heads(names), params,
                              lambda: head_rows(members, model.backbone.embed_dim), local)
 
 

@@ -30,7 +30,6 @@ with the same stability (``tests/test_fork_batch.py``).
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -40,8 +39,6 @@ from . import fork_batch, paging, task_paths
 from .cache_keys import KVKey
 from .forward_plan import ORIGINAL, GroupUnit, HeadUnit, PassState, StackUnit, TokenUnit, backbone_pass, make_plan
 from .head_table import gathered_product, head_rows, head_slots, head_task_table, row_heads
-
-_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {first task: (names, tasks, params)}
 
 
 @dataclass(frozen=True)
@@ -133,6 +130,7 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
         else None
     if head_tab is not None:  # linear-head tasks gathered too: one product per (slot, width) over every row
         others = [u for u in others if not isinstance(u, HeadUnit)]
+        row_tasks = [row_heads(r, head_tab) for r in routes]  # row b's s-th head task is in slot s
         task_heads = {key: index.add(at) for key, at in
                       head_slots(routes, head_tab, max(len(r) for r in routes)).items()}
     per_task = [(unit, [index.add(c) for c in tiles([b for b, r in enumerate(routes) if unit.name in r], tile)])
@@ -150,8 +148,7 @@ def _run(model, x, routes, wanted, *, original, tile) -> dict[str, dict[int, tor
     if head_tab is not None:
         for (s, w), i in task_heads.items():
             logits = gathered_product(head_tab.heads[w], state.pre_logits, index[i])
-            for b, row in enumerate(routes):
-                mine = row_heads(row, head_tab)
+            for b, mine in enumerate(row_tasks):
                 if s < len(mine) and head_tab.head_at[mine[s]][0] == w:
                     out.setdefault(mine[s], {})[b] = logits[b, :model.tasks[mine[s]].config.num_classes]
     chunks = {unit: ids for unit, ids in per_task}
@@ -255,13 +252,8 @@ def tables(model, groups: list[tuple[str | None, ...]], local: dict) -> Tables:
     a task of the shape trains, changes, comes or goes)."""
     names = tuple(n for g in groups for n in g if n is not None)
     members = [model.tasks[n] for n in names]
-    memo = _PARAMS.setdefault(model, {})  # one entry per shape (its first task): nn.Module attribute reads are slow
-    hit = memo.get(names[0])
-    if hit is None or hit[0] != names or any(a is not b for a, b in zip(hit[1], members)):
-        hit = memo[names[0]] = (names, members, [p for t in members
-                                                 for p in (t.tokens, t.memory, t.head.weight, t.head.bias)
-                                                 if p is not None])
-    params = hit[2]
+    params = task_paths.watched_params(model, ("routed", names[0]), names, members,  # one slot per shape
+                                       lambda t: (t.tokens, t.memory, t.head.weight, t.head.bias))
 
     def build() -> Tables:
         first = members[0]

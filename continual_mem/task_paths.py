@@ -5,6 +5,8 @@ none changes what an existing task computes when tasks are added. ``model`` is t
 ``backbone``, ``tasks``, ``kv_cache`` and block functions), ``state`` the call's ``PassState``."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -14,6 +16,20 @@ from .cache_keys import KVKey
 from .layers import memory_kv
 from .own_ops import pool_tokens
 from .task import TaskModule
+
+
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {slot: (names, tasks, params)}
+
+
+def watched_params(model, slot: tuple, names: tuple[str, ...], members: list, params_of) -> list[nn.Parameter]:
+    """The parameters :func:`cached` stamps for a table built from ``members`` (the tasks ``names``): the tensors
+    ``params_of(task)`` gives (None skipped), kept per ``slot`` while the same task objects fill it (``nn.Module``
+    attribute reads are slow, and a table's are stamped on every pass)."""
+    memo = _WATCHED.setdefault(model, {})
+    hit = memo.get(slot)
+    if hit is None or hit[0] != names or any(a is not b for a, b in zip(hit[1], members)):
+        hit = memo[slot] = (names, members, [p for t in members for p in params_of(t) if p is not None])
+    return hit[2]
 
 
 def cached(model, key: KVKey, params: list[nn.Parameter], compute, local: dict):
